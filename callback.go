@@ -1,0 +1,195 @@
+package main
+
+// The Tencent IM third-party callback: an agent's reply arrives here as
+// C2C.CallbackAfterSendMsg and is queued for WeChat's custom/send.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// maxCallbackBytes bounds an IM callback body; a text message is at most
+// 12 KB, and a message may hold several elements.
+const maxCallbackBytes = 256 << 10
+
+// Callback commands the bridge knows.
+const (
+	cbAfterSendMsg  = "C2C.CallbackAfterSendMsg"
+	cbBeforeSendMsg = "C2C.CallbackBeforeSendMsg"
+)
+
+// IMCallback is the body of a C2C message callback. Field names are IM's.
+type IMCallback struct {
+	CallbackCommand string
+	From_Account    string
+	To_Account      string
+	MsgSeq          uint32
+	MsgRandom       uint32
+	MsgTime         int64
+	MsgKey          string
+	MsgBody         []MsgElem
+	SendMsgResult   int
+}
+
+// decodeCallback parses a callback body.
+func decodeCallback(body []byte) (IMCallback, error) {
+	var cb IMCallback
+	if err := json.Unmarshal(body, &cb); err != nil {
+		return IMCallback{}, fmt.Errorf("decode im callback: %w", err)
+	}
+	return cb, nil
+}
+
+// callbackKey identifies an IM message across callback retries.
+func callbackKey(cb IMCallback) string {
+	if cb.MsgKey != "" {
+		return "im:" + cb.MsgKey
+	}
+	return fmt.Sprintf("im:%s:%d_%d_%d", cb.From_Account, cb.MsgSeq, cb.MsgRandom, cb.MsgTime)
+}
+
+// elemText renders one IM message element as text a WeChat customer reads.
+func elemText(e MsgElem) string {
+	str := func(k string) string {
+		switch v := e.MsgContent[k].(type) {
+		case string:
+			return v
+		case float64:
+			return strconv.FormatFloat(v, 'f', -1, 64)
+		}
+		return ""
+	}
+	switch e.MsgType {
+	case "TIMTextElem":
+		return str("Text")
+	case "TIMLocationElem":
+		return fmt.Sprintf("[location] %s (%s, %s)", str("Desc"), str("Latitude"), str("Longitude"))
+	case "TIMFaceElem":
+		return "[sticker]"
+	case "TIMImageElem":
+		if arr, ok := e.MsgContent["ImageInfoArray"].([]any); ok && len(arr) > 0 {
+			if info, ok := arr[0].(map[string]any); ok {
+				if u, ok := info["URL"].(string); ok {
+					return "[image] " + u
+				}
+			}
+		}
+		return "[image]"
+	case "TIMSoundElem":
+		return strings.TrimSpace("[voice message] " + str("Url"))
+	case "TIMFileElem":
+		return strings.TrimSpace(fmt.Sprintf("[file] %s %s", str("FileName"), str("Url")))
+	case "TIMVideoFileElem":
+		return strings.TrimSpace("[video] " + str("VideoUrl"))
+	case "TIMCustomElem":
+		if d := str("Desc"); d != "" {
+			return d
+		}
+		return str("Data")
+	}
+	return "[" + strings.TrimPrefix(e.MsgType, "TIM") + "]"
+}
+
+// callbackText is the text of a whole message, one line an element.
+func callbackText(body []MsgElem) string {
+	var parts []string
+	for _, e := range body {
+		if t := elemText(e); t != "" {
+			parts = append(parts, t)
+		}
+	}
+	return strings.Join(parts, "\n")
+}
+
+// handleIMCallback takes IM's callbacks. An agent's message to a customer is
+// committed to the outbox, then IM gets its answer; everything else is
+// answered and left alone. Messages from customer accounts are the bridge's
+// own sends and are never sent back to WeChat.
+func (b *bridge) handleIMCallback() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		if q.Get("SdkAppid") != strconv.FormatUint(b.cfg.IMSDKAppID, 10) {
+			b.refuseCallback(w, http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID")
+			return
+		}
+		body, err := readLimited(r.Body, maxCallbackBytes)
+		if errors.Is(err, errTooLarge) {
+			b.refuseCallback(w, http.StatusRequestEntityTooLarge, "callback too large")
+			return
+		} else if err != nil {
+			b.refuseCallback(w, http.StatusBadRequest, "cannot read body")
+			return
+		}
+		cb, err := decodeCallback(body)
+		if err != nil {
+			b.refuseCallback(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		command := q.Get("CallbackCommand")
+		if command == "" {
+			command = cb.CallbackCommand
+		}
+		if command != cbAfterSendMsg {
+			writeIMAnswer(w, http.StatusOK, 0, "") // Before: allow; others: nothing to do
+			return
+		}
+
+		openid, isCustomer := strings.CutPrefix(cb.To_Account, b.cfg.IMUserPrefix)
+		switch {
+		case strings.HasPrefix(cb.From_Account, b.cfg.IMUserPrefix):
+			// The bridge's own send, or a customer's account used elsewhere.
+			b.log.Debug("im callback ignored", "reason", "sender is a customer account")
+		case !slices.Contains(b.cfg.IMAgents, cb.From_Account) || !isCustomer || openid == "":
+			b.log.Info("im callback ignored", "reason", "not an agent writing to a customer")
+		case cb.SendMsgResult != 0:
+			b.log.Info("im callback ignored", "reason", "message was not delivered in IM", "result", cb.SendMsgResult)
+		default:
+			text := callbackText(cb.MsgBody)
+			if text == "" {
+				b.log.Info("im callback ignored", "reason", "message has no content")
+				break
+			}
+			d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
+			dup, err := b.store.AcceptReply(r.Context(), callbackKey(cb), d, b.now())
+			switch {
+			case errors.Is(err, errUnknownCustomer):
+				b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
+			case err != nil:
+				b.log.Error("callback not accepted", "err", err)
+				writeIMAnswer(w, http.StatusInternalServerError, 1, "internal error")
+				return
+			case !dup:
+				b.worker.Notify()
+				b.log.Info("agent reply accepted", "agent", cb.From_Account)
+			}
+		}
+		writeIMAnswer(w, http.StatusOK, 0, "")
+	})
+}
+
+// refuseCallback answers a callback the bridge will not take, and logs why.
+func (b *bridge) refuseCallback(w http.ResponseWriter, status int, reason string) {
+	b.log.Warn("im callback refused", "status", status, "reason", reason)
+	writeIMAnswer(w, status, 1, reason)
+}
+
+// writeIMAnswer writes the answer IM expects from a callback.
+func writeIMAnswer(w http.ResponseWriter, status, code int, info string) {
+	action := "OK"
+	if code != 0 {
+		action = "FAIL"
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	b, _ := json.Marshal(struct {
+		ActionStatus string
+		ErrorCode    int
+		ErrorInfo    string
+	}{action, code, info})
+	w.Write(b)
+}

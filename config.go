@@ -1,0 +1,165 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Config is the bridge's whole configuration, read from the environment by
+// loadConfig. Field comments name the variable each field comes from.
+type Config struct {
+	ListenAddr string // LISTEN_ADDR
+
+	WeChatToken     string // WECHAT_TOKEN: the Token set in the WeChat console
+	WeChatAppID     string // WECHAT_APPID
+	WeChatAppSecret string // WECHAT_APPSECRET (secret)
+	WeChatAESKey    string // WECHAT_AES_KEY: EncodingAESKey for safe mode (secret)
+	WeChatAPIBase   string // WECHAT_API_BASE
+
+	IMSDKAppID      uint64   // IM_SDKAPPID
+	IMSecretKey     string   // IM_SECRET_KEY (secret)
+	IMAgents        []string // IM_AGENTS: agent UserIDs, in assignment order
+	IMAdmin         string   // IM_ADMIN
+	IMAPIBase       string   // IM_API_BASE
+	IMCallbackToken string   // IM_CALLBACK_TOKEN (secret)
+	IMUserPrefix    string   // IM_USER_PREFIX: a customer's UserID is prefix + openid
+
+	DatabaseURL string // DATABASE_URL: sqlite:PATH
+
+	WelcomeText    string // WELCOME_TEXT: passive reply to a follow
+	ConnectingText string // CONNECTING_TEXT: passive reply to a conversation's first message
+}
+
+// Default texts for WELCOME_TEXT and CONNECTING_TEXT.
+const (
+	defaultWelcomeText    = "Welcome! Write to us here and one of our agents will answer you."
+	defaultConnectingText = "Thank you for your message. We are connecting you to an agent; please wait a moment."
+)
+
+// imUserIDPattern is the charset the bridge accepts for IM UserIDs: IM takes
+// printable ASCII up to 32 bytes, and Tencent recommends this safer subset.
+var imUserIDPattern = regexp.MustCompile(`^[A-Za-z0-9_\-@.]{1,32}$`)
+
+// wechatTokenPattern is the rule the WeChat console applies to the Token.
+var wechatTokenPattern = regexp.MustCompile(`^[A-Za-z0-9]{3,32}$`)
+
+// loadConfig reads and validates the configuration. Its error names every
+// missing or malformed variable at once, and never includes a secret's value.
+func loadConfig(getenv func(string) string) (Config, error) {
+	var problems []string
+	bad := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
+	get := func(name, def string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		return def
+	}
+	required := func(name string) string {
+		v := get(name, "")
+		if v == "" {
+			bad("%s is required", name)
+		}
+		return v
+	}
+
+	c := Config{
+		ListenAddr:      get("LISTEN_ADDR", ":8080"),
+		WeChatToken:     required("WECHAT_TOKEN"),
+		WeChatAppID:     required("WECHAT_APPID"),
+		WeChatAppSecret: required("WECHAT_APPSECRET"),
+		WeChatAESKey:    get("WECHAT_AES_KEY", ""),
+		WeChatAPIBase:   strings.TrimRight(get("WECHAT_API_BASE", "https://api.weixin.qq.com"), "/"),
+		IMSecretKey:     required("IM_SECRET_KEY"),
+		IMAdmin:         get("IM_ADMIN", "administrator"),
+		IMAPIBase:       strings.TrimRight(get("IM_API_BASE", "https://console.tim.qq.com"), "/"),
+		IMCallbackToken: get("IM_CALLBACK_TOKEN", ""),
+		IMUserPrefix:    get("IM_USER_PREFIX", "wx_"),
+		DatabaseURL:     get("DATABASE_URL", "sqlite:bridge.db"),
+		WelcomeText:     get("WELCOME_TEXT", defaultWelcomeText),
+		ConnectingText:  get("CONNECTING_TEXT", defaultConnectingText),
+	}
+
+	if c.WeChatToken != "" && !wechatTokenPattern.MatchString(c.WeChatToken) {
+		bad("WECHAT_TOKEN must be 3 to 32 letters or digits, as the WeChat console requires")
+	}
+	if c.WeChatAESKey != "" && !regexp.MustCompile(`^[A-Za-z0-9]{43}$`).MatchString(c.WeChatAESKey) {
+		bad("WECHAT_AES_KEY must be the 43-character EncodingAESKey from the WeChat console")
+	}
+	if c.WeChatAESKey != "" {
+		bad("WECHAT_AES_KEY: safe mode is not supported by this version; leave it empty and use plaintext mode")
+	}
+	if v := required("IM_SDKAPPID"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n == 0 {
+			bad("IM_SDKAPPID must be a positive integer, got %q", v)
+		}
+		c.IMSDKAppID = n
+	}
+	if v := required("IM_AGENTS"); v != "" {
+		seen := map[string]bool{}
+		for _, a := range strings.Split(v, ",") {
+			a = strings.TrimSpace(a)
+			switch {
+			case a == "":
+				bad("IM_AGENTS has an empty entry")
+			case !imUserIDPattern.MatchString(a):
+				bad("IM_AGENTS entry %q is not a valid IM UserID", a)
+			case seen[a]:
+				bad("IM_AGENTS lists %q twice", a)
+			default:
+				seen[a] = true
+				c.IMAgents = append(c.IMAgents, a)
+			}
+		}
+	}
+	if !imUserIDPattern.MatchString(c.IMAdmin) {
+		bad("IM_ADMIN %q is not a valid IM UserID", c.IMAdmin)
+	}
+	if !regexp.MustCompile(`^[A-Za-z0-9_\-]{1,4}$`).MatchString(c.IMUserPrefix) {
+		bad("IM_USER_PREFIX must be 1 to 4 of [A-Za-z0-9_-], so that prefix + a 28-character openid fits IM's 32 bytes")
+	}
+	for _, a := range c.IMAgents {
+		if strings.HasPrefix(a, c.IMUserPrefix) || a == c.IMAdmin {
+			bad("IM_AGENTS entry %q must not be IM_ADMIN nor start with IM_USER_PREFIX %q", a, c.IMUserPrefix)
+		}
+	}
+	for name, v := range map[string]string{"WECHAT_API_BASE": c.WeChatAPIBase, "IM_API_BASE": c.IMAPIBase} {
+		if u, err := url.Parse(v); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("%s must be an http or https URL, got %q", name, v)
+		}
+	}
+	if _, err := sqlitePath(c.DatabaseURL); err != nil {
+		bad("DATABASE_URL: %v", err)
+	}
+
+	if len(problems) > 0 {
+		slices.Sort(problems)
+		return Config{}, errors.New("bad configuration:\n  " + strings.Join(problems, "\n  "))
+	}
+	return c, nil
+}
+
+// sqlitePath returns the file path of a DATABASE_URL of the form sqlite:PATH.
+func sqlitePath(databaseURL string) (string, error) {
+	path, ok := strings.CutPrefix(databaseURL, "sqlite:")
+	if !ok || path == "" {
+		return "", fmt.Errorf("want the form sqlite:PATH, got %q", redactDSN(databaseURL))
+	}
+	return path, nil
+}
+
+// redactDSN hides a password that a database URL may carry.
+func redactDSN(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.User != nil {
+		if _, has := u.User.Password(); has {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			return u.String()
+		}
+	}
+	return dsn
+}

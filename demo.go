@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"wechat-im-bridge/fakes"
+)
+
+// The exchange the demo plays: the one in Tencent's tutorial.
+const (
+	demoCustomer = "o6_bmjrPTlm6_2sgVt7hMZOPfL2M"
+	demoAgent    = "agent_kim"
+	demoQuestion = "아동복 신상품은 언제쯤 나오나요?"
+	demoAnswer   = "5월에 출시될 예정이오니, 많은 관심 부탁드립니다!"
+)
+
+// demoT lets the fakes report to the demo instead of a test.
+type demoT struct {
+	mu       sync.Mutex
+	errs     []string
+	cleanups []func()
+}
+
+func (d *demoT) Helper() {}
+func (d *demoT) Errorf(format string, args ...any) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.errs = append(d.errs, fmt.Sprintf(format, args...))
+}
+func (d *demoT) Cleanup(f func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.cleanups = append(d.cleanups, f)
+}
+func (d *demoT) close() {
+	for _, f := range slices.Backward(d.cleanups) {
+		f()
+	}
+}
+
+// runDemo starts fake WeChat and IM servers and the bridge in this process,
+// and plays the tutorial's exchange through them, printing each hop.
+func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	dt := &demoT{}
+	defer dt.close()
+	var outMu sync.Mutex
+	say := func(line string) {
+		outMu.Lock()
+		defer outMu.Unlock()
+		fmt.Fprintln(stdout, line)
+	}
+
+	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{Trace: say})
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Trace: say})
+	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+
+	wopts, iopts := wx.Options(), im.Options()
+	env := map[string]string{
+		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
+		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
+		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
+		"DATABASE_URL": "sqlite:" + filepath.Join(dir, "bridge.db"),
+	}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	base := "http://" + ln.Addr().String()
+	wx.SetTarget(base + "/wechat")
+	im.SetCallbackURL(base + "/imcallback")
+
+	bridgeCtx, stopBridge := context.WithCancel(ctx)
+	defer stopBridge()
+	served := make(chan error, 1)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	go func() { served <- serve(bridgeCtx, cfg, ln, log) }()
+
+	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
+	say("")
+	step := func(title string) { say(""); say("── " + title) }
+	if err := waitFor(ctx, "the bridge to be healthy", func() bool {
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}); err != nil {
+		return err
+	}
+
+	step("1. The customer follows the Official Account")
+	if r := wx.Follow(ctx, demoCustomer); r.Reply == nil {
+		return fmt.Errorf("demo: follow got no welcome (status %d %q)", r.Status, r.Body)
+	}
+	customerIM := cfg.IMUserPrefix + demoCustomer
+	if err := waitFor(ctx, "the customer's IM account", func() bool { return im.Imported(customerIM) }); err != nil {
+		return err
+	}
+
+	step("2. The customer asks a question")
+	if r := wx.SendText(ctx, demoCustomer, demoQuestion); r.Reply == nil {
+		return fmt.Errorf("demo: message got no passive reply (status %d %q)", r.Status, r.Body)
+	}
+	if err := waitFor(ctx, "the question to reach the agent", func() bool { return len(im.Messages()) == 1 }); err != nil {
+		return err
+	}
+
+	step("3. The agent answers from an IM client")
+	if _, err := im.SendAsAgent(ctx, demoAgent, customerIM, demoAnswer); err != nil {
+		return err
+	}
+	if err := waitFor(ctx, "the answer to reach the customer", func() bool { return len(wx.Sent()) == 1 }); err != nil {
+		return err
+	}
+
+	stopBridge()
+	if err := <-served; err != nil {
+		return fmt.Errorf("demo: bridge: %w", err)
+	}
+	if len(dt.errs) > 0 {
+		return errors.New("demo: the fakes saw a problem:\n  " + strings.Join(dt.errs, "\n  "))
+	}
+	say("")
+	say(fmt.Sprintf("Done: the customer asked %q in WeChat, agent %s answered in IM, and the customer read %q.",
+		demoQuestion, demoAgent, wx.Sent()[0].Text))
+	return nil
+}
+
+// waitFor polls cond until it holds or ctx ends.
+func waitFor(ctx context.Context, what string, cond func() bool) error {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("demo: timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+	return nil
+}

@@ -1,0 +1,172 @@
+// Package fakes has stand-ins for the WeChat Official Account API and the
+// Tencent IM REST API, served by httptest on loopback, for the bridge's
+// end-to-end tests and its offline demo.
+//
+// They are as strict as the real services as far as ../shared/protocol/
+// documents them: they check credentials and signatures, answer with the
+// vendors' envelopes and error codes, keep the state the real services keep
+// (accounts, tokens, the 48-hour reply window and its quota, IM's 120-second
+// duplicate window), and call back and push the way the vendors do. Every
+// request is recorded, faults can be switched on, and any request they do
+// not model fails the test.
+//
+// Not modelled: WeChat's AES safe and compatible modes, media upload and
+// download, the multi-agent (kf) APIs, daily API quotas and the IP
+// allow-list; IM's groups, profiles, roaming history, offline push, rate
+// limits, and console switches other than the callback token.
+package fakes
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+)
+
+// T is the part of testing.TB the fakes use. The demo passes its own.
+type T interface {
+	Helper()
+	Errorf(format string, args ...any)
+	Cleanup(func())
+}
+
+// Request is one request a fake received.
+type Request struct {
+	Method string
+	Path   string
+	Query  url.Values
+	Body   []byte
+	At     time.Time
+}
+
+// recorder keeps requests and the fault switches shared by both fakes.
+type recorder struct {
+	mu       sync.Mutex
+	requests []Request
+
+	failNext   int
+	failCode   int // vendor error code to answer with, if failStatus is 0
+	failStatus int // HTTP status to answer with
+	delay      time.Duration
+	hold       chan struct{}
+}
+
+// record stores r and returns its body.
+func (rc *recorder) record(r *http.Request, now time.Time) []byte {
+	body, _ := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+	rc.mu.Lock()
+	rc.requests = append(rc.requests, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Body: body, At: now})
+	rc.mu.Unlock()
+	return body
+}
+
+// Requests returns a copy of every request received so far.
+func (rc *recorder) Requests() []Request {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return append([]Request(nil), rc.requests...)
+}
+
+// RequestsTo returns the requests received for path, in order.
+func (rc *recorder) RequestsTo(path string) []Request {
+	var out []Request
+	for _, r := range rc.Requests() {
+		if r.Path == path {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// FailNext makes the next n API requests fail with the vendor error code,
+// answered the way the vendor answers it (HTTP 200 with the error in the
+// body).
+func (rc *recorder) FailNext(n, code int) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	rc.failNext, rc.failCode, rc.failStatus = n, code, 0
+}
+
+// FailNextStatus makes the next n API requests answer with HTTP status.
+func (rc *recorder) FailNextStatus(n, status int) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	rc.failNext, rc.failCode, rc.failStatus = n, 0, status
+}
+
+// Delay makes every API request wait d before it is answered.
+func (rc *recorder) Delay(d time.Duration) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	rc.delay = d
+}
+
+// Hold makes API requests wait, unanswered, until the returned function is
+// called (or the request's client gives up).
+func (rc *recorder) Hold() (release func()) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	ch := make(chan struct{})
+	rc.hold = ch
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			rc.mu.Lock()
+			if rc.hold == ch {
+				rc.hold = nil
+			}
+			rc.mu.Unlock()
+			close(ch)
+		})
+	}
+}
+
+// fault applies the delay and hold, then reports the injected failure the
+// request must get, if any: status is an HTTP status, or code a vendor code.
+func (rc *recorder) fault(r *http.Request) (status, code int, inject bool) {
+	rc.mu.Lock()
+	delay, hold := rc.delay, rc.hold
+	rc.mu.Unlock()
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-r.Context().Done():
+		}
+	}
+	if delay > 0 {
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+		}
+		t.Stop()
+	}
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if rc.failNext > 0 {
+		rc.failNext--
+		return rc.failStatus, rc.failCode, true
+	}
+	return 0, 0, false
+}
+
+// hop writes one line of the demo's narration, a message going from one
+// party to another, if a tracer is set.
+func hop(fn func(string), from, to, format string, args ...any) {
+	if fn != nil {
+		fn(fmt.Sprintf("%-9s → %-9s ", from, to) + fmt.Sprintf(format, args...))
+	}
+}
+
+// compactJSON returns b with insignificant space removed, for traces.
+func compactJSON(b []byte) string {
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, b); err != nil {
+		return string(b)
+	}
+	return buf.String()
+}

@@ -1,0 +1,251 @@
+package main
+
+// The Tencent IM REST client: UserSig, the request envelope, and the three
+// calls the bridge makes (account_import, account_delete, openim/sendmsg).
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/tencentyun/tls-sig-api-v2-golang/tencentyun"
+)
+
+// IMError is an error answer of the IM REST API.
+type IMError struct {
+	Command string // service/command, e.g. openim/sendmsg
+	Code    int
+	Info    string
+}
+
+func (e *IMError) Error() string {
+	return fmt.Sprintf("im %s: error %d: %s", e.Command, e.Code, e.Info)
+}
+
+// IM error codes the bridge acts on.
+const (
+	imErrSigExpired      = 70001 // UserSig expired: renew it
+	imErrNotImported     = 20003 // sender or recipient not imported
+	imErrFromNotFound    = 90008 // From_Account missing or not imported
+	imErrAccountNotFound = 70107 // account_delete of an account that does not exist
+)
+
+// imPermanent lists IM codes a retry cannot fix: requests IM cannot parse
+// and accounts that cannot be created. 20003 and 90008 are permanent only
+// after an import (see Worker.deliver); credential errors are not, since an
+// operator can fix the configuration while the item waits.
+var imPermanent = map[int]bool{
+	90001: true, 90003: true, 90005: true, 90007: true, 90010: true, 90026: true,
+	70398: true, 70399: true, 70402: true,
+}
+
+// IMClient calls the Tencent IM REST API as the admin account. It owns the
+// admin's UserSig and never lets it out of its requests.
+type IMClient struct {
+	Base      string // e.g. https://console.tim.qq.com
+	SDKAppID  uint64
+	SecretKey string
+	Admin     string
+	HTTP      *http.Client
+	// SigLifetime bounds a UserSig's validity; it is renewed at 80% of it.
+	SigLifetime time.Duration
+	Now         func() time.Time
+
+	mu        sync.Mutex
+	sig       string
+	sigExpiry time.Time
+}
+
+// userSig returns the cached admin UserSig, generating a new one when the
+// cache is empty, forced, or past 80% of its lifetime.
+func (c *IMClient) userSig(force bool) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.Now()
+	if !force && c.sig != "" && now.Before(c.sigExpiry) {
+		return c.sig, nil
+	}
+	sig, err := tencentyun.GenUserSig(int(c.SDKAppID), c.SecretKey, c.Admin, int(c.SigLifetime/time.Second))
+	if err != nil {
+		return "", errors.New("generate usersig failed") // the library's error may quote its input
+	}
+	c.sig, c.sigExpiry = sig, now.Add(c.SigLifetime*8/10)
+	return sig, nil
+}
+
+// call posts req to v4/command and decodes the answer into resp. An answer
+// with ErrorCode 70001 renews the UserSig and is tried once more.
+func (c *IMClient) call(ctx context.Context, command string, req, resp any) error {
+	body, err := marshalJSON(req)
+	if err != nil {
+		return fmt.Errorf("im %s: encode: %w", command, err)
+	}
+	err = c.post(ctx, command, body, resp, false)
+	if e := (*IMError)(nil); errors.As(err, &e) && e.Code == imErrSigExpired {
+		err = c.post(ctx, command, body, resp, true)
+	}
+	return err
+}
+
+func (c *IMClient) post(ctx context.Context, command string, body []byte, resp any, renewSig bool) error {
+	sig, err := c.userSig(renewSig)
+	if err != nil {
+		return fmt.Errorf("im %s: %w", command, err)
+	}
+	q := url.Values{
+		"sdkappid":    {strconv.FormatUint(c.SDKAppID, 10)},
+		"identifier":  {c.Admin},
+		"usersig":     {sig},
+		"random":      {strconv.FormatUint(uint64(rand.Uint32()), 10)},
+		"contenttype": {"json"},
+	}
+	u := c.Base + "/v4/" + command + "?" + q.Encode()
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+	if err != nil {
+		return fmt.Errorf("im %s: %w", command, redactErr(err))
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	hresp, err := c.HTTP.Do(hreq)
+	if err != nil {
+		return fmt.Errorf("im %s: %w", command, redactErr(err))
+	}
+	defer hresp.Body.Close()
+	raw, err := readLimited(hresp.Body, 1<<20)
+	if err != nil {
+		return fmt.Errorf("im %s: read answer: %w", command, redactErr(err))
+	}
+	if hresp.StatusCode != http.StatusOK {
+		return &HTTPStatusError{Service: "im " + command, Status: hresp.StatusCode}
+	}
+	var env struct {
+		ActionStatus string
+		ErrorCode    int
+		ErrorInfo    string
+	}
+	if err := json.Unmarshal(raw, &env); err != nil {
+		return fmt.Errorf("im %s: decode answer: %w", command, err)
+	}
+	if env.ErrorCode != 0 || env.ActionStatus != "OK" {
+		return &IMError{Command: command, Code: env.ErrorCode, Info: env.ErrorInfo}
+	}
+	if resp != nil {
+		if err := json.Unmarshal(raw, resp); err != nil {
+			return fmt.Errorf("im %s: decode answer: %w", command, err)
+		}
+	}
+	return nil
+}
+
+// ImportAccount creates the IM account userID (idempotent at IM).
+func (c *IMClient) ImportAccount(ctx context.Context, userID string) error {
+	return c.call(ctx, "im_open_login_svc/account_import", map[string]string{"UserID": userID}, nil)
+}
+
+// DeleteAccount deletes the IM account userID; an account that does not
+// exist counts as deleted.
+func (c *IMClient) DeleteAccount(ctx context.Context, userID string) error {
+	var resp struct {
+		ResultItem []struct {
+			ResultCode int
+			ResultInfo string
+			UserID     string
+		}
+	}
+	req := map[string]any{"DeleteItem": []map[string]string{{"UserID": userID}}}
+	if err := c.call(ctx, "im_open_login_svc/account_delete", req, &resp); err != nil {
+		return err
+	}
+	for _, r := range resp.ResultItem {
+		if r.ResultCode != 0 && r.ResultCode != imErrAccountNotFound {
+			return &IMError{Command: "im_open_login_svc/account_delete", Code: r.ResultCode, Info: r.ResultInfo}
+		}
+	}
+	return nil
+}
+
+// MsgElem is one element of an IM message body.
+type MsgElem struct {
+	MsgType    string         `json:"MsgType"`
+	MsgContent map[string]any `json:"MsgContent"`
+}
+
+// SendMsg is the body of openim/sendmsg.
+type SendMsg struct {
+	SyncOtherMachine      int       `json:"SyncOtherMachine"`
+	From_Account          string    `json:"From_Account"`
+	To_Account            string    `json:"To_Account"`
+	MsgSeq                uint32    `json:"MsgSeq"`
+	MsgRandom             uint32    `json:"MsgRandom"`
+	ForbidCallbackControl []string  `json:"ForbidCallbackControl"`
+	MsgBody               []MsgElem `json:"MsgBody"`
+}
+
+// forbidCallbacks keeps the bridge's own sends from coming back to it.
+var forbidCallbacks = []string{"ForbidBeforeSendMsgCallback", "ForbidAfterSendMsgCallback"}
+
+// textMessage is a sendmsg from one account to another holding one text
+// element. SyncOtherMachine 1 stores it in the sender's roaming history, so
+// the customer's account holds the whole conversation.
+func textMessage(from, to, text string, seq, random uint32) SendMsg {
+	return SendMsg{
+		SyncOtherMachine:      1,
+		From_Account:          from,
+		To_Account:            to,
+		MsgSeq:                seq,
+		MsgRandom:             random,
+		ForbidCallbackControl: forbidCallbacks,
+		MsgBody:               []MsgElem{{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": text}}},
+	}
+}
+
+// Send posts msg with openim/sendmsg.
+func (c *IMClient) Send(ctx context.Context, msg SendMsg) error {
+	return c.call(ctx, "openim/sendmsg", msg, nil)
+}
+
+// HTTPStatusError is a vendor answer with an HTTP status other than 200.
+type HTTPStatusError struct {
+	Service string
+	Status  int
+}
+
+func (e *HTTPStatusError) Error() string {
+	return fmt.Sprintf("%s: http status %d", e.Service, e.Status)
+}
+
+// redactErr strips the query string, where both vendors carry credentials,
+// from the URL Go's HTTP client writes into its errors.
+func redactErr(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		if u, perr := url.Parse(ue.URL); perr == nil {
+			u.RawQuery = ""
+			if u.User != nil {
+				u.User = nil
+			}
+			return &url.Error{Op: ue.Op, URL: u.String() + "?…", Err: ue.Err}
+		}
+		return &url.Error{Op: ue.Op, URL: "(redacted)", Err: ue.Err}
+	}
+	return err
+}
+
+// marshalJSON encodes v as compact JSON without escaping <, > and &, which
+// vendors read as they are and which would garble a customer's text in logs.
+func marshalJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}

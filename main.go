@@ -1,0 +1,119 @@
+// Command wechat-im-bridge lets a company answer the customers of its WeChat
+// Official Account from Tencent Cloud IM.
+//
+// WeChat pushes each customer message to POST /wechat; the bridge commits it
+// and answers at once, and its worker sends it into IM as a one-to-one
+// message from the customer's own IM account to their agent. An agent's reply
+// reaches POST /imcallback as C2C.CallbackAfterSendMsg, and the worker sends
+// it to the customer with WeChat's customer-service message API.
+//
+// "wechat-im-bridge" serves with its configuration from the environment;
+// "wechat-im-bridge demo" plays the whole flow offline against fake WeChat and
+// IM servers.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+// run is the whole program: "demo" plays the offline demo, no argument
+// serves until ctx is done.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	switch {
+	case len(args) == 1 && args[0] == "demo":
+		return runDemo(ctx, stdout, stderr)
+	case len(args) > 0:
+		return fmt.Errorf("usage: wechat-im-bridge [demo] (unknown arguments %q)", args)
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	return serve(ctx, cfg, ln, log)
+}
+
+// serve runs the bridge on ln until ctx is done: it opens the store, starts
+// the delivery worker and the HTTP server, and on the way out stops taking
+// requests, lets the worker finish its in-flight calls, and closes the store.
+func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
+	defer ln.Close()
+	path, err := sqlitePath(cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	st, err := openStore(ctx, path)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	now := time.Now
+	httpc := &http.Client{
+		Timeout:   10 * time.Second, // IM's backend gives up after 3 s, WeChat's API is as quick
+		Transport: &http.Transport{MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second},
+	}
+	im := &IMClient{Base: cfg.IMAPIBase, SDKAppID: cfg.IMSDKAppID, SecretKey: cfg.IMSecretKey, Admin: cfg.IMAdmin,
+		HTTP: httpc, SigLifetime: 24 * time.Hour, Now: now}
+	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now}
+	worker := newWorker(st, im, wx, log, now)
+	b := &bridge{cfg: cfg, store: st, worker: worker, log: log, now: now}
+
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	workerDone := make(chan struct{})
+	go func() {
+		defer close(workerDone)
+		worker.Run(workCtx)
+	}()
+
+	srv := &http.Server{
+		Handler:           b.routes(),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("listening", "addr", ln.Addr().String(), "agents", len(cfg.IMAgents))
+
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if serr := srv.Shutdown(shutCtx); serr != nil && err == nil {
+		err = serr
+	}
+	stopWork()
+	<-workerDone
+	log.Info("stopped")
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}

@@ -1,0 +1,217 @@
+package main
+
+// The WeChat side's wire protocol: signatures, the pushed XML, passive replies.
+// Everything here is pure, so it is tested against the official vectors.
+
+import (
+	"bytes"
+	"crypto/sha1"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// wechatSignature is sha1 over the sorted, concatenated parts, in lowercase
+// hex: sort(token, timestamp, nonce) for URL verification and pushes.
+func wechatSignature(parts ...string) string {
+	s := slices.Clone(parts)
+	slices.Sort(s)
+	sum := sha1.Sum([]byte(strings.Join(s, "")))
+	return hex.EncodeToString(sum[:])
+}
+
+// validWeChatSignature reports, in constant time, whether signature signs
+// timestamp and nonce with token.
+func validWeChatSignature(token, timestamp, nonce, signature string) bool {
+	want := wechatSignature(token, timestamp, nonce)
+	return subtle.ConstantTimeCompare([]byte(want), []byte(strings.ToLower(signature))) == 1
+}
+
+// Push is one message or event WeChat pushes to the webhook. Field names are
+// WeChat's; a field absent from a push is left empty.
+type Push struct {
+	ToUserName   string `xml:"ToUserName"`
+	FromUserName string `xml:"FromUserName"`
+	CreateTime   int64  `xml:"CreateTime"`
+	MsgType      string `xml:"MsgType"`
+	MsgID        string `xml:"MsgId"`
+
+	Content      string `xml:"Content"`      // text
+	PicURL       string `xml:"PicUrl"`       // image
+	MediaID      string `xml:"MediaId"`      // image, voice, video, shortvideo
+	Format       string `xml:"Format"`       // voice
+	Recognition  string `xml:"Recognition"`  // voice
+	ThumbMediaID string `xml:"ThumbMediaId"` // video, shortvideo
+	LocationX    string `xml:"Location_X"`   // location: latitude
+	LocationY    string `xml:"Location_Y"`   // location: longitude
+	Scale        string `xml:"Scale"`        // location
+	Label        string `xml:"Label"`        // location
+	Title        string `xml:"Title"`        // link
+	Description  string `xml:"Description"`  // link
+	URL          string `xml:"Url"`          // link
+
+	Event     string `xml:"Event"`
+	EventKey  string `xml:"EventKey"`  // subscribe (qrscene_…), SCAN, CLICK, VIEW
+	Ticket    string `xml:"Ticket"`    // subscribe via QR code, SCAN
+	Latitude  string `xml:"Latitude"`  // LOCATION
+	Longitude string `xml:"Longitude"` // LOCATION
+	Precision string `xml:"Precision"` // LOCATION
+	MenuID    string `xml:"MenuId"`    // VIEW
+}
+
+// Message types and events the bridge knows by name.
+const (
+	msgText       = "text"
+	msgImage      = "image"
+	msgVoice      = "voice"
+	msgVideo      = "video"
+	msgShortVideo = "shortvideo"
+	msgLocation   = "location"
+	msgLink       = "link"
+	msgEvent      = "event"
+
+	eventSubscribe   = "subscribe"
+	eventUnsubscribe = "unsubscribe"
+)
+
+// errBadPush marks a push the bridge refuses as malformed.
+var errBadPush = errors.New("bad wechat push")
+
+// noDirectives passes XML tokens through and refuses any directive, so a
+// DOCTYPE or entity declaration never reaches the decoder.
+type noDirectives struct{ d *xml.Decoder }
+
+func (n noDirectives) Token() (xml.Token, error) {
+	t, err := n.d.Token()
+	if _, ok := t.(xml.Directive); ok {
+		return nil, errors.New("xml directives (DOCTYPE, ENTITY) are not allowed")
+	}
+	return t, err
+}
+
+// decodePush parses a plaintext push and checks the fields every push must
+// carry. Its errors wrap errBadPush.
+func decodePush(body []byte) (Push, error) {
+	var p Push
+	d := xml.NewDecoder(bytes.NewReader(body))
+	d.Strict = true
+	if err := xml.NewTokenDecoder(noDirectives{d}).Decode(&p); err != nil {
+		return Push{}, fmt.Errorf("%w: decode xml: %v", errBadPush, err)
+	}
+	switch {
+	case p.FromUserName == "":
+		return Push{}, fmt.Errorf("%w: FromUserName is missing", errBadPush)
+	case p.MsgType == "":
+		return Push{}, fmt.Errorf("%w: MsgType is missing", errBadPush)
+	case p.MsgType == msgEvent && p.Event == "":
+		return Push{}, fmt.Errorf("%w: Event is missing", errBadPush)
+	case p.MsgType != msgEvent && isMessageType(p.MsgType) && p.MsgID == "":
+		return Push{}, fmt.Errorf("%w: MsgId is missing", errBadPush)
+	}
+	if p.MsgID != "" {
+		if _, err := strconv.ParseUint(p.MsgID, 10, 64); err != nil {
+			return Push{}, fmt.Errorf("%w: MsgId %q is not a 64-bit number", errBadPush, p.MsgID)
+		}
+	}
+	return p, nil
+}
+
+// isMessageType reports whether t is one of the customer message types the
+// bridge forwards.
+func isMessageType(t string) bool {
+	switch t {
+	case msgText, msgImage, msgVoice, msgVideo, msgShortVideo, msgLocation, msgLink:
+		return true
+	}
+	return false
+}
+
+// pushKey identifies a push across WeChat's retries: messages by MsgId with
+// sender and time (MsgIds have collided across users), events by sender, time
+// and event, as WeChat recommends.
+func pushKey(p Push) string {
+	if p.MsgID != "" {
+		return fmt.Sprintf("wx:msg:%s:%s:%d", p.FromUserName, p.MsgID, p.CreateTime)
+	}
+	return fmt.Sprintf("wx:event:%s:%d:%s:%s", p.FromUserName, p.CreateTime, p.Event, p.EventKey)
+}
+
+// readableText renders a customer message as the text an agent reads.
+func readableText(p Push) string {
+	switch p.MsgType {
+	case msgText:
+		return p.Content
+	case msgImage:
+		return "[image] " + p.PicURL
+	case msgVoice:
+		if p.Recognition != "" {
+			return "[voice] " + p.Recognition
+		}
+		return "[voice message]"
+	case msgVideo:
+		return "[video]"
+	case msgShortVideo:
+		return "[short video]"
+	case msgLocation:
+		s := fmt.Sprintf("[location] %s (%s, %s)", p.Label, p.LocationX, p.LocationY)
+		return strings.Replace(s, "]  (", "] (", 1)
+	case msgLink:
+		s := "[link] " + p.Title
+		if p.Description != "" {
+			s += "\n" + p.Description
+		}
+		return s + "\n" + p.URL
+	}
+	return "[" + p.MsgType + "]"
+}
+
+// cdata is a string written as a CDATA section, as WeChat's own XML is.
+type cdata struct {
+	Value string `xml:",cdata"`
+}
+
+// textReply is a passive text reply.
+type textReply struct {
+	XMLName      xml.Name `xml:"xml"`
+	ToUserName   cdata    `xml:"ToUserName"`
+	FromUserName cdata    `xml:"FromUserName"`
+	CreateTime   int64    `xml:"CreateTime"`
+	MsgType      cdata    `xml:"MsgType"`
+	Content      cdata    `xml:"Content"`
+}
+
+// encodeTextReply builds the passive reply that answers push with text.
+func encodeTextReply(push Push, text string, now int64) []byte {
+	b, err := xml.Marshal(textReply{
+		ToUserName:   cdata{push.FromUserName},
+		FromUserName: cdata{push.ToUserName},
+		CreateTime:   now,
+		MsgType:      cdata{"text"},
+		Content:      cdata{text},
+	})
+	if err != nil {
+		panic("encode text reply: " + err.Error()) // only strings and an int: cannot fail
+	}
+	return b
+}
+
+// readLimited reads at most limit bytes of r, and errTooLarge past that.
+func readLimited(r io.Reader, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, errTooLarge
+	}
+	return b, nil
+}
+
+// errTooLarge is returned by readLimited for a body over its limit.
+var errTooLarge = errors.New("body too large")

@@ -1,0 +1,164 @@
+package main
+
+// The WeChat API client: a managed access_token (stable_token) and the
+// customer-service message API.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+)
+
+// WeChatError is an errcode answer of the WeChat API.
+type WeChatError struct {
+	API  string
+	Code int
+	Msg  string
+}
+
+func (e *WeChatError) Error() string {
+	return fmt.Sprintf("wechat %s: errcode %d: %s", e.API, e.Code, e.Msg)
+}
+
+// tokenErrors are the errcodes that mean the access_token is no longer good:
+// 40001 invalid or superseded, 40014 malformed, 42001 expired.
+var tokenErrors = map[int]bool{40001: true, 40014: true, 42001: true}
+
+// wechatPermanent are errcodes a retry cannot fix: 40003 unknown openid,
+// 45015 outside the 48-hour window or unfollowed, 45047 reply quota used up,
+// 45087 account blocked from customer-service messages, 44002, 40008 and
+// 45008 a malformed message. Credential and permission errors are retried
+// within the window, since an operator can fix them.
+var wechatPermanent = map[int]bool{
+	40003: true, 45015: true, 45047: true, 45087: true, 44002: true, 40008: true, 45008: true,
+}
+
+// WeChatClient calls the WeChat Official Account API. It owns the
+// access_token: it fetches it from /cgi-bin/stable_token, caches it until
+// shortly before it expires, and never lets it out of its requests.
+type WeChatClient struct {
+	Base      string // e.g. https://api.weixin.qq.com
+	AppID     string
+	AppSecret string
+	HTTP      *http.Client
+	Now       func() time.Time
+
+	mu      sync.Mutex
+	token   string
+	refresh time.Time // when to fetch a new token
+}
+
+// accessToken returns the cached token, fetching one when there is none or
+// it is due for renewal. stale, if not empty, is a token WeChat refused: it is
+// dropped unless another caller has already replaced it.
+func (c *WeChatClient) accessToken(ctx context.Context, stale string) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if stale != "" && stale == c.token {
+		c.token = ""
+	}
+	if c.token != "" && c.Now().Before(c.refresh) {
+		return c.token, nil
+	}
+	req := map[string]any{"grant_type": "client_credential", "appid": c.AppID, "secret": c.AppSecret, "force_refresh": false}
+	var resp struct {
+		AccessToken string `json:"access_token"`
+		ExpiresIn   int64  `json:"expires_in"`
+	}
+	if err := c.post(ctx, "stable_token", "/cgi-bin/stable_token", nil, req, &resp); err != nil {
+		return "", err
+	}
+	if resp.AccessToken == "" || resp.ExpiresIn <= 0 {
+		return "", errors.New("wechat stable_token: answer has no access_token")
+	}
+	life := time.Duration(resp.ExpiresIn) * time.Second
+	// WeChat renews a stable token in its last 5 minutes; ask again then.
+	c.token, c.refresh = resp.AccessToken, c.Now().Add(life-min(5*time.Minute, life/2))
+	return c.token, nil
+}
+
+// callWithToken posts body to path with the access_token. An answer saying
+// the token is no longer good drops it, fetches a fresh one and tries once
+// more.
+func (c *WeChatClient) callWithToken(ctx context.Context, api, path string, body any) error {
+	token, err := c.accessToken(ctx, "")
+	if err != nil {
+		return err
+	}
+	err = c.post(ctx, api, path, url.Values{"access_token": {token}}, body, nil)
+	if e := (*WeChatError)(nil); errors.As(err, &e) && tokenErrors[e.Code] {
+		if token, err = c.accessToken(ctx, token); err != nil {
+			return err
+		}
+		err = c.post(ctx, api, path, url.Values{"access_token": {token}}, body, nil)
+	}
+	return err
+}
+
+// post sends body as JSON and decodes the answer, turning a non-zero errcode
+// into a *WeChatError.
+func (c *WeChatClient) post(ctx context.Context, api, path string, query url.Values, body, resp any) error {
+	b, err := marshalJSON(body)
+	if err != nil {
+		return fmt.Errorf("wechat %s: encode: %w", api, err)
+	}
+	u := c.Base + path
+	if query != nil {
+		u += "?" + query.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(b))
+	if err != nil {
+		return fmt.Errorf("wechat %s: %w", api, redactErr(err))
+	}
+	req.Header.Set("Content-Type", "application/json")
+	hresp, err := c.HTTP.Do(req)
+	if err != nil {
+		return fmt.Errorf("wechat %s: %w", api, redactErr(err))
+	}
+	defer hresp.Body.Close()
+	raw, err := readLimited(hresp.Body, 1<<20)
+	if err != nil {
+		return fmt.Errorf("wechat %s: read answer: %w", api, redactErr(err))
+	}
+	if hresp.StatusCode != http.StatusOK {
+		return &HTTPStatusError{Service: "wechat " + api, Status: hresp.StatusCode}
+	}
+	var env struct {
+		ErrCode int    `json:"errcode"`
+		ErrMsg  string `json:"errmsg"`
+	}
+	if err := json.Unmarshal(raw, &env); err != nil {
+		return fmt.Errorf("wechat %s: decode answer: %w", api, err)
+	}
+	if env.ErrCode != 0 {
+		return &WeChatError{API: api, Code: env.ErrCode, Msg: env.ErrMsg}
+	}
+	if resp != nil {
+		if err := json.Unmarshal(raw, resp); err != nil {
+			return fmt.Errorf("wechat %s: decode answer: %w", api, err)
+		}
+	}
+	return nil
+}
+
+// customText is the body of a custom/send text message.
+type customText struct {
+	ToUser  string `json:"touser"`
+	MsgType string `json:"msgtype"`
+	Text    struct {
+		Content string `json:"content"`
+	} `json:"text"`
+}
+
+// SendText sends text to the customer openid as a customer-service message.
+func (c *WeChatClient) SendText(ctx context.Context, openid, text string) error {
+	m := customText{ToUser: openid, MsgType: "text"}
+	m.Text.Content = text
+	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
+}
