@@ -455,3 +455,44 @@ func (c *fakeClock) Advance(d time.Duration) {
 	defer c.mu.Unlock()
 	c.now = c.now.Add(d)
 }
+
+// TestBadPushes: each bad request gets a deliberate answer, and the bridge
+// forwards nothing and stays healthy.
+func TestBadPushes(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	sign := func(extra string) string {
+		return "signature=" + fakes.Sign(h.wx.Options().Token, "1714037059", "486452656") + "&timestamp=1714037059&nonce=486452656" + extra
+	}
+	good := string(h.wx.MessageXML(customer, "text", map[string]string{"Content": question}))
+	for _, tc := range []struct {
+		name, method, path, query, body string
+		wantStatus                      int
+	}{
+		{"empty body", "POST", "/wechat", sign(""), "", 400},
+		{"malformed xml", "POST", "/wechat", sign(""), "<xml><ToUserName>", 400},
+		{"doctype", "POST", "/wechat", sign(""), `<!DOCTYPE xml [<!ENTITY e "x">]>` + good, 400},
+		{"oversized", "POST", "/wechat", sign(""), "<xml>" + strings.Repeat("a", maxPushBytes) + "</xml>", 413},
+		{"encrypted push", "POST", "/wechat", sign("&encrypt_type=aes&msg_signature=abc"), good, 400},
+		{"unknown message type", "POST", "/wechat", sign(""), strings.Replace(good, "[text]", "[hologram]", 1), 200},
+		{"wrong method", "PUT", "/wechat", sign(""), good, 405},
+		{"unknown path", "POST", "/wechat/extra", sign(""), good, 404},
+		{"callback by GET", "GET", "/imcallback", "", "", 405},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, h.base+tc.path+"?"+tc.query, strings.NewReader(tc.body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.wantStatus {
+				t.Errorf("got status %d, want %d", resp.StatusCode, tc.wantStatus)
+			}
+		})
+	}
+	h.wx.SendText(context.Background(), customer, "hello")
+	eventually(t, "the good message in IM", func() bool { return len(h.im.Messages()) == 1 })
+	if got := h.im.Messages()[0].Text; got != "hello" {
+		t.Errorf("IM got %q first, want hello", got)
+	}
+}

@@ -159,8 +159,10 @@ func readableText(p Push) string {
 	case msgShortVideo:
 		return "[short video]"
 	case msgLocation:
-		s := fmt.Sprintf("[location] %s (%s, %s)", p.Label, p.LocationX, p.LocationY)
-		return strings.Replace(s, "]  (", "] (", 1)
+		if p.Label == "" {
+			return fmt.Sprintf("[location] (%s, %s)", p.LocationX, p.LocationY)
+		}
+		return fmt.Sprintf("[location] %s (%s, %s)", p.Label, p.LocationX, p.LocationY)
 	case msgLink:
 		s := "[link] " + p.Title
 		if p.Description != "" {

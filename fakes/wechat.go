@@ -46,9 +46,9 @@ type WeChat struct {
 	srv  *httptest.Server
 
 	mu       sync.Mutex
-	stable   issued              // the current stable token
-	tokens   map[string]issued   // every token issued, stable or not
-	revoked  map[string]bool     // tokens superseded by force_refresh or a newer /cgi-bin/token
+	stable   issued               // the current stable token
+	tokens   map[string]issued    // every token issued, stable or not
+	revoked  map[string]bool      // tokens superseded by force_refresh or a newer /cgi-bin/token
 	users    map[string]*customer // by openid
 	sent     []CustomMessage
 	notices  []string // what customers were shown instead of a reply

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func validEnv() map[string]string {
+	return map[string]string{
+		"WECHAT_TOKEN": "token123", "WECHAT_APPID": "wx0123", "WECHAT_APPSECRET": "app-secret-value",
+		"IM_SDKAPPID": "1400000001", "IM_SECRET_KEY": "im-secret-value", "IM_AGENTS": "agent_kim, agent_lee",
+	}
+}
+
+func TestLoadConfigDefaults(t *testing.T) {
+	env := validEnv()
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ListenAddr != ":8080" || c.WeChatAPIBase != "https://api.weixin.qq.com" || c.IMAPIBase != "https://console.tim.qq.com" ||
+		c.IMAdmin != "administrator" || c.IMUserPrefix != "wx_" || c.DatabaseURL != "sqlite:bridge.db" ||
+		c.WelcomeText != defaultWelcomeText || c.ConnectingText != defaultConnectingText {
+		t.Errorf("defaults: got %+v", c)
+	}
+	if strings.Join(c.IMAgents, ",") != "agent_kim,agent_lee" || c.IMSDKAppID != 1400000001 {
+		t.Errorf("got agents %v, sdkappid %d", c.IMAgents, c.IMSDKAppID)
+	}
+}
+
+func TestLoadConfigProblems(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  map[string]string
+		want string
+	}{
+		{"missing token", map[string]string{"WECHAT_TOKEN": ""}, "WECHAT_TOKEN is required"},
+		{"short token", map[string]string{"WECHAT_TOKEN": "ab"}, "WECHAT_TOKEN must be"},
+		{"missing secret", map[string]string{"WECHAT_APPSECRET": ""}, "WECHAT_APPSECRET is required"},
+		{"sdkappid not a number", map[string]string{"IM_SDKAPPID": "14x"}, "IM_SDKAPPID must be a positive integer"},
+		{"duplicate agent", map[string]string{"IM_AGENTS": "a1,a1"}, `IM_AGENTS lists "a1" twice`},
+		{"agent with prefix", map[string]string{"IM_AGENTS": "wx_a"}, "must not be IM_ADMIN nor start with IM_USER_PREFIX"},
+		{"bad API base", map[string]string{"IM_API_BASE": "console.tim.qq.com"}, "IM_API_BASE must be an http or https URL"},
+		{"bad database", map[string]string{"DATABASE_URL": "mysql://x"}, "DATABASE_URL: want the form sqlite:PATH"},
+		{"long prefix", map[string]string{"IM_USER_PREFIX": "wechat_"}, "IM_USER_PREFIX must be"},
+		{"bad AES key", map[string]string{"WECHAT_AES_KEY": "short"}, "WECHAT_AES_KEY must be the 43-character"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := validEnv()
+			for k, v := range tc.set {
+				env[k] = v
+			}
+			_, err := loadConfig(func(k string) string { return env[k] })
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+			for _, secret := range []string{"app-secret-value", "im-secret-value", "short"} {
+				if strings.Contains(err.Error(), secret) {
+					t.Errorf("error echoes a secret value: %v", err)
+				}
+			}
+		})
+	}
+}

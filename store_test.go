@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func newTestStore(t *testing.T) (*Store, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "bridge.db")
+	st, err := openStore(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st, path
+}
+
+func message(key, openid, text string) Inbound {
+	n := uint32(0)
+	return Inbound{Key: key, Action: actMessage, OpenID: openid, IMUser: "wx_" + openid, Text: text,
+		Agents: []string{"a1", "a2"}, NewRandom: func() uint32 { n++; return n }}
+}
+
+func TestAcceptPushOnce(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	first, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first != (Accepted{Reply: replyConnecting}) || again != (Accepted{Duplicate: true, Reply: replyConnecting}) {
+		t.Errorf("got %+v then %+v, want the connecting reply, then the same as a duplicate", first, again)
+	}
+	counts, err := st.OutboxCounts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if counts["pending"] != 2 { // the import of a customer not seen before, and the message
+		t.Errorf("got %d pending items, want 2", counts["pending"])
+	}
+}
+
+func TestLanesDeliverInOrder(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	for i, k := range []string{"k1", "k2", "k3"} {
+		if _, err := st.AcceptPush(ctx, message(k, "o1", k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.AcceptPush(ctx, message("k4", "o2", "k4"), now); err != nil {
+		t.Fatal(err)
+	}
+	heads, err := st.DueHeads(ctx, now.Add(time.Second), 10, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(heads) != 2 || heads[0].Delivery.Kind != deliverIMImport || heads[1].Delivery.Kind != deliverIMImport {
+		t.Fatalf("got heads %+v, want the import at the head of each customer's lane", heads)
+	}
+	// A head waiting for a retry holds its lane back.
+	if err := st.RetryLater(ctx, heads[0].ID, "busy", now.Add(time.Hour), now); err != nil {
+		t.Fatal(err)
+	}
+	heads, err = st.DueHeads(ctx, now.Add(time.Second), 10, map[string]bool{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(heads) != 1 || heads[0].Lane != "im:o2" {
+		t.Fatalf("got heads %+v, want only o2's lane", heads)
+	}
+	// Busy lanes are skipped.
+	heads, err = st.DueHeads(ctx, now.Add(time.Second), 10, map[string]bool{"im:o2": true})
+	if err != nil || len(heads) != 0 {
+		t.Fatalf("got heads %+v, %v; want none", heads, err)
+	}
+}
+
+func TestLeastLoadedAgent(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	want := map[string]string{"o1": "a1", "o2": "a2", "o3": "a1", "o4": "a2"}
+	for _, o := range []string{"o1", "o2", "o3", "o4"} {
+		if _, err := st.AcceptPush(ctx, message("k"+o, o, "hi"), now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	convs, err := st.OpenConversations(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range convs {
+		if want[c.OpenID] != c.Agent {
+			t.Errorf("%s went to %s, want %s", c.OpenID, c.Agent, want[c.OpenID])
+		}
+	}
+}
+
+func TestAcceptReplyNeedsKnownCustomer(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	d := Delivery{Kind: deliverWeChat, OpenID: "o1", Text: "hi"}
+	if _, err := st.AcceptReply(ctx, "im:1", d, now); err == nil {
+		t.Fatal("a reply to an unknown customer was accepted")
+	}
+	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []bool{false, true} {
+		dup, err := st.AcceptReply(ctx, "im:1", d, now)
+		if err != nil || dup != want {
+			t.Errorf("reply %d: got duplicate %v, %v; want %v", i+1, dup, err, want)
+		}
+	}
+}
+
+func TestStoreSurvivesReopen(t *testing.T) {
+	st, path := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	st2, err := openStore(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.Close()
+	acc, err := st2.AcceptPush(ctx, message("k1", "o1", "hi"), now)
+	if err != nil || !acc.Duplicate {
+		t.Errorf("after reopening, the same push got %+v, %v; want a duplicate", acc, err)
+	}
+	if c, _ := st2.OutboxCounts(ctx); c["pending"] != 2 {
+		t.Errorf("after reopening, %d items are pending, want 2", c["pending"])
+	}
+}
