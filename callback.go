@@ -4,6 +4,9 @@ package main
 // C2C.CallbackAfterSendMsg and is queued for WeChat's custom/send.
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // maxCallbackBytes bounds an IM callback body; a text message is at most
@@ -34,6 +38,24 @@ type IMCallback struct {
 	MsgKey          string
 	MsgBody         []MsgElem
 	SendMsgResult   int
+}
+
+// callbackMaxSkew is how far a signed callback's RequestTime may be from now.
+const callbackMaxSkew = time.Minute
+
+// validCallbackSign reports whether sign is hex(sha256(token+requestTime)),
+// compared in constant time, with requestTime within a minute of now.
+func validCallbackSign(token, requestTime, sign string, now time.Time) bool {
+	sec, err := strconv.ParseInt(requestTime, 10, 64)
+	if err != nil {
+		return false
+	}
+	if d := now.Sub(time.Unix(sec, 0)); d > callbackMaxSkew || d < -callbackMaxSkew {
+		return false
+	}
+	sum := sha256.Sum256([]byte(token + requestTime))
+	want := hex.EncodeToString(sum[:])
+	return subtle.ConstantTimeCompare([]byte(want), []byte(strings.ToLower(sign))) == 1
 }
 
 // decodeCallback parses a callback body.
@@ -115,6 +137,10 @@ func (b *bridge) handleIMCallback() http.Handler {
 		q := r.URL.Query()
 		if q.Get("SdkAppid") != strconv.FormatUint(b.cfg.IMSDKAppID, 10) {
 			b.refuseCallback(w, http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID")
+			return
+		}
+		if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now()) {
+			b.refuseCallback(w, http.StatusForbidden, "Sign or RequestTime is wrong")
 			return
 		}
 		body, err := readLimited(r.Body, maxCallbackBytes)

@@ -7,6 +7,9 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	"wechat-im-bridge/fakes"
 )
 
 func TestCallbackText(t *testing.T) {
@@ -107,5 +110,50 @@ func TestCallbacksThatForwardNothing(t *testing.T) {
 	eventually(t, "the last reply in WeChat", func() bool { return len(h.wx.Sent()) == 2 })
 	if sent := h.wx.Sent(); sent[0].Text != answer || sent[1].Text != "last" {
 		t.Errorf("WeChat got %q, %q; want the answer once, then the last reply", sent[0].Text, sent[1].Text)
+	}
+}
+
+func TestValidCallbackSign(t *testing.T) {
+	at := time.Unix(1669872112, 0)
+	const docSign = "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061" // IM's documented example
+	for _, tc := range []struct {
+		name, token, requestTime, sign string
+		now                            time.Time
+		want                           bool
+	}{
+		{"documented example", "xxxxyyyy", "1669872112", docSign, at, true},
+		{"upper-case hex", "xxxxyyyy", "1669872112", strings.ToUpper(docSign), at, true},
+		{"59 s old", "xxxxyyyy", "1669872112", docSign, at.Add(59 * time.Second), true},
+		{"61 s old: a replay", "xxxxyyyy", "1669872112", docSign, at.Add(61 * time.Second), false},
+		{"61 s ahead", "xxxxyyyy", "1669872112", docSign, at.Add(-61 * time.Second), false},
+		{"another token", "xxxxyyyz", "1669872112", docSign, at, false},
+		{"no sign", "xxxxyyyy", "1669872112", "", at, false},
+		{"no time", "xxxxyyyy", "", docSign, at, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := validCallbackSign(tc.token, tc.requestTime, tc.sign, tc.now); got != tc.want {
+				t.Errorf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestSignedCallbacks: with IM_CALLBACK_TOKEN set, the fake's signed
+// callbacks go through and an unsigned one is refused.
+func TestSignedCallbacks(t *testing.T) {
+	h := newHarness(t, harnessOptions{im: fakes.IMOptions{CallbackToken: "cbtoken123"}, env: map[string]string{"IM_CALLBACK_TOKEN": "cbtoken123"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the account imported", func() bool { return h.im.Imported(customerIM(customer)) })
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer)
+	eventually(t, "the answer in WeChat", func() bool { return len(h.wx.Sent()) == 1 })
+
+	cb := h.im.Callbacks()[1]
+	status, _ := h.postCallback("SdkAppid=1400000001&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json", strings.Replace(string(cb.Body), "_", "_9", 1))
+	if status != http.StatusForbidden {
+		t.Errorf("unsigned callback got %d, want 403", status)
+	}
+	if strings.Contains(h.logs.String(), "cbtoken123") {
+		t.Error("the callback token is in the logs")
 	}
 }

@@ -98,6 +98,9 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
+	if cfg.IMCallbackToken == "" {
+		log.Warn("IM callbacks are not authenticated: set IM_CALLBACK_TOKEN and enable callback authentication in the IM console")
+	}
 	log.Info("listening", "addr", ln.Addr().String(), "agents", len(cfg.IMAgents))
 
 	select {

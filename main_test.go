@@ -38,6 +38,7 @@ type harness struct {
 type harnessOptions struct {
 	agents []string
 	wechat fakes.WeChatOptions
+	im     fakes.IMOptions
 	env    map[string]string
 }
 
@@ -49,7 +50,8 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 	}
 	h := &harness{t: t, logs: &syncBuffer{}}
 	h.wx = fakes.NewWeChat(t, o.wechat)
-	h.im = fakes.NewIM(t, fakes.IMOptions{Accounts: o.agents})
+	o.im.Accounts = append(o.im.Accounts, o.agents...)
+	h.im = fakes.NewIM(t, o.im)
 	wo, imo := h.wx.Options(), h.im.Options()
 	h.env = map[string]string{
 		"LISTEN_ADDR":  "127.0.0.1:0",
