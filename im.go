@@ -4,7 +4,6 @@ package main
 // calls the bridge makes (account_import, account_delete, openim/sendmsg).
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -107,23 +106,9 @@ func (c *IMClient) post(ctx context.Context, command string, body []byte, resp a
 		"random":      {strconv.FormatUint(uint64(rand.Uint32()), 10)},
 		"contenttype": {"json"},
 	}
-	u := c.Base + "/v4/" + command + "?" + q.Encode()
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+	raw, err := postJSON(ctx, c.HTTP, "im "+command, c.Base+"/v4/"+command+"?"+q.Encode(), body)
 	if err != nil {
-		return fmt.Errorf("im %s: %w", command, redactErr(err))
-	}
-	hreq.Header.Set("Content-Type", "application/json")
-	hresp, err := c.HTTP.Do(hreq)
-	if err != nil {
-		return fmt.Errorf("im %s: %w", command, redactErr(err))
-	}
-	defer hresp.Body.Close()
-	raw, err := readLimited(hresp.Body, 1<<20)
-	if err != nil {
-		return fmt.Errorf("im %s: read answer: %w", command, redactErr(err))
-	}
-	if hresp.StatusCode != http.StatusOK {
-		return &HTTPStatusError{Service: "im " + command, Status: hresp.StatusCode}
+		return err
 	}
 	var env struct {
 		ActionStatus string
@@ -209,43 +194,4 @@ func textMessage(from, to, text string, seq, random uint32) SendMsg {
 // Send posts msg with openim/sendmsg.
 func (c *IMClient) Send(ctx context.Context, msg SendMsg) error {
 	return c.call(ctx, "openim/sendmsg", msg, nil)
-}
-
-// HTTPStatusError is a vendor answer with an HTTP status other than 200.
-type HTTPStatusError struct {
-	Service string
-	Status  int
-}
-
-func (e *HTTPStatusError) Error() string {
-	return fmt.Sprintf("%s: http status %d", e.Service, e.Status)
-}
-
-// redactErr strips the query string, where both vendors carry credentials,
-// from the URL Go's HTTP client writes into its errors.
-func redactErr(err error) error {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		if u, perr := url.Parse(ue.URL); perr == nil {
-			u.RawQuery = ""
-			if u.User != nil {
-				u.User = nil
-			}
-			return &url.Error{Op: ue.Op, URL: u.String() + "?…", Err: ue.Err}
-		}
-		return &url.Error{Op: ue.Op, URL: "(redacted)", Err: ue.Err}
-	}
-	return err
-}
-
-// marshalJSON encodes v as compact JSON without escaping <, > and &, which
-// vendors read as they are and which would garble a customer's text in logs.
-func marshalJSON(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
-	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }

@@ -4,7 +4,6 @@ package main
 // customer-service message API.
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -112,22 +111,9 @@ func (c *WeChatClient) post(ctx context.Context, api, path string, query url.Val
 	if query != nil {
 		u += "?" + query.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(b))
+	raw, err := postJSON(ctx, c.HTTP, "wechat "+api, u, b)
 	if err != nil {
-		return fmt.Errorf("wechat %s: %w", api, redactErr(err))
-	}
-	req.Header.Set("Content-Type", "application/json")
-	hresp, err := c.HTTP.Do(req)
-	if err != nil {
-		return fmt.Errorf("wechat %s: %w", api, redactErr(err))
-	}
-	defer hresp.Body.Close()
-	raw, err := readLimited(hresp.Body, 1<<20)
-	if err != nil {
-		return fmt.Errorf("wechat %s: read answer: %w", api, redactErr(err))
-	}
-	if hresp.StatusCode != http.StatusOK {
-		return &HTTPStatusError{Service: "wechat " + api, Status: hresp.StatusCode}
+		return err
 	}
 	var env struct {
 		ErrCode int    `json:"errcode"`
