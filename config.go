@@ -3,11 +3,13 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Config is the bridge's whole configuration, read from the environment by
@@ -18,8 +20,13 @@ type Config struct {
 	WeChatToken     string // WECHAT_TOKEN: the Token set in the WeChat console
 	WeChatAppID     string // WECHAT_APPID
 	WeChatAppSecret string // WECHAT_APPSECRET (secret)
-	WeChatAESKey    string // WECHAT_AES_KEY: EncodingAESKey for safe mode (secret)
-	WeChatAPIBase   string // WECHAT_API_BASE
+	WeChatAESKey    string // WECHAT_AES_KEY: EncodingAESKey for safe and compatible modes (secret)
+	// WECHAT_AES_KEY_PREVIOUS: the EncodingAESKey before the last change in
+	// the console, also tried for decryption (secret).
+	WeChatAESKeyPrevious string
+	WeChatAPIBase        string // WECHAT_API_BASE
+	// WECHAT_PUSH_MAX_SKEW: how far a push's signed timestamp may be from now.
+	WeChatPushMaxSkew time.Duration
 
 	IMSDKAppID      uint64   // IM_SDKAPPID
 	IMSecretKey     string   // IM_SECRET_KEY (secret)
@@ -28,11 +35,16 @@ type Config struct {
 	IMAPIBase       string   // IM_API_BASE
 	IMCallbackToken string   // IM_CALLBACK_TOKEN (secret)
 	IMUserPrefix    string   // IM_USER_PREFIX: a customer's UserID is prefix + openid
+	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
+	IMCallbackMaxSkew time.Duration
 
 	DatabaseURL string // DATABASE_URL: sqlite:PATH
 
 	WelcomeText    string // WELCOME_TEXT: passive reply to a follow
 	ConnectingText string // CONNECTING_TEXT: passive reply to a conversation's first message
+
+	LogFormat string     // LOG_FORMAT: text or json
+	LogLevel  slog.Level // LOG_LEVEL: debug, info, warn or error
 }
 
 // Default texts for WELCOME_TEXT and CONNECTING_TEXT.
@@ -44,6 +56,9 @@ const (
 // imUserIDPattern is the charset the bridge accepts for IM UserIDs: IM takes
 // printable ASCII up to 32 bytes, and Tencent recommends this safer subset.
 var imUserIDPattern = regexp.MustCompile(`^[A-Za-z0-9_\-@.]{1,32}$`)
+
+// aesKeyPattern is the charset of an EncodingAESKey.
+var aesKeyPattern = regexp.MustCompile(`^[A-Za-z0-9]{43}$`)
 
 // wechatTokenPattern is the rule the WeChat console applies to the Token.
 var wechatTokenPattern = regexp.MustCompile(`^[A-Za-z0-9]{3,32}$`)
@@ -68,30 +83,53 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 
 	c := Config{
-		ListenAddr:      get("LISTEN_ADDR", ":8080"),
-		WeChatToken:     required("WECHAT_TOKEN"),
-		WeChatAppID:     required("WECHAT_APPID"),
-		WeChatAppSecret: required("WECHAT_APPSECRET"),
-		WeChatAESKey:    get("WECHAT_AES_KEY", ""),
-		WeChatAPIBase:   strings.TrimRight(get("WECHAT_API_BASE", "https://api.weixin.qq.com"), "/"),
-		IMSecretKey:     required("IM_SECRET_KEY"),
-		IMAdmin:         get("IM_ADMIN", "administrator"),
-		IMAPIBase:       strings.TrimRight(get("IM_API_BASE", "https://console.tim.qq.com"), "/"),
-		IMCallbackToken: get("IM_CALLBACK_TOKEN", ""),
-		IMUserPrefix:    get("IM_USER_PREFIX", "wx_"),
-		DatabaseURL:     get("DATABASE_URL", "sqlite:bridge.db"),
-		WelcomeText:     get("WELCOME_TEXT", defaultWelcomeText),
-		ConnectingText:  get("CONNECTING_TEXT", defaultConnectingText),
+		ListenAddr:           get("LISTEN_ADDR", ":8080"),
+		WeChatToken:          required("WECHAT_TOKEN"),
+		WeChatAppID:          required("WECHAT_APPID"),
+		WeChatAppSecret:      required("WECHAT_APPSECRET"),
+		WeChatAESKey:         get("WECHAT_AES_KEY", ""),
+		WeChatAESKeyPrevious: get("WECHAT_AES_KEY_PREVIOUS", ""),
+		WeChatAPIBase:        strings.TrimRight(get("WECHAT_API_BASE", "https://api.weixin.qq.com"), "/"),
+		IMSecretKey:          required("IM_SECRET_KEY"),
+		IMAdmin:              get("IM_ADMIN", "administrator"),
+		IMAPIBase:            strings.TrimRight(get("IM_API_BASE", "https://console.tim.qq.com"), "/"),
+		IMCallbackToken:      get("IM_CALLBACK_TOKEN", ""),
+		IMUserPrefix:         get("IM_USER_PREFIX", "wx_"),
+		DatabaseURL:          get("DATABASE_URL", "sqlite:bridge.db"),
+		WelcomeText:          get("WELCOME_TEXT", defaultWelcomeText),
+		ConnectingText:       get("CONNECTING_TEXT", defaultConnectingText),
+		LogFormat:            get("LOG_FORMAT", "text"),
+	}
+	duration := func(name string, def time.Duration) time.Duration {
+		v := get(name, "")
+		if v == "" {
+			return def
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			bad("%s must be a positive duration such as 1m or 90s, got %q", name, v)
+		}
+		return d
+	}
+	c.WeChatPushMaxSkew = duration("WECHAT_PUSH_MAX_SKEW", 5*time.Minute)
+	c.IMCallbackMaxSkew = duration("IM_CALLBACK_MAX_SKEW", time.Minute)
+	if err := c.LogLevel.UnmarshalText([]byte(get("LOG_LEVEL", "info"))); err != nil {
+		bad("LOG_LEVEL must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		bad("LOG_FORMAT must be text or json, got %q", c.LogFormat)
 	}
 
 	if c.WeChatToken != "" && !wechatTokenPattern.MatchString(c.WeChatToken) {
 		bad("WECHAT_TOKEN must be 3 to 32 letters or digits, as the WeChat console requires")
 	}
-	if c.WeChatAESKey != "" && !regexp.MustCompile(`^[A-Za-z0-9]{43}$`).MatchString(c.WeChatAESKey) {
-		bad("WECHAT_AES_KEY must be the 43-character EncodingAESKey from the WeChat console")
+	for _, k := range []struct{ name, value string }{{"WECHAT_AES_KEY", c.WeChatAESKey}, {"WECHAT_AES_KEY_PREVIOUS", c.WeChatAESKeyPrevious}} {
+		if _, err := parseEncodingAESKey(k.value); k.value != "" && (err != nil || !aesKeyPattern.MatchString(k.value)) {
+			bad("%s must be the 43-character EncodingAESKey from the WeChat console", k.name)
+		}
 	}
-	if c.WeChatAESKey != "" {
-		bad("WECHAT_AES_KEY: safe mode is not supported by this version; leave it empty and use plaintext mode")
+	if c.WeChatAESKeyPrevious != "" && c.WeChatAESKey == "" {
+		bad("WECHAT_AES_KEY_PREVIOUS is set without WECHAT_AES_KEY")
 	}
 	if v := required("IM_SDKAPPID"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)

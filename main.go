@@ -48,12 +48,21 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	log := newLogger(cfg, stderr)
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
 	return serve(ctx, cfg, ln, log)
+}
+
+// newLogger returns the logger LOG_FORMAT and LOG_LEVEL ask for.
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 // serve runs the bridge on ln until ctx is done: it opens the store, starts
@@ -81,6 +90,15 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now}
 	worker := newWorker(st, im, wx, log, now)
 	b := &bridge{cfg: cfg, store: st, worker: worker, log: log, now: now}
+	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
+		if k != "" {
+			key, err := parseEncodingAESKey(k)
+			if err != nil {
+				return fmt.Errorf("WECHAT_AES_KEY: %w", err) // loadConfig checked it; never reached
+			}
+			b.aesKeys = append(b.aesKeys, key)
+		}
+	}
 
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	workerDone := make(chan struct{})

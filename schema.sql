@@ -22,10 +22,12 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
 
 -- seen_keys holds the key of every push and callback accepted, so that a
--- vendor's retry commits nothing new; reply is the passive reply it was given.
+-- vendor's retry commits nothing new. For a push key (wx:…), value is the
+-- passive reply it was given; for a signature key (sig:…), the push key the
+-- signed URL carried, so a signed URL serves one push only.
 CREATE TABLE IF NOT EXISTS seen_keys (
     key         TEXT PRIMARY KEY,
-    reply       TEXT NOT NULL DEFAULT '',
+    value       TEXT NOT NULL DEFAULT '',
     received_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);

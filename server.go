@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -19,8 +20,10 @@ type bridge struct {
 	cfg    Config
 	store  *Store
 	worker *Worker
-	log    *slog.Logger
-	now    func() time.Time
+	// aesKeys are the current and previous EncodingAESKeys, decoded.
+	aesKeys [][]byte
+	log     *slog.Logger
+	now     func() time.Time
 }
 
 // routes registers the bridge's whole HTTP surface.
@@ -48,18 +51,21 @@ func (b *bridge) handleVerify() http.Handler {
 	})
 }
 
-// handlePush takes a message or event from WeChat: it checks the signature,
-// decodes the push, commits what it asks for, and answers at once with a
-// passive reply or "success". The worker forwards it to IM afterwards.
+// handlePush takes a message or event from WeChat: it checks the signature
+// and its timestamp, decrypts the push in safe or compatible mode, decodes
+// it, commits what it asks for, and answers at once with a passive reply
+// (encrypted if the push was) or "success". The worker forwards it to IM
+// afterwards.
 func (b *bridge) handlePush() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
-		if !validWeChatSignature(b.cfg.WeChatToken, q.Get("timestamp"), q.Get("nonce"), q.Get("signature")) {
+		timestamp, nonce := q.Get("timestamp"), q.Get("nonce")
+		if !validWeChatSignature(b.cfg.WeChatToken, timestamp, nonce, q.Get("signature")) {
 			b.refusePush(w, http.StatusForbidden, "invalid signature")
 			return
 		}
-		if et := q.Get("encrypt_type"); et != "" && et != "raw" {
-			b.refusePush(w, http.StatusBadRequest, "encrypted pushes are not supported: set the WeChat console to plaintext mode")
+		if !b.fresh(timestamp) {
+			b.refusePush(w, http.StatusForbidden, "timestamp too far from now: a replay, or a clock out of sync")
 			return
 		}
 		body, err := readLimited(r.Body, maxPushBytes)
@@ -70,6 +76,28 @@ func (b *bridge) handlePush() http.Handler {
 			b.refusePush(w, http.StatusBadRequest, "cannot read body")
 			return
 		}
+
+		var key []byte // the AES key the push was encrypted with; nil for plaintext
+		switch et := q.Get("encrypt_type"); et {
+		case "", "raw":
+		case "aes":
+			env, err := decodeEncryptedPush(body)
+			if err != nil {
+				b.refusePush(w, http.StatusBadRequest, err.Error())
+				return
+			}
+			if !validMsgSignature(b.cfg.WeChatToken, timestamp, nonce, env.Encrypt, q.Get("msg_signature")) {
+				b.refusePush(w, http.StatusForbidden, "invalid msg_signature")
+				return
+			}
+			if body, key, err = b.decrypt(env.Encrypt); err != nil {
+				b.refusePush(w, http.StatusBadRequest, err.Error())
+				return
+			}
+		default:
+			b.refusePush(w, http.StatusBadRequest, "unknown encrypt_type")
+			return
+		}
 		push, err := decodePush(body)
 		if err != nil {
 			b.refusePush(w, http.StatusBadRequest, err.Error())
@@ -78,11 +106,15 @@ func (b *bridge) handlePush() http.Handler {
 
 		in := b.inbound(push)
 		if in.Action == actNone {
-			writeSuccess(w)
+			writeSuccess(w) // nothing to do, nothing stored
 			return
 		}
+		in.SigKey = "sig:" + timestamp + ":" + nonce + ":" + strings.ToLower(q.Get("signature")) + ":" + q.Get("msg_signature")
 		acc, err := b.store.AcceptPush(r.Context(), in, b.now())
-		if err != nil {
+		if errors.Is(err, errReplay) {
+			b.refusePush(w, http.StatusForbidden, "signed query already used for another push")
+			return
+		} else if err != nil {
 			// WeChat retries a push that is not answered in time: failing
 			// loudly here loses nothing.
 			b.log.Error("push not accepted", "err", err)
@@ -92,16 +124,55 @@ func (b *bridge) handlePush() http.Handler {
 		if !acc.Duplicate {
 			b.worker.Notify()
 		}
-		b.log.Info("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate)
+		b.log.Info("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
+		text := ""
 		switch acc.Reply {
 		case replyWelcome:
-			writeXML(w, encodeTextReply(push, b.cfg.WelcomeText, b.now().Unix()))
+			text = b.cfg.WelcomeText
 		case replyConnecting:
-			writeXML(w, encodeTextReply(push, b.cfg.ConnectingText, b.now().Unix()))
+			text = b.cfg.ConnectingText
 		default:
 			writeSuccess(w)
+			return
 		}
+		reply := encodeTextReply(push, text, b.now().Unix())
+		if key != nil {
+			if reply, err = encryptReply(key, b.cfg.WeChatAppID, b.cfg.WeChatToken, reply, b.now().Unix(), nonce); err != nil {
+				b.log.Error("reply not encrypted", "err", err)
+				writeSuccess(w) // the work is committed: answer without the text
+				return
+			}
+		}
+		writeXML(w, reply)
 	})
+}
+
+// fresh reports whether a push's signed timestamp is within
+// WECHAT_PUSH_MAX_SKEW of now.
+func (b *bridge) fresh(timestamp string) bool {
+	sec, err := strconv.ParseInt(timestamp, 10, 64)
+	if err != nil {
+		return false
+	}
+	d := b.now().Sub(time.Unix(sec, 0))
+	return d <= b.cfg.WeChatPushMaxSkew && d >= -b.cfg.WeChatPushMaxSkew
+}
+
+// decrypt opens an encrypted push with the current EncodingAESKey, then the
+// previous one, and returns the key that worked: the reply is encrypted with
+// it, as WeChat asks during a key change.
+func (b *bridge) decrypt(encrypt string) ([]byte, []byte, error) {
+	if len(b.aesKeys) == 0 {
+		return nil, nil, errors.New("encrypted push, but WECHAT_AES_KEY is not set")
+	}
+	var err error
+	for _, key := range b.aesKeys {
+		var msg []byte
+		if msg, err = wechatDecrypt(key, b.cfg.WeChatAppID, encrypt); err == nil {
+			return msg, key, nil
+		}
+	}
+	return nil, nil, err
 }
 
 // inbound decides what a push asks of the bridge.

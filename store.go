@@ -99,6 +99,7 @@ const (
 // Inbound is a push the handler decoded and decided on.
 type Inbound struct {
 	Key    string     // pushKey of the push
+	SigKey string     // the push's signed query (timestamp, nonce, signature)
 	Action pushAction // what it asks for
 	OpenID string
 	IMUser string   // the customer's IM UserID
@@ -114,18 +115,33 @@ type Accepted struct {
 	Reply     string // replyNone, replyWelcome or replyConnecting
 }
 
+// errReplay is returned for a push whose signed query was already used by
+// a different push: someone replays a captured URL with another body.
+var errReplay = errors.New("signed query already used for another push")
+
 // AcceptPush commits what in asks for together with its key, in one
 // transaction: a follow imports the customer's IM account, an unfollow closes
 // the conversation and deletes it, and a message opens a conversation if
 // none is open (assigning an agent) and queues the message to IM. A key seen
 // before commits nothing and returns Duplicate with the first answer's reply.
+// The push's signed query is bound to its key: the same query carrying
+// another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	var acc Accepted
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		prev, dup, err := claimKey(ctx, tx, in.Key, now)
+		prev, dup, err := claimKey(ctx, tx, in.Key, "", now)
 		if err != nil || dup {
 			acc = Accepted{Duplicate: dup, Reply: prev}
 			return err
+		}
+		if in.SigKey != "" {
+			signed, dup, err := claimKey(ctx, tx, in.SigKey, in.Key, now)
+			if err != nil {
+				return err
+			}
+			if dup && signed != in.Key {
+				return errReplay
+			}
 		}
 		ms := now.UnixMilli()
 		switch in.Action {
@@ -162,7 +178,7 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 				return err
 			}
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE seen_keys SET reply = ? WHERE key = ?`, acc.Reply, in.Key)
+		_, err = tx.ExecContext(ctx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
 		return err
 	})
 	if err != nil {
@@ -262,7 +278,7 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 		} else if err != nil {
 			return err
 		}
-		if _, duplicate, err = claimKey(ctx, tx, key, now); err != nil || duplicate {
+		if _, duplicate, err = claimKey(ctx, tx, key, "", now); err != nil || duplicate {
 			return err
 		}
 		return enqueue(ctx, tx, d, now)
@@ -273,18 +289,18 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 	return duplicate, nil
 }
 
-// claimKey records key as seen. If it was seen before it returns the reply
-// kept with it and dup true.
-func claimKey(ctx context.Context, tx *sql.Tx, key string, now time.Time) (reply string, dup bool, err error) {
-	res, err := tx.ExecContext(ctx, `INSERT INTO seen_keys (key, received_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`, key, now.UnixMilli())
+// claimKey records key as seen, with value. If it was seen before it returns
+// the value kept with it and dup true.
+func claimKey(ctx context.Context, tx *sql.Tx, key, value string, now time.Time) (prev string, dup bool, err error) {
+	res, err := tx.ExecContext(ctx, `INSERT INTO seen_keys (key, value, received_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING`, key, value, now.UnixMilli())
 	if err != nil {
 		return "", false, err
 	}
 	if n, err := res.RowsAffected(); err != nil || n == 1 {
 		return "", false, err
 	}
-	err = tx.QueryRowContext(ctx, `SELECT reply FROM seen_keys WHERE key = ?`, key).Scan(&reply)
-	return reply, true, err
+	err = tx.QueryRowContext(ctx, `SELECT value FROM seen_keys WHERE key = ?`, key).Scan(&prev)
+	return prev, true, err
 }
 
 // enqueue adds d to the outbox, due now.

@@ -27,6 +27,11 @@ type WeChatOptions struct {
 	Token     string // the Token pushes are signed with; default faketoken
 	OAID      string // the Official Account's original ID; default gh_0fake0bridge
 
+	// Mode is the console's message encryption mode: ModePlaintext (the
+	// default), ModeCompatible or ModeSafe. The last two need EncodingAESKey.
+	Mode           string
+	EncodingAESKey string
+
 	TokenTTL        time.Duration // access_token lifetime; default 7200 s
 	QuotaPerMessage int           // custom/send replies allowed per customer message; default 5
 	PushTimeout     time.Duration // how long WeChat waits for a push's answer; default 5 s
@@ -54,6 +59,7 @@ type WeChat struct {
 	notices  []string // what customers were shown instead of a reply
 	nextMsg  int64
 	target   string
+	key      []byte // the AES key of the current EncodingAESKey
 	pushHTTP *http.Client
 }
 
@@ -78,6 +84,13 @@ type CustomMessage struct {
 	Body    []byte // the JSON as sent
 	At      time.Time
 }
+
+// Message encryption modes, as the WeChat console names them.
+const (
+	ModePlaintext  = "plaintext"  // 明文模式
+	ModeCompatible = "compatible" // 兼容模式: plaintext fields and Encrypt
+	ModeSafe       = "safe"       // 安全模式: Encrypt only
+)
 
 // NewWeChat starts a fake WeChat and stops it when t's test ends.
 func NewWeChat(t T, opts WeChatOptions) *WeChat {
@@ -106,6 +119,9 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.Mode == "" {
+		opts.Mode = ModePlaintext
+	}
 	wx := &WeChat{
 		t: t, opts: opts,
 		tokens:   map[string]issued{},
@@ -126,11 +142,38 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 	wx.srv = httptest.NewServer(mux)
 	wx.URL = wx.srv.URL
 	t.Cleanup(wx.srv.Close)
+	if err := wx.SetEncryption(opts.Mode, opts.EncodingAESKey); err != nil {
+		t.Errorf("fake wechat: %v", err)
+	}
 	return wx
 }
 
+// SetEncryption changes the message encryption mode and EncodingAESKey, as
+// the operator does in the console; pushes from then on use them.
+func (wx *WeChat) SetEncryption(mode, encodingAESKey string) error {
+	var key []byte
+	switch mode {
+	case ModePlaintext:
+	case ModeCompatible, ModeSafe:
+		var err error
+		if key, err = aesKey(encodingAESKey); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("unknown encryption mode %q", mode)
+	}
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	wx.opts.Mode, wx.opts.EncodingAESKey, wx.key = mode, encodingAESKey, key
+	return nil
+}
+
 // Options returns the fake's settings, defaults filled in.
-func (wx *WeChat) Options() WeChatOptions { return wx.opts }
+func (wx *WeChat) Options() WeChatOptions {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	return wx.opts
+}
 
 // SetTarget sets the developer URL pushes go to (the bridge's POST /wechat).
 func (wx *WeChat) SetTarget(pushURL string) {
@@ -502,19 +545,23 @@ func (wx *WeChat) pushXML(openid, msgType string, fields map[string]string) []by
 	return []byte(b.String())
 }
 
-// Sign returns the signature WeChat puts on a push or verification request.
-func Sign(token, timestamp, nonce string) string {
-	s := []string{token, timestamp, nonce}
+// Sign returns the signature WeChat puts on a push or verification request
+// (token, timestamp, nonce), or the msg_signature of an encrypted push or
+// reply when the Encrypt text is given too.
+func Sign(token, timestamp, nonce string, encrypt ...string) string {
+	s := append([]string{token, timestamp, nonce}, encrypt...)
 	slices.Sort(s)
 	sum := sha1.Sum([]byte(strings.Join(s, "")))
 	return hex.EncodeToString(sum[:])
 }
 
 // Push delivers body to the target as WeChat does: signed, with the sender's
-// openid in the query, waiting PushTimeout for an answer and trying again up
-// to PushAttempts deliveries in all, each signed anew. It checks the answer
-// as WeChat does: "success", an empty body or a passive reply XML addressed
-// to the sender; anything else shows the customer WeChat's notice.
+// openid in the query, encrypted in compatible and safe modes, waiting
+// PushTimeout for an answer and trying again up to PushAttempts deliveries
+// in all, each signed anew. It checks the answer as WeChat does: "success",
+// an empty body or a passive reply addressed to the sender (plaintext in
+// plaintext mode, encrypted in safe mode, either in compatible mode);
+// anything else shows the customer WeChat's notice.
 func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 	var hdr struct {
 		FromUserName string
@@ -522,11 +569,20 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 	}
 	xml.Unmarshal(body, &hdr)
 	wx.mu.Lock()
-	target := wx.target
+	target, mode, key := wx.target, wx.opts.Mode, wx.key
 	wx.mu.Unlock()
 	if target == "" {
 		wx.t.Errorf("fake wechat: Push before SetTarget")
 		return PushResult{Failed: true}
+	}
+	var encrypt string
+	if mode != ModePlaintext {
+		encrypt = encryptMsg(key, wx.opts.AppID, body)
+		if mode == ModeSafe {
+			body = []byte(fmt.Sprintf("<xml>\n<ToUserName><![CDATA[%s]]></ToUserName>\n<Encrypt><![CDATA[%s]]></Encrypt>\n</xml>", wx.opts.OAID, encrypt))
+		} else {
+			body = []byte(strings.Replace(string(body), "</xml>", "<Encrypt><![CDATA["+encrypt+"]]></Encrypt>\n</xml>", 1))
+		}
 	}
 	var res PushResult
 	for res.Attempts < wx.opts.PushAttempts {
@@ -534,13 +590,17 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 		ts := strconv.FormatInt(wx.opts.Now().Unix(), 10)
 		nonce := strconv.FormatUint(uint64(randUint32()), 10)
 		q := url.Values{"signature": {Sign(wx.opts.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {hdr.FromUserName}}
+		if encrypt != "" {
+			q.Set("encrypt_type", "aes")
+			q.Set("msg_signature", Sign(wx.opts.Token, ts, nonce, encrypt))
+		}
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, target+"?"+q.Encode(), strings.NewReader(string(body)))
 		if err != nil {
 			wx.t.Errorf("fake wechat: %v", err)
 			return PushResult{Failed: true}
 		}
 		req.Header.Set("Content-Type", "text/xml")
-		hop(wx.opts.Trace, "WeChat", "bridge", "POST /wechat (%s, signed, attempt %d)", hdr.MsgType, res.Attempts)
+		hop(wx.opts.Trace, "WeChat", "bridge", "POST /wechat (%s, signed, %s, attempt %d)", hdr.MsgType, mode, res.Attempts)
 		resp, err := wx.pushHTTP.Do(req)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -558,7 +618,7 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 			hop(wx.opts.Trace, "bridge", "WeChat", "%q", res.Body)
 			return res
 		}
-		reply, err := wx.checkReply(b, hdr.FromUserName)
+		reply, err := wx.checkReply(b, hdr.FromUserName, mode, key)
 		if err != nil {
 			wx.t.Errorf("fake wechat: bad passive reply: %v\n%s", err, b)
 			break
@@ -575,9 +635,43 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 	return res
 }
 
+// openReply returns the plaintext reply inside an encrypted one, after
+// checking its MsgSignature, TimeStamp (seconds), padding and appid.
+func (wx *WeChat) openReply(b []byte, key []byte) ([]byte, error) {
+	var env struct {
+		Encrypt      string
+		MsgSignature string
+		TimeStamp    string
+		Nonce        string
+	}
+	if err := xml.Unmarshal(b, &env); err != nil {
+		return nil, err
+	}
+	if env.MsgSignature != Sign(wx.opts.Token, env.TimeStamp, env.Nonce, env.Encrypt) {
+		return nil, errors.New("MsgSignature does not sign TimeStamp, Nonce and Encrypt")
+	}
+	ts, err := strconv.ParseInt(env.TimeStamp, 10, 64)
+	if err != nil || ts <= 0 || ts > 1<<32 {
+		return nil, fmt.Errorf("TimeStamp %q is not a time in seconds", env.TimeStamp)
+	}
+	return decryptMsg(key, wx.opts.AppID, env.Encrypt)
+}
+
 // checkReply parses a passive reply and checks it is addressed as WeChat
-// requires.
-func (wx *WeChat) checkReply(b []byte, openid string) (*Reply, error) {
+// requires, and encrypted as the mode requires.
+func (wx *WeChat) checkReply(b []byte, openid, mode string, key []byte) (*Reply, error) {
+	encrypted := strings.Contains(string(b), "<Encrypt>")
+	switch {
+	case encrypted && mode == ModePlaintext:
+		return nil, errors.New("encrypted reply in plaintext mode")
+	case !encrypted && mode == ModeSafe:
+		return nil, errors.New("plaintext reply in safe mode")
+	case encrypted:
+		var err error
+		if b, err = wx.openReply(b, key); err != nil {
+			return nil, fmt.Errorf("encrypted reply: %w", err)
+		}
+	}
 	var r Reply
 	if err := xml.Unmarshal(b, &r); err != nil {
 		return nil, err
