@@ -40,17 +40,14 @@ type IMCallback struct {
 	SendMsgResult   int
 }
 
-// callbackMaxSkew is how far a signed callback's RequestTime may be from now.
-const callbackMaxSkew = time.Minute
-
 // validCallbackSign reports whether sign is hex(sha256(token+requestTime)),
-// compared in constant time, with requestTime within a minute of now.
-func validCallbackSign(token, requestTime, sign string, now time.Time) bool {
+// compared in constant time, with requestTime within maxSkew of now.
+func validCallbackSign(token, requestTime, sign string, now time.Time, maxSkew time.Duration) bool {
 	sec, err := strconv.ParseInt(requestTime, 10, 64)
 	if err != nil {
 		return false
 	}
-	if d := now.Sub(time.Unix(sec, 0)); d > callbackMaxSkew || d < -callbackMaxSkew {
+	if d := now.Sub(time.Unix(sec, 0)); d > maxSkew || d < -maxSkew {
 		return false
 	}
 	sum := sha256.Sum256([]byte(token + requestTime))
@@ -139,7 +136,7 @@ func (b *bridge) handleIMCallback() http.Handler {
 			b.refuseCallback(w, http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID")
 			return
 		}
-		if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now()) {
+		if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now(), b.cfg.IMCallbackMaxSkew) {
 			b.refuseCallback(w, http.StatusForbidden, "Sign or RequestTime is wrong")
 			return
 		}

@@ -131,7 +131,7 @@ func TestValidCallbackSign(t *testing.T) {
 		{"no time", "xxxxyyyy", "", docSign, at, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := validCallbackSign(tc.token, tc.requestTime, tc.sign, tc.now); got != tc.want {
+			if got := validCallbackSign(tc.token, tc.requestTime, tc.sign, tc.now, time.Minute); got != tc.want {
 				t.Errorf("got %v, want %v", got, tc.want)
 			}
 		})
@@ -155,5 +155,19 @@ func TestSignedCallbacks(t *testing.T) {
 	}
 	if strings.Contains(h.logs.String(), "cbtoken123") {
 		t.Error("the callback token is in the logs")
+	}
+}
+
+// TestUnauthenticatedCallbacksWarned: without IM_CALLBACK_TOKEN the bridge
+// says once, at start-up, that callbacks are not authenticated.
+func TestUnauthenticatedCallbacksWarned(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	const warning = "IM callbacks are not authenticated"
+	if n := strings.Count(h.logs.String(), warning); n != 1 {
+		t.Errorf("the warning appears %d times, want once:\n%s", n, h.logs.String())
+	}
+	signed := newHarness(t, harnessOptions{im: fakes.IMOptions{CallbackToken: "tok"}, env: map[string]string{"IM_CALLBACK_TOKEN": "tok"}})
+	if strings.Contains(signed.logs.String(), warning) {
+		t.Error("the warning appears with IM_CALLBACK_TOKEN set")
 	}
 }
