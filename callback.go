@@ -158,9 +158,11 @@ func (b *bridge) handleIMCallback() http.Handler {
 			command = cb.CallbackCommand
 		}
 		if command != cbAfterSendMsg {
+			b.metrics.callbacks.WithLabelValues("ignored").Inc()
 			writeIMAnswer(w, http.StatusOK, 0, "") // Before: allow; others: nothing to do
 			return
 		}
+		outcome := "ignored"
 
 		openid, isCustomer := strings.CutPrefix(cb.To_Account, b.cfg.IMUserPrefix)
 		switch {
@@ -183,20 +185,26 @@ func (b *bridge) handleIMCallback() http.Handler {
 			case errors.Is(err, errUnknownCustomer):
 				b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
 			case err != nil:
+				b.metrics.callbacks.WithLabelValues("failed").Inc()
 				b.log.Error("callback not accepted", "err", err)
 				writeIMAnswer(w, http.StatusInternalServerError, 1, "internal error")
 				return
-			case !dup:
+			case dup:
+				outcome = "duplicate"
+			default:
+				outcome = "forwarded"
 				b.worker.Notify()
 				b.log.Info("agent reply accepted", "agent", cb.From_Account)
 			}
 		}
+		b.metrics.callbacks.WithLabelValues(outcome).Inc()
 		writeIMAnswer(w, http.StatusOK, 0, "")
 	})
 }
 
 // refuseCallback answers a callback the bridge will not take, and logs why.
 func (b *bridge) refuseCallback(w http.ResponseWriter, status int, reason string) {
+	b.metrics.callbacks.WithLabelValues("refused").Inc()
 	b.log.Warn("im callback refused", "status", status, "reason", reason)
 	writeIMAnswer(w, status, 1, reason)
 }

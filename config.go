@@ -38,7 +38,14 @@ type Config struct {
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
 
-	DatabaseURL string // DATABASE_URL: sqlite:PATH
+	DatabaseURL string // DATABASE_URL: sqlite:PATH or postgres://…
+
+	IMRateLimit      int           // IM_RATE_LIMIT: calls per second to each IM API, per instance
+	IMDeliveryWindow time.Duration // IM_DELIVERY_WINDOW: how long a delivery to IM is retried
+	RetryMinDelay    time.Duration // RETRY_MIN_DELAY: the first wait before a retry
+	RetryMaxDelay    time.Duration // RETRY_MAX_DELAY: the longest wait before a retry
+	VendorTimeout    time.Duration // VENDOR_TIMEOUT: how long one call to WeChat or IM may take
+	ShutdownGrace    time.Duration // SHUTDOWN_GRACE: how long in-flight work may finish after SIGTERM
 
 	WelcomeText    string // WELCOME_TEXT: passive reply to a follow
 	ConnectingText string // CONNECTING_TEXT: passive reply to a conversation's first message
@@ -113,6 +120,22 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	c.WeChatPushMaxSkew = duration("WECHAT_PUSH_MAX_SKEW", 5*time.Minute)
 	c.IMCallbackMaxSkew = duration("IM_CALLBACK_MAX_SKEW", time.Minute)
+	c.IMDeliveryWindow = duration("IM_DELIVERY_WINDOW", 24*time.Hour)
+	c.RetryMinDelay = duration("RETRY_MIN_DELAY", time.Second)
+	c.RetryMaxDelay = duration("RETRY_MAX_DELAY", 5*time.Minute)
+	c.VendorTimeout = duration("VENDOR_TIMEOUT", 10*time.Second)
+	c.ShutdownGrace = duration("SHUTDOWN_GRACE", 10*time.Second)
+	if c.RetryMaxDelay < c.RetryMinDelay {
+		bad("RETRY_MAX_DELAY must not be shorter than RETRY_MIN_DELAY")
+	}
+	c.IMRateLimit = 200
+	if v := get("IM_RATE_LIMIT", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			bad("IM_RATE_LIMIT must be a whole number of calls per second (0: no limit), got %q", v)
+		}
+		c.IMRateLimit = n
+	}
 	if err := c.LogLevel.UnmarshalText([]byte(get("LOG_LEVEL", "info"))); err != nil {
 		bad("LOG_LEVEL must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
 	}
@@ -171,8 +194,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			bad("%s must be an http or https URL, got %q", name, v)
 		}
 	}
-	if _, err := sqlitePath(c.DatabaseURL); err != nil {
-		bad("DATABASE_URL: %v", err)
+	if _, err := sqlitePath(c.DatabaseURL); err != nil && !isPostgresURL(c.DatabaseURL) {
+		bad("DATABASE_URL: want sqlite:PATH or postgres://…, got %q", redactDSN(c.DatabaseURL))
 	}
 
 	if len(problems) > 0 {

@@ -41,8 +41,11 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"duplicate agent", map[string]string{"IM_AGENTS": "a1,a1"}, `IM_AGENTS lists "a1" twice`},
 		{"agent with prefix", map[string]string{"IM_AGENTS": "wx_a"}, "must not be IM_ADMIN nor start with IM_USER_PREFIX"},
 		{"bad API base", map[string]string{"IM_API_BASE": "console.tim.qq.com"}, "IM_API_BASE must be an http or https URL"},
-		{"bad database", map[string]string{"DATABASE_URL": "mysql://x"}, "DATABASE_URL: want the form sqlite:PATH"},
+		{"bad database", map[string]string{"DATABASE_URL": "mysql://x"}, "DATABASE_URL: want sqlite:PATH or postgres://"},
 		{"long prefix", map[string]string{"IM_USER_PREFIX": "wechat_"}, "IM_USER_PREFIX must be"},
+		{"postgres password hidden", map[string]string{"DATABASE_URL": "mysql://u:short@h/db"}, "mysql://u:xxxxx@h/db"},
+		{"bad duration", map[string]string{"VENDOR_TIMEOUT": "soon"}, "VENDOR_TIMEOUT must be a positive duration"},
+		{"bad rate", map[string]string{"IM_RATE_LIMIT": "-1"}, "IM_RATE_LIMIT must be"},
 		{"bad AES key", map[string]string{"WECHAT_AES_KEY": "short"}, "WECHAT_AES_KEY must be the 43-character"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -100,8 +100,8 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
 	say("")
 	step := func(title string) { say(""); say("── " + title) }
-	if err := waitFor(ctx, "the bridge to be healthy", func() bool {
-		resp, err := http.Get(base + "/healthz")
+	if err := waitFor(ctx, "the bridge to be ready", func() bool {
+		resp, err := http.Get(base + "/readyz")
 		if err != nil {
 			return false
 		}

@@ -315,7 +315,7 @@ func TestWeChatAnswerDoesNotWaitForIM(t *testing.T) {
 // TestRestartDeliversPendingWork: work accepted while IM hangs is not lost
 // when the bridge stops; the next start delivers it, once.
 func TestRestartDeliversPendingWork(t *testing.T) {
-	h := newHarness(t, harnessOptions{})
+	h := newHarness(t, harnessOptions{env: map[string]string{"SHUTDOWN_GRACE": "300ms"}})
 	release := h.im.Hold()
 	ctx := context.Background()
 	h.wx.SendText(ctx, customer, "one")

@@ -22,7 +22,7 @@ func TestErrorsHoldNoCredentials(t *testing.T) {
 
 	im := &IMClient{Base: dead, SDKAppID: 1400000001, SecretKey: "im-secret-key", Admin: "administrator",
 		HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}
-	sig, _ := im.userSig(false)
+	sig, _ := im.userSig(context.Background(), "")
 	imErr := im.Send(context.Background(), textMessage("wx_o1", "agent", "hi", 1, 2))
 
 	wx := &WeChatClient{Base: dead, AppID: "wx1", AppSecret: "app-secret", HTTP: http.DefaultClient, Now: time.Now}

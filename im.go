@@ -57,27 +57,70 @@ type IMClient struct {
 	// SigLifetime bounds a UserSig's validity; it is renewed at 80% of it.
 	SigLifetime time.Duration
 	Now         func() time.Time
+	// Shared, if set, shares the UserSig among instances (Store.SharedCredential).
+	Shared sharedCredential
+	// RatePerAPI caps the calls per second to each API; 0 means no cap.
+	RatePerAPI int
 
 	mu        sync.Mutex
 	sig       string
-	sigExpiry time.Time
+	sigExpiry time.Time // when to renew sig
+	limiters  map[string]*rateLimiter
 }
 
-// userSig returns the cached admin UserSig, generating a new one when the
-// cache is empty, forced, or past 80% of its lifetime.
-func (c *IMClient) userSig(force bool) (string, error) {
+// sharedCredential fetches a credential through the store, so that one
+// instance refreshes it for all; see Store.SharedCredential.
+type sharedCredential func(ctx context.Context, name, stale string, now time.Time, fetch func() (string, time.Time, error)) (string, time.Time, error)
+
+// userSig returns the cached admin UserSig, making a new one when the cache
+// is empty, past 80% of its lifetime, or equal to stale (one IM refused).
+func (c *IMClient) userSig(ctx context.Context, stale string) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := c.Now()
-	if !force && c.sig != "" && now.Before(c.sigExpiry) {
+	if stale != "" && stale == c.sig {
+		c.sig = ""
+	}
+	if c.sig != "" && now.Before(c.sigExpiry) {
 		return c.sig, nil
 	}
-	sig, err := tencentyun.GenUserSig(int(c.SDKAppID), c.SecretKey, c.Admin, int(c.SigLifetime/time.Second))
-	if err != nil {
-		return "", errors.New("generate usersig failed") // the library's error may quote its input
+	gen := func() (string, time.Time, error) {
+		sig, err := tencentyun.GenUserSig(int(c.SDKAppID), c.SecretKey, c.Admin, int(c.SigLifetime/time.Second))
+		if err != nil {
+			return "", time.Time{}, errors.New("generate usersig failed") // the library's error may quote its input
+		}
+		return sig, now.Add(c.SigLifetime * 8 / 10), nil
 	}
-	c.sig, c.sigExpiry = sig, now.Add(c.SigLifetime*8/10)
-	return sig, nil
+	var err error
+	if c.Shared != nil {
+		c.sig, c.sigExpiry, err = c.Shared(ctx, "im_usersig", stale, now, gen)
+	} else {
+		c.sig, c.sigExpiry, err = gen()
+	}
+	if err != nil {
+		c.sig = ""
+		return "", err
+	}
+	return c.sig, nil
+}
+
+// limiter returns the rate limiter of an API, or nil when calls are not
+// capped.
+func (c *IMClient) limiter(command string) *rateLimiter {
+	if c.RatePerAPI <= 0 {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.limiters == nil {
+		c.limiters = map[string]*rateLimiter{}
+	}
+	l, ok := c.limiters[command]
+	if !ok {
+		l = newRateLimiter(c.RatePerAPI)
+		c.limiters[command] = l
+	}
+	return l
 }
 
 // call posts req to v4/command and decodes the answer into resp. An answer
@@ -87,17 +130,25 @@ func (c *IMClient) call(ctx context.Context, command string, req, resp any) erro
 	if err != nil {
 		return fmt.Errorf("im %s: encode: %w", command, err)
 	}
-	err = c.post(ctx, command, body, resp, false)
+	sig, err := c.userSig(ctx, "")
+	if err != nil {
+		return fmt.Errorf("im %s: %w", command, err)
+	}
+	err = c.post(ctx, command, body, resp, sig)
 	if e := (*IMError)(nil); errors.As(err, &e) && e.Code == imErrSigExpired {
-		err = c.post(ctx, command, body, resp, true)
+		if sig, err = c.userSig(ctx, sig); err != nil {
+			return fmt.Errorf("im %s: %w", command, err)
+		}
+		err = c.post(ctx, command, body, resp, sig)
 	}
 	return err
 }
 
-func (c *IMClient) post(ctx context.Context, command string, body []byte, resp any, renewSig bool) error {
-	sig, err := c.userSig(renewSig)
-	if err != nil {
-		return fmt.Errorf("im %s: %w", command, err)
+func (c *IMClient) post(ctx context.Context, command string, body []byte, resp any, sig string) error {
+	if l := c.limiter(command); l != nil {
+		if err := l.Wait(ctx); err != nil {
+			return fmt.Errorf("im %s: %w", command, err)
+		}
 	}
 	q := url.Values{
 		"sdkappid":    {strconv.FormatUint(c.SDKAppID, 10)},

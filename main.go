@@ -70,11 +70,7 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 // requests, lets the worker finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
-	path, err := sqlitePath(cfg.DatabaseURL)
-	if err != nil {
-		return err
-	}
-	st, err := openStore(ctx, path)
+	st, err := openStore(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
 	}
@@ -82,14 +78,21 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 
 	now := time.Now
 	httpc := &http.Client{
-		Timeout:   10 * time.Second, // IM's backend gives up after 3 s, WeChat's API is as quick
-		Transport: &http.Transport{MaxIdleConnsPerHost: 32, IdleConnTimeout: 90 * time.Second},
+		Timeout:   cfg.VendorTimeout, // IM's backend gives up after 3 s; WeChat's API is as quick
+		Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second},
 	}
 	im := &IMClient{Base: cfg.IMAPIBase, SDKAppID: cfg.IMSDKAppID, SecretKey: cfg.IMSecretKey, Admin: cfg.IMAdmin,
-		HTTP: httpc, SigLifetime: 24 * time.Hour, Now: now}
-	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now}
-	worker := newWorker(st, im, wx, log, now)
-	b := &bridge{cfg: cfg, store: st, worker: worker, log: log, now: now}
+		HTTP: httpc, SigLifetime: 24 * time.Hour, Now: now, Shared: st.SharedCredential, RatePerAPI: cfg.IMRateLimit}
+	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now,
+		Shared: st.SharedCredential}
+	m := newMetrics(st)
+	worker := newWorker(st, im, wx, log, m, now)
+	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
+	worker.StopGrace = cfg.ShutdownGrace
+	// A claimed item is held long enough for the calls one delivery may make
+	// (a token or account fetched first, then the call, then once more).
+	worker.Lease = 4*cfg.VendorTimeout + 5*time.Second
+	b := &bridge{cfg: cfg, store: st, worker: worker, metrics: m, log: log, now: now}
 	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
 		if k != "" {
 			key, err := parseEncodingAESKey(k)
@@ -125,7 +128,10 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	case <-ctx.Done():
 	case err = <-serveErr:
 	}
-	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// Stop taking requests (those in flight are answered), then let the
+	// worker finish or hand back its deliveries.
+	log.Info("stopping")
+	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancel()
 	if serr := srv.Shutdown(shutCtx); serr != nil && err == nil {
 		err = serr

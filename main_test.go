@@ -93,8 +93,8 @@ func (h *harness) start() {
 	h.base = "http://" + addr.FindStringSubmatch(h.logs.From(mark))[1]
 	h.wx.SetTarget(h.base + "/wechat")
 	h.im.SetCallbackURL(h.base + "/imcallback")
-	eventually(h.t, "the bridge to be healthy", func() bool {
-		resp, err := http.Get(h.base + "/healthz")
+	eventually(h.t, "the bridge to be ready", func() bool {
+		resp, err := http.Get(h.base + "/readyz")
 		if err != nil {
 			return false
 		}

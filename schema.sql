@@ -1,5 +1,7 @@
--- The bridge's state. Applied at every open; each statement is idempotent.
--- Times are Unix milliseconds.
+-- The bridge's state, for SQLite and PostgreSQL alike. Applied at every open
+-- (on PostgreSQL under an advisory lock, so instances may start together);
+-- each statement is idempotent. ID_PRIMARY_KEY stands for the dialect's
+-- auto-increment key. Times are Unix milliseconds.
 
 -- A customer is a WeChat user (openid) who has followed or written to the
 -- Official Account. agent is the IM agent the customer keeps.
@@ -7,17 +9,17 @@ CREATE TABLE IF NOT EXISTS customers (
     openid     TEXT PRIMARY KEY,
     agent      TEXT NOT NULL DEFAULT '',
     followed   INTEGER NOT NULL DEFAULT 1,
-    created_at INTEGER NOT NULL
+    created_at BIGINT NOT NULL
 );
 
 -- A conversation runs from a customer's first message until they unfollow.
 -- A customer has at most one open conversation (closed_at IS NULL).
 CREATE TABLE IF NOT EXISTS conversations (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        ID_PRIMARY_KEY,
     openid    TEXT NOT NULL,
     agent     TEXT NOT NULL,
-    opened_at INTEGER NOT NULL,
-    closed_at INTEGER
+    opened_at BIGINT NOT NULL,
+    closed_at BIGINT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
 
@@ -28,21 +30,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) W
 CREATE TABLE IF NOT EXISTS seen_keys (
     key         TEXT PRIMARY KEY,
     value       TEXT NOT NULL DEFAULT '',
-    received_at INTEGER NOT NULL
+    received_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 
 -- The outbox holds every call to a vendor that the bridge owes. A lane is
--- delivered strictly in id order; state is pending, done or failed.
+-- delivered strictly in id order; state is pending, done or failed (a dead
+-- letter, with its reason in last_error). An instance delivering an item
+-- holds it until claimed_until; an instance that dies lets it go then.
 CREATE TABLE IF NOT EXISTS outbox (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    lane       TEXT NOT NULL,
-    delivery   TEXT NOT NULL,
-    state      TEXT NOT NULL DEFAULT 'pending',
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    next_at    INTEGER NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '',
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    id            ID_PRIMARY_KEY,
+    lane          TEXT NOT NULL,
+    delivery      TEXT NOT NULL,
+    state         TEXT NOT NULL DEFAULT 'pending',
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at       BIGINT NOT NULL,
+    claimed_by    TEXT NOT NULL DEFAULT '',
+    claimed_until BIGINT NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    created_at    BIGINT NOT NULL,
+    updated_at    BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE state = 'pending';
+
+-- Credentials the instances share: the WeChat access_token and the IM
+-- admin's UserSig, so one instance refreshes them for all.
+CREATE TABLE IF NOT EXISTS credentials (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL DEFAULT '',
+    refresh_at BIGINT NOT NULL DEFAULT 0
+);

@@ -19,7 +19,8 @@ const maxPushBytes = 64 << 10
 type bridge struct {
 	cfg    Config
 	store  *Store
-	worker *Worker
+	worker  *Worker
+	metrics *metrics
 	// aesKeys are the current and previous EncodingAESKeys, decoded.
 	aesKeys [][]byte
 	log     *slog.Logger
@@ -30,9 +31,11 @@ type bridge struct {
 func (b *bridge) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /wechat", b.handleVerify())
-	mux.Handle("POST /wechat", b.handlePush())
-	mux.Handle("POST /imcallback", b.handleIMCallback())
+	mux.Handle("POST /wechat", b.metrics.timed("wechat", b.handlePush()))
+	mux.Handle("POST /imcallback", b.metrics.timed("imcallback", b.handleIMCallback()))
 	mux.Handle("GET /healthz", b.handleHealth())
+	mux.Handle("GET /readyz", b.handleReady())
+	mux.Handle("GET /metrics", b.metrics.handler())
 	return mux
 }
 
@@ -106,6 +109,7 @@ func (b *bridge) handlePush() http.Handler {
 
 		in := b.inbound(push)
 		if in.Action == actNone {
+			b.metrics.pushes.WithLabelValues(pushType(push), "ignored").Inc()
 			writeSuccess(w) // nothing to do, nothing stored
 			return
 		}
@@ -117,13 +121,17 @@ func (b *bridge) handlePush() http.Handler {
 		} else if err != nil {
 			// WeChat retries a push that is not answered in time: failing
 			// loudly here loses nothing.
+			b.metrics.pushes.WithLabelValues(pushType(push), "failed").Inc()
 			b.log.Error("push not accepted", "err", err)
 			http.Error(w, "internal error", http.StatusInternalServerError)
 			return
 		}
+		outcome := "duplicate"
 		if !acc.Duplicate {
+			outcome = "accepted"
 			b.worker.Notify()
 		}
+		b.metrics.pushes.WithLabelValues(pushType(push), outcome).Inc()
 		b.log.Info("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
 		text := ""
 		switch acc.Reply {
@@ -195,8 +203,25 @@ func (b *bridge) inbound(p Push) Inbound {
 	return in
 }
 
+// pushType is a push's type as metrics label it: the message type or the
+// event, from the known set only, so a stranger cannot make up labels.
+func pushType(p Push) string {
+	switch {
+	case isMessageType(p.MsgType):
+		return p.MsgType
+	case p.MsgType != msgEvent:
+		return "other"
+	}
+	switch p.Event {
+	case eventSubscribe, eventUnsubscribe, "SCAN", "LOCATION", "CLICK", "VIEW":
+		return "event_" + p.Event
+	}
+	return "event_other"
+}
+
 // refusePush answers a push the bridge will not take, and logs why.
 func (b *bridge) refusePush(w http.ResponseWriter, status int, reason string) {
+	b.metrics.pushes.WithLabelValues("unknown", "refused").Inc()
 	b.log.Warn("wechat push refused", "status", status, "reason", reason)
 	http.Error(w, reason, status)
 }
@@ -213,8 +238,16 @@ func writeXML(w http.ResponseWriter, b []byte) {
 	w.Write(b)
 }
 
-// handleHealth answers 200 once the store answers and the worker runs.
+// handleHealth answers 200 while the process lives.
 func (b *bridge) handleHealth() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+}
+
+// handleReady answers 200 once the store answers and the worker runs, 503
+// otherwise: a load balancer sends traffic only to a ready instance.
+func (b *bridge) handleReady() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()

@@ -8,38 +8,79 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
-	_ "modernc.org/sqlite" // registers the pure-Go "sqlite" driver
+	"github.com/jackc/pgx/v5/pgconn"
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
+	_ "modernc.org/sqlite"             // registers the pure-Go "sqlite" driver
 )
 
 //go:embed schema.sql
 var schemaSQL string
 
 // Store keeps the bridge's durable state: customers, conversations, the keys
-// of accepted pushes and callbacks, and the outbox. Every method that accepts
-// work commits it in one transaction before it returns.
+// of accepted pushes and callbacks, the outbox and shared credentials, in
+// SQLite (one instance) or PostgreSQL (one or several). Every method that
+// accepts work commits it in one transaction before it returns.
 type Store struct {
-	db *sql.DB
+	db       *sql.DB
+	postgres bool
 }
 
-// openStore opens the SQLite database at path, creating it if need be, and
-// applies the schema.
-func openStore(ctx context.Context, path string) (*Store, error) {
-	dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_txlock=immediate"
-	db, err := sql.Open("sqlite", dsn)
-	if err != nil {
-		return nil, fmt.Errorf("open store: %w", err)
+// schemaLock is the PostgreSQL advisory lock held while the schema is
+// applied, so instances starting together do not race on CREATE.
+const schemaLock = 7_261_948_305
+
+// openStore opens the database DATABASE_URL names, sqlite:PATH or
+// postgres://…, creating what is missing, and applies the schema.
+func openStore(ctx context.Context, databaseURL string) (*Store, error) {
+	s := &Store{}
+	schema := schemaSQL
+	var err error
+	if path, perr := sqlitePath(databaseURL); perr == nil {
+		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_txlock=immediate"
+		if s.db, err = sql.Open("sqlite", dsn); err != nil {
+			return nil, fmt.Errorf("open store: %w", err)
+		}
+		// One connection: SQLite has one writer at a time, and this keeps
+		// every transaction free of SQLITE_BUSY.
+		s.db.SetMaxOpenConns(1)
+		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")
+	} else if isPostgresURL(databaseURL) {
+		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
+			return nil, fmt.Errorf("open store: %s", redactDSN(err.Error()))
+		}
+		s.postgres = true
+		s.db.SetMaxOpenConns(32)
+		s.db.SetMaxIdleConns(32)
+		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
+		schema = fmt.Sprintf("SELECT pg_advisory_xact_lock(%d);\n%s", schemaLock, schema)
+	} else {
+		return nil, perr
 	}
-	// One connection: SQLite allows one writer, and the bridge's reads are
-	// small; this keeps every transaction free of SQLITE_BUSY.
-	db.SetMaxOpenConns(1)
-	if _, err := db.ExecContext(ctx, schemaSQL); err != nil {
-		db.Close()
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, schema)
+		return err
+	})
+	if err != nil {
+		s.db.Close()
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
-	return &Store{db: db}, nil
+	if !s.postgres {
+		// SQLite serves one instance: what a previous run held is free.
+		if _, err := s.db.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`); err != nil {
+			s.db.Close()
+			return nil, fmt.Errorf("open store: %w", err)
+		}
+	}
+	return s, nil
+}
+
+// isPostgresURL reports whether u names a PostgreSQL database.
+func isPostgresURL(u string) bool {
+	return strings.HasPrefix(u, "postgres://") || strings.HasPrefix(u, "postgresql://")
 }
 
 // Close closes the database.
@@ -48,12 +89,41 @@ func (s *Store) Close() error { return s.db.Close() }
 // Ping reports whether the database answers.
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
+// q adapts a query written with ? placeholders to the dialect.
+func (s *Store) q(query string) string {
+	if !s.postgres {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// lockRow is the clause that locks the rows a SELECT reads until the
+// transaction ends. SQLite needs none: its transactions take the whole
+// database for writing from their start.
+func (s *Store) lockRow() string {
+	if s.postgres {
+		return " FOR UPDATE"
+	}
+	return ""
+}
+
 // Delivery kinds: what an outbox item asks a vendor to do.
 const (
 	deliverIMImport = "im_import" // account_import of a customer's IM account
 	deliverIMDelete = "im_delete" // account_delete of a customer's IM account
 	deliverIMSend   = "im_send"   // openim/sendmsg from a customer to their agent
 	deliverWeChat   = "wx_send"   // custom/send of an agent's reply to a customer
+	deliverNotice   = "im_notice" // openim/sendmsg from the admin to an agent: a dead letter's notice
 )
 
 // Delivery is one call the bridge owes a vendor, as kept in the outbox.
@@ -73,8 +143,11 @@ type Delivery struct {
 // customer's messages and an agent's replies each keep their order, and a
 // slow vendor on one side never holds up the other.
 func (d Delivery) lane() string {
-	if d.Kind == deliverWeChat {
+	switch d.Kind {
+	case deliverWeChat:
 		return "wx:" + d.OpenID
+	case deliverNotice:
+		return "notice:" + d.Agent
 	}
 	return "im:" + d.OpenID
 }
@@ -129,13 +202,14 @@ var errReplay = errors.New("signed query already used for another push")
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	var acc Accepted
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		prev, dup, err := claimKey(ctx, tx, in.Key, "", now)
+		acc = Accepted{}
+		prev, dup, err := s.claimKey(ctx, tx, in.Key, "", now)
 		if err != nil || dup {
 			acc = Accepted{Duplicate: dup, Reply: prev}
 			return err
 		}
 		if in.SigKey != "" {
-			signed, dup, err := claimKey(ctx, tx, in.SigKey, in.Key, now)
+			signed, dup, err := s.claimKey(ctx, tx, in.SigKey, in.Key, now)
 			if err != nil {
 				return err
 			}
@@ -147,21 +221,21 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 		switch in.Action {
 		case actFollow:
 			acc.Reply = replyWelcome
-			if _, err := tx.ExecContext(ctx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)
-				ON CONFLICT (openid) DO UPDATE SET followed = 1`, in.OpenID, ms); err != nil {
+			if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)
+				ON CONFLICT (openid) DO UPDATE SET followed = 1`), in.OpenID, ms); err != nil {
 				return err
 			}
-			if err := enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
 				return err
 			}
 		case actUnfollow:
-			if _, err := tx.ExecContext(ctx, `UPDATE customers SET followed = 0 WHERE openid = ?`, in.OpenID); err != nil {
+			if _, err := tx.ExecContext(ctx, s.q(`UPDATE customers SET followed = 0 WHERE openid = ?`), in.OpenID); err != nil {
 				return err
 			}
-			if _, err := tx.ExecContext(ctx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, ms, in.OpenID); err != nil {
+			if _, err := tx.ExecContext(ctx, s.q(`UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`), ms, in.OpenID); err != nil {
 				return err
 			}
-			if err := enqueue(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
 				return err
 			}
 		case actMessage:
@@ -174,11 +248,11 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			}
 			d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text,
 				MsgSeq: in.NewRandom(), MsgRandom: in.NewRandom()}
-			if err := enqueue(ctx, tx, d, now); err != nil {
+			if err := s.enqueue(ctx, tx, d, now); err != nil {
 				return err
 			}
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
+		_, err = tx.ExecContext(ctx, s.q(`UPDATE seen_keys SET value = ? WHERE key = ?`), acc.Reply, in.Key)
 		return err
 	})
 	if err != nil {
@@ -188,42 +262,47 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 }
 
 // openConversation returns the agent of the customer's open conversation,
-// opening one if there is none. A customer the bridge has never seen (one
-// who followed before it existed) is recorded and their IM account imported
-// first. A new conversation goes to the customer's own agent while that agent
-// is still configured, else to the agent with the fewest open conversations.
+// opening one if there is none. It holds the customer's row until the
+// transaction ends, so two instances taking two messages of one customer
+// commit them one after the other, in the outbox's order. A customer the
+// bridge has never seen (one who followed before it existed) is recorded and
+// their IM account imported first. A new conversation goes to the
+// customer's own agent while that agent is still configured, else to the
+// agent with the fewest open conversations.
 func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
 	ms := now.UnixMilli()
-	err = tx.QueryRowContext(ctx, `SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL`, in.OpenID).Scan(&agent)
+	res, err := tx.ExecContext(ctx, s.q(`INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?) ON CONFLICT (openid) DO NOTHING`), in.OpenID, ms)
+	if err != nil {
+		return "", false, err
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return "", false, err
+	} else if n == 1 {
+		if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			return "", false, err
+		}
+	}
+	var kept string
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT agent FROM customers WHERE openid = ?`+s.lockRow()), in.OpenID).Scan(&kept); err != nil {
+		return "", false, err
+	}
+	err = tx.QueryRowContext(ctx, s.q(`SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL`), in.OpenID).Scan(&agent)
 	if err == nil {
 		return agent, false, nil
 	}
 	if !errors.Is(err, sql.ErrNoRows) {
 		return "", false, err
 	}
-	var kept string
-	err = tx.QueryRowContext(ctx, `SELECT agent FROM customers WHERE openid = ?`, in.OpenID).Scan(&kept)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		if _, err := tx.ExecContext(ctx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, ms); err != nil {
-			return "", false, err
-		}
-		if err := enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
-			return "", false, err
-		}
-	case err != nil:
-		return "", false, err
-	}
 	agent = kept
 	if !slices.Contains(in.Agents, agent) {
-		if agent, err = leastLoadedAgent(ctx, tx, in.Agents); err != nil {
+		if agent, err = s.leastLoadedAgent(ctx, tx, in.Agents); err != nil {
 			return "", false, err
 		}
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, in.OpenID); err != nil {
+	if _, err := tx.ExecContext(ctx, s.q(`UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`), agent, in.OpenID); err != nil {
 		return "", false, err
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`, in.OpenID, agent, ms); err != nil {
+	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`), in.OpenID, agent, ms); err != nil {
 		return "", false, err
 	}
 	return agent, true, nil
@@ -231,7 +310,7 @@ func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 
 // leastLoadedAgent returns the agent with the fewest open conversations; a
 // tie goes to the agent listed first.
-func leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []string) (string, error) {
+func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []string) (string, error) {
 	if len(agents) == 0 {
 		return "", errors.New("no agents configured")
 	}
@@ -268,20 +347,21 @@ var errUnknownCustomer = errors.New("unknown customer")
 // AcceptReply commits an agent's reply to a customer, keyed by the IM
 // message's key: it queues the reply to WeChat. A key seen before commits
 // nothing and returns true; a customer the bridge does not know returns
-// errUnknownCustomer and commits nothing.
+// errUnknownCustomer and commits nothing. Like openConversation, it holds
+// the customer's row, so replies keep their order across instances.
 func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
 		var one int
-		err := tx.QueryRowContext(ctx, `SELECT 1 FROM customers WHERE openid = ?`, d.OpenID).Scan(&one)
+		err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM customers WHERE openid = ?`+s.lockRow()), d.OpenID).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errUnknownCustomer
 		} else if err != nil {
 			return err
 		}
-		if _, duplicate, err = claimKey(ctx, tx, key, "", now); err != nil || duplicate {
+		if _, duplicate, err = s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
 			return err
 		}
-		return enqueue(ctx, tx, d, now)
+		return s.enqueue(ctx, tx, d, now)
 	})
 	if err != nil {
 		return false, fmt.Errorf("accept reply: %w", err)
@@ -291,157 +371,34 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 
 // claimKey records key as seen, with value. If it was seen before it returns
 // the value kept with it and dup true.
-func claimKey(ctx context.Context, tx *sql.Tx, key, value string, now time.Time) (prev string, dup bool, err error) {
-	res, err := tx.ExecContext(ctx, `INSERT INTO seen_keys (key, value, received_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING`, key, value, now.UnixMilli())
+func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, value string, now time.Time) (prev string, dup bool, err error) {
+	res, err := tx.ExecContext(ctx, s.q(`INSERT INTO seen_keys (key, value, received_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING`), key, value, now.UnixMilli())
 	if err != nil {
 		return "", false, err
 	}
 	if n, err := res.RowsAffected(); err != nil || n == 1 {
 		return "", false, err
 	}
-	err = tx.QueryRowContext(ctx, `SELECT value FROM seen_keys WHERE key = ?`, key).Scan(&prev)
+	err = tx.QueryRowContext(ctx, s.q(`SELECT value FROM seen_keys WHERE key = ?`), key).Scan(&prev)
 	return prev, true, err
 }
 
 // enqueue adds d to the outbox, due now.
-func enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
+func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return err
 	}
 	ms := now.UnixMilli()
-	_, err = tx.ExecContext(ctx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)`,
+	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)`),
 		d.lane(), string(b), ms, ms, ms)
 	return err
-}
-
-// OutboxItem is one pending delivery.
-type OutboxItem struct {
-	ID        int64
-	Lane      string
-	Delivery  Delivery
-	Attempts  int
-	NextAt    time.Time
-	CreatedAt time.Time
-}
-
-// DueHeads returns up to limit lanes' first pending items that are due at
-// now, skipping the lanes in busy. Only a lane's first item is ever returned,
-// so a lane is delivered in order.
-func (s *Store) DueHeads(ctx context.Context, now time.Time, limit int, busy map[string]bool) ([]OutboxItem, error) {
-	rows, err := s.db.QueryContext(ctx, `
-		SELECT o.id, o.lane, o.delivery, o.attempts, o.next_at, o.created_at FROM outbox o
-		WHERE o.state = 'pending' AND o.next_at <= ?
-		  AND o.id = (SELECT MIN(id) FROM outbox WHERE lane = o.lane AND state = 'pending')
-		ORDER BY o.id LIMIT ?`, now.UnixMilli(), limit+len(busy))
-	if err != nil {
-		return nil, fmt.Errorf("due heads: %w", err)
-	}
-	defer rows.Close()
-	var items []OutboxItem
-	for rows.Next() {
-		it, err := scanItem(rows)
-		if err != nil {
-			return nil, fmt.Errorf("due heads: %w", err)
-		}
-		if !busy[it.Lane] && len(items) < limit {
-			items = append(items, it)
-		}
-	}
-	return items, rows.Err()
-}
-
-// LaneHead returns the first pending item of lane if it is due at now; ok is
-// false when the lane is empty or its head is waiting for a retry.
-func (s *Store) LaneHead(ctx context.Context, lane string, now time.Time) (it OutboxItem, ok bool, err error) {
-	row := s.db.QueryRowContext(ctx, `
-		SELECT id, lane, delivery, attempts, next_at, created_at FROM outbox
-		WHERE lane = ? AND state = 'pending' ORDER BY id LIMIT 1`, lane)
-	it, err = scanItem(row)
-	if errors.Is(err, sql.ErrNoRows) {
-		return OutboxItem{}, false, nil
-	}
-	if err != nil {
-		return OutboxItem{}, false, fmt.Errorf("lane head: %w", err)
-	}
-	return it, !it.NextAt.After(now), nil
-}
-
-// NextDue returns when the earliest pending item falls due, and false if
-// nothing is pending.
-func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
-	var next sql.NullInt64
-	if err := s.db.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending'`).Scan(&next); err != nil {
-		return time.Time{}, false, fmt.Errorf("next due: %w", err)
-	}
-	return time.UnixMilli(next.Int64), next.Valid, nil
-}
-
-// Delivered marks an item done.
-func (s *Store) Delivered(ctx context.Context, id int64, now time.Time) error {
-	return s.setState(ctx, id, "done", "", now.UnixMilli(), now)
-}
-
-// RetryLater records a failed attempt and makes the item due again at next.
-func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, now time.Time) error {
-	return s.setState(ctx, id, "pending", reason, next.UnixMilli(), now)
-}
-
-// GiveUp marks an item failed for good, keeping the reason.
-func (s *Store) GiveUp(ctx context.Context, id int64, reason string, now time.Time) error {
-	return s.setState(ctx, id, "failed", reason, now.UnixMilli(), now)
-}
-
-func (s *Store) setState(ctx context.Context, id int64, state, reason string, next int64, now time.Time) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?, updated_at = ? WHERE id = ?`,
-		state, reason, next, now.UnixMilli(), id)
-	if err != nil {
-		return fmt.Errorf("outbox set %s: %w", state, err)
-	}
-	return nil
-}
-
-// OutboxCounts returns how many items are in each state.
-func (s *Store) OutboxCounts(ctx context.Context) (map[string]int, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM outbox GROUP BY state`)
-	if err != nil {
-		return nil, fmt.Errorf("outbox counts: %w", err)
-	}
-	defer rows.Close()
-	counts := map[string]int{}
-	for rows.Next() {
-		var st string
-		var n int
-		if err := rows.Scan(&st, &n); err != nil {
-			return nil, err
-		}
-		counts[st] = n
-	}
-	return counts, rows.Err()
-}
-
-// Failed returns the items given up on, oldest first, with their reasons.
-func (s *Store) Failed(ctx context.Context) ([]string, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT lane, delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
-	if err != nil {
-		return nil, fmt.Errorf("failed items: %w", err)
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var lane, d, reason string
-		if err := rows.Scan(&lane, &d, &reason); err != nil {
-			return nil, err
-		}
-		out = append(out, strings.Join([]string{lane, d, reason}, " | "))
-	}
-	return out, rows.Err()
 }
 
 // PruneKeys forgets push and callback keys received before cutoff; vendors
 // retry within seconds, so old keys only cost space.
 func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
+	if _, err := s.db.ExecContext(ctx, s.q(`DELETE FROM seen_keys WHERE received_at < ?`), cutoff.UnixMilli()); err != nil {
 		return fmt.Errorf("prune keys: %w", err)
 	}
 	return nil
@@ -471,24 +428,56 @@ func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
 	return out, rows.Err()
 }
 
-type scanner interface{ Scan(...any) error }
-
-func scanItem(r scanner) (OutboxItem, error) {
-	var it OutboxItem
-	var d string
-	var next, created int64
-	if err := r.Scan(&it.ID, &it.Lane, &d, &it.Attempts, &next, &created); err != nil {
-		return OutboxItem{}, err
+// SharedCredential returns the credential name as the instances share it on
+// PostgreSQL: the stored value while it is not due for refresh and is not
+// stale (a value the vendor refused), else a new one from fetch, stored for
+// the others. The row is locked while fetch runs, so one instance refreshes
+// at a time and the others take its result. On SQLite, with one instance,
+// it calls fetch.
+func (s *Store) SharedCredential(ctx context.Context, name, stale string, now time.Time,
+	fetch func() (string, time.Time, error)) (value string, refreshAt time.Time, err error) {
+	if !s.postgres {
+		return fetch()
 	}
-	if err := json.Unmarshal([]byte(d), &it.Delivery); err != nil {
-		return OutboxItem{}, fmt.Errorf("decode delivery %d: %w", it.ID, err)
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO credentials (name) VALUES (?) ON CONFLICT (name) DO NOTHING`), name); err != nil {
+			return err
+		}
+		var at int64
+		if err := tx.QueryRowContext(ctx, s.q(`SELECT value, refresh_at FROM credentials WHERE name = ?`+s.lockRow()), name).Scan(&value, &at); err != nil {
+			return err
+		}
+		refreshAt = time.UnixMilli(at)
+		if value != "" && value != stale && now.Before(refreshAt) {
+			return nil
+		}
+		if value, refreshAt, err = fetch(); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, s.q(`UPDATE credentials SET value = ?, refresh_at = ? WHERE name = ?`), value, refreshAt.UnixMilli(), name)
+		return err
+	})
+	if err != nil {
+		return "", time.Time{}, fmt.Errorf("shared credential %s: %w", name, err)
 	}
-	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
-	return it, nil
+	return value, refreshAt, nil
 }
 
-// inTx runs fn in a transaction and commits it if fn returns nil.
+// inTx runs fn in a transaction and commits it if fn returns nil. On
+// PostgreSQL a transaction that lost a race with another instance (a
+// unique key taken, a serialization failure, a deadlock) is run again.
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	for attempt := 1; ; attempt++ {
+		err := s.tryTx(ctx, fn)
+		var pe *pgconn.PgError
+		if attempt < 4 && errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01") {
+			continue
+		}
+		return err
+	}
+}
+
+func (s *Store) tryTx(ctx context.Context, fn func(*sql.Tx) error) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err

@@ -10,7 +10,7 @@ import (
 func newTestStore(t *testing.T) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "bridge.db")
-	st, err := openStore(context.Background(), path)
+	st, err := openStore(context.Background(), "sqlite:"+path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,16 +38,16 @@ func TestAcceptPushOnce(t *testing.T) {
 	if first != (Accepted{Reply: replyConnecting}) || again != (Accepted{Duplicate: true, Reply: replyConnecting}) {
 		t.Errorf("got %+v then %+v, want the connecting reply, then the same as a duplicate", first, again)
 	}
-	counts, err := st.OutboxCounts(ctx)
+	stats, err := st.Stats(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if counts["pending"] != 2 { // the import of a customer not seen before, and the message
-		t.Errorf("got %d pending items, want 2", counts["pending"])
+	if stats.Pending != 2 { // the import of a customer not seen before, and the message
+		t.Errorf("got %d pending items, want 2", stats.Pending)
 	}
 }
 
-func TestLanesDeliverInOrder(t *testing.T) {
+func TestClaimTakesLaneHeadsOnce(t *testing.T) {
 	st, _ := newTestStore(t)
 	ctx, now := context.Background(), time.Now()
 	for i, k := range []string{"k1", "k2", "k3"} {
@@ -58,28 +58,41 @@ func TestLanesDeliverInOrder(t *testing.T) {
 	if _, err := st.AcceptPush(ctx, message("k4", "o2", "k4"), now); err != nil {
 		t.Fatal(err)
 	}
-	heads, err := st.DueHeads(ctx, now.Add(time.Second), 10, nil)
+	later := now.Add(time.Second)
+	heads, err := st.Claim(ctx, "a", later, time.Minute, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(heads) != 2 || heads[0].Delivery.Kind != deliverIMImport || heads[1].Delivery.Kind != deliverIMImport {
 		t.Fatalf("got heads %+v, want the import at the head of each customer's lane", heads)
 	}
-	// A head waiting for a retry holds its lane back.
-	if err := st.RetryLater(ctx, heads[0].ID, "busy", now.Add(time.Hour), now); err != nil {
+	// Held heads are not taken again, by this instance or another.
+	if again, err := st.Claim(ctx, "b", later, time.Minute, 10); err != nil || len(again) != 0 {
+		t.Fatalf("a second claim got %+v, %v; want nothing", again, err)
+	}
+	// A head waiting for a retry holds its lane back; the other lane goes on.
+	if err := st.RetryLater(ctx, heads[0].ID, "busy", now.Add(time.Hour), later); err != nil {
 		t.Fatal(err)
 	}
-	heads, err = st.DueHeads(ctx, now.Add(time.Second), 10, map[string]bool{})
-	if err != nil {
+	if err := st.Delivered(ctx, heads[1].ID, later); err != nil {
 		t.Fatal(err)
 	}
-	if len(heads) != 1 || heads[0].Lane != "im:o2" {
-		t.Fatalf("got heads %+v, want only o2's lane", heads)
+	if _, ok, err := st.ClaimLaneHead(ctx, "a", heads[0].Lane, later, time.Minute); err != nil || ok {
+		t.Fatalf("claimed the head of a lane waiting for a retry (%v)", err)
 	}
-	// Busy lanes are skipped.
-	heads, err = st.DueHeads(ctx, now.Add(time.Second), 10, map[string]bool{"im:o2": true})
-	if err != nil || len(heads) != 0 {
-		t.Fatalf("got heads %+v, %v; want none", heads, err)
+	next, ok, err := st.ClaimLaneHead(ctx, "a", heads[1].Lane, later, time.Minute)
+	if err != nil || !ok || next.Delivery.Text != "k4" {
+		t.Fatalf("got %+v, %v, %v; want o2's message", next, ok, err)
+	}
+	// A holder that dies lets go when its lease ends; Release lets go at once.
+	if got, _ := st.Claim(ctx, "b", later.Add(2*time.Minute), time.Minute, 10); len(got) != 1 || got[0].ID != next.ID {
+		t.Fatalf("after the lease, got %+v; want o2's message", got)
+	}
+	if err := st.Release(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := st.Claim(ctx, "c", later.Add(2*time.Minute), time.Minute, 10); len(got) != 1 {
+		t.Fatalf("after release, got %+v; want o2's message", got)
 	}
 }
 
@@ -128,7 +141,7 @@ func TestStoreSurvivesReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close()
-	st2, err := openStore(ctx, path)
+	st2, err := openStore(ctx, "sqlite:"+path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +150,7 @@ func TestStoreSurvivesReopen(t *testing.T) {
 	if err != nil || !acc.Duplicate {
 		t.Errorf("after reopening, the same push got %+v, %v; want a duplicate", acc, err)
 	}
-	if c, _ := st2.OutboxCounts(ctx); c["pending"] != 2 {
-		t.Errorf("after reopening, %d items are pending, want 2", c["pending"])
+	if s, _ := st2.Stats(ctx); s.Pending != 2 {
+		t.Errorf("after reopening, %d items are pending, want 2", s.Pending)
 	}
 }

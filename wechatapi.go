@@ -47,6 +47,8 @@ type WeChatClient struct {
 	AppSecret string
 	HTTP      *http.Client
 	Now       func() time.Time
+	// Shared, if set, shares the token among instances (Store.SharedCredential).
+	Shared sharedCredential
 
 	mu      sync.Mutex
 	token   string
@@ -62,23 +64,36 @@ func (c *WeChatClient) accessToken(ctx context.Context, stale string) (string, e
 	if stale != "" && stale == c.token {
 		c.token = ""
 	}
-	if c.token != "" && c.Now().Before(c.refresh) {
+	now := c.Now()
+	if c.token != "" && now.Before(c.refresh) {
 		return c.token, nil
 	}
-	req := map[string]any{"grant_type": "client_credential", "appid": c.AppID, "secret": c.AppSecret, "force_refresh": false}
-	var resp struct {
-		AccessToken string `json:"access_token"`
-		ExpiresIn   int64  `json:"expires_in"`
+	fetch := func() (string, time.Time, error) {
+		req := map[string]any{"grant_type": "client_credential", "appid": c.AppID, "secret": c.AppSecret, "force_refresh": false}
+		var resp struct {
+			AccessToken string `json:"access_token"`
+			ExpiresIn   int64  `json:"expires_in"`
+		}
+		if err := c.post(ctx, "stable_token", "/cgi-bin/stable_token", nil, req, &resp); err != nil {
+			return "", time.Time{}, err
+		}
+		if resp.AccessToken == "" || resp.ExpiresIn <= 0 {
+			return "", time.Time{}, errors.New("wechat stable_token: answer has no access_token")
+		}
+		life := time.Duration(resp.ExpiresIn) * time.Second
+		// WeChat renews a stable token in its last 5 minutes; ask again then.
+		return resp.AccessToken, now.Add(life - min(5*time.Minute, life/2)), nil
 	}
-	if err := c.post(ctx, "stable_token", "/cgi-bin/stable_token", nil, req, &resp); err != nil {
+	var err error
+	if c.Shared != nil {
+		c.token, c.refresh, err = c.Shared(ctx, "wechat_access_token", stale, now, fetch)
+	} else {
+		c.token, c.refresh, err = fetch()
+	}
+	if err != nil {
+		c.token = ""
 		return "", err
 	}
-	if resp.AccessToken == "" || resp.ExpiresIn <= 0 {
-		return "", errors.New("wechat stable_token: answer has no access_token")
-	}
-	life := time.Duration(resp.ExpiresIn) * time.Second
-	// WeChat renews a stable token in its last 5 minutes; ask again then.
-	c.token, c.refresh = resp.AccessToken, c.Now().Add(life-min(5*time.Minute, life/2))
 	return c.token, nil
 }
 

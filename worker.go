@@ -1,15 +1,18 @@
 package main
 
-// The delivery worker: the only code that calls a vendor. It takes due items
-// from the outbox, one goroutine per lane so a lane keeps its order, and
-// retries failures with backoff until they succeed or cannot.
+// The delivery worker: the only code that calls a vendor. It claims due lane
+// heads from the outbox, runs each lane in order in a goroutine of its own,
+// and retries failures with backoff until they succeed, cannot, or run out
+// of time; then they become dead letters and the agent is told.
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
+	mrand "math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,28 +20,42 @@ import (
 
 // Worker delivers the outbox.
 type Worker struct {
-	Store  *Store
-	IM     *IMClient
-	WeChat *WeChatClient
-	Log    *slog.Logger
-	Now    func() time.Time
+	Store   *Store
+	IM      *IMClient
+	WeChat  *WeChatClient
+	Log     *slog.Logger
+	Metrics *metrics
+	Now     func() time.Time
+	Admin   string // IM_ADMIN, the sender of dead-letter notices
 
-	Lanes       int           // lanes delivered at once
-	GiveUpAfter time.Duration // an item still failing this long after it was accepted is given up
-	MaxBackoff  time.Duration // the longest wait between two attempts
-
-	wake    chan struct{}
-	running atomic.Bool
+	Lanes          int           // lanes delivered at once
+	Lease          time.Duration // how long a claimed item is held
+	WeChatWindow   time.Duration // a reply still failing this long after acceptance is given up (the 48-hour window)
+	IMWindow       time.Duration // likewise for deliveries to IM
+	MinBackoff     time.Duration // the first wait between two attempts
+	MaxBackoff     time.Duration // the longest wait between two attempts
+	StopGrace      time.Duration // how long in-flight deliveries may finish after a stop
+	owner          string        // this instance, in claims
+	wake           chan struct{}
+	running        atomic.Bool
+	lastPruneMilli atomic.Int64
 }
 
 // newWorker returns a worker with the bridge's defaults.
-func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, now func() time.Time) *Worker {
+func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, m *metrics, now func() time.Time) *Worker {
+	id := make([]byte, 8)
+	rand.Read(id)
 	return &Worker{
-		Store: st, IM: im, WeChat: wx, Log: log, Now: now,
-		Lanes:       16,
-		GiveUpAfter: 48 * time.Hour,
-		MaxBackoff:  5 * time.Minute,
-		wake:        make(chan struct{}, 1),
+		Store: st, IM: im, WeChat: wx, Log: log, Metrics: m, Now: now, Admin: im.Admin,
+		Lanes:        32,
+		Lease:        45 * time.Second,
+		WeChatWindow: 48 * time.Hour,
+		IMWindow:     24 * time.Hour,
+		MinBackoff:   time.Second,
+		MaxBackoff:   5 * time.Minute,
+		StopGrace:    10 * time.Second,
+		owner:        hex.EncodeToString(id),
+		wake:         make(chan struct{}, 1),
 	}
 }
 
@@ -53,74 +70,96 @@ func (w *Worker) Notify() {
 // Running reports whether the worker's loop is running.
 func (w *Worker) Running() bool { return w.running.Load() }
 
-// Run delivers until ctx is done, then waits for the lanes in flight. Work
-// interrupted by the stop stays in the outbox for the next start.
+// Run delivers until ctx is done. Then it claims nothing more, lets the
+// deliveries in flight finish for up to StopGrace, cancels the rest, and
+// hands back what it still holds, so another instance (or the next start)
+// takes it at once.
 func (w *Worker) Run(ctx context.Context) {
 	w.running.Store(true)
 	defer w.running.Store(false)
 
+	deliverCtx, cancelDeliveries := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelDeliveries()
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	busy := map[string]bool{}
-	done := make(chan string, w.Lanes)
-	lastPrune := time.Time{}
+	slots := make(chan struct{}, w.Lanes)
+	done := make(chan struct{}, w.Lanes)
 
-	for {
-		now := w.Now()
-		if now.Sub(lastPrune) > time.Hour {
-			if err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour)); err != nil && ctx.Err() == nil {
-				w.Log.Error("prune keys failed", "err", err)
-			}
-			lastPrune = now
-		}
-		if free := w.Lanes - len(busy); free > 0 {
-			items, err := w.Store.DueHeads(ctx, now, free, busy)
+	for ctx.Err() == nil {
+		w.pruneKeys(ctx)
+		if free := w.Lanes - len(slots); free > 0 {
+			items, err := w.Store.Claim(ctx, w.owner, w.Now(), w.Lease, free)
 			if err != nil && ctx.Err() == nil {
-				w.Log.Error("outbox read failed", "err", err)
+				w.Log.Error("outbox claim failed", "err", err)
 			}
 			for _, it := range items {
-				busy[it.Lane] = true
+				slots <- struct{}{}
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					w.runLane(ctx, it)
-					done <- it.Lane
+					w.runLane(deliverCtx, ctx, it)
+					<-slots
+					select {
+					case done <- struct{}{}:
+					default: // the loop has a wake-up pending already
+					}
 				}()
 			}
 		}
-
-		wait := time.Second
+		wait := time.Second // other instances add work too: look again now and then
 		if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
-			wait = min(max(next.Sub(w.Now()), 10*time.Millisecond), 30*time.Second)
+			wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
 		}
 		timer := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
-			timer.Stop()
-			for len(busy) > 0 {
-				delete(busy, <-done)
-			}
-			return
-		case lane := <-done:
-			delete(busy, lane)
+		case <-done:
 		case <-w.wake:
 		case <-timer.C:
 		}
 		timer.Stop()
 	}
+
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(w.StopGrace):
+		w.Log.Warn("stopping: deliveries still in flight are handed back")
+		cancelDeliveries()
+		<-finished
+	}
+	releaseCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := w.Store.Release(releaseCtx, w.owner); err != nil {
+		w.Log.Error("outbox release failed", "err", err)
+	}
 }
 
-// runLane delivers lane from its head item on, in order, until the lane is
-// empty, its head must wait for a retry, or it has had its share of turns.
-func (w *Worker) runLane(ctx context.Context, it OutboxItem) {
+// pruneKeys forgets day-old push and callback keys, once an hour.
+func (w *Worker) pruneKeys(ctx context.Context) {
+	now := w.Now()
+	if now.UnixMilli()-w.lastPruneMilli.Load() < time.Hour.Milliseconds() {
+		return
+	}
+	w.lastPruneMilli.Store(now.UnixMilli())
+	if err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour)); err != nil && ctx.Err() == nil {
+		w.Log.Error("prune keys failed", "err", err)
+	}
+}
+
+// runLane delivers lane from its claimed head on, in order, until the lane
+// is empty, its head must wait for a retry or is held elsewhere, the worker
+// stops, or the lane has had its share of turns. Deliveries run under
+// deliverCtx, which outlives stop by the grace period.
+func (w *Worker) runLane(deliverCtx, stop context.Context, it OutboxItem) {
 	for range 64 {
-		if !w.deliverItem(ctx, it) {
+		if !w.deliverItem(deliverCtx, it) || stop.Err() != nil {
 			return
 		}
-		next, ok, err := w.Store.LaneHead(ctx, it.Lane, w.Now())
+		next, ok, err := w.Store.ClaimLaneHead(deliverCtx, w.owner, it.Lane, w.Now(), w.Lease)
 		if err != nil {
-			if ctx.Err() == nil {
-				w.Log.Error("outbox read failed", "lane", it.Lane, "err", err)
+			if deliverCtx.Err() == nil {
+				w.Log.Error("outbox claim failed", "lane", it.Lane, "err", err)
 			}
 			return
 		}
@@ -134,26 +173,38 @@ func (w *Worker) runLane(ctx context.Context, it OutboxItem) {
 // deliverItem makes one attempt at it and records the outcome. It reports
 // whether the lane may go on to its next item.
 func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
-	err := w.deliver(ctx, it.Delivery)
+	d := it.Delivery
+	err := w.deliver(ctx, d)
 	now := w.Now()
-	log := w.Log.With("id", it.ID, "kind", it.Delivery.Kind, "lane", it.Lane, "attempt", it.Attempts+1)
+	tgt := target(d.Kind)
+	log := w.Log.With("id", it.ID, "kind", d.Kind, "lane", it.Lane, "attempt", it.Attempts+1)
+	window := w.IMWindow
+	if d.Kind == deliverWeChat {
+		window = w.WeChatWindow
+	}
 	var rerr error
 	switch {
 	case err == nil:
 		rerr = w.Store.Delivered(ctx, it.ID, now)
-		log.Info("delivered")
+		w.Metrics.deliveries.WithLabelValues(tgt, "delivered").Inc()
+		w.Metrics.deliveryLatency.WithLabelValues(tgt).Observe(now.Sub(it.CreatedAt).Seconds())
+		log.Debug("delivered")
 	case ctx.Err() != nil:
-		return false // stopping: the item stays as it was, for the next start
-	case permanent(err):
-		rerr = w.Store.GiveUp(ctx, it.ID, err.Error(), now)
-		log.Error("delivery failed for good", "err", err)
-	case now.Sub(it.CreatedAt) >= w.GiveUpAfter:
-		reason := fmt.Sprintf("still failing %s after it was accepted: %v", w.GiveUpAfter, err)
-		rerr = w.Store.GiveUp(ctx, it.ID, reason, now)
+		return false // stopping: the item is handed back as it was
+	case permanent(err) || now.Sub(it.CreatedAt) >= window:
+		reason := err.Error()
+		if !permanent(err) {
+			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
+		}
+		rerr = w.Store.GiveUp(ctx, it.ID, reason, w.notice(d, reason), now)
+		w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
+		w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
 		log.Error("delivery failed for good", "err", reason)
 	default:
-		next := now.Add(backoff(it.Attempts, w.MaxBackoff))
+		next := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
 		if rerr = w.Store.RetryLater(ctx, it.ID, err.Error(), next, now); rerr == nil {
+			w.Metrics.deliveries.WithLabelValues(tgt, "retry").Inc()
+			w.Metrics.retries.WithLabelValues(tgt).Inc()
 			log.Warn("delivery failed, will retry", "err", err, "retry_at", next)
 		}
 		return false
@@ -163,6 +214,25 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 		return false
 	}
 	return true
+}
+
+// notice is the IM message that tells the agent of a conversation that a
+// delivery in it was given up, or nil when there is no one to tell.
+func (w *Worker) notice(d Delivery, reason string) *Delivery {
+	var text string
+	switch d.Kind {
+	case deliverWeChat:
+		text = fmt.Sprintf("Not delivered to WeChat customer %s: %q\nReason: %s", d.IMUser, d.Text, reason)
+	case deliverIMSend:
+		text = fmt.Sprintf("A message of WeChat customer %s could not reach you: %q\nReason: %s", d.IMUser, d.Text, reason)
+	default:
+		return nil // imports, deletions and notices themselves: logged and counted only
+	}
+	if d.Agent == "" {
+		return nil
+	}
+	return &Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: d.Agent, Text: text,
+		MsgSeq: mrand.Uint32(), MsgRandom: mrand.Uint32()}
 }
 
 // deliver makes the vendor call d asks for.
@@ -186,6 +256,8 @@ func (w *Worker) deliver(ctx context.Context, d Delivery) error {
 			}
 		}
 		return err
+	case deliverNotice:
+		return w.IM.Send(ctx, textMessage(w.Admin, d.Agent, d.Text, d.MsgSeq, d.MsgRandom))
 	case deliverWeChat:
 		return w.WeChat.SendText(ctx, d.OpenID, d.Text)
 	}
@@ -228,12 +300,12 @@ func isIMCode(err error, codes ...int) bool {
 }
 
 // backoff is the wait before the attempt after attempts failures:
-// exponential from one second, capped, with jitter so that lanes failing
-// together do not retry together.
-func backoff(attempts int, ceiling time.Duration) time.Duration {
+// exponential from floor, capped at ceiling, with jitter so that lanes
+// failing together do not retry together.
+func backoff(attempts int, floor, ceiling time.Duration) time.Duration {
 	d := ceiling
-	if attempts < 20 {
-		d = min(time.Second<<attempts, ceiling)
+	if attempts < 30 && floor<<attempts > 0 {
+		d = min(floor<<attempts, ceiling)
 	}
-	return d/2 + rand.N(d/2+1)
+	return d/2 + mrand.N(d/2+1)
 }

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the bridge's Prometheus metrics, on a registry of its own so
+// that several bridges in one process (the tests) keep theirs apart.
+type metrics struct {
+	reg             *prometheus.Registry
+	pushes          *prometheus.CounterVec   // by type and outcome
+	callbacks       *prometheus.CounterVec   // by outcome
+	deliveries      *prometheus.CounterVec   // by target and outcome
+	retries         *prometheus.CounterVec   // by target
+	deadLetters     *prometheus.CounterVec   // by target
+	webhookLatency  *prometheus.HistogramVec // by endpoint
+	deliveryLatency *prometheus.HistogramVec // accepted to delivered, by target
+}
+
+// newMetrics registers the bridge's metrics; the outbox gauges read st at
+// each scrape.
+func newMetrics(st *Store) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_wechat_pushes_total",
+			Help: "WeChat pushes by MsgType (or event) and outcome: accepted, duplicate, ignored, refused, failed."},
+			[]string{"type", "outcome"}),
+		callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_im_callbacks_total",
+			Help: "IM callbacks by outcome: forwarded, duplicate, ignored, refused, failed."}, []string{"outcome"}),
+		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_deliveries_total",
+			Help: "Delivery attempts by target (im, wechat) and outcome: delivered, retry, dead."}, []string{"target", "outcome"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_delivery_retries_total",
+			Help: "Failed delivery attempts that will be retried, by target."}, []string{"target"}),
+		deadLetters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_dead_letters_total",
+			Help: "Deliveries given up on and kept as dead letters, by target."}, []string{"target"}),
+		webhookLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "bridge_webhook_duration_seconds",
+			Help:    "Time to answer a WeChat push or IM callback.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}}, []string{"endpoint"}),
+		deliveryLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "bridge_delivery_latency_seconds",
+			Help:    "Time from a message's acceptance to its delivery, by target.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200}}, []string{"target"}),
+	}
+	stats := func() OutboxStats {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		s, _ := st.Stats(ctx)
+		return s
+	}
+	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.webhookLatency, m.deliveryLatency,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_outbox_depth", Help: "Deliveries not yet made."},
+			func() float64 { return float64(stats().Pending) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_outbox_oldest_age_seconds",
+			Help: "Age of the oldest delivery not yet made; 0 when there is none."},
+			func() float64 {
+				if s := stats(); !s.OldestSince.IsZero() {
+					return time.Since(s.OldestSince).Seconds()
+				}
+				return 0
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_dead_letters", Help: "Dead letters kept in the store."},
+			func() float64 { return float64(stats().Failed) }),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// handler serves the metrics in the Prometheus text format.
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// timed records how long h takes to answer, as endpoint.
+func (m *metrics) timed(endpoint string, h http.Handler) http.Handler {
+	o := m.webhookLatency.WithLabelValues(endpoint)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		h.ServeHTTP(w, r)
+		o.Observe(time.Since(start).Seconds())
+	})
+}
+
+// target is the vendor a delivery kind goes to, as metrics label it.
+func target(kind string) string {
+	if kind == deliverWeChat {
+		return "wechat"
+	}
+	return "im"
+}

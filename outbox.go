@@ -1,0 +1,201 @@
+package main
+
+// The outbox: the calls the bridge owes the vendors. Only a lane's first
+// pending item can be taken, and only by one instance at a time (it holds it
+// until claimed_until), so each lane leaves in order even with several
+// instances on one PostgreSQL database.
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// OutboxItem is one pending delivery.
+type OutboxItem struct {
+	ID        int64
+	Lane      string
+	Delivery  Delivery
+	Attempts  int
+	NextAt    time.Time
+	CreatedAt time.Time
+}
+
+const itemColumns = `id, lane, delivery, attempts, next_at, created_at`
+
+// Claim takes up to limit lane heads that are due at now and held by no
+// instance, and holds them for owner until now+lease.
+func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease time.Duration, limit int) ([]OutboxItem, error) {
+	ms := now.UnixMilli()
+	// The conditions stand on the UPDATE too: on PostgreSQL, an instance
+	// that waited for another's claim to commit re-checks them on the row
+	// as the other left it, and skips it.
+	rows, err := s.db.QueryContext(ctx, s.q(`
+		UPDATE outbox SET claimed_by = ?, claimed_until = ?
+		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ? AND id IN (
+			SELECT o.id FROM outbox o
+			WHERE o.state = 'pending' AND o.next_at <= ? AND o.claimed_until <= ?
+			  AND o.id = (SELECT MIN(id) FROM outbox WHERE lane = o.lane AND state = 'pending')
+			ORDER BY o.id LIMIT ?)
+		RETURNING `+itemColumns), owner, now.Add(lease).UnixMilli(), ms, ms, ms, ms, limit)
+	if err != nil {
+		return nil, fmt.Errorf("claim: %w", err)
+	}
+	return scanItems(rows)
+}
+
+// ClaimLaneHead takes the first pending item of lane for owner if it is due
+// and held by no one; ok is false otherwise.
+func (s *Store) ClaimLaneHead(ctx context.Context, owner, lane string, now time.Time, lease time.Duration) (it OutboxItem, ok bool, err error) {
+	ms := now.UnixMilli()
+	rows, err := s.db.QueryContext(ctx, s.q(`
+		UPDATE outbox SET claimed_by = ?, claimed_until = ?
+		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ?
+		  AND id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')
+		RETURNING `+itemColumns), owner, now.Add(lease).UnixMilli(), ms, ms, lane)
+	if err != nil {
+		return OutboxItem{}, false, fmt.Errorf("claim lane head: %w", err)
+	}
+	items, err := scanItems(rows)
+	if err != nil || len(items) == 0 {
+		return OutboxItem{}, false, err
+	}
+	return items[0], true, nil
+}
+
+// Release lets go of the pending items owner holds, so another instance (or
+// the next start) takes them at once.
+func (s *Store) Release(ctx context.Context, owner string) error {
+	if _, err := s.db.ExecContext(ctx, s.q(`UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`), owner); err != nil {
+		return fmt.Errorf("release: %w", err)
+	}
+	return nil
+}
+
+// NextDue returns when the earliest pending item falls due, and false if
+// nothing is pending.
+func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+	var next sql.NullInt64
+	if err := s.db.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending'`).Scan(&next); err != nil {
+		return time.Time{}, false, fmt.Errorf("next due: %w", err)
+	}
+	return time.UnixMilli(next.Int64), next.Valid, nil
+}
+
+// Delivered marks an item done.
+func (s *Store) Delivered(ctx context.Context, id int64, now time.Time) error {
+	return s.setState(ctx, s.db, id, "done", "", now.UnixMilli(), now)
+}
+
+// RetryLater records a failed attempt and makes the item due again at next.
+func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, now time.Time) error {
+	return s.setState(ctx, s.db, id, "pending", reason, next.UnixMilli(), now)
+}
+
+// GiveUp makes an item a dead letter, keeping the reason, and queues
+// notice (if not nil) in the same transaction, so whoever must be told is.
+func (s *Store) GiveUp(ctx context.Context, id int64, reason string, notice *Delivery, now time.Time) error {
+	return s.inTx(ctx, func(tx *sql.Tx) error {
+		if err := s.setState(ctx, tx, id, "failed", reason, now.UnixMilli(), now); err != nil {
+			return err
+		}
+		if notice == nil {
+			return nil
+		}
+		return s.enqueue(ctx, tx, *notice, now)
+	})
+}
+
+type execer interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}
+
+func (s *Store) setState(ctx context.Context, db execer, id int64, state, reason string, next int64, now time.Time) error {
+	_, err := db.ExecContext(ctx, s.q(`UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+		claimed_until = 0, updated_at = ? WHERE id = ?`), state, reason, next, now.UnixMilli(), id)
+	if err != nil {
+		return fmt.Errorf("outbox set %s: %w", state, err)
+	}
+	return nil
+}
+
+// OutboxStats are the outbox's figures for /metrics.
+type OutboxStats struct {
+	Pending     int
+	Failed      int
+	OldestSince time.Time // when the oldest pending item was accepted; zero if none
+}
+
+// Stats returns the outbox's figures.
+func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
+	var st OutboxStats
+	var oldest sql.NullInt64
+	err := s.db.QueryRowContext(ctx, `SELECT
+		(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
+		(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
+		(SELECT MIN(created_at) FROM outbox WHERE state = 'pending')`).Scan(&st.Pending, &st.Failed, &oldest)
+	if err != nil {
+		return OutboxStats{}, fmt.Errorf("outbox stats: %w", err)
+	}
+	if oldest.Valid {
+		st.OldestSince = time.UnixMilli(oldest.Int64)
+	}
+	return st, nil
+}
+
+// DeadLetter is a delivery given up on, with its reason.
+type DeadLetter struct {
+	Delivery Delivery
+	Reason   string
+}
+
+// DeadLetters returns the deliveries given up on, oldest first.
+func (s *Store) DeadLetters(ctx context.Context) ([]DeadLetter, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("dead letters: %w", err)
+	}
+	defer rows.Close()
+	var out []DeadLetter
+	for rows.Next() {
+		var d, reason string
+		var dl DeadLetter
+		if err := rows.Scan(&d, &reason); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(d), &dl.Delivery); err != nil {
+			return nil, err
+		}
+		dl.Reason = reason
+		out = append(out, dl)
+	}
+	return out, rows.Err()
+}
+
+func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
+	defer rows.Close()
+	var items []OutboxItem
+	for rows.Next() {
+		var it OutboxItem
+		var d string
+		var next, created int64
+		if err := rows.Scan(&it.ID, &it.Lane, &d, &it.Attempts, &next, &created); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(d), &it.Delivery); err != nil {
+			return nil, fmt.Errorf("decode delivery %d: %w", it.ID, err)
+		}
+		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
+		items = append(items, it)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	// RETURNING gives no order; deliver the oldest first.
+	slices.SortFunc(items, func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
+	return items, nil
+}
