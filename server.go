@@ -17,8 +17,8 @@ const maxPushBytes = 64 << 10
 // bridge holds what the HTTP handlers need. Handlers never call a vendor:
 // they commit work to the store and wake the worker.
 type bridge struct {
-	cfg    Config
-	store  *Store
+	cfg     Config
+	store   *Store
 	worker  *Worker
 	metrics *metrics
 	// aesKeys are the current and previous EncodingAESKeys, decoded.
