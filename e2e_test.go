@@ -39,56 +39,58 @@ func goldenReply(t *testing.T, name string, r fakes.PushResult) {
 // TestTutorialExchange plays the tutorial's scenario: the customer follows
 // and asks, the agent answers from IM, the customer reads the answer.
 func TestTutorialExchange(t *testing.T) {
-	h := newHarness(t, harnessOptions{})
-	ctx := context.Background()
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg})
+		ctx := context.Background()
 
-	goldenReply(t, "reply_welcome.xml", h.wx.Follow(ctx, customer))
-	eventually(t, "the customer's IM account", func() bool { return h.im.Imported(customerIM(customer)) })
-	imports := h.im.RequestsTo("/v4/im_open_login_svc/account_import")
-	if len(imports) != 1 {
-		t.Fatalf("got %d account_import calls, want 1", len(imports))
-	}
-	goldenJSON(t, "im_account_import.json", imports[0].Body)
-
-	goldenReply(t, "reply_connecting.xml", h.wx.SendText(ctx, customer, question))
-	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
-	m := h.messagesTo("agent_kim")[0]
-	if m.From != customerIM(customer) || m.Text != question {
-		t.Errorf("agent got %q from %s, want %q from %s", m.Text, m.From, question, customerIM(customer))
-	}
-	sends := h.im.RequestsTo("/v4/openim/sendmsg")
-	if len(sends) != 1 {
-		t.Fatalf("got %d sendmsg calls, want 1", len(sends))
-	}
-	goldenJSON(t, "im_sendmsg_text.json", sends[0].Body, "MsgSeq", "MsgRandom")
-	q := sends[0].Query
-	if q.Get("identifier") != "administrator" || q.Get("contenttype") != "json" || q.Get("usersig") == "" {
-		t.Errorf("sendmsg query %v lacks the admin identifier, usersig or contenttype", q)
-	}
-
-	if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the answer in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
-	if got := h.sentTo(customer)[0].Text; got != answer {
-		t.Errorf("customer read %q, want %q", got, answer)
-	}
-	cs := h.wx.RequestsTo("/cgi-bin/message/custom/send")
-	if len(cs) != 1 {
-		t.Fatalf("got %d custom/send calls, want 1", len(cs))
-	}
-	goldenJSON(t, "wechat_custom_send_text.json", cs[0].Body)
-	st := h.wx.RequestsTo("/cgi-bin/stable_token")
-	if len(st) != 1 {
-		t.Fatalf("got %d stable_token calls, want 1", len(st))
-	}
-	goldenJSON(t, "wechat_stable_token.json", st[0].Body)
-
-	for _, cb := range h.im.Callbacks() {
-		if cb.Err != nil || cb.Answer != `{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}` {
-			t.Errorf("%s answered %d %q (%v), want the OK envelope", cb.Command, cb.Status, cb.Answer, cb.Err)
+		goldenReply(t, "reply_welcome.xml", h.wx.Follow(ctx, customer))
+		eventually(t, "the customer's IM account", func() bool { return h.im.Imported(customerIM(customer)) })
+		imports := h.im.RequestsTo("/v4/im_open_login_svc/account_import")
+		if len(imports) != 1 {
+			t.Fatalf("got %d account_import calls, want 1", len(imports))
 		}
-	}
+		goldenJSON(t, "im_account_import.json", imports[0].Body)
+
+		goldenReply(t, "reply_connecting.xml", h.wx.SendText(ctx, customer, question))
+		eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+		m := h.messagesTo("agent_kim")[0]
+		if m.From != customerIM(customer) || m.Text != question {
+			t.Errorf("agent got %q from %s, want %q from %s", m.Text, m.From, question, customerIM(customer))
+		}
+		sends := h.im.RequestsTo("/v4/openim/sendmsg")
+		if len(sends) != 1 {
+			t.Fatalf("got %d sendmsg calls, want 1", len(sends))
+		}
+		goldenJSON(t, "im_sendmsg_text.json", sends[0].Body, "MsgSeq", "MsgRandom")
+		q := sends[0].Query
+		if q.Get("identifier") != "administrator" || q.Get("contenttype") != "json" || q.Get("usersig") == "" {
+			t.Errorf("sendmsg query %v lacks the admin identifier, usersig or contenttype", q)
+		}
+
+		if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "the answer in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
+		if got := h.sentTo(customer)[0].Text; got != answer {
+			t.Errorf("customer read %q, want %q", got, answer)
+		}
+		cs := h.wx.RequestsTo("/cgi-bin/message/custom/send")
+		if len(cs) != 1 {
+			t.Fatalf("got %d custom/send calls, want 1", len(cs))
+		}
+		goldenJSON(t, "wechat_custom_send_text.json", cs[0].Body)
+		st := h.wx.RequestsTo("/cgi-bin/stable_token")
+		if len(st) != 1 {
+			t.Fatalf("got %d stable_token calls, want 1", len(st))
+		}
+		goldenJSON(t, "wechat_stable_token.json", st[0].Body)
+
+		for _, cb := range h.im.Callbacks() {
+			if cb.Err != nil || cb.Answer != `{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}` {
+				t.Errorf("%s answered %d %q (%v), want the OK envelope", cb.Command, cb.Status, cb.Answer, cb.Err)
+			}
+		}
+	})
 }
 
 // TestSecondMessageGetsSuccess: only a conversation's first message gets the
@@ -154,29 +156,31 @@ func TestUnfollowDeletesAccountAndClosesConversation(t *testing.T) {
 // for events the same sender, time and event) forward once and get the
 // first answer again.
 func TestRetriedPushForwardsOnce(t *testing.T) {
-	h := newHarness(t, harnessOptions{})
-	ctx := context.Background()
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg})
+		ctx := context.Background()
 
-	follow := h.wx.EventXML(customer, "subscribe", "")
-	for i := range 3 {
-		if r := h.wx.Push(ctx, follow); r.Reply == nil {
-			t.Fatalf("follow delivery %d got %q, want the welcome", i+1, r.Body)
+		follow := h.wx.EventXML(customer, "subscribe", "")
+		for i := range 3 {
+			if r := h.wx.Push(ctx, follow); r.Reply == nil {
+				t.Fatalf("follow delivery %d got %q, want the welcome", i+1, r.Body)
+			}
 		}
-	}
-	msg := h.wx.MessageXML(customer, "text", map[string]string{"Content": question})
-	for i := range 3 {
-		if r := h.wx.Push(ctx, msg); r.Reply == nil || !strings.Contains(r.Reply.Content, "connecting") {
-			t.Fatalf("message delivery %d got %q, want the connecting text", i+1, r.Body)
+		msg := h.wx.MessageXML(customer, "text", map[string]string{"Content": question})
+		for i := range 3 {
+			if r := h.wx.Push(ctx, msg); r.Reply == nil || !strings.Contains(r.Reply.Content, "connecting") {
+				t.Fatalf("message delivery %d got %q, want the connecting text", i+1, r.Body)
+			}
 		}
-	}
-	h.wx.SendText(ctx, customer, "a later message")
-	eventually(t, "the later message in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
-	if n := len(h.im.RequestsTo("/v4/im_open_login_svc/account_import")); n != 1 {
-		t.Errorf("got %d account_import calls, want 1", n)
-	}
-	if got := h.messagesTo("agent_kim"); got[0].Text != question || got[1].Text != "a later message" {
-		t.Errorf("agent got %q, %q; want the question once, then the later message", got[0].Text, got[1].Text)
-	}
+		h.wx.SendText(ctx, customer, "a later message")
+		eventually(t, "the later message in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
+		if n := len(h.im.RequestsTo("/v4/im_open_login_svc/account_import")); n != 1 {
+			t.Errorf("got %d account_import calls, want 1", n)
+		}
+		if got := h.messagesTo("agent_kim"); got[0].Text != question || got[1].Text != "a later message" {
+			t.Errorf("agent got %q, %q; want the question once, then the later message", got[0].Text, got[1].Text)
+		}
+	})
 }
 
 // TestPushSignatureChecked: a push or verification with a wrong or missing
@@ -263,35 +267,37 @@ func TestNoEcho(t *testing.T) {
 // TestTokenRefresh: an access_token WeChat no longer accepts (expired,
 // 42001; superseded, 40001) is fetched anew and the send tried once more.
 func TestTokenRefresh(t *testing.T) {
-	h := newHarness(t, harnessOptions{})
-	ctx := context.Background()
-	h.wx.SendText(ctx, customer, question)
-	eventually(t, "the account imported", func() bool { return h.im.Imported(customerIM(customer)) })
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg})
+		ctx := context.Background()
+		h.wx.SendText(ctx, customer, question)
+		eventually(t, "the account imported", func() bool { return h.im.Imported(customerIM(customer)) })
 
-	reply := func(text string, want int) {
-		t.Helper()
-		h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), text)
-		eventually(t, "reply "+text, func() bool { return len(h.wx.Sent()) == want })
-	}
-	reply("one", 1)
-	h.wx.ExpireToken()
-	reply("two", 2)
-	h.wx.RevokeTokens()
-	reply("three", 3)
+		reply := func(text string, want int) {
+			t.Helper()
+			h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), text)
+			eventually(t, "reply "+text, func() bool { return len(h.wx.Sent()) == want })
+		}
+		reply("one", 1)
+		h.wx.ExpireToken()
+		reply("two", 2)
+		h.wx.RevokeTokens()
+		reply("three", 3)
 
-	if n := len(h.wx.RequestsTo("/cgi-bin/stable_token")); n != 3 {
-		t.Errorf("got %d stable_token calls, want 3 (first, after 42001, after 40001)", n)
-	}
-	var tokens []string
-	for _, r := range h.wx.RequestsTo("/cgi-bin/message/custom/send") {
-		tokens = append(tokens, r.Query.Get("access_token"))
-	}
-	if len(tokens) != 5 || tokens[0] != tokens[1] || tokens[1] == tokens[2] || tokens[2] != tokens[3] || tokens[3] == tokens[4] {
-		t.Errorf("custom/send used tokens %v: want one, the same again (refused), a new one, that again (refused), a new one", tokens)
-	}
-	if got := h.wx.Sent(); got[0].Text != "one" || got[1].Text != "two" || got[2].Text != "three" {
-		t.Errorf("customer read %q %q %q, want one two three", got[0].Text, got[1].Text, got[2].Text)
-	}
+		if n := len(h.wx.RequestsTo("/cgi-bin/stable_token")); n != 3 {
+			t.Errorf("got %d stable_token calls, want 3 (first, after 42001, after 40001)", n)
+		}
+		var tokens []string
+		for _, r := range h.wx.RequestsTo("/cgi-bin/message/custom/send") {
+			tokens = append(tokens, r.Query.Get("access_token"))
+		}
+		if len(tokens) != 5 || tokens[0] != tokens[1] || tokens[1] == tokens[2] || tokens[2] != tokens[3] || tokens[3] == tokens[4] {
+			t.Errorf("custom/send used tokens %v: want one, the same again (refused), a new one, that again (refused), a new one", tokens)
+		}
+		if got := h.wx.Sent(); got[0].Text != "one" || got[1].Text != "two" || got[2].Text != "three" {
+			t.Errorf("customer read %q %q %q, want one two three", got[0].Text, got[1].Text, got[2].Text)
+		}
+	})
 }
 
 // TestWeChatAnswerDoesNotWaitForIM: with IM answering after 3 s, WeChat
@@ -315,79 +321,85 @@ func TestWeChatAnswerDoesNotWaitForIM(t *testing.T) {
 // TestRestartDeliversPendingWork: work accepted while IM hangs is not lost
 // when the bridge stops; the next start delivers it, once.
 func TestRestartDeliversPendingWork(t *testing.T) {
-	h := newHarness(t, harnessOptions{env: map[string]string{"SHUTDOWN_GRACE": "300ms"}})
-	release := h.im.Hold()
-	ctx := context.Background()
-	h.wx.SendText(ctx, customer, "one")
-	h.wx.SendText(ctx, customer, "two")
-	eventually(t, "the worker to call IM", func() bool { return len(h.im.Requests()) > 0 })
-	if err := h.stop(); err != nil {
-		t.Fatal(err)
-	}
-	release()
-	if n := len(h.im.Messages()); n != 0 {
-		t.Fatalf("IM has %d messages before the restart, want 0", n)
-	}
-	h.start()
-	eventually(t, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
-	if got := h.messagesTo("agent_kim"); got[0].Text != "one" || got[1].Text != "two" {
-		t.Errorf("agent got %q, %q; want one, two", got[0].Text, got[1].Text)
-	}
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"SHUTDOWN_GRACE": "300ms"}})
+		release := h.im.Hold()
+		ctx := context.Background()
+		h.wx.SendText(ctx, customer, "one")
+		h.wx.SendText(ctx, customer, "two")
+		eventually(t, "the worker to call IM", func() bool { return len(h.im.Requests()) > 0 })
+		if err := h.stop(); err != nil {
+			t.Fatal(err)
+		}
+		release()
+		if n := len(h.im.Messages()); n != 0 {
+			t.Fatalf("IM has %d messages before the restart, want 0", n)
+		}
+		h.start()
+		eventually(t, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
+		if got := h.messagesTo("agent_kim"); got[0].Text != "one" || got[1].Text != "two" {
+			t.Errorf("agent got %q, %q; want one, two", got[0].Text, got[1].Text)
+		}
+	})
 }
 
 // TestOrderUnderBurst: several customers write at once while IM fails now
 // and then; each customer's messages reach IM once each, in order.
 func TestOrderUnderBurst(t *testing.T) {
-	h := newHarness(t, harnessOptions{agents: []string{"agent_kim", "agent_lee"}})
-	h.im.FailNext(3, 91000) // internal error: retry
-	const customers, each = 4, 15
-	var wg sync.WaitGroup
-	for c := range customers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range each {
-				h.wx.SendText(context.Background(), fmt.Sprintf("openid_%d", c), fmt.Sprintf("c%d m%02d", c, i))
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"}})
+		h.im.FailNext(3, 91000) // internal error: retry
+		const customers, each = 4, 15
+		var wg sync.WaitGroup
+		for c := range customers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range each {
+					h.wx.SendText(context.Background(), fmt.Sprintf("openid_%d", c), fmt.Sprintf("c%d m%02d", c, i))
+				}
+			}()
+		}
+		wg.Wait()
+		eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == customers*each })
+		for c := range customers {
+			var got []string
+			for _, m := range h.im.Messages() {
+				if m.From == customerIM(fmt.Sprintf("openid_%d", c)) {
+					got = append(got, m.Text)
+				}
 			}
-		}()
-	}
-	wg.Wait()
-	eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == customers*each })
-	for c := range customers {
-		var got []string
-		for _, m := range h.im.Messages() {
-			if m.From == customerIM(fmt.Sprintf("openid_%d", c)) {
-				got = append(got, m.Text)
+			for i, text := range got {
+				if want := fmt.Sprintf("c%d m%02d", c, i); text != want {
+					t.Errorf("customer %d: message %d is %q, want %q (got %v)", c, i, text, want, got)
+					break
+				}
 			}
 		}
-		for i, text := range got {
-			if want := fmt.Sprintf("c%d m%02d", c, i); text != want {
-				t.Errorf("customer %d: message %d is %q, want %q (got %v)", c, i, text, want, got)
-				break
-			}
-		}
-	}
+	})
 }
 
 // TestAssignment: a new customer goes to the agent with the fewest open
 // conversations, and keeps that agent.
 func TestAssignment(t *testing.T) {
-	h := newHarness(t, harnessOptions{agents: []string{"agent_kim", "agent_lee"}})
-	ctx := context.Background()
-	for _, c := range []string{"c1", "c2", "c3"} {
-		h.wx.SendText(ctx, c, "hi from "+c)
-	}
-	h.wx.Unfollow(ctx, "c2") // agent_lee's only conversation closes
-	h.wx.SendText(ctx, "c4", "hi from c4")
-	h.wx.SendText(ctx, "c1", "again from c1")
-	eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == 5 })
-	want := map[string]string{"hi from c1": "agent_kim", "hi from c2": "agent_lee", "hi from c3": "agent_kim",
-		"hi from c4": "agent_lee", "again from c1": "agent_kim"}
-	for _, m := range h.im.Messages() {
-		if want[m.Text] != m.To {
-			t.Errorf("%q went to %s, want %s", m.Text, m.To, want[m.Text])
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"}})
+		ctx := context.Background()
+		for _, c := range []string{"c1", "c2", "c3"} {
+			h.wx.SendText(ctx, c, "hi from "+c)
 		}
-	}
+		h.wx.Unfollow(ctx, "c2") // agent_lee's only conversation closes
+		h.wx.SendText(ctx, "c4", "hi from c4")
+		h.wx.SendText(ctx, "c1", "again from c1")
+		eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == 5 })
+		want := map[string]string{"hi from c1": "agent_kim", "hi from c2": "agent_lee", "hi from c3": "agent_kim",
+			"hi from c4": "agent_lee", "again from c1": "agent_kim"}
+		for _, m := range h.im.Messages() {
+			if want[m.Text] != m.To {
+				t.Errorf("%q went to %s, want %s", m.Text, m.To, want[m.Text])
+			}
+		}
+	})
 }
 
 // TestUndeliverableReplyIsRecorded: a reply outside the customer's 48-hour
@@ -454,4 +466,11 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.now = c.now.Add(d)
+}
+
+// forStores runs fn on SQLite, then on PostgreSQL when TEST_DATABASE_URL is
+// set, so both stores are held to the same behaviour.
+func forStores(t *testing.T, fn func(t *testing.T, pg bool)) {
+	t.Run("sqlite", func(t *testing.T) { fn(t, false) })
+	t.Run("postgres", func(t *testing.T) { fn(t, true) })
 }

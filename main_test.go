@@ -3,10 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -36,10 +38,11 @@ type harness struct {
 
 // harnessOptions adjusts a harness before the bridge starts.
 type harnessOptions struct {
-	agents []string
-	wechat fakes.WeChatOptions
-	im     fakes.IMOptions
-	env    map[string]string
+	postgres bool // on a schema of its own in TEST_DATABASE_URL; skips without it
+	agents   []string
+	wechat   fakes.WeChatOptions
+	im       fakes.IMOptions
+	env      map[string]string
 }
 
 // newHarness starts the fakes and a bridge configured for them.
@@ -49,6 +52,10 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 		o.agents = []string{"agent_kim"}
 	}
 	h := &harness{t: t, logs: &syncBuffer{}}
+	db := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
+	if o.postgres {
+		db = testPostgres(t)
+	}
 	h.wx = fakes.NewWeChat(t, o.wechat)
 	o.im.Accounts = append(o.im.Accounts, o.agents...)
 	h.im = fakes.NewIM(t, o.im)
@@ -59,15 +66,12 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 		"WECHAT_API_BASE": h.wx.URL,
 		"IM_SDKAPPID":     fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY": imo.SecretKey, "IM_ADMIN": imo.Admin,
 		"IM_API_BASE": h.im.URL, "IM_AGENTS": strings.Join(o.agents, ","),
-		"DATABASE_URL": "sqlite:" + filepath.Join(t.TempDir(), "bridge.db"),
+		"DATABASE_URL": db,
 	}
 	for k, v := range o.env {
 		h.env[k] = v
 	}
 	t.Cleanup(func() {
-		if h.stop != nil {
-			h.stop()
-		}
 		if t.Failed() {
 			t.Logf("bridge logs:\n%s", h.logs.String())
 		}
@@ -76,31 +80,77 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 	return h
 }
 
-// start runs the bridge and waits until it is healthy.
+// start runs the bridge, points the fakes at it, and waits until it is
+// ready.
 func (h *harness) start() {
 	h.t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	mark := h.logs.Len()
-	go func() { done <- run(ctx, nil, func(k string) string { return h.env[k] }, io.Discard, h.logs) }()
-	h.stop = func() error {
-		cancel()
-		h.stop = nil
-		return <-done
-	}
-	addr := regexp.MustCompile(`msg=listening addr=(\S+)`)
-	eventually(h.t, "the bridge to listen", func() bool { return addr.MatchString(h.logs.From(mark)) })
-	h.base = "http://" + addr.FindStringSubmatch(h.logs.From(mark))[1]
+	h.base, h.stop = startBridge(h.t, h.env, h.logs)
 	h.wx.SetTarget(h.base + "/wechat")
 	h.im.SetCallbackURL(h.base + "/imcallback")
-	eventually(h.t, "the bridge to be ready", func() bool {
-		resp, err := http.Get(h.base + "/readyz")
+}
+
+// startBridge runs a bridge in-process with run and env, its logs into logs,
+// and waits until it is ready. It returns its URL and a function that stops
+// it and returns run's error.
+func startBridge(t testing.TB, env map[string]string, logs *syncBuffer) (base string, stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	mark := logs.Len()
+	env = maps.Clone(env)
+	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, io.Discard, logs) }()
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() { cancel(); err = <-done })
+		return err
+	}
+	t.Cleanup(func() { stop() })
+	addr := regexp.MustCompile(`msg=listening addr=(\S+)`)
+	eventually(t, "the bridge to listen", func() bool { return addr.MatchString(logs.From(mark)) })
+	base = "http://" + addr.FindStringSubmatch(logs.From(mark))[1]
+	eventually(t, "the bridge to be ready", func() bool {
+		resp, err := http.Get(base + "/readyz")
 		if err != nil {
 			return false
 		}
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
+	return base, stop
+}
+
+// testPostgres returns the URL of a fresh schema in the PostgreSQL database
+// TEST_DATABASE_URL names, dropped when the test ends; without the variable
+// the test is skipped.
+func testPostgres(t testing.TB) string {
+	t.Helper()
+	base := os.Getenv("TEST_DATABASE_URL")
+	if base == "" {
+		t.Skip("TEST_DATABASE_URL is not set: skipping the PostgreSQL test (.ci/run sets it)")
+	}
+	db, err := sql.Open("pgx", base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	schema := fmt.Sprintf("bridge_test_%d", time.Now().UnixNano())
+	if _, err := db.Exec("CREATE SCHEMA " + schema); err != nil {
+		t.Fatalf("create schema in TEST_DATABASE_URL: %v", err)
+	}
+	t.Cleanup(func() {
+		db, err := sql.Open("pgx", base)
+		if err != nil {
+			return
+		}
+		defer db.Close()
+		db.Exec("DROP SCHEMA " + schema + " CASCADE")
+	})
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	return base + sep + "search_path=" + schema
 }
 
 // restart stops the bridge and starts it again on the same database.
