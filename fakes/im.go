@@ -34,8 +34,11 @@ type IMOptions struct {
 	// CallbackToken, if set, signs callbacks as the console's
 	// authentication switch does: Sign=hex(sha256(token+RequestTime)).
 	CallbackToken string
-	Now           func() time.Time
-	Trace         func(string) // narration for the demo
+	// RateLimit is the calls per second each API takes before it answers
+	// 60007, as IM's default frequency limit; default 200, negative: none.
+	RateLimit int
+	Now       func() time.Time
+	Trace     func(string) // narration for the demo
 }
 
 // IM is a fake Tencent IM app: the REST API the bridge calls as admin, the
@@ -54,6 +57,14 @@ type IM struct {
 	callbackURL string
 	callbacks   []CallbackResult
 	cbHTTP      *http.Client
+	buckets     map[string]*bucket // rate limit, by command
+	limited     int                // requests answered 60007
+}
+
+// bucket is a token bucket: RateLimit tokens, refilled at RateLimit a second.
+type bucket struct {
+	tokens float64
+	last   time.Time
 }
 
 // Message is a one-to-one message IM delivered.
@@ -98,8 +109,12 @@ func NewIM(t T, opts IMOptions) *IM {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.RateLimit == 0 {
+		opts.RateLimit = 200
+	}
 	im := &IM{
-		t: t, opts: opts,
+		buckets: map[string]*bucket{},
+		t:       t, opts: opts,
 		accounts: map[string]bool{opts.Admin: true},
 		recent:   map[string]recentSend{},
 		cbHTTP:   &http.Client{Timeout: 2 * time.Second}, // IM waits 2 s for a callback
@@ -169,6 +184,10 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a)
 		return
 	}
+	if !im.allow(command) {
+		writeJSON(w, imFail(60007, "REST API call frequency limit exceeded"))
+		return
+	}
 	if status, code, inject := im.fault(r); inject {
 		if status != 0 {
 			http.Error(w, http.StatusText(status), status)
@@ -203,6 +222,36 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 		a = imFail(60009, "bad request resource")
 	}
 	writeJSON(w, a)
+}
+
+// allow takes a token from command's bucket, counting a refusal.
+func (im *IM) allow(command string) bool {
+	if im.opts.RateLimit < 0 {
+		return true
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	now := time.Now() // rate limits are about real time, whatever the fake's clock
+	b, ok := im.buckets[command]
+	if !ok {
+		b = &bucket{tokens: float64(im.opts.RateLimit), last: now}
+		im.buckets[command] = b
+	}
+	b.tokens = min(float64(im.opts.RateLimit), b.tokens+now.Sub(b.last).Seconds()*float64(im.opts.RateLimit))
+	b.last = now
+	if b.tokens < 1 {
+		im.limited++
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// Limited returns how many requests were answered 60007 (rate limit).
+func (im *IM) Limited() int {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.limited
 }
 
 // checkQuery checks the common query parameters and the admin's UserSig.

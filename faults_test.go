@@ -1,0 +1,259 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"wechat-im-bridge/fakes"
+)
+
+// switchProxy forwards TCP connections to a target until Down, which
+// closes its listener and every connection, so that calls are refused; Up
+// listens again on the same address.
+type switchProxy struct {
+	t      *testing.T
+	addr   string
+	target string
+	mu     sync.Mutex
+	ln     net.Listener
+	conns  []net.Conn
+}
+
+func newSwitchProxy(t *testing.T, targetURL string) *switchProxy {
+	p := &switchProxy{t: t, target: strings.TrimPrefix(targetURL, "http://")}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.addr = ln.Addr().String()
+	p.serve(ln)
+	t.Cleanup(p.Down)
+	return p
+}
+
+func (p *switchProxy) URL() string { return "http://" + p.addr }
+
+func (p *switchProxy) serve(ln net.Listener) {
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, up)
+			p.mu.Unlock()
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+}
+
+// Down refuses connections from now on.
+func (p *switchProxy) Down() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close()
+		p.ln = nil
+	}
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// Up takes connections again.
+func (p *switchProxy) Up() {
+	ln, err := net.Listen("tcp", p.addr)
+	if err != nil {
+		p.t.Fatalf("proxy up again: %v", err)
+	}
+	p.serve(ln)
+}
+
+// fastRetries makes a bridge retry within milliseconds and give up on a
+// vendor call after 300 ms, so that outages play out quickly.
+var fastRetries = map[string]string{"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "100ms", "VENDOR_TIMEOUT": "300ms"}
+
+// TestVendorOutagesRecovered: IM or WeChat failing for a while (5xx, busy
+// codes, timeouts, refused connections) delays a message, which arrives
+// after recovery exactly once (at least once for a WeChat timeout: WeChat
+// has no way to drop a repeated custom/send whose first answer was lost).
+func TestVendorOutagesRecovered(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		wechat      bool                                                   // the reply to WeChat fails, else the message to IM
+		fail        func(h *harness, im, wx *switchProxy) (recover func()) // starts the outage
+		atLeastOnce bool
+	}{
+		{"IM answers 503", false, func(h *harness, _, _ *switchProxy) func() { h.im.FailNextStatus(3, 503); return func() {} }, false},
+		{"IM busy 70169", false, func(h *harness, _, _ *switchProxy) func() { h.im.FailNext(3, 70169); return func() {} }, false},
+		{"IM internal error 91000", false, func(h *harness, _, _ *switchProxy) func() { h.im.FailNext(3, 91000); return func() {} }, false},
+		{"IM rate limit 60007", false, func(h *harness, _, _ *switchProxy) func() { h.im.FailNext(3, 60007); return func() {} }, false},
+		{"IM times out", false, func(h *harness, _, _ *switchProxy) func() {
+			h.im.Delay(time.Second)
+			return func() { h.im.Delay(0) }
+		}, false},
+		{"IM refuses connections", false, func(h *harness, im, _ *switchProxy) func() { im.Down(); return im.Up }, false},
+		{"WeChat answers 503", true, func(h *harness, _, _ *switchProxy) func() { h.wx.FailNextStatus(3, 503); return func() {} }, false},
+		{"WeChat system busy -1", true, func(h *harness, _, _ *switchProxy) func() { h.wx.FailNext(3, -1); return func() {} }, false},
+		{"WeChat quota 45009", true, func(h *harness, _, _ *switchProxy) func() { h.wx.FailNext(3, 45009); return func() {} }, false},
+		{"WeChat times out", true, func(h *harness, _, _ *switchProxy) func() {
+			h.wx.Delay(time.Second)
+			return func() { h.wx.Delay(0) }
+		}, true},
+		{"WeChat refuses connections", true, func(h *harness, _, wx *switchProxy) func() { wx.Down(); return wx.Up }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, harnessOptions{env: fastRetries})
+			imProxy, wxProxy := newSwitchProxy(t, h.im.URL), newSwitchProxy(t, h.wx.URL)
+			h.env["IM_API_BASE"], h.env["WECHAT_API_BASE"] = imProxy.URL(), wxProxy.URL()
+			h.restart()
+			ctx := context.Background()
+			h.wx.SendText(ctx, customer, "before")
+			eventually(t, "the first message in IM", func() bool { return len(h.im.Messages()) == 1 })
+			h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "first reply")
+			eventually(t, "the first reply in WeChat", func() bool { return len(h.wx.Sent()) == 1 })
+
+			mark := h.logs.Len()
+			recover := tc.fail(h, imProxy, wxProxy)
+			if tc.wechat {
+				h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "during the outage")
+			} else {
+				h.wx.SendText(ctx, customer, "during the outage")
+			}
+			eventually(t, "a failed attempt", func() bool { return strings.Contains(h.logs.From(mark), "will retry") })
+			recover()
+
+			if tc.wechat {
+				eventually(t, "the reply in WeChat", func() bool { return len(h.wx.Sent()) >= 2 })
+				var n int
+				for _, m := range h.wx.Sent() {
+					if m.Text == "during the outage" {
+						n++
+					}
+				}
+				if n != 1 && !(tc.atLeastOnce && n > 1) {
+					t.Errorf("the reply arrived %d times, want once", n)
+				}
+			} else {
+				eventually(t, "the message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 2 })
+				h.wx.SendText(ctx, customer, "after")
+				eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
+				var texts []string
+				for _, m := range h.messagesTo("agent_kim") {
+					texts = append(texts, m.Text)
+				}
+				if got := strings.Join(texts, "|"); got != "before|during the outage|after" {
+					t.Errorf("IM got %q, want each message once, in order", got)
+				}
+			}
+		})
+	}
+}
+
+// TestDeadLetterToldToAgent: a reply WeChat will not take (outside the
+// 48-hour window) and a message IM will not take within IM_DELIVERY_WINDOW
+// become dead letters with their reasons, and the agent of the
+// conversation is told by an IM message from the admin.
+func TestDeadLetterToldToAgent(t *testing.T) {
+	clock := &fakeClock{now: time.Now()}
+	env := map[string]string{"IM_DELIVERY_WINDOW": "500ms"}
+	for k, v := range fastRetries {
+		env[k] = v
+	}
+	h := newHarness(t, harnessOptions{wechat: fakes.WeChatOptions{Now: clock.Now}, env: env})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.im.Messages()) == 1 })
+
+	// IM failing longer than its window: the message is given up, and the
+	// notice reaches the agent once IM takes calls again.
+	h.im.FailNext(1000, 91000)
+	h.wx.SendText(ctx, "o_other", "lost in IM")
+	eventually(t, "the message given up", func() bool { return strings.Contains(h.logs.String(), "still failing 500ms") })
+	h.im.FailNext(0, 0)
+	eventually(t, "the notice of the lost message", func() bool {
+		for _, m := range h.messagesTo("agent_kim") {
+			if strings.Contains(m.Text, "lost in IM") && m.From == "administrator" {
+				return true
+			}
+		}
+		return false
+	})
+
+	// The 48-hour window past, WeChat refuses the reply (45015) at once.
+	clock.Advance(49 * time.Hour)
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer)
+	var notice fakes.Message
+	eventually(t, "the notice of the lost reply", func() bool {
+		for _, m := range h.messagesTo("agent_kim") {
+			if strings.Contains(m.Text, answer) {
+				notice = m
+				return true
+			}
+		}
+		return false
+	})
+	if notice.From != "administrator" || !strings.Contains(notice.Text, answer) || !strings.Contains(notice.Text, "45015") {
+		t.Errorf("agent got %q from %s, want the admin naming the reply and errcode 45015", notice.Text, notice.From)
+	}
+
+	b := h.metricsText()
+	for _, want := range []string{`bridge_dead_letters_total{target="wechat"} 1`, `bridge_dead_letters_total{target="im"}`} {
+		if !strings.Contains(b, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+// TestIMRateLimitRespected: with IM taking 50 calls a second per API, a
+// burst of messages is paced under the limit: IM never answers 60007.
+func TestIMRateLimitRespected(t *testing.T) {
+	h := newHarness(t, harnessOptions{im: fakes.IMOptions{RateLimit: 50}, env: map[string]string{"IM_RATE_LIMIT": "50"}})
+	im := h.im
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for c := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 10 {
+				h.wx.SendText(ctx, fmt.Sprintf("o_%d", c), fmt.Sprintf("m%d", i))
+			}
+		}()
+	}
+	wg.Wait()
+	eventually(t, "every message in IM", func() bool { return len(im.Messages()) == 80 })
+	if n := im.Limited(); n != 0 {
+		t.Errorf("IM refused %d calls for the rate limit, want none", n)
+	}
+}
+
+// metricsText returns GET /metrics.
+func (h *harness) metricsText() string {
+	h.t.Helper()
+	resp, err := http.Get(h.base + "/metrics")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
