@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -174,7 +175,7 @@ func TestVendorOutagesRecovered(t *testing.T) {
 // conversation is told by an IM message from the admin.
 func TestDeadLetterToldToAgent(t *testing.T) {
 	clock := &fakeClock{now: time.Now()}
-	env := map[string]string{"IM_DELIVERY_WINDOW": "500ms"}
+	env := map[string]string{"IM_DELIVERY_WINDOW": "1s"}
 	for k, v := range fastRetries {
 		env[k] = v
 	}
@@ -187,7 +188,9 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 	// notice reaches the agent once IM takes calls again.
 	h.im.FailNext(1000, 91000)
 	h.wx.SendText(ctx, "o_other", "lost in IM")
-	eventually(t, "the message given up", func() bool { return strings.Contains(h.logs.String(), "still failing 500ms") })
+	eventually(t, "the message given up", func() bool {
+		return regexp.MustCompile(`msg="delivery failed for good" id=\d+ kind=im_send`).MatchString(h.logs.String())
+	})
 	h.im.FailNext(0, 0)
 	eventually(t, "the notice of the lost message", func() bool {
 		for _, m := range h.messagesTo("agent_kim") {
