@@ -91,7 +91,7 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	worker.StopGrace = cfg.ShutdownGrace
 	// A claimed item is held long enough for the calls one delivery may make
 	// (a token or account fetched first, then the call, then once more).
-	worker.Lease = 4*cfg.VendorTimeout + 5*time.Second
+	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second
 	b := &bridge{cfg: cfg, store: st, worker: worker, metrics: m, log: log, now: now}
 	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
 		if k != "" {

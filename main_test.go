@@ -39,6 +39,7 @@ type harness struct {
 // harnessOptions adjusts a harness before the bridge starts.
 type harnessOptions struct {
 	postgres bool // on a schema of its own in TEST_DATABASE_URL; skips without it
+	external bool // the test starts the bridge itself
 	agents   []string
 	wechat   fakes.WeChatOptions
 	im       fakes.IMOptions
@@ -76,7 +77,9 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 			t.Logf("bridge logs:\n%s", h.logs.String())
 		}
 	})
-	h.start()
+	if !o.external {
+		h.start()
+	}
 	return h
 }
 

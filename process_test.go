@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// bridgeProcess is the bridge running as a real subprocess.
+type bridgeProcess struct {
+	cmd  *exec.Cmd
+	logs *syncBuffer
+	base string
+	done chan error
+}
+
+// buildBridge builds the bridge's binary into a temporary folder.
+func buildBridge(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "wechat-im-bridge")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// startProcess runs the binary with the harness's environment, points the
+// fakes at it, and waits until it is ready.
+func (h *harness) startProcess(bin string) *bridgeProcess {
+	h.t.Helper()
+	p := &bridgeProcess{cmd: exec.Command(bin), logs: &syncBuffer{}, done: make(chan error, 1)}
+	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	for k, v := range h.env {
+		p.cmd.Env = append(p.cmd.Env, k+"="+v)
+	}
+	p.cmd.Stderr = p.logs
+	if err := p.cmd.Start(); err != nil {
+		h.t.Fatal(err)
+	}
+	go func() { p.done <- p.cmd.Wait() }()
+	h.t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+		if h.t.Failed() {
+			h.t.Logf("bridge process logs:\n%s", p.logs.String())
+		}
+	})
+	addr := regexp.MustCompile(`msg=listening addr=(\S+)`)
+	eventually(h.t, "the bridge process to listen", func() bool { return addr.MatchString(p.logs.String()) })
+	p.base = "http://" + addr.FindStringSubmatch(p.logs.String())[1]
+	h.wx.SetTarget(p.base + "/wechat")
+	h.im.SetCallbackURL(p.base + "/imcallback")
+	eventually(h.t, "the bridge process to be ready", func() bool {
+		resp, err := http.Get(p.base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return p
+}
+
+// wait returns the process's exit error, failing the test after limit.
+func (p *bridgeProcess) wait(t *testing.T, limit time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-p.done:
+		p.done <- err // for the cleanup
+		return err
+	case <-time.After(limit):
+		t.Fatalf("the bridge process did not exit within %s", limit)
+		return nil
+	}
+}
+
+// TestKilledBetweenAnswerAndDelivery: the bridge answers WeChat, is killed
+// (SIGKILL) while its call to IM is in flight, and, restarted on the same
+// database, delivers everything once.
+func TestKilledBetweenAnswerAndDelivery(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, external: true, env: fastRetries})
+		bin := buildBridge(t)
+		p := h.startProcess(bin)
+		release := h.im.Hold()
+		ctx := context.Background()
+		for _, text := range []string{"one", "two"} {
+			if r := h.wx.SendText(ctx, customer, text); r.Status != 200 {
+				t.Fatalf("push got %d %q", r.Status, r.Body)
+			}
+		}
+		eventually(t, "the call to IM in flight", func() bool { return len(h.im.Requests()) > 0 })
+		p.cmd.Process.Signal(syscall.SIGKILL)
+		p.wait(t, 10*time.Second)
+		release() // IM may still act on the call whose answer nobody reads
+		h.startProcess(bin)
+		eventually(t, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 2 })
+		h.wx.SendText(ctx, customer, "three")
+		eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
+		var texts []string
+		for _, m := range h.messagesTo("agent_kim") {
+			texts = append(texts, m.Text)
+		}
+		if got := strings.Join(texts, " "); got != "one two three" {
+			t.Errorf("agent got %q, want each message once, in order", got)
+		}
+	})
+}
+
+// TestSIGTERMDrains: on SIGTERM the bridge stops taking pushes, finishes
+// or hands back the deliveries in flight within SHUTDOWN_GRACE, and exits 0;
+// restarted, it delivers what was left, once.
+func TestSIGTERMDrains(t *testing.T) {
+	env := map[string]string{"SHUTDOWN_GRACE": "1s"}
+	for k, v := range fastRetries {
+		env[k] = v
+	}
+	h := newHarness(t, harnessOptions{external: true, env: env})
+	bin := buildBridge(t)
+	p := h.startProcess(bin)
+	ctx := context.Background()
+	h.wx.Follow(ctx, customer)
+	eventually(t, "the account imported", func() bool { return h.im.Imported(customerIM(customer)) })
+	h.im.Delay(200 * time.Millisecond)
+	for _, text := range []string{"one", "two", "three"} {
+		h.wx.SendText(ctx, customer, text)
+	}
+	eventually(t, "a call to IM in flight", func() bool { return len(h.im.RequestsTo("/v4/openim/sendmsg")) > 0 })
+	start := time.Now()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	eventually(t, "pushes refused", func() bool {
+		_, err := http.Post(p.base+"/wechat", "text/xml", strings.NewReader("<xml/>"))
+		return err != nil
+	})
+	if err := p.wait(t, 10*time.Second); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("the bridge exited %d, want 0", ee.ExitCode())
+		}
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the bridge took %s to stop, past its grace of 1s", took)
+	}
+	if !strings.Contains(p.logs.String(), "msg=stopped") {
+		t.Errorf("the bridge did not log its stop:\n%s", p.logs.String())
+	}
+	h.im.Delay(0)
+	h.startProcess(bin)
+	eventually(t, "every message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
+	h.wx.SendText(ctx, customer, "four")
+	eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 4 })
+	var texts []string
+	for _, m := range h.messagesTo("agent_kim") {
+		texts = append(texts, m.Text)
+	}
+	if got := strings.Join(texts, " "); got != "one two three four" {
+		t.Errorf("agent got %q, want each message once, in order", got)
+	}
+}
