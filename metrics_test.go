@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// TestMetricsAndProbes plays the round trip and reads /metrics, /healthz
+// and /readyz.
+func TestMetricsAndProbes(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	ctx := context.Background()
+	h.wx.Follow(ctx, customer)
+	h.wx.SendText(ctx, customer, question)
+	h.wx.Push(ctx, h.wx.EventXML(customer, "CLICK", "MENU"))
+	eventually(t, "the question in IM", func() bool { return len(h.im.Messages()) == 1 })
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer)
+	eventually(t, "the answer in WeChat", func() bool { return len(h.wx.Sent()) == 1 })
+	eventually(t, "an empty outbox", func() bool { return strings.Contains(h.metricsText(), "bridge_outbox_depth 0") })
+
+	m := h.metricsText()
+	for _, want := range []string{
+		`bridge_wechat_pushes_total{outcome="accepted",type="text"} 1`,
+		`bridge_wechat_pushes_total{outcome="accepted",type="event_subscribe"} 1`,
+		`bridge_wechat_pushes_total{outcome="ignored",type="event_CLICK"} 1`,
+		`bridge_im_callbacks_total{outcome="forwarded"} 1`,
+		`bridge_im_callbacks_total{outcome="ignored"} 1`, // the Before callback
+		`bridge_deliveries_total{outcome="delivered",target="im"} 2`,
+		`bridge_deliveries_total{outcome="delivered",target="wechat"} 1`,
+		`bridge_outbox_oldest_age_seconds 0`,
+		`bridge_dead_letters 0`,
+		`bridge_webhook_duration_seconds_count{endpoint="wechat"} 3`,
+		`bridge_webhook_duration_seconds_count{endpoint="imcallback"} 2`,
+		`bridge_delivery_latency_seconds_count{target="wechat"} 1`,
+		`go_goroutines`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	for _, probe := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Get(h.base + probe)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("%s answered %d, want 200", probe, resp.StatusCode)
+		}
+	}
+}
+
+// TestReadyzNotReady: /readyz answers 503 while the worker is not running
+// or the store does not answer; /healthz still answers 200.
+func TestReadyzNotReady(t *testing.T) {
+	st, _ := newTestStore(t)
+	b := &bridge{store: st, worker: &Worker{}, metrics: newMetrics(st)}
+	routes := b.routes()
+	get := func(path string) int {
+		rec := httptest.NewRecorder()
+		routes.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+		return rec.Code
+	}
+	if got := get("/readyz"); got != 503 {
+		t.Errorf("/readyz with the worker stopped: got %d, want 503", got)
+	}
+	st.Close()
+	if got := get("/healthz"); got != 200 {
+		t.Errorf("/healthz: got %d, want 200", got)
+	}
+}
