@@ -39,6 +39,8 @@ type IMOptions struct {
 	RateLimit int
 	Now       func() time.Time
 	Trace     func(string) // narration for the demo
+	// OnMessage, if set, is called with each message as it is delivered.
+	OnMessage func(Message)
 }
 
 // IM is a fake Tencent IM app: the REST API the bridge calls as admin, the
@@ -57,6 +59,8 @@ type IM struct {
 	callbackURL string
 	callbacks   []CallbackResult
 	cbHTTP      *http.Client
+	lastSweep   time.Time          // when recent was last swept
+	unread      map[string]int     // messages delivered to each account
 	buckets     map[string]*bucket // rate limit, by command
 	limited     int                // requests answered 60007
 }
@@ -77,6 +81,7 @@ type Message struct {
 	MsgKey    string
 	MsgTime   int64
 	Platform  string // RESTAPI for sendmsg, Web for an agent's client
+	Received  time.Time
 }
 
 type recentSend struct {
@@ -114,6 +119,7 @@ func NewIM(t T, opts IMOptions) *IM {
 	}
 	im := &IM{
 		buckets: map[string]*bucket{},
+		unread:  map[string]int{},
 		t:       t, opts: opts,
 		accounts: map[string]bool{opts.Admin: true},
 		recent:   map[string]recentSend{},
@@ -415,12 +421,15 @@ func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now t
 		return imFail(20003, "To_Account is invalid or not imported")
 	}
 	key := fmt.Sprintf("%s|%d|%d|%08x", from, seq, random, crc32.ChecksumIEEE(req["MsgBody"]))
-	for k, v := range im.recent {
-		if now.Sub(v.at) > 120*time.Second {
-			delete(im.recent, k)
+	if now.Sub(im.lastSweep) > 10*time.Second {
+		for k, v := range im.recent {
+			if now.Sub(v.at) > 120*time.Second {
+				delete(im.recent, k)
+			}
 		}
+		im.lastSweep = now
 	}
-	if prev, dup := im.recent[key]; dup {
+	if prev, dup := im.recent[key]; dup && now.Sub(prev.at) <= 120*time.Second {
 		im.mu.Unlock()
 		a := imOK()
 		a["MsgTime"], a["MsgKey"] = prev.time, prev.msgKey
@@ -533,14 +542,14 @@ func (im *IM) deliver(ctx context.Context, m Message, before, after bool) error 
 		// On a failed or timed-out Before callback IM delivers by default.
 	}
 	im.mu.Lock()
+	m.Received = time.Now()
 	im.messages = append(im.messages, m)
-	unread := 0
-	for _, x := range im.messages {
-		if x.To == m.To {
-			unread++
-		}
-	}
+	im.unread[m.To]++
+	unread := im.unread[m.To]
 	im.mu.Unlock()
+	if im.opts.OnMessage != nil {
+		im.opts.OnMessage(m)
+	}
 	hop(im.opts.Trace, "IM", "inbox", "%s receives from %s: %q", m.To, m.From, m.Text)
 	if after {
 		base["CallbackCommand"] = "C2C.CallbackAfterSendMsg"
