@@ -26,7 +26,7 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 // harness runs the bridge in-process with run, between a fake WeChat and a
 // fake IM.
 type harness struct {
-	t    *testing.T
+	t    testing.TB
 	wx   *fakes.WeChat
 	im   *fakes.IM
 	env  map[string]string
@@ -47,7 +47,7 @@ type harnessOptions struct {
 }
 
 // newHarness starts the fakes and a bridge configured for them.
-func newHarness(t *testing.T, o harnessOptions) *harness {
+func newHarness(t testing.TB, o harnessOptions) *harness {
 	t.Helper()
 	if o.agents == nil {
 		o.agents = []string{"agent_kim"}
@@ -235,7 +235,7 @@ func (b *syncBuffer) From(n int) string {
 }
 
 // golden compares got with testdata/name, or rewrites it under -update.
-func golden(t *testing.T, name string, got []byte) {
+func golden(t testing.TB, name string, got []byte) {
 	t.Helper()
 	path := filepath.Join("testdata", name)
 	if *update {

@@ -34,33 +34,66 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	// The conditions stand on the UPDATE too: on PostgreSQL, an instance
 	// that waited for another's claim to commit re-checks them on the row
 	// as the other left it, and skips it.
-	rows, err := s.db.QueryContext(ctx, s.q(`
+	var items []OutboxItem
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		rows, err := s.query(ctx, tx, `
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?
 		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ? AND id IN (
 			SELECT o.id FROM outbox o
 			WHERE o.state = 'pending' AND o.next_at <= ? AND o.claimed_until <= ?
 			  AND o.id = (SELECT MIN(id) FROM outbox WHERE lane = o.lane AND state = 'pending')
 			ORDER BY o.id LIMIT ?)
-		RETURNING `+itemColumns), owner, now.Add(lease).UnixMilli(), ms, ms, ms, ms, limit)
+		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, ms, ms, limit)
+		if err != nil {
+			return err
+		}
+		items, err = scanItems(rows)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("claim: %w", err)
 	}
-	return scanItems(rows)
+	return items, nil
 }
 
 // ClaimLaneHead takes the first pending item of lane for owner if it is due
 // and held by no one; ok is false otherwise.
 func (s *Store) ClaimLaneHead(ctx context.Context, owner, lane string, now time.Time, lease time.Duration) (it OutboxItem, ok bool, err error) {
+	var items []OutboxItem
+	err = s.write(ctx, func(tx *sql.Tx) error {
+		items, err = s.claimLaneHead(ctx, tx, owner, lane, now, lease)
+		return err
+	})
+	if err != nil || len(items) == 0 {
+		return OutboxItem{}, false, err
+	}
+	return items[0], true, nil
+}
+
+func (s *Store) claimLaneHead(ctx context.Context, tx *sql.Tx, owner, lane string, now time.Time, lease time.Duration) ([]OutboxItem, error) {
 	ms := now.UnixMilli()
-	rows, err := s.db.QueryContext(ctx, s.q(`
+	rows, err := s.query(ctx, tx, `
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?
 		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ?
 		  AND id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')
-		RETURNING `+itemColumns), owner, now.Add(lease).UnixMilli(), ms, ms, lane)
+		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, lane)
 	if err != nil {
-		return OutboxItem{}, false, fmt.Errorf("claim lane head: %w", err)
+		return nil, fmt.Errorf("claim lane head: %w", err)
 	}
-	items, err := scanItems(rows)
+	return scanItems(rows)
+}
+
+// DeliveredNext marks an item done and, in the same transaction, takes the
+// next item of its lane for owner, as ClaimLaneHead does.
+func (s *Store) DeliveredNext(ctx context.Context, it OutboxItem, owner string, now time.Time, lease time.Duration) (next OutboxItem, ok bool, err error) {
+	var items []OutboxItem
+	err = s.write(ctx, func(tx *sql.Tx) error {
+		if err := s.setState(ctx, tx, it.ID, "done", "", now.UnixMilli(), now); err != nil {
+			return err
+		}
+		items, err = s.claimLaneHead(ctx, tx, owner, it.Lane, now, lease)
+		return err
+	})
 	if err != nil || len(items) == 0 {
 		return OutboxItem{}, false, err
 	}
@@ -70,7 +103,23 @@ func (s *Store) ClaimLaneHead(ctx context.Context, owner, lane string, now time.
 // Release lets go of the pending items owner holds, so another instance (or
 // the next start) takes them at once.
 func (s *Store) Release(ctx context.Context, owner string) error {
-	if _, err := s.db.ExecContext(ctx, s.q(`UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`), owner); err != nil {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`, owner)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("release: %w", err)
+	}
+	return nil
+}
+
+// ReleaseItem lets go of one held item.
+func (s *Store) ReleaseItem(ctx context.Context, id int64) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE id = ? AND state = 'pending'`, id)
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("release: %w", err)
 	}
 	return nil
@@ -80,7 +129,7 @@ func (s *Store) Release(ctx context.Context, owner string) error {
 // nothing is pending.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	var next sql.NullInt64
-	if err := s.db.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending'`).Scan(&next); err != nil {
+	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending'`).Scan(&next); err != nil {
 		return time.Time{}, false, fmt.Errorf("next due: %w", err)
 	}
 	return time.UnixMilli(next.Int64), next.Valid, nil
@@ -88,18 +137,18 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 
 // Delivered marks an item done.
 func (s *Store) Delivered(ctx context.Context, id int64, now time.Time) error {
-	return s.setState(ctx, s.db, id, "done", "", now.UnixMilli(), now)
+	return s.write(ctx, func(tx *sql.Tx) error { return s.setState(ctx, tx, id, "done", "", now.UnixMilli(), now) })
 }
 
 // RetryLater records a failed attempt and makes the item due again at next.
 func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, now time.Time) error {
-	return s.setState(ctx, s.db, id, "pending", reason, next.UnixMilli(), now)
+	return s.write(ctx, func(tx *sql.Tx) error { return s.setState(ctx, tx, id, "pending", reason, next.UnixMilli(), now) })
 }
 
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
 func (s *Store) GiveUp(ctx context.Context, id int64, reason string, notice *Delivery, now time.Time) error {
-	return s.inTx(ctx, func(tx *sql.Tx) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
 		if err := s.setState(ctx, tx, id, "failed", reason, now.UnixMilli(), now); err != nil {
 			return err
 		}
@@ -110,13 +159,9 @@ func (s *Store) GiveUp(ctx context.Context, id int64, reason string, notice *Del
 	})
 }
 
-type execer interface {
-	ExecContext(context.Context, string, ...any) (sql.Result, error)
-}
-
-func (s *Store) setState(ctx context.Context, db execer, id int64, state, reason string, next int64, now time.Time) error {
-	_, err := db.ExecContext(ctx, s.q(`UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-		claimed_until = 0, updated_at = ? WHERE id = ?`), state, reason, next, now.UnixMilli(), id)
+func (s *Store) setState(ctx context.Context, tx *sql.Tx, id int64, state, reason string, next int64, now time.Time) error {
+	_, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+		claimed_until = 0, updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), id)
 	if err != nil {
 		return fmt.Errorf("outbox set %s: %w", state, err)
 	}
@@ -134,7 +179,7 @@ type OutboxStats struct {
 func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	var st OutboxStats
 	var oldest sql.NullInt64
-	err := s.db.QueryRowContext(ctx, `SELECT
+	err := s.rdb.QueryRowContext(ctx, `SELECT
 		(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
 		(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
 		(SELECT MIN(created_at) FROM outbox WHERE state = 'pending')`).Scan(&st.Pending, &st.Failed, &oldest)
@@ -155,7 +200,7 @@ type DeadLetter struct {
 
 // DeadLetters returns the deliveries given up on, oldest first.
 func (s *Store) DeadLetters(ctx context.Context) ([]DeadLetter, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
+	rows, err := s.rdb.QueryContext(ctx, `SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("dead letters: %w", err)
 	}

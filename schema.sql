@@ -23,12 +23,19 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
 
+-- agent_load counts each agent's open conversations, kept with them, so a
+-- new customer's assignment reads one small row an agent.
+CREATE TABLE IF NOT EXISTS agent_load (
+    agent TEXT PRIMARY KEY,
+    open  INTEGER NOT NULL DEFAULT 0
+);
+
 -- seen_keys holds the key of every push and callback accepted, so that a
--- vendor's retry commits nothing new. For a push key (wx:…), value is the
--- passive reply it was given; for a signature key (sig:…), the push key the
--- signed URL carried, so a signed URL serves one push only.
+-- vendor's retry commits nothing new. For a push, value is the passive reply
+-- it was given and sig its signed query: a signed query serves one push only.
 CREATE TABLE IF NOT EXISTS seen_keys (
     key         TEXT PRIMARY KEY,
+    sig         TEXT UNIQUE,
     value       TEXT NOT NULL DEFAULT '',
     received_at BIGINT NOT NULL
 );

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -25,8 +26,14 @@ var schemaSQL string
 // SQLite (one instance) or PostgreSQL (one or several). Every method that
 // accepts work commits it in one transaction before it returns.
 type Store struct {
-	db       *sql.DB
+	db       *sql.DB // writes (on SQLite, one connection, used by the writer only)
+	rdb      *sql.DB // reads (on SQLite, a pool of its own; on PostgreSQL, db)
 	postgres bool
+
+	stmts      sync.Map     // SQLite: query → *sql.Stmt
+	ops        chan writeOp // SQLite: writes waiting for the writer
+	stopped    chan struct{}
+	writerDone chan struct{}
 }
 
 // schemaLock is the PostgreSQL advisory lock held while the schema is
@@ -40,19 +47,26 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 	schema := schemaSQL
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
-		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_txlock=immediate"
-		if s.db, err = sql.Open("sqlite", dsn); err != nil {
+		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
+		if s.db, err = sql.Open("sqlite", dsn+"&_txlock=immediate"); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
 		}
-		// One connection: SQLite has one writer at a time, and this keeps
-		// every transaction free of SQLITE_BUSY.
-		s.db.SetMaxOpenConns(1)
+		// Only the writer goroutine writes, one transaction at a time; a
+		// second connection lets it prepare a statement while its
+		// transaction holds the first.
+		s.db.SetMaxOpenConns(2)
+		if s.rdb, err = sql.Open("sqlite", dsn+"&_pragma=query_only(1)"); err != nil {
+			s.db.Close()
+			return nil, fmt.Errorf("open store: %w", err)
+		}
+		s.rdb.SetMaxOpenConns(4)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
 			return nil, fmt.Errorf("open store: %s", redactDSN(err.Error()))
 		}
 		s.postgres = true
+		s.rdb = s.db
 		s.db.SetMaxOpenConns(32)
 		s.db.SetMaxIdleConns(32)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
@@ -61,19 +75,26 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 		return nil, perr
 	}
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, schema)
+		if _, err := tx.ExecContext(ctx, schema); err != nil {
+			return err
+		}
+		if s.postgres {
+			return nil
+		}
+		// SQLite serves one instance: what a previous run held is free.
+		_, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`)
 		return err
 	})
 	if err != nil {
 		s.db.Close()
+		if s.rdb != s.db {
+			s.rdb.Close()
+		}
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
 	if !s.postgres {
-		// SQLite serves one instance: what a previous run held is free.
-		if _, err := s.db.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`); err != nil {
-			s.db.Close()
-			return nil, fmt.Errorf("open store: %w", err)
-		}
+		s.ops, s.stopped, s.writerDone = make(chan writeOp), make(chan struct{}), make(chan struct{})
+		go s.runWriter()
 	}
 	return s, nil
 }
@@ -83,11 +104,23 @@ func isPostgresURL(u string) bool {
 	return strings.HasPrefix(u, "postgres://") || strings.HasPrefix(u, "postgresql://")
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close stops the writer and closes the database.
+func (s *Store) Close() error {
+	if s.stopped != nil {
+		select {
+		case <-s.stopped:
+			return nil // closed before
+		default:
+		}
+		close(s.stopped)
+		<-s.writerDone
+		s.rdb.Close()
+	}
+	return s.db.Close()
+}
 
 // Ping reports whether the database answers.
-func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
+func (s *Store) Ping(ctx context.Context) error { return s.rdb.PingContext(ctx) }
 
 // q adapts a query written with ? placeholders to the dialect.
 func (s *Store) q(query string) string {
@@ -107,14 +140,67 @@ func (s *Store) q(query string) string {
 	return b.String()
 }
 
-// lockRow is the clause that locks the rows a SELECT reads until the
-// transaction ends. SQLite needs none: its transactions take the whole
-// database for writing from their start.
-func (s *Store) lockRow() string {
-	if s.postgres {
-		return " FOR UPDATE"
+// exec runs a statement, written with ? placeholders, in tx. On SQLite the
+// statement is prepared once and reused: parsing it again for every push
+// would cost more than running it. pgx caches its statements itself.
+func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
+	if st, err := s.prepared(ctx, query); err != nil {
+		return nil, err
+	} else if st != nil {
+		return tx.StmtContext(ctx, st).ExecContext(ctx, args...)
 	}
-	return ""
+	return tx.ExecContext(ctx, s.q(query), args...)
+}
+
+// query runs a query, as exec does.
+func (s *Store) query(ctx context.Context, tx *sql.Tx, query string, args ...any) (*sql.Rows, error) {
+	if st, err := s.prepared(ctx, query); err != nil {
+		return nil, err
+	} else if st != nil {
+		return tx.StmtContext(ctx, st).QueryContext(ctx, args...)
+	}
+	return tx.QueryContext(ctx, s.q(query), args...)
+}
+
+// queryRow runs a query for one row, as exec does.
+func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) *sql.Row {
+	if st, err := s.prepared(ctx, query); err == nil && st != nil {
+		return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+	}
+	return tx.QueryRowContext(ctx, s.q(query), args...)
+}
+
+// prepared returns query prepared on SQLite's writing connection, from a
+// cache; nil on PostgreSQL.
+func (s *Store) prepared(ctx context.Context, query string) (*sql.Stmt, error) {
+	if s.postgres {
+		return nil, nil
+	}
+	if st, ok := s.stmts.Load(query); ok {
+		return st.(*sql.Stmt), nil
+	}
+	st, err := s.db.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if prev, loaded := s.stmts.LoadOrStore(query, st); loaded {
+		st.Close()
+		return prev.(*sql.Stmt), nil
+	}
+	return st, nil
+}
+
+// lockRow is the clause that locks the rows a SELECT reads (of the named
+// tables, if any) until the transaction ends. SQLite needs none: its
+// transactions take the whole database for writing from their start.
+func (s *Store) lockRow(tables ...string) string {
+	switch {
+	case !s.postgres:
+		return ""
+	case len(tables) > 0:
+		return " FOR UPDATE OF " + strings.Join(tables, ", ")
+	}
+	return " FOR UPDATE"
 }
 
 // Delivery kinds: what an outbox item asks a vendor to do.
@@ -201,38 +287,33 @@ var errReplay = errors.New("signed query already used for another push")
 // another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	var acc Accepted
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
 		acc = Accepted{}
-		prev, dup, err := s.claimKey(ctx, tx, in.Key, "", now)
+		prev, dup, err := s.claimKey(ctx, tx, in.Key, in.SigKey, now)
 		if err != nil || dup {
 			acc = Accepted{Duplicate: dup, Reply: prev}
 			return err
-		}
-		if in.SigKey != "" {
-			signed, dup, err := s.claimKey(ctx, tx, in.SigKey, in.Key, now)
-			if err != nil {
-				return err
-			}
-			if dup && signed != in.Key {
-				return errReplay
-			}
 		}
 		ms := now.UnixMilli()
 		switch in.Action {
 		case actFollow:
 			acc.Reply = replyWelcome
-			if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)
-				ON CONFLICT (openid) DO UPDATE SET followed = 1`), in.OpenID, ms); err != nil {
+			if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)
+				ON CONFLICT (openid) DO UPDATE SET followed = 1`, in.OpenID, ms); err != nil {
 				return err
 			}
 			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
 				return err
 			}
 		case actUnfollow:
-			if _, err := tx.ExecContext(ctx, s.q(`UPDATE customers SET followed = 0 WHERE openid = ?`), in.OpenID); err != nil {
+			if _, err := s.exec(ctx, tx, `UPDATE customers SET followed = 0 WHERE openid = ?`, in.OpenID); err != nil {
 				return err
 			}
-			if _, err := tx.ExecContext(ctx, s.q(`UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`), ms, in.OpenID); err != nil {
+			if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1
+				WHERE agent = (SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL)`, in.OpenID); err != nil {
+				return err
+			}
+			if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, ms, in.OpenID); err != nil {
 				return err
 			}
 			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
@@ -252,7 +333,10 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 				return err
 			}
 		}
-		_, err = tx.ExecContext(ctx, s.q(`UPDATE seen_keys SET value = ? WHERE key = ?`), acc.Reply, in.Key)
+		if acc.Reply == replyNone {
+			return nil
+		}
+		_, err = s.exec(ctx, tx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
 		return err
 	})
 	if err != nil {
@@ -262,47 +346,48 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 }
 
 // openConversation returns the agent of the customer's open conversation,
-// opening one if there is none. It holds the customer's row until the
-// transaction ends, so two instances taking two messages of one customer
-// commit them one after the other, in the outbox's order. A customer the
-// bridge has never seen (one who followed before it existed) is recorded and
-// their IM account imported first. A new conversation goes to the
-// customer's own agent while that agent is still configured, else to the
-// agent with the fewest open conversations.
+// opening one if there is none. On PostgreSQL it holds the customer's row
+// until the transaction ends, so two instances taking two messages of one
+// customer commit them one after the other, in the outbox's order. A
+// customer the bridge has never seen (one who followed before it existed) is
+// recorded and their IM account imported first. A new conversation goes to
+// the customer's own agent while that agent is still configured, else to
+// the agent with the fewest open conversations.
 func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
 	ms := now.UnixMilli()
-	res, err := tx.ExecContext(ctx, s.q(`INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?) ON CONFLICT (openid) DO NOTHING`), in.OpenID, ms)
-	if err != nil {
-		return "", false, err
-	}
-	if n, err := res.RowsAffected(); err != nil {
-		return "", false, err
-	} else if n == 1 {
+	var kept, open sql.NullString
+	err = s.queryRow(ctx, tx, `SELECT c.agent, v.agent FROM customers c
+		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
+		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&kept, &open)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		// A new customer. Two instances racing here: one insert fails on
+		// the key and its transaction runs again (inTx).
+		if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, ms); err != nil {
+			return "", false, err
+		}
 		if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
 			return "", false, err
 		}
-	}
-	var kept string
-	if err := tx.QueryRowContext(ctx, s.q(`SELECT agent FROM customers WHERE openid = ?`+s.lockRow()), in.OpenID).Scan(&kept); err != nil {
+	case err != nil:
 		return "", false, err
+	case open.Valid:
+		return open.String, false, nil
 	}
-	err = tx.QueryRowContext(ctx, s.q(`SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL`), in.OpenID).Scan(&agent)
-	if err == nil {
-		return agent, false, nil
-	}
-	if !errors.Is(err, sql.ErrNoRows) {
-		return "", false, err
-	}
-	agent = kept
+	agent = kept.String
 	if !slices.Contains(in.Agents, agent) {
 		if agent, err = s.leastLoadedAgent(ctx, tx, in.Agents); err != nil {
 			return "", false, err
 		}
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`), agent, in.OpenID); err != nil {
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, in.OpenID); err != nil {
 		return "", false, err
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`), in.OpenID, agent, ms); err != nil {
+	if _, err := s.exec(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`, in.OpenID, agent, ms); err != nil {
+		return "", false, err
+	}
+	if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open) VALUES (?, 1)
+		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1`, agent); err != nil {
 		return "", false, err
 	}
 	return agent, true, nil
@@ -314,7 +399,7 @@ func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []strin
 	if len(agents) == 0 {
 		return "", errors.New("no agents configured")
 	}
-	rows, err := tx.QueryContext(ctx, `SELECT agent, COUNT(*) FROM conversations WHERE closed_at IS NULL GROUP BY agent`)
+	rows, err := s.query(ctx, tx, `SELECT agent, open FROM agent_load`)
 	if err != nil {
 		return "", err
 	}
@@ -350,9 +435,9 @@ var errUnknownCustomer = errors.New("unknown customer")
 // errUnknownCustomer and commits nothing. Like openConversation, it holds
 // the customer's row, so replies keep their order across instances.
 func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
+	err = s.write(ctx, func(tx *sql.Tx) error {
 		var one int
-		err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM customers WHERE openid = ?`+s.lockRow()), d.OpenID).Scan(&one)
+		err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), d.OpenID).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errUnknownCustomer
 		} else if err != nil {
@@ -369,18 +454,27 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 	return duplicate, nil
 }
 
-// claimKey records key as seen, with value. If it was seen before it returns
-// the value kept with it and dup true.
-func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, value string, now time.Time) (prev string, dup bool, err error) {
-	res, err := tx.ExecContext(ctx, s.q(`INSERT INTO seen_keys (key, value, received_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING`), key, value, now.UnixMilli())
+// claimKey records key as seen, bound to sig (the push's signed query; ""
+// for none), in one statement. If key was seen before it returns the value
+// kept with it and dup true; if sig was used by another key it returns
+// errReplay. Either way it writes nothing.
+func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, sig string, now time.Time) (prev string, dup bool, err error) {
+	var sigArg any
+	if sig != "" {
+		sigArg = sig
+	}
+	res, err := s.exec(ctx, tx, `INSERT INTO seen_keys (key, sig, received_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING`, key, sigArg, now.UnixMilli())
 	if err != nil {
 		return "", false, err
 	}
 	if n, err := res.RowsAffected(); err != nil || n == 1 {
 		return "", false, err
 	}
-	err = tx.QueryRowContext(ctx, s.q(`SELECT value FROM seen_keys WHERE key = ?`), key).Scan(&prev)
-	return prev, true, err
+	err = s.queryRow(ctx, tx, `SELECT value FROM seen_keys WHERE key = ?`, key).Scan(&prev)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", false, errReplay
+	}
+	return prev, err == nil, err
 }
 
 // enqueue adds d to the outbox, due now.
@@ -390,16 +484,25 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 		return err
 	}
 	ms := now.UnixMilli()
-	_, err = tx.ExecContext(ctx, s.q(`INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)`),
+	_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)`,
 		d.lane(), string(b), ms, ms, ms)
 	return err
 }
 
-// PruneKeys forgets push and callback keys received before cutoff; vendors
-// retry within seconds, so old keys only cost space.
+// PruneKeys forgets push and callback keys received before cutoff, and
+// items delivered before it; vendors retry within seconds, so old keys only
+// cost space.
 func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
-	if _, err := s.db.ExecContext(ctx, s.q(`DELETE FROM seen_keys WHERE received_at < ?`), cutoff.UnixMilli()); err != nil {
-		return fmt.Errorf("prune keys: %w", err)
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		if _, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
+			return err
+		}
+		// Delivered items are history; dead letters stay.
+		_, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state = 'done' AND updated_at < ?`, cutoff.UnixMilli())
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("prune: %w", err)
 	}
 	return nil
 }
@@ -412,7 +515,7 @@ type Conversation struct {
 
 // OpenConversations lists the open conversations, oldest first.
 func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL ORDER BY id`)
+	rows, err := s.rdb.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("open conversations: %w", err)
 	}
@@ -440,11 +543,11 @@ func (s *Store) SharedCredential(ctx context.Context, name, stale string, now ti
 		return fetch()
 	}
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO credentials (name) VALUES (?) ON CONFLICT (name) DO NOTHING`), name); err != nil {
+		if _, err := s.exec(ctx, tx, `INSERT INTO credentials (name) VALUES (?) ON CONFLICT (name) DO NOTHING`, name); err != nil {
 			return err
 		}
 		var at int64
-		if err := tx.QueryRowContext(ctx, s.q(`SELECT value, refresh_at FROM credentials WHERE name = ?`+s.lockRow()), name).Scan(&value, &at); err != nil {
+		if err := s.queryRow(ctx, tx, `SELECT value, refresh_at FROM credentials WHERE name = ?`+s.lockRow(), name).Scan(&value, &at); err != nil {
 			return err
 		}
 		refreshAt = time.UnixMilli(at)
@@ -454,7 +557,7 @@ func (s *Store) SharedCredential(ctx context.Context, name, stale string, now ti
 		if value, refreshAt, err = fetch(); err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, s.q(`UPDATE credentials SET value = ?, refresh_at = ? WHERE name = ?`), value, refreshAt.UnixMilli(), name)
+		_, err := s.exec(ctx, tx, `UPDATE credentials SET value = ?, refresh_at = ? WHERE name = ?`, value, refreshAt.UnixMilli(), name)
 		return err
 	})
 	if err != nil {

@@ -153,26 +153,25 @@ func (w *Worker) pruneKeys(ctx context.Context) {
 // deliverCtx, which outlives stop by the grace period.
 func (w *Worker) runLane(deliverCtx, stop context.Context, it OutboxItem) {
 	for range 64 {
-		if !w.deliverItem(deliverCtx, it) || stop.Err() != nil {
-			return
-		}
-		next, ok, err := w.Store.ClaimLaneHead(deliverCtx, w.owner, it.Lane, w.Now(), w.Lease)
-		if err != nil {
-			if deliverCtx.Err() == nil {
-				w.Log.Error("outbox claim failed", "lane", it.Lane, "err", err)
-			}
-			return
-		}
+		next, ok := w.deliverItem(deliverCtx, it)
 		if !ok {
 			return
 		}
 		it = next
+		if stop.Err() != nil {
+			break // stopping: hand back the item just taken
+		}
+	}
+	// Stopping, or its share of turns used: the lane goes back to the
+	// common claim.
+	if err := w.Store.ReleaseItem(deliverCtx, it.ID); err != nil && deliverCtx.Err() == nil {
+		w.Log.Error("outbox release failed", "err", err)
 	}
 }
 
-// deliverItem makes one attempt at it and records the outcome. It reports
-// whether the lane may go on to its next item.
-func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
+// deliverItem makes one attempt at it and records the outcome. When the
+// lane may go on, it returns the lane's next item, already taken.
+func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) (OutboxItem, bool) {
 	d := it.Delivery
 	err := w.deliver(ctx, d)
 	now := w.Now()
@@ -182,38 +181,45 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	if d.Kind == deliverWeChat {
 		window = w.WeChatWindow
 	}
-	var rerr error
+	var (
+		next OutboxItem
+		ok   bool
+		rerr error
+	)
 	switch {
 	case err == nil:
-		rerr = w.Store.Delivered(ctx, it.ID, now)
+		next, ok, rerr = w.Store.DeliveredNext(ctx, it, w.owner, now, w.Lease)
 		w.Metrics.deliveries.WithLabelValues(tgt, "delivered").Inc()
 		w.Metrics.deliveryLatency.WithLabelValues(tgt).Observe(now.Sub(it.CreatedAt).Seconds())
 		log.Debug("delivered")
 	case ctx.Err() != nil:
-		return false // stopping: the item is handed back as it was
+		return OutboxItem{}, false // stopping: the item is handed back as it was
 	case permanent(err) || now.Sub(it.CreatedAt) >= window:
 		reason := err.Error()
 		if !permanent(err) {
 			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
 		}
-		rerr = w.Store.GiveUp(ctx, it.ID, reason, w.notice(d, reason), now)
+		if rerr = w.Store.GiveUp(ctx, it.ID, reason, w.notice(d, reason), now); rerr == nil {
+			next, ok, rerr = w.Store.ClaimLaneHead(ctx, w.owner, it.Lane, now, w.Lease)
+		}
 		w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
 		w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
 		log.Error("delivery failed for good", "err", reason)
 	default:
-		next := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
-		if rerr = w.Store.RetryLater(ctx, it.ID, err.Error(), next, now); rerr == nil {
+		retryAt := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
+		if rerr = w.Store.RetryLater(ctx, it.ID, err.Error(), retryAt, now); rerr == nil {
 			w.Metrics.deliveries.WithLabelValues(tgt, "retry").Inc()
 			w.Metrics.retries.WithLabelValues(tgt).Inc()
-			log.Warn("delivery failed, will retry", "err", err, "retry_at", next)
+			log.Warn("delivery failed, will retry", "err", err, "retry_at", retryAt)
 		}
-		return false
 	}
 	if rerr != nil {
-		log.Error("outbox write failed", "err", rerr)
-		return false
+		if ctx.Err() == nil {
+			log.Error("outbox write failed", "err", rerr)
+		}
+		return OutboxItem{}, false
 	}
-	return true
+	return next, ok
 }
 
 // notice is the IM message that tells the agent of a conversation that a

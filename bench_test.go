@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"wechat-im-bridge/fakes"
+)
+
+// BenchmarkWebhook measures the webhook path: a signed text push in, its
+// work committed to the store, the answer written. No vendor is called.
+func BenchmarkWebhook(b *testing.B) {
+	for _, store := range []string{"sqlite", "postgres"} {
+		b.Run(store, func(b *testing.B) {
+			db := "sqlite:" + filepath.Join(b.TempDir(), "bridge.db")
+			if store == "postgres" {
+				db = testPostgres(b)
+			}
+			st, err := openStore(context.Background(), db)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer st.Close()
+			cfg := Config{WeChatToken: "token123", IMUserPrefix: "wx_", IMAgents: []string{"agent_kim"},
+				WeChatPushMaxSkew: 5 * time.Minute, WelcomeText: "w", ConnectingText: "c"}
+			m := newMetrics(st)
+			log := slog.New(slog.NewTextHandler(io.Discard, nil))
+			br := &bridge{cfg: cfg, store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: m, log: log, now: time.Now}
+			h := br.routes()
+			ts := strconv.FormatInt(time.Now().Unix(), 10)
+			var seq atomic.Int64
+			b.ReportAllocs()
+			b.SetParallelism(16) // 32 concurrent pushes on 2 cores, as in the load run
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					i := seq.Add(1)
+					nonce := strconv.FormatInt(i, 10)
+					q := url.Values{"signature": {fakes.Sign("token123", ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}}
+					// A thousand customers, as on a busy afternoon.
+					body := fmt.Sprintf("<xml><ToUserName><![CDATA[gh_x]]></ToUserName><FromUserName><![CDATA[o_customer_%d]]></FromUserName>"+
+						"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>%d</MsgId></xml>",
+						i%1000, ts, i)
+					req := httptest.NewRequest(http.MethodPost, "/wechat?"+q.Encode(), strings.NewReader(body))
+					rec := httptest.NewRecorder()
+					h.ServeHTTP(rec, req)
+					if rec.Code != 200 {
+						b.Fatalf("got %d %s", rec.Code, rec.Body)
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkRoundTrip measures one whole round trip against the fakes: a
+// customer's message from WeChat into IM, and the agent's reply from IM to
+// WeChat, one after the other.
+func BenchmarkRoundTrip(b *testing.B) {
+	h := newHarness(b, harnessOptions{wechat: fakes.WeChatOptions{QuotaPerMessage: 1 << 30}, im: fakes.IMOptions{RateLimit: -1},
+		env: map[string]string{"IM_RATE_LIMIT": "0"}})
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		h.wx.SendText(ctx, customer, "q"+strconv.Itoa(i))
+		deadline := time.Now().Add(10 * time.Second)
+		for len(h.messagesTo("agent_kim")) <= i {
+			if time.Now().After(deadline) {
+				b.Fatal("the message did not reach IM")
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "a"+strconv.Itoa(i))
+		for len(h.wx.Sent()) <= i {
+			if time.Now().After(deadline) {
+				b.Fatal("the reply did not reach WeChat")
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+}
