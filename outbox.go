@@ -38,11 +38,10 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		rows, err := s.query(ctx, tx, `
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?
-		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ? AND id IN (
-			SELECT o.id FROM outbox o
-			WHERE o.state = 'pending' AND o.next_at <= ? AND o.claimed_until <= ?
-			  AND o.id = (SELECT MIN(id) FROM outbox WHERE lane = o.lane AND state = 'pending')
-			ORDER BY o.id LIMIT ?)
+		WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ? AND id IN (
+			SELECT id FROM outbox
+			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
+			ORDER BY next_at, id LIMIT ?)
 		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, ms, ms, limit)
 		if err != nil {
 			return err
@@ -74,7 +73,7 @@ func (s *Store) claimLaneHead(ctx context.Context, tx *sql.Tx, owner, lane strin
 	ms := now.UnixMilli()
 	rows, err := s.query(ctx, tx, `
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?
-		WHERE state = 'pending' AND next_at <= ? AND claimed_until <= ?
+		WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
 		  AND id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')
 		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, lane)
 	if err != nil {
@@ -88,7 +87,7 @@ func (s *Store) claimLaneHead(ctx context.Context, tx *sql.Tx, owner, lane strin
 func (s *Store) DeliveredNext(ctx context.Context, it OutboxItem, owner string, now time.Time, lease time.Duration) (next OutboxItem, ok bool, err error) {
 	var items []OutboxItem
 	err = s.write(ctx, func(tx *sql.Tx) error {
-		if err := s.setState(ctx, tx, it.ID, "done", "", now.UnixMilli(), now); err != nil {
+		if err := s.finish(ctx, tx, it.ID, it.Lane, "done", "", now); err != nil {
 			return err
 		}
 		items, err = s.claimLaneHead(ctx, tx, owner, it.Lane, now, lease)
@@ -125,19 +124,27 @@ func (s *Store) ReleaseItem(ctx context.Context, id int64) error {
 	return nil
 }
 
-// NextDue returns when the earliest pending item falls due, and false if
+// NextDue returns when the earliest lane head falls due, and false if
 // nothing is pending.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	var next sql.NullInt64
-	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending'`).Scan(&next); err != nil {
+	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending' AND head = 1`).Scan(&next); err != nil {
 		return time.Time{}, false, fmt.Errorf("next due: %w", err)
 	}
 	return time.UnixMilli(next.Int64), next.Valid, nil
 }
 
-// Delivered marks an item done.
-func (s *Store) Delivered(ctx context.Context, id int64, now time.Time) error {
-	return s.write(ctx, func(tx *sql.Tx) error { return s.setState(ctx, tx, id, "done", "", now.UnixMilli(), now) })
+// finish ends an item, done or failed, and makes the next pending item of
+// its lane the head.
+func (s *Store) finish(ctx context.Context, tx *sql.Tx, id int64, lane, state, reason string, now time.Time) error {
+	if err := s.lockLane(ctx, tx, lane); err != nil {
+		return err
+	}
+	if err := s.setState(ctx, tx, id, state, reason, now.UnixMilli(), now); err != nil {
+		return err
+	}
+	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')`, lane)
+	return err
 }
 
 // RetryLater records a failed attempt and makes the item due again at next.
@@ -147,9 +154,9 @@ func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, n
 
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
-func (s *Store) GiveUp(ctx context.Context, id int64, reason string, notice *Delivery, now time.Time) error {
+func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
 	return s.write(ctx, func(tx *sql.Tx) error {
-		if err := s.setState(ctx, tx, id, "failed", reason, now.UnixMilli(), now); err != nil {
+		if err := s.finish(ctx, tx, it.ID, it.Lane, "failed", reason, now); err != nil {
 			return err
 		}
 		if notice == nil {

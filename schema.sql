@@ -43,8 +43,10 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 
 -- The outbox holds every call to a vendor that the bridge owes. A lane is
 -- delivered strictly in id order; state is pending, done or failed (a dead
--- letter, with its reason in last_error). An instance delivering an item
--- holds it until claimed_until; an instance that dies lets it go then.
+-- letter, with its reason in last_error). head marks the first pending item
+-- of its lane, the only one that may be taken, so finding work reads the
+-- heads alone however long the queues. An instance delivering an item holds
+-- it until claimed_until; an instance that dies lets it go then.
 CREATE TABLE IF NOT EXISTS outbox (
     id            ID_PRIMARY_KEY,
     lane          TEXT NOT NULL,
@@ -53,13 +55,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts      INTEGER NOT NULL DEFAULT 0,
     next_at       BIGINT NOT NULL,
     claimed_by    TEXT NOT NULL DEFAULT '',
+    head          INTEGER NOT NULL DEFAULT 0,
     claimed_until BIGINT NOT NULL DEFAULT 0,
     last_error    TEXT NOT NULL DEFAULT '',
     created_at    BIGINT NOT NULL,
     updated_at    BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (next_at, id) WHERE state = 'pending' AND head = 1;
 
 -- Credentials the instances share: the WeChat access_token and the IM
 -- admin's UserSig, so one instance refreshes them for all.

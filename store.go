@@ -484,8 +484,24 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 		return err
 	}
 	ms := now.UnixMilli()
-	_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?)`,
-		d.lane(), string(b), ms, ms, ms)
+	lane := d.lane()
+	if err := s.lockLane(ctx, tx, lane); err != nil {
+		return err
+	}
+	_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
+		VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)`,
+		lane, string(b), ms, ms, ms, lane)
+	return err
+}
+
+// lockLane serializes, on PostgreSQL, the transactions that change which
+// item heads a lane (adding to it, finishing its head), until the
+// transaction ends. SQLite's transactions are serial already.
+func (s *Store) lockLane(ctx context.Context, tx *sql.Tx, lane string) error {
+	if !s.postgres {
+		return nil
+	}
+	_, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, lane)
 	return err
 }
 
@@ -498,7 +514,13 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 			return err
 		}
 		// Delivered items are history; dead letters stay.
-		_, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state = 'done' AND updated_at < ?`, cutoff.UnixMilli())
+		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state = 'done' AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
+			return err
+		}
+		// A safety net: a lane whose first pending item is not marked
+		// head would never be taken.
+		_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
+			(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`)
 		return err
 	})
 	if err != nil {

@@ -199,7 +199,7 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) (OutboxItem, bo
 		if !permanent(err) {
 			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
 		}
-		if rerr = w.Store.GiveUp(ctx, it.ID, reason, w.notice(d, reason), now); rerr == nil {
+		if rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now); rerr == nil {
 			next, ok, rerr = w.Store.ClaimLaneHead(ctx, w.owner, it.Lane, now, w.Lease)
 		}
 		w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()

@@ -1,0 +1,232 @@
+package main
+
+// "wechat-im-bridge load" measures the bridge under load, on loopback only:
+// it starts fake WeChat and IM servers in this process, runs the bridge as a
+// separate process (this same binary), pushes signed text messages from many
+// customers at it over several connections for a fixed time, waits for every
+// accepted message to reach IM, and reports throughput, WeChat's wait,
+// delivery latency, lost forwards and the bridge's peak memory.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"wechat-im-bridge/fakes"
+)
+
+// runLoad runs the load generator; args are its flags.
+func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("load", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	duration := fs.Duration("duration", 10*time.Second, "how long to push")
+	conns := fs.Int("connections", 32, "concurrent connections pushing")
+	customers := fs.Int("customers", 1000, "distinct customers writing")
+	database := fs.String("database", "", "DATABASE_URL for the bridge (default: SQLite in a temporary folder)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *duration <= 0 || *duration > 10*time.Minute || *conns < 1 || *conns > 1024 || *customers < 1 {
+		return errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1")
+	}
+
+	dt := &demoT{}
+	defer dt.close()
+	var (
+		mu       sync.Mutex
+		answered = map[int64]time.Time{} // message seq → when WeChat got its answer
+		arrived  = map[int64]time.Time{} // message seq → when it reached IM
+		dupes    int
+	)
+	agents := []string{"agent_1", "agent_2", "agent_3", "agent_4"}
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: agents, RateLimit: -1, OnMessage: func(m fakes.Message) {
+		seq, err := strconv.ParseInt(strings.TrimPrefix(m.Text, "load "), 10, 64)
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if _, ok := arrived[seq]; ok {
+			dupes++
+			return
+		}
+		arrived[seq] = m.Received
+	}})
+	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{})
+	dir, err := os.MkdirTemp("", "wechat-im-bridge-load-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if *database == "" {
+		*database = "sqlite:" + filepath.Join(dir, "bridge.db")
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	wo, imo := wx.Options(), im.Options()
+	env := []string{
+		"LISTEN_ADDR=" + addr, "DATABASE_URL=" + *database, "LOG_LEVEL=warn",
+		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + wx.URL,
+		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
+		"IM_AGENTS=" + strings.Join(agents, ","), "IM_RATE_LIMIT=0", "IM_CALLBACK_TOKEN=unused-in-load",
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(env, "PATH="+os.Getenv("PATH"))
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	defer cmd.Process.Kill()
+	base := "http://" + addr
+	if err := waitFor(ctx, "the bridge to be ready", func() bool {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s), %d CPUs\n",
+		*conns, *customers, *duration, cmd.Process.Pid, addr, strings.SplitN(*database, ":", 2)[0], runtime.NumCPU())
+
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: *conns, MaxConnsPerHost: *conns}, Timeout: 10 * time.Second}
+	var (
+		seq      atomic.Int64
+		failures atomic.Int64
+		waitsMu  sync.Mutex
+		waits    []time.Duration
+	)
+	stop := time.Now().Add(*duration)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for c := range *conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []time.Duration
+			for i := 0; time.Now().Before(stop) && ctx.Err() == nil; i++ {
+				n := seq.Add(1)
+				openid := fmt.Sprintf("o_load_%06d", (c+i*(*conns))%*customers)
+				ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(n, 10)
+				q := url.Values{"signature": {fakes.Sign(wo.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
+				body := fmt.Sprintf("<xml><ToUserName><![CDATA[%s]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>"+
+					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
+					wo.OAID, openid, ts, n, 6000000000000000000+n)
+				t0 := time.Now()
+				resp, err := client.Post(base+"/wechat?"+q.Encode(), "text/xml", strings.NewReader(body))
+				if err != nil {
+					failures.Add(1)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				t1 := time.Now()
+				if resp.StatusCode != http.StatusOK {
+					failures.Add(1)
+					continue
+				}
+				mine = append(mine, t1.Sub(t0))
+				mu.Lock()
+				answered[n] = t1
+				mu.Unlock()
+			}
+			waitsMu.Lock()
+			waits = append(waits, mine...)
+			waitsMu.Unlock()
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+
+	mu.Lock()
+	accepted := len(answered)
+	mu.Unlock()
+	drainCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	waitFor(drainCtx, "every message in IM", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for n := range answered {
+			if _, ok := arrived[n]; !ok {
+				return false
+			}
+		}
+		return true
+	})
+	peak := peakMemory(cmd.Process.Pid)
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+
+	mu.Lock()
+	defer mu.Unlock()
+	var delivery []time.Duration
+	lost := 0
+	for n, at := range answered {
+		if got, ok := arrived[n]; ok {
+			delivery = append(delivery, got.Sub(at))
+		} else {
+			lost++
+		}
+	}
+	slices.Sort(waits)
+	slices.Sort(delivery)
+	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures.Load())
+	fmt.Fprintf(stdout, "WeChat's wait:         p50 %s, p99 %s, max %s\n", pct(waits, 50), pct(waits, 99), pct(waits, 100))
+	fmt.Fprintf(stdout, "delivery to IM:        p50 %s, p99 %s, max %s (from WeChat's answer to IM's receipt)\n", pct(delivery, 50), pct(delivery, 99), pct(delivery, 100))
+	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d\n", lost, dupes)
+	fmt.Fprintf(stdout, "bridge peak memory:    %s (VmHWM)\n", peak)
+	if lost > 0 || failures.Load() > 0 {
+		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures.Load())
+	}
+	return nil
+}
+
+// pct returns the p-th percentile of sorted durations, rounded.
+func pct(sorted []time.Duration, p int) string {
+	if len(sorted) == 0 {
+		return "n/a"
+	}
+	i := min(len(sorted)-1, len(sorted)*p/100)
+	return sorted[i].Round(10 * time.Microsecond).String()
+}
+
+// peakMemory reads a process's peak resident set size from /proc.
+func peakMemory(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
+}
