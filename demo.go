@@ -100,14 +100,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
 	say("")
 	step := func(title string) { say(""); say("── " + title) }
-	if err := waitFor(ctx, "the bridge to be ready", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	}); err != nil {
+	if err := waitReady(ctx, base); err != nil {
 		return err
 	}
 
@@ -147,6 +140,18 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	say(fmt.Sprintf("Done: the customer asked %q in WeChat, agent %s answered in IM, and the customer read %q.",
 		demoQuestion, demoAgent, wx.Sent()[0].Text))
 	return nil
+}
+
+// waitReady waits until the bridge at base answers /readyz with 200.
+func waitReady(ctx context.Context, base string) error {
+	return waitFor(ctx, "the bridge at "+base+" to be ready", func() bool {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
 }
 
 // waitFor polls cond until it holds or ctx ends.

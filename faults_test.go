@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"database/sql"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -218,6 +220,11 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 		t.Errorf("agent got %q from %s, want the admin naming the reply and errcode 45015", notice.Text, notice.From)
 	}
 
+	reasons := h.deadLetters()
+	if len(reasons) < 3 || !strings.Contains(strings.Join(reasons, "\n"), "errcode 45015") ||
+		!strings.Contains(strings.Join(reasons, "\n"), "still failing 1s after it was accepted") {
+		t.Errorf("dead letters %q, want the import and message given up on IM and the reply refused by WeChat, with reasons", reasons)
+	}
 	b := h.metricsText()
 	for _, want := range []string{`bridge_dead_letters_total{target="wechat"} 1`, `bridge_dead_letters_total{target="im"}`} {
 		if !strings.Contains(b, want) {
@@ -247,6 +254,34 @@ func TestIMRateLimitRespected(t *testing.T) {
 	if n := im.Limited(); n != 0 {
 		t.Errorf("IM refused %d calls for the rate limit, want none", n)
 	}
+}
+
+// deadLetters returns "kind: reason" of each dead letter in the harness's
+// SQLite store, read through a connection of its own.
+func (h *harness) deadLetters() []string {
+	h.t.Helper()
+	path, _ := sqlitePath(h.env["DATABASE_URL"])
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout(5000)")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer db.Close()
+	rows, err := db.Query(`SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var d, reason string
+		if err := rows.Scan(&d, &reason); err != nil {
+			h.t.Fatal(err)
+		}
+		var del Delivery
+		json.Unmarshal([]byte(d), &del)
+		out = append(out, del.Kind+": "+reason)
+	}
+	return out
 }
 
 // metricsText returns GET /metrics.

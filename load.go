@@ -103,14 +103,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	defer cmd.Process.Kill()
 	base := "http://" + addr
-	if err := waitFor(ctx, "the bridge to be ready", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	}); err != nil {
+	if err := waitReady(ctx, base); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s), %d CPUs\n",

@@ -199,35 +199,6 @@ func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	return st, nil
 }
 
-// DeadLetter is a delivery given up on, with its reason.
-type DeadLetter struct {
-	Delivery Delivery
-	Reason   string
-}
-
-// DeadLetters returns the deliveries given up on, oldest first.
-func (s *Store) DeadLetters(ctx context.Context) ([]DeadLetter, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
-	if err != nil {
-		return nil, fmt.Errorf("dead letters: %w", err)
-	}
-	defer rows.Close()
-	var out []DeadLetter
-	for rows.Next() {
-		var d, reason string
-		var dl DeadLetter
-		if err := rows.Scan(&d, &reason); err != nil {
-			return nil, err
-		}
-		if err := json.Unmarshal([]byte(d), &dl.Delivery); err != nil {
-			return nil, err
-		}
-		dl.Reason = reason
-		out = append(out, dl)
-	}
-	return out, rows.Err()
-}
-
 func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
 	defer rows.Close()
 	var items []OutboxItem
