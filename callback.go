@@ -194,7 +194,7 @@ func (b *bridge) handleIMCallback() http.Handler {
 			default:
 				outcome = "forwarded"
 				b.worker.Notify()
-				b.log.Info("agent reply accepted", "agent", cb.From_Account)
+				b.log.Debug("agent reply accepted", "agent", cb.From_Account)
 			}
 		}
 		b.metrics.callbacks.WithLabelValues(outcome).Inc()

@@ -132,7 +132,7 @@ func (b *bridge) handlePush() http.Handler {
 			b.worker.Notify()
 		}
 		b.metrics.pushes.WithLabelValues(pushType(push), outcome).Inc()
-		b.log.Info("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
+		b.log.Debug("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
 		text := ""
 		switch acc.Reply {
 		case replyWelcome:

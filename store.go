@@ -63,7 +63,7 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
-			return nil, fmt.Errorf("open store: %s", redactDSN(err.Error()))
+			return nil, fmt.Errorf("open store: %w", err)
 		}
 		s.postgres = true
 		s.rdb = s.db
