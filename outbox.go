@@ -124,11 +124,12 @@ func (s *Store) ReleaseItem(ctx context.Context, id int64) error {
 	return nil
 }
 
-// NextDue returns when the earliest lane head falls due, and false if
-// nothing is pending.
+// NextDue returns when the earliest lane head can next be claimed (due, and
+// not held), and false if nothing is pending.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	var next sql.NullInt64
-	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(next_at) FROM outbox WHERE state = 'pending' AND head = 1`).Scan(&next); err != nil {
+	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(CASE WHEN claimed_until > next_at THEN claimed_until ELSE next_at END)
+		FROM outbox WHERE state = 'pending' AND head = 1`).Scan(&next); err != nil {
 		return time.Time{}, false, fmt.Errorf("next due: %w", err)
 	}
 	return time.UnixMilli(next.Int64), next.Valid, nil

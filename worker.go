@@ -106,8 +106,10 @@ func (w *Worker) Run(ctx context.Context) {
 			}
 		}
 		wait := time.Second // other instances add work too: look again now and then
-		if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
-			wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
+		if len(slots) < w.Lanes { // with every slot busy, only a lane's end matters
+			if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
+				wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
+			}
 		}
 		timer := time.NewTimer(wait)
 		select {
