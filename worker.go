@@ -105,7 +105,7 @@ func (w *Worker) Run(ctx context.Context) {
 				}()
 			}
 		}
-		wait := time.Second // other instances add work too: look again now and then
+		wait := time.Second       // other instances add work too: look again now and then
 		if len(slots) < w.Lanes { // with every slot busy, only a lane's end matters
 			if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
 				wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
