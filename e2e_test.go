@@ -7,7 +7,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"regexp"
 	"strings"
@@ -349,33 +348,8 @@ func TestOrderUnderBurst(t *testing.T) {
 	forStores(t, func(t *testing.T, pg bool) {
 		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"}})
 		h.im.FailNext(3, 91000) // internal error: retry
-		const customers, each = 4, 15
-		var wg sync.WaitGroup
-		for c := range customers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := range each {
-					h.wx.SendText(context.Background(), fmt.Sprintf("openid_%d", c), fmt.Sprintf("c%d m%02d", c, i))
-				}
-			}()
-		}
-		wg.Wait()
-		eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == customers*each })
-		for c := range customers {
-			var got []string
-			for _, m := range h.im.Messages() {
-				if m.From == customerIM(fmt.Sprintf("openid_%d", c)) {
-					got = append(got, m.Text)
-				}
-			}
-			for i, text := range got {
-				if want := fmt.Sprintf("c%d m%02d", c, i); text != want {
-					t.Errorf("customer %d: message %d is %q, want %q (got %v)", c, i, text, want, got)
-					break
-				}
-			}
-		}
+		h.burst(4, 15)
+		h.checkBurst(4, 15)
 	})
 }
 

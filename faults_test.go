@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -237,21 +236,9 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 // burst of messages is paced under the limit: IM never answers 60007.
 func TestIMRateLimitRespected(t *testing.T) {
 	h := newHarness(t, harnessOptions{im: fakes.IMOptions{RateLimit: 50}, env: map[string]string{"IM_RATE_LIMIT": "50"}})
-	im := h.im
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	for c := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range 10 {
-				h.wx.SendText(ctx, fmt.Sprintf("o_%d", c), fmt.Sprintf("m%d", i))
-			}
-		}()
-	}
-	wg.Wait()
-	eventually(t, "every message in IM", func() bool { return len(im.Messages()) == 80 })
-	if n := im.Limited(); n != 0 {
+	h.burst(8, 10)
+	h.checkBurst(8, 10)
+	if n := h.im.Limited(); n != 0 {
 		t.Errorf("IM refused %d calls for the rate limit, want none", n)
 	}
 }

@@ -308,3 +308,51 @@ func TestDemo(t *testing.T) {
 		}
 	}
 }
+
+// burstOpenID is the openid of customer c of a burst.
+func burstOpenID(c int) string { return fmt.Sprintf("o_burst_%d", c) }
+
+// burst has customers write at once, each sending each messages in turn,
+// "c<customer> m<i>".
+func (h *harness) burst(customers, each int) {
+	var wg sync.WaitGroup
+	for c := range customers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				h.wx.SendText(context.Background(), burstOpenID(c), fmt.Sprintf("c%d m%02d", c, i))
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// checkBurst waits for a burst to reach IM and checks that each customer's
+// messages arrived once each, in the order sent.
+func (h *harness) checkBurst(customers, each int) {
+	h.t.Helper()
+	eventually(h.t, "the burst in IM", func() bool {
+		n := 0
+		for _, m := range h.im.Messages() {
+			if strings.HasPrefix(m.From, customerIM("o_burst_")) {
+				n++
+			}
+		}
+		return n >= customers*each
+	})
+	for c := range customers {
+		var got, want []string
+		for i := range each {
+			want = append(want, fmt.Sprintf("c%d m%02d", c, i))
+		}
+		for _, m := range h.im.Messages() {
+			if m.From == customerIM(burstOpenID(c)) {
+				got = append(got, m.Text)
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(want, ",") {
+			h.t.Errorf("customer %d: IM got %v, want %v", c, got, want)
+		}
+	}
+}
