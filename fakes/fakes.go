@@ -10,10 +10,11 @@
 // request is recorded, faults can be switched on, and any request they do
 // not model fails the test.
 //
-// Not modelled: WeChat's AES safe and compatible modes, media upload and
-// download, the multi-agent (kf) APIs, daily API quotas and the IP
-// allow-list; IM's groups, profiles, roaming history, offline push, rate
-// limits, and console switches other than the callback token.
+// Not modelled: WeChat's media upload and download, the multi-agent (kf)
+// APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
+// IM's groups, profiles, roaming history, offline push, the three-month bar
+// on importing a deleted account again on paid apps (70399), and console
+// switches other than the callback token.
 package fakes
 
 import (
