@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"path/filepath"
@@ -252,16 +253,19 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-func post(t *testing.T, u, body string) (int, string) {
+// post posts body to u and returns the status and the answer's body.
+func post(t testing.TB, u, body string) (int, string) {
 	t.Helper()
 	resp, err := http.Post(u, "text/xml", strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	b := new(strings.Builder)
-	_, _ = fmt.Fprint(b, resp.Status)
-	return resp.StatusCode, b.String()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(b)
 }
 
 // TestEncryptedPushWithoutKey: a bridge in plaintext mode refuses an

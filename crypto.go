@@ -121,10 +121,8 @@ type encryptedPush struct {
 // decodeEncryptedPush parses the envelope of an encrypted push.
 func decodeEncryptedPush(body []byte) (encryptedPush, error) {
 	var e encryptedPush
-	d := xml.NewDecoder(bytes.NewReader(body))
-	d.Strict = true
-	if err := xml.NewTokenDecoder(noDirectives{d}).Decode(&e); err != nil {
-		return encryptedPush{}, fmt.Errorf("%w: decode xml: %v", errBadPush, err)
+	if err := decodeXML(body, &e); err != nil {
+		return encryptedPush{}, err
 	}
 	if e.Encrypt == "" {
 		return encryptedPush{}, fmt.Errorf("%w: Encrypt is missing", errBadPush)

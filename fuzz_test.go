@@ -10,7 +10,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/xml"
 	"errors"
 	"os"
 	"path/filepath"
@@ -58,7 +57,7 @@ func FuzzDecodePush(f *testing.F) {
 // decodePushReply parses a passive text reply, for the fuzzer's check.
 func decodePushReply(b []byte) (textReply, error) {
 	var r textReply
-	err := xmlUnmarshalStrict(b, &r)
+	err := decodeXML(b, &r)
 	return r, err
 }
 
@@ -158,10 +157,4 @@ func equalFoldHex(sig, want string) bool { return strings.ToLower(sig) == want }
 func callbackSignOf(token, requestTime string) string {
 	sum := sha256.Sum256([]byte(token + requestTime))
 	return hex.EncodeToString(sum[:])
-}
-
-func xmlUnmarshalStrict(b []byte, v any) error {
-	d := xml.NewDecoder(bytes.NewReader(b))
-	d.Strict = true
-	return d.Decode(v)
 }

@@ -40,9 +40,9 @@ func TestNoSecretInLogsOrAnswers(t *testing.T) {
 	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "again")
 	eventually(t, "the second answer in WeChat", func() bool { return len(h.wx.Sent()) == 2 })
 
-	_, a := postCallbackAnswer(t, h.base+"/imcallback?"+signedCallback("wrong-token", cbAfterSendMsg, 0), `{}`)
+	_, a := post(t, h.base+"/imcallback?"+signedCallback("wrong-token", cbAfterSendMsg, 0), `{}`)
 	answers = append(answers, a)
-	status, a := postCallbackAnswer(t, h.base+"/wechat?signature=bad&timestamp=1&nonce=2", `<xml/>`)
+	status, a := post(t, h.base+"/wechat?signature=bad&timestamp=1&nonce=2", `<xml/>`)
 	answers = append(answers, a)
 	if status != 403 {
 		t.Errorf("bad push got %d", status)
@@ -91,18 +91,4 @@ func TestNoSecretInLogsOrAnswers(t *testing.T) {
 			t.Errorf("the logs hold %q", marker)
 		}
 	}
-}
-
-func postCallbackAnswer(t *testing.T, u, body string) (int, string) {
-	t.Helper()
-	resp, err := http.Post(u, "application/json", strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b := new(strings.Builder)
-	buf := make([]byte, 4096)
-	n, _ := resp.Body.Read(buf)
-	b.Write(buf[:n])
-	return resp.StatusCode, b.String()
 }

@@ -95,14 +95,23 @@ func (n noDirectives) Token() (xml.Token, error) {
 	return t, err
 }
 
+// decodeXML decodes a WeChat XML body into v, strictly, refusing DOCTYPE
+// and entity declarations. Its errors wrap errBadPush.
+func decodeXML(body []byte, v any) error {
+	d := xml.NewDecoder(bytes.NewReader(body))
+	d.Strict = true
+	if err := xml.NewTokenDecoder(noDirectives{d}).Decode(v); err != nil {
+		return fmt.Errorf("%w: decode xml: %v", errBadPush, err)
+	}
+	return nil
+}
+
 // decodePush parses a plaintext push and checks the fields every push must
 // carry. Its errors wrap errBadPush.
 func decodePush(body []byte) (Push, error) {
 	var p Push
-	d := xml.NewDecoder(bytes.NewReader(body))
-	d.Strict = true
-	if err := xml.NewTokenDecoder(noDirectives{d}).Decode(&p); err != nil {
-		return Push{}, fmt.Errorf("%w: decode xml: %v", errBadPush, err)
+	if err := decodeXML(body, &p); err != nil {
+		return Push{}, err
 	}
 	switch {
 	case p.FromUserName == "":
