@@ -55,48 +55,52 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	return items, nil
 }
 
-// ClaimLaneHead takes the first pending item of lane for owner if it is due
-// and held by no one; ok is false otherwise.
-func (s *Store) ClaimLaneHead(ctx context.Context, owner, lane string, now time.Time, lease time.Duration) (it OutboxItem, ok bool, err error) {
-	var items []OutboxItem
-	err = s.write(ctx, func(tx *sql.Tx) error {
-		items, err = s.claimLaneHead(ctx, tx, owner, lane, now, lease)
-		return err
-	})
-	if err != nil || len(items) == 0 {
-		return OutboxItem{}, false, err
+// Delivered marks items done, all in one write, and makes the next pending
+// item of each of their lanes its head.
+func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
+	ids := make([]int64, len(items))
+	var lanes []string
+	for i, it := range items {
+		ids[i] = it.ID
+		lanes = append(lanes, it.Lane)
 	}
-	return items[0], true, nil
-}
-
-func (s *Store) claimLaneHead(ctx context.Context, tx *sql.Tx, owner, lane string, now time.Time, lease time.Duration) ([]OutboxItem, error) {
-	ms := now.UnixMilli()
-	rows, err := s.query(ctx, tx, `
-		UPDATE outbox SET claimed_by = ?, claimed_until = ?
-		WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-		  AND id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')
-		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, lane)
+	slices.Sort(lanes) // locked in one order, so two instances cannot deadlock
+	lanes = slices.Compact(lanes)
+	idList, err := json.Marshal(ids)
 	if err != nil {
-		return nil, fmt.Errorf("claim lane head: %w", err)
+		return err
 	}
-	return scanItems(rows)
-}
-
-// DeliveredNext marks an item done and, in the same transaction, takes the
-// next item of its lane for owner, as ClaimLaneHead does.
-func (s *Store) DeliveredNext(ctx context.Context, it OutboxItem, owner string, now time.Time, lease time.Duration) (next OutboxItem, ok bool, err error) {
-	var items []OutboxItem
+	laneList, err := json.Marshal(lanes)
+	if err != nil {
+		return err
+	}
 	err = s.write(ctx, func(tx *sql.Tx) error {
-		if err := s.finish(ctx, tx, it.ID, it.Lane, "done", "", now); err != nil {
+		for _, lane := range lanes {
+			if err := s.lockLane(ctx, tx, lane); err != nil {
+				return err
+			}
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = 'done', attempts = attempts + 1, last_error = '', claimed_until = 0,
+			updated_at = ? WHERE id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, now.UnixMilli(), string(idList)); err != nil {
 			return err
 		}
-		items, err = s.claimLaneHead(ctx, tx, owner, it.Lane, now, lease)
+		_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id IN (SELECT
+			(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') FROM `+s.jsonList()+` l)`, string(laneList))
 		return err
 	})
-	if err != nil || len(items) == 0 {
-		return OutboxItem{}, false, err
+	if err != nil {
+		return fmt.Errorf("outbox set done: %w", err)
 	}
-	return items[0], true, nil
+	return nil
+}
+
+// jsonList is a table of the values of a JSON array passed as one
+// argument, in a column named value: many ids or lanes in one statement.
+func (s *Store) jsonList() string {
+	if s.postgres {
+		return "jsonb_array_elements_text(?::jsonb)"
+	}
+	return "json_each(?)"
 }
 
 // Release lets go of the pending items owner holds, so another instance (or
@@ -104,18 +108,6 @@ func (s *Store) DeliveredNext(ctx context.Context, it OutboxItem, owner string, 
 func (s *Store) Release(ctx context.Context, owner string) error {
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`, owner)
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("release: %w", err)
-	}
-	return nil
-}
-
-// ReleaseItem lets go of one held item.
-func (s *Store) ReleaseItem(ctx context.Context, id int64) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE id = ? AND state = 'pending'`, id)
 		return err
 	})
 	if err != nil {

@@ -74,6 +74,10 @@ func (w *Worker) Running() bool { return w.running.Load() }
 // deliveries in flight finish for up to StopGrace, cancels the rest, and
 // hands back what it still holds, so another instance (or the next start)
 // takes it at once.
+//
+// Each claimed item is delivered in a goroutine of its own. Delivered items
+// are recorded together, many in one write, by the completer; the next item
+// of a lane becomes its head then, and the next claim takes it.
 func (w *Worker) Run(ctx context.Context) {
 	w.running.Store(true)
 	defer w.running.Store(false)
@@ -81,13 +85,31 @@ func (w *Worker) Run(ctx context.Context) {
 	deliverCtx, cancelDeliveries := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelDeliveries()
 	var wg sync.WaitGroup
-	slots := make(chan struct{}, w.Lanes)
-	done := make(chan struct{}, w.Lanes)
+	slots := make(chan struct{}, w.Lanes)       // one per item held, until its outcome is recorded
+	done := make(chan struct{}, 1)              // an outcome was recorded: look for work again
+	delivered := make(chan OutboxItem, w.Lanes) // never full: at most Lanes items are held
+	freed := func(n int) {
+		for range n {
+			<-slots
+		}
+		select {
+		case done <- struct{}{}:
+		default: // the loop has a wake-up pending already
+		}
+	}
+	completerDone := make(chan struct{})
+	go func() {
+		defer close(completerDone)
+		w.complete(deliverCtx, delivered, freed)
+	}()
 
 	for ctx.Err() == nil {
 		w.pruneKeys(ctx)
-		if free := w.Lanes - len(slots); free > 0 {
-			items, err := w.Store.Claim(ctx, w.owner, w.Now(), w.Lease, free)
+		free := w.Lanes - len(slots)
+		var items []OutboxItem
+		if free > 0 {
+			var err error
+			items, err = w.Store.Claim(ctx, w.owner, w.Now(), w.Lease, free)
 			if err != nil && ctx.Err() == nil {
 				w.Log.Error("outbox claim failed", "err", err)
 			}
@@ -96,17 +118,17 @@ func (w *Worker) Run(ctx context.Context) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					w.runLane(deliverCtx, ctx, it)
-					<-slots
-					select {
-					case done <- struct{}{}:
-					default: // the loop has a wake-up pending already
+					if w.deliverItem(deliverCtx, it) {
+						delivered <- it
+					} else {
+						freed(1)
 					}
 				}()
 			}
 		}
-		wait := time.Second       // other instances add work too: look again now and then
-		if len(slots) < w.Lanes { // with every slot busy, only a lane's end matters
+		wait := time.Second // other instances add work too: look again now and then
+		if len(items) < free {
+			// Nothing more is due now: sleep until the next item is.
 			if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
 				wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
 			}
@@ -122,7 +144,7 @@ func (w *Worker) Run(ctx context.Context) {
 	}
 
 	finished := make(chan struct{})
-	go func() { wg.Wait(); close(finished) }()
+	go func() { wg.Wait(); close(delivered); <-completerDone; close(finished) }()
 	select {
 	case <-finished:
 	case <-time.After(w.StopGrace):
@@ -134,6 +156,33 @@ func (w *Worker) Run(ctx context.Context) {
 	defer cancel()
 	if err := w.Store.Release(releaseCtx, w.owner); err != nil {
 		w.Log.Error("outbox release failed", "err", err)
+	}
+}
+
+// complete records the items that arrive on delivered as done, all that
+// wait in one write, until delivered is closed; freed is told how many
+// items each write settled.
+func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, freed func(int)) {
+	for it := range delivered {
+		batch := []OutboxItem{it}
+	collect:
+		for len(batch) < maxBatch {
+			select {
+			case it, ok := <-delivered:
+				if !ok {
+					break collect
+				}
+				batch = append(batch, it)
+			default:
+				break collect
+			}
+		}
+		// Should the write fail, the items stay held until their lease
+		// ends and are delivered again; IM drops the repeats.
+		if err := w.Store.Delivered(ctx, batch, w.Now()); err != nil && ctx.Err() == nil {
+			w.Log.Error("outbox write failed", "err", err, "items", len(batch))
+		}
+		freed(len(batch))
 	}
 }
 
@@ -149,31 +198,10 @@ func (w *Worker) pruneKeys(ctx context.Context) {
 	}
 }
 
-// runLane delivers lane from its claimed head on, in order, until the lane
-// is empty, its head must wait for a retry or is held elsewhere, the worker
-// stops, or the lane has had its share of turns. Deliveries run under
-// deliverCtx, which outlives stop by the grace period.
-func (w *Worker) runLane(deliverCtx, stop context.Context, it OutboxItem) {
-	for range 64 {
-		next, ok := w.deliverItem(deliverCtx, it)
-		if !ok {
-			return
-		}
-		it = next
-		if stop.Err() != nil {
-			break // stopping: hand back the item just taken
-		}
-	}
-	// Stopping, or its share of turns used: the lane goes back to the
-	// common claim.
-	if err := w.Store.ReleaseItem(deliverCtx, it.ID); err != nil && deliverCtx.Err() == nil {
-		w.Log.Error("outbox release failed", "err", err)
-	}
-}
-
-// deliverItem makes one attempt at it and records the outcome. When the
-// lane may go on, it returns the lane's next item, already taken.
-func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) (OutboxItem, bool) {
+// deliverItem makes one attempt at it. It reports true when it was
+// delivered (the completer records that); a failure it records itself, as
+// a retry or a dead letter.
+func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	d := it.Delivery
 	err := w.deliver(ctx, d)
 	now := w.Now()
@@ -183,27 +211,21 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) (OutboxItem, bo
 	if d.Kind == deliverWeChat {
 		window = w.WeChatWindow
 	}
-	var (
-		next OutboxItem
-		ok   bool
-		rerr error
-	)
+	var rerr error
 	switch {
 	case err == nil:
-		next, ok, rerr = w.Store.DeliveredNext(ctx, it, w.owner, now, w.Lease)
 		w.Metrics.deliveries.WithLabelValues(tgt, "delivered").Inc()
 		w.Metrics.deliveryLatency.WithLabelValues(tgt).Observe(now.Sub(it.CreatedAt).Seconds())
 		log.Debug("delivered")
+		return true
 	case ctx.Err() != nil:
-		return OutboxItem{}, false // stopping: the item is handed back as it was
+		return false // stopping: the item is handed back as it was
 	case permanent(err) || now.Sub(it.CreatedAt) >= window:
 		reason := err.Error()
 		if !permanent(err) {
 			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
 		}
-		if rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now); rerr == nil {
-			next, ok, rerr = w.Store.ClaimLaneHead(ctx, w.owner, it.Lane, now, w.Lease)
-		}
+		rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now)
 		w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
 		w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
 		log.Error("delivery failed for good", "err", reason)
@@ -215,13 +237,10 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) (OutboxItem, bo
 			log.Warn("delivery failed, will retry", "err", err, "retry_at", retryAt)
 		}
 	}
-	if rerr != nil {
-		if ctx.Err() == nil {
-			log.Error("outbox write failed", "err", rerr)
-		}
-		return OutboxItem{}, false
+	if rerr != nil && ctx.Err() == nil {
+		log.Error("outbox write failed", "err", rerr)
 	}
-	return next, ok
+	return false
 }
 
 // notice is the IM message that tells the agent of a conversation that a
