@@ -54,6 +54,33 @@ func FuzzDecodePush(f *testing.F) {
 	})
 }
 
+// FuzzFlatPushScan holds the fast path to encoding/xml: whatever push it
+// reads, encoding/xml reads the same way.
+func FuzzFlatPushScan(f *testing.F) {
+	addPushSeeds(f)
+	for _, s := range []string{
+		"<xml><Content>a<![CDATA[b]]>c</Content></xml>",
+		"<xml><CreateTime></CreateTime><X><![CDATA[</xml>]]></X></xml>",
+		"\n<xml>\n<MsgType>text</MsgType>\n</xml>trailing",
+		"<xml><Content>\u00e9\U0001F600</Content></xml>",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		var fast Push
+		if !scanFlatPush(body, &fast) {
+			return
+		}
+		var slow Push
+		if err := decodeXML(body, &slow); err != nil {
+			t.Fatalf("the fast path read %+v, encoding/xml refused: %v", fast, err)
+		}
+		if fast != slow {
+			t.Fatalf("the fast path read\n%+v\nencoding/xml\n%+v", fast, slow)
+		}
+	})
+}
+
 // decodePushReply parses a passive text reply, for the fuzzer's check.
 func decodePushReply(b []byte) (textReply, error) {
 	var r textReply

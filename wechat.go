@@ -110,8 +110,11 @@ func decodeXML(body []byte, v any) error {
 // carry. Its errors wrap errBadPush.
 func decodePush(body []byte) (Push, error) {
 	var p Push
-	if err := decodeXML(body, &p); err != nil {
-		return Push{}, err
+	if !scanFlatPush(body, &p) {
+		p = Push{}
+		if err := decodeXML(body, &p); err != nil {
+			return Push{}, err
+		}
 	}
 	switch {
 	case p.FromUserName == "":

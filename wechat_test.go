@@ -176,3 +176,43 @@ func TestEveryMessageTypeCrosses(t *testing.T) {
 		}
 	}
 }
+
+// The fast path reads every push sample (so the fuzz test compares real
+// pushes), and reads it as encoding/xml does.
+func TestFlatPushScanReadsSamples(t *testing.T) {
+	files, _ := filepath.Glob(filepath.Join("testdata", "push", "*.xml"))
+	if len(files) == 0 {
+		t.Fatal("no push samples")
+	}
+	for _, name := range files {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var fast, slow Push
+		if !scanFlatPush(b, &fast) {
+			t.Errorf("%s: the fast path left it to encoding/xml", name)
+			continue
+		}
+		if err := decodeXML(b, &slow); err != nil || fast != slow {
+			t.Errorf("%s: fast path %+v, encoding/xml %+v, %v", name, fast, slow, err)
+		}
+	}
+	// What it does not read, it leaves alone.
+	for _, body := range []string{
+		`<?xml version="1.0"?><xml><MsgType>text</MsgType></xml>`,
+		`<xml><Content>a &amp; b</Content></xml>`,
+		`<xml><Content a="1">x</Content></xml>`,
+		`<xml><!-- c --><MsgType>text</MsgType></xml>`,
+		`<xml><MsgType>text</MsgType><MsgType>image</MsgType></xml>`,
+		"<xml><Content>a\r\nb</Content></xml>",
+		`<xml><ScanCodeInfo><ScanType>qrcode</ScanType></ScanCodeInfo></xml>`,
+		`<xml><Content>x</Contents></xml>`,
+		`<root><MsgType>text</MsgType></root>`,
+	} {
+		var p Push
+		if scanFlatPush([]byte(body), &p) {
+			t.Errorf("the fast path read %q", body)
+		}
+	}
+}
