@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -30,8 +31,11 @@ type Store struct {
 	rdb      *sql.DB // reads (on SQLite, a pool of its own; on PostgreSQL, db)
 	postgres bool
 
-	stmts      sync.Map     // SQLite: query → *sql.Stmt
-	ops        chan writeOp // SQLite: writes waiting for the writer
+	path       string         // SQLite: the database file
+	wal        *os.File       // SQLite: its write-ahead log, for the syncer's fsync
+	stmts      sync.Map       // SQLite: query → *sql.Stmt
+	ops        chan writeOp   // SQLite: writes waiting for the writer
+	synced     chan committed // SQLite: batches committed, waiting for the syncer
 	stopped    chan struct{}
 	writerDone chan struct{}
 }
@@ -47,7 +51,10 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 	schema := schemaSQL
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
-		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
+		// synchronous(NORMAL): commits do not wait for the disk; the syncer
+		// (writer.go) fsyncs the log before any caller is answered.
+		s.path = path
+		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)"
 		if s.db, err = sql.Open("sqlite", dsn+"&_txlock=immediate"); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
 		}
@@ -93,8 +100,9 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
 	if !s.postgres {
-		s.ops, s.stopped, s.writerDone = make(chan writeOp), make(chan struct{}), make(chan struct{})
+		s.ops, s.synced, s.stopped, s.writerDone = make(chan writeOp), make(chan committed, 64), make(chan struct{}), make(chan struct{})
 		go s.runWriter()
+		go s.runSyncer()
 	}
 	return s, nil
 }

@@ -1,16 +1,21 @@
 package main
 
 // Group commit for SQLite. Every write of the bridge is a short function
-// run in a transaction; on SQLite one goroutine runs them, many to a
-// transaction, so that one fsync makes a whole batch durable. Each caller
-// still returns only once its write is committed. On PostgreSQL, where
-// concurrent commits already share their WAL flushes, writes run in
-// transactions of their own.
+// run in a transaction; on SQLite one goroutine, the writer, runs them, many
+// to a transaction. SQLite commits into its write-ahead log without waiting
+// for the disk (synchronous=NORMAL); a second goroutine, the syncer, then
+// fsyncs the log and only then tells the callers. So one fsync makes many
+// transactions durable, the writer runs the next batch while the disk
+// works, and each caller still returns only once its write is on disk, as
+// synchronous=FULL would. On PostgreSQL, where concurrent commits already
+// share their WAL flushes, writes run in transactions of their own.
 
 import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
+	"os"
 )
 
 // maxBatch bounds the writes committed together.
@@ -20,6 +25,12 @@ const maxBatch = 256
 type writeOp struct {
 	fn   func(*sql.Tx) error
 	done chan error
+}
+
+// committed is a batch the writer committed, waiting for the syncer.
+type committed struct {
+	ops     []writeOp
+	results []error
 }
 
 // noWrite marks the errors a write function returns before it has written
@@ -35,9 +46,9 @@ func isNoWrite(err error) bool {
 	return false
 }
 
-// write runs fn in a transaction and returns once it is committed. fn may
-// share its transaction with other writes: it must return an error of
-// noWrite, or none, unless it fails in the database.
+// write runs fn in a transaction and returns once it is committed and
+// durable. fn may share its transaction with other writes: it must return
+// an error of noWrite, or none, unless it fails in the database.
 func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) error {
 	if s.postgres {
 		return s.inTx(ctx, fn)
@@ -54,9 +65,10 @@ func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) error {
 }
 
 // runWriter commits the writes that arrive, batching those that wait
-// while a commit runs, until the store closes.
+// while a commit runs, and hands each batch to the syncer, until the store
+// closes.
 func (s *Store) runWriter() {
-	defer close(s.writerDone)
+	defer close(s.synced)
 	for {
 		var first writeOp
 		select {
@@ -74,14 +86,14 @@ func (s *Store) runWriter() {
 				break collect
 			}
 		}
-		s.commitBatch(batch)
+		s.synced <- committed{batch, s.commitBatch(batch)}
 	}
 }
 
 // commitBatch runs the batch in one transaction. If a write fails in the
 // database, or the commit does, the batch is rolled back and each write
 // runs again alone, so one bad write fails only itself.
-func (s *Store) commitBatch(batch []writeOp) {
+func (s *Store) commitBatch(batch []writeOp) []error {
 	results := make([]error, len(batch))
 	err := s.tryTx(context.Background(), func(tx *sql.Tx) error {
 		for i, op := range batch {
@@ -93,15 +105,74 @@ func (s *Store) commitBatch(batch []writeOp) {
 		return nil
 	})
 	if err != nil && len(batch) > 1 {
-		for _, op := range batch {
-			op.done <- s.tryTx(context.Background(), op.fn)
+		for i, op := range batch {
+			results[i] = s.tryTx(context.Background(), op.fn)
 		}
-		return
+		return results
 	}
-	for i, op := range batch {
+	for i := range batch {
 		if err != nil {
 			results[i] = err
 		}
-		op.done <- results[i]
 	}
+	return results
+}
+
+// runSyncer makes committed batches durable, all that wait with one fsync
+// of the write-ahead log, and answers their callers, until the writer stops.
+func (s *Store) runSyncer() {
+	defer close(s.writerDone)
+	for c := range s.synced {
+		batches := []committed{c}
+	collect:
+		for {
+			select {
+			case c, ok := <-s.synced:
+				if !ok {
+					break collect
+				}
+				batches = append(batches, c)
+			default:
+				break collect
+			}
+		}
+		err := s.syncWAL()
+		for _, c := range batches {
+			for i, op := range c.ops {
+				if c.results[i] == nil && err != nil {
+					c.results[i] = err
+				}
+				op.done <- c.results[i]
+			}
+		}
+	}
+	if s.wal != nil {
+		s.wal.Close()
+	}
+}
+
+// syncWAL fsyncs SQLite's write-ahead log. SQLite keeps the log file while
+// a connection is open, but should it have been made anew, the new one is
+// opened: what was committed before it is in the database file already.
+func (s *Store) syncWAL() error {
+	path := s.path + "-wal"
+	if fi, err := os.Stat(path); err != nil {
+		return fmt.Errorf("sync write-ahead log: %w", err)
+	} else if s.wal != nil {
+		if mine, err := s.wal.Stat(); err != nil || !os.SameFile(fi, mine) {
+			s.wal.Close()
+			s.wal = nil
+		}
+	}
+	if s.wal == nil {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("sync write-ahead log: %w", err)
+		}
+		s.wal = f
+	}
+	if err := s.wal.Sync(); err != nil {
+		return fmt.Errorf("sync write-ahead log: %w", err)
+	}
+	return nil
 }
