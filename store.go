@@ -100,7 +100,7 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
 	if !s.postgres {
-		s.ops, s.synced, s.stopped, s.writerDone = make(chan writeOp), make(chan committed, 64), make(chan struct{}), make(chan struct{})
+		s.ops, s.synced, s.stopped, s.writerDone = make(chan writeOp), make(chan committed), make(chan struct{}), make(chan struct{})
 		go s.runWriter()
 		go s.runSyncer()
 	}

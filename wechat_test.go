@@ -59,14 +59,14 @@ func TestDecodePush(t *testing.T) {
 		wantText   string
 		wantKey    string
 	}{
-		{"text.xml", "text", "", actMessage, "아동복 신상품은 언제쯤 나오나요?", "wx:msg:oJqxQwYRyZMXFTc8sipB5TSe6Vw4:6265881059295447969:1669640884"},
+		{"text.xml", "text", "", actMessage, "아동복 신상품은 언제쯤 나오나요?", "wx:msg:1669640884:6265881059295447969:oJqxQwYRyZMXFTc8sipB5TSe6Vw4"},
 		{"image.xml", "image", "", actMessage, "[image] http://mmbiz.qpic.cn/mmbiz_jpg/abc/0", ""},
 		{"voice.xml", "voice", "", actMessage, "[voice] 언제 나와요", ""},
 		{"video.xml", "video", "", actMessage, "[video]", ""},
 		{"shortvideo.xml", "shortvideo", "", actMessage, "[short video]", ""},
 		{"location.xml", "location", "", actMessage, "[location] Seoul City Hall (37.5665, 126.978)", ""},
 		{"link.xml", "link", "", actMessage, "[link] Spring collection\nNew arrivals\nhttps://example.com/spring", ""},
-		{"subscribe.xml", "event", "subscribe", actFollow, "", "wx:event:oJqxQwYRyZMXFTc8sipB5TSe6Vw4:1669640891:subscribe:qrscene_123123"},
+		{"subscribe.xml", "event", "subscribe", actFollow, "", "wx:event:1669640891:oJqxQwYRyZMXFTc8sipB5TSe6Vw4:subscribe:qrscene_123123"},
 		{"unsubscribe.xml", "event", "unsubscribe", actUnfollow, "", ""},
 		{"scan.xml", "event", "SCAN", actNone, "", ""},
 		{"location_event.xml", "event", "LOCATION", actNone, "", ""},

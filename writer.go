@@ -86,6 +86,10 @@ func (s *Store) runWriter() {
 				break collect
 			}
 		}
+		// The syncer takes the batch once its fsync in flight is done.
+		// Meanwhile the writes that arrive wait, and go into one batch
+		// rather than many small ones: a commit writes each page it
+		// changed, however few its writes.
 		s.synced <- committed{batch, s.commitBatch(batch)}
 	}
 }
