@@ -14,6 +14,8 @@ package main
 // if neither delivers it.
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -131,7 +133,6 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s, IM calls %s), %d CPUs\n",
 		*conns, *customers, *duration, cmd.Process.Pid, addr, strings.SplitN(*database, ":", 2)[0], paced, runtime.NumCPU())
 
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: *conns, MaxConnsPerHost: *conns}, Timeout: 10 * time.Second}
 	var (
 		seq      atomic.Int64
 		failures atomic.Int64
@@ -145,7 +146,14 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			pc := &pushConn{addr: addr}
+			defer pc.close()
 			var mine []time.Duration
+			type answer struct {
+				n  int64
+				at time.Time
+			}
+			var got []answer
 			for i := 0; time.Now().Before(stop) && ctx.Err() == nil; i++ {
 				n := seq.Add(1)
 				openid := fmt.Sprintf("o_load_%06d", (c+i*(*conns))%*customers)
@@ -155,26 +163,23 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
 					wo.OAID, openid, ts, n, 6000000000000000000+n)
 				t0 := time.Now()
-				resp, err := client.Post(base+"/wechat?"+q.Encode(), "text/xml", strings.NewReader(body))
-				if err != nil {
-					failures.Add(1)
-					continue
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
+				status, err := pc.post("/wechat?"+q.Encode(), body)
 				t1 := time.Now()
-				if resp.StatusCode != http.StatusOK {
+				if err != nil || status != http.StatusOK {
 					failures.Add(1)
 					continue
 				}
 				mine = append(mine, t1.Sub(t0))
-				mu.Lock()
-				answered[n] = t1
-				mu.Unlock()
+				got = append(got, answer{n, t1})
 			}
 			waitsMu.Lock()
 			waits = append(waits, mine...)
 			waitsMu.Unlock()
+			mu.Lock()
+			for _, a := range got {
+				answered[a.n] = a.at
+			}
+			mu.Unlock()
 		}()
 	}
 	wg.Wait()
@@ -237,6 +242,90 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures.Load())
 	}
 	return nil
+}
+
+// pushConn is one keep-alive HTTP/1.1 connection to the bridge. It speaks
+// just enough of the protocol for a POST and its answer, as wrk does, so
+// that the load generator takes little of the CPU it shares with the
+// bridge; a net/http client costs several times more a request.
+type pushConn struct {
+	addr string
+	conn net.Conn
+	r    *bufio.Reader
+	buf  []byte
+}
+
+// post sends body to path and returns the answer's status, having read the
+// answer whole. On any error the connection is closed; the next post dials
+// again.
+func (p *pushConn) post(path, body string) (status int, err error) {
+	defer func() {
+		if err != nil {
+			p.close()
+		}
+	}()
+	if p.conn == nil {
+		if p.conn, err = net.Dial("tcp", p.addr); err != nil {
+			return 0, err
+		}
+		p.r = bufio.NewReader(p.conn)
+	}
+	p.conn.SetDeadline(time.Now().Add(10 * time.Second))
+	p.buf = fmt.Appendf(p.buf[:0], "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s",
+		path, p.addr, len(body), body)
+	if _, err := p.conn.Write(p.buf); err != nil {
+		return 0, err
+	}
+	line, err := p.r.ReadSlice('\n')
+	if err != nil {
+		return 0, err
+	}
+	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.1 ")) {
+		return 0, fmt.Errorf("bad status line %q", line)
+	}
+	if status, err = strconv.Atoi(string(line[9:12])); err != nil {
+		return 0, fmt.Errorf("bad status line %q", line)
+	}
+	length, keep := -1, true
+	for {
+		line, err := p.r.ReadSlice('\n')
+		if err != nil {
+			return 0, err
+		}
+		h := bytes.TrimRight(line, "\r\n")
+		if len(h) == 0 {
+			break
+		}
+		name, value, _ := bytes.Cut(h, []byte(":"))
+		value = bytes.TrimSpace(value)
+		switch {
+		case bytes.EqualFold(name, []byte("Content-Length")):
+			if length, err = strconv.Atoi(string(value)); err != nil {
+				return 0, fmt.Errorf("bad Content-Length %q", value)
+			}
+		case bytes.EqualFold(name, []byte("Transfer-Encoding")):
+			return 0, fmt.Errorf("answer with Transfer-Encoding %q: not spoken here", value)
+		case bytes.EqualFold(name, []byte("Connection")) && bytes.EqualFold(value, []byte("close")):
+			keep = false
+		}
+	}
+	if length < 0 {
+		return 0, errors.New("answer without Content-Length")
+	}
+	if _, err := p.r.Discard(length); err != nil {
+		return 0, err
+	}
+	if !keep {
+		p.close()
+	}
+	return status, nil
+}
+
+func (p *pushConn) close() {
+	if p.conn != nil {
+		p.conn.Close()
+		p.conn, p.r = nil, nil
+	}
 }
 
 // pct returns the p-th percentile of sorted durations, rounded.
