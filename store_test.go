@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -151,5 +152,55 @@ func TestStoreSurvivesReopen(t *testing.T) {
 	}
 	if s, _ := st2.Stats(ctx); s.Pending != 2 {
 		t.Errorf("after reopening, %d items are pending, want 2", s.Pending)
+	}
+}
+
+// Delivered settles many items of many lanes in one write; each lane's
+// next item becomes its head then, in order, on SQLite and PostgreSQL.
+func TestDeliveredPromotesEachLaneInOrder(t *testing.T) {
+	for _, store := range []string{"sqlite", "postgres"} {
+		t.Run(store, func(t *testing.T) {
+			db := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
+			if store == "postgres" {
+				db = testPostgres(t)
+			}
+			st, err := openStore(context.Background(), db)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			ctx, now := context.Background(), time.Now()
+			for i, k := range []string{"a1", "b1", "a2", "b2", "a3"} {
+				if _, err := st.AcceptPush(ctx, message(k, "o"+k[:1], k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var got []string
+			for round := 0; round < 10; round++ {
+				heads, err := st.Claim(ctx, "w", now.Add(time.Second), time.Minute, 10)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(heads) == 0 {
+					break
+				}
+				if len(heads) > 2 {
+					t.Fatalf("claimed %d items of two lanes at once", len(heads))
+				}
+				for _, h := range heads {
+					got = append(got, h.Delivery.Kind+" "+h.Delivery.Text)
+				}
+				if err := st.Delivered(ctx, heads, now.Add(time.Second)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := []string{"im_import ", "im_import ", "im_send a1", "im_send b1", "im_send a2", "im_send b2", "im_send a3"}
+			if strings.Join(got, ",") != strings.Join(want, ",") {
+				t.Errorf("delivered %q, want %q", got, want)
+			}
+			if s, err := st.Stats(ctx); err != nil || s.Pending != 0 {
+				t.Errorf("after all deliveries: %+v, %v; want nothing pending", s, err)
+			}
+		})
 	}
 }

@@ -1,0 +1,70 @@
+package main
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// The load generator's own HTTP client reads whole answers over one
+// connection, dials again after Connection: close, and refuses what it does
+// not speak rather than miscount it.
+func TestPushConn(t *testing.T) {
+	var conns atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		switch {
+		case r.Method != http.MethodPost || r.URL.RawQuery != "a=1" || string(body) != "<xml/>":
+			http.Error(w, "unexpected request", http.StatusBadRequest)
+		case r.URL.Path == "/close":
+			w.Header().Set("Connection", "close")
+			w.Write([]byte("bye"))
+		case r.URL.Path == "/chunked":
+			w.Write([]byte("part"))
+			w.(http.Flusher).Flush() // no Content-Length now: chunked
+			w.Write([]byte("more"))
+		case r.URL.Path == "/refused":
+			http.Error(w, "no", http.StatusForbidden)
+		default:
+			w.Header().Set("Content-Length", "5000") // longer than one read
+			w.Write([]byte(strings.Repeat("s", 5000)))
+		}
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+
+	pc := &pushConn{addr: srv.Listener.Addr().String()}
+	defer pc.close()
+	for i := range 3 {
+		if status, err := pc.post("/ok?a=1", "<xml/>"); status != 200 || err != nil {
+			t.Fatalf("post %d: %d, %v", i, status, err)
+		}
+	}
+	if status, err := pc.post("/refused?a=1", "<xml/>"); status != 403 || err != nil {
+		t.Fatalf("refused: %d, %v; want 403", status, err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("%d connections for four posts, want 1", n)
+	}
+	if status, err := pc.post("/close?a=1", "<xml/>"); status != 200 || err != nil {
+		t.Fatalf("close: %d, %v", status, err)
+	}
+	if status, err := pc.post("/ok?a=1", "<xml/>"); status != 200 || err != nil || conns.Load() != 2 {
+		t.Fatalf("after Connection: close, got %d, %v on connection %d; want 200 on a second one", status, err, conns.Load())
+	}
+	if _, err := pc.post("/chunked?a=1", "<xml/>"); err == nil {
+		t.Fatal("a chunked answer was taken")
+	}
+	if status, err := pc.post("/ok?a=1", "<xml/>"); status != 200 || err != nil || conns.Load() != 3 {
+		t.Fatalf("after an error, got %d, %v on connection %d; want 200 on a new one", status, err, conns.Load())
+	}
+}
