@@ -25,24 +25,24 @@ type OutboxItem struct {
 	CreatedAt time.Time
 }
 
-const itemColumns = `id, lane, delivery, attempts, next_at, created_at`
-
 // Claim takes up to limit lane heads that are due at now and held by no
 // instance, and holds them for owner until now+lease.
 func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease time.Duration, limit int) ([]OutboxItem, error) {
 	ms := now.UnixMilli()
-	// The conditions stand on the UPDATE too: on PostgreSQL, an instance
-	// that waited for another's claim to commit re-checks them on the row
-	// as the other left it, and skips it.
+	// The due heads are chosen first (MATERIALIZED: PostgreSQL must not
+	// fold them into a join, which plans badly on a table that grew since
+	// its statistics were taken). The conditions stand on the UPDATE too:
+	// on PostgreSQL, an instance that waited for another's claim to commit
+	// re-checks them on the row as the other left it, and skips it.
 	var items []OutboxItem
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		rows, err := s.query(ctx, tx, `
-		UPDATE outbox SET claimed_by = ?, claimed_until = ?
-		WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ? AND id IN (
-			SELECT id FROM outbox
+		WITH due AS MATERIALIZED (SELECT id FROM outbox
 			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
 			ORDER BY next_at, id LIMIT ?)
-		RETURNING `+itemColumns, owner, now.Add(lease).UnixMilli(), ms, ms, ms, ms, limit)
+		UPDATE outbox SET claimed_by = ?, claimed_until = ? FROM due
+		WHERE outbox.id = due.id AND state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
+		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at`, ms, ms, limit, owner, now.Add(lease).UnixMilli(), ms, ms)
 		if err != nil {
 			return err
 		}
@@ -64,7 +64,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 		ids[i] = it.ID
 		lanes = append(lanes, it.Lane)
 	}
-	slices.Sort(lanes) // locked in one order, so two instances cannot deadlock
+	slices.Sort(lanes) // locked in one order, so that two writes cannot deadlock
 	lanes = slices.Compact(lanes)
 	idList, err := json.Marshal(ids)
 	if err != nil {
@@ -75,8 +75,9 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 		return err
 	}
 	err = s.write(ctx, func(tx *sql.Tx) error {
-		for _, lane := range lanes {
-			if err := s.lockLane(ctx, tx, lane); err != nil {
+		if s.postgres { // lockLane for every lane, in one round trip
+			if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext(value))
+				FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY ORDER BY ordinality`, string(laneList)); err != nil {
 				return err
 			}
 		}
@@ -84,8 +85,11 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 			updated_at = ? WHERE id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, now.UnixMilli(), string(idList)); err != nil {
 			return err
 		}
-		_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id IN (SELECT
-			(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') FROM `+s.jsonList()+` l)`, string(laneList))
+		// MATERIALIZED keeps PostgreSQL from folding the heads into a
+		// join that reads the whole outbox.
+		_, err := s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
+			(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') AS id FROM `+s.jsonList()+` l)
+			UPDATE outbox SET head = 1 FROM heads WHERE outbox.id = heads.id`, string(laneList))
 		return err
 	})
 	if err != nil {
