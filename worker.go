@@ -178,7 +178,8 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 			}
 		}
 		// Should the write fail, the items stay held until their lease
-		// ends and are delivered again; IM drops the repeats.
+		// ends and are delivered again: IM drops a repeated sendmsg within
+		// 120 s, WeChat may show a reply twice (README: at least once).
 		if err := w.Store.Delivered(ctx, batch, w.Now()); err != nil && ctx.Err() == nil {
 			w.Log.Error("outbox write failed", "err", err, "items", len(batch))
 		}
