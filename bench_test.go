@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,15 +22,7 @@ import (
 func BenchmarkWebhook(b *testing.B) {
 	for _, store := range []string{"sqlite", "postgres"} {
 		b.Run(store, func(b *testing.B) {
-			db := "sqlite:" + filepath.Join(b.TempDir(), "bridge.db")
-			if store == "postgres" {
-				db = testPostgres(b)
-			}
-			st, err := openStore(context.Background(), db)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer st.Close()
+			st := openTestStore(b, store)
 			cfg := Config{WeChatToken: "token123", IMUserPrefix: "wx_", IMAgents: []string{"agent_kim"},
 				WeChatPushMaxSkew: 5 * time.Minute, WelcomeText: "w", ConnectingText: "c"}
 			m := newMetrics(st)

@@ -158,11 +158,7 @@ func TestVendorOutagesRecovered(t *testing.T) {
 				eventually(t, "the message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 2 })
 				h.wx.SendText(ctx, customer, "after")
 				eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
-				var texts []string
-				for _, m := range h.messagesTo("agent_kim") {
-					texts = append(texts, m.Text)
-				}
-				if got := strings.Join(texts, "|"); got != "before|during the outage|after" {
+				if got := h.textsTo("agent_kim", "|"); got != "before|during the outage|after" {
 					t.Errorf("IM got %q, want each message once, in order", got)
 				}
 			}

@@ -179,6 +179,16 @@ func (h *harness) messagesTo(account string) []fakes.Message {
 	return out
 }
 
+// textsTo returns the texts of the IM messages delivered to account, in
+// the order they arrived, joined by sep.
+func (h *harness) textsTo(account, sep string) string {
+	var texts []string
+	for _, m := range h.messagesTo(account) {
+		texts = append(texts, m.Text)
+	}
+	return strings.Join(texts, sep)
+}
+
 // sentTo returns the customer-service messages WeChat accepted for openid.
 func (h *harness) sentTo(openid string) []fakes.CustomMessage {
 	var out []fakes.CustomMessage

@@ -106,11 +106,7 @@ func TestKilledBetweenAnswerAndDelivery(t *testing.T) {
 		eventually(t, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 2 })
 		h.wx.SendText(ctx, customer, "three")
 		eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
-		var texts []string
-		for _, m := range h.messagesTo("agent_kim") {
-			texts = append(texts, m.Text)
-		}
-		if got := strings.Join(texts, " "); got != "one two three" {
+		if got := h.textsTo("agent_kim", " "); got != "one two three" {
 			t.Errorf("agent got %q, want each message once, in order", got)
 		}
 	})
@@ -159,11 +155,7 @@ func TestSIGTERMDrains(t *testing.T) {
 	eventually(t, "every message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 3 })
 	h.wx.SendText(ctx, customer, "four")
 	eventually(t, "the next message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 4 })
-	var texts []string
-	for _, m := range h.messagesTo("agent_kim") {
-		texts = append(texts, m.Text)
-	}
-	if got := strings.Join(texts, " "); got != "one two three four" {
+	if got := h.textsTo("agent_kim", " "); got != "one two three four" {
 		t.Errorf("agent got %q, want each message once, in order", got)
 	}
 }

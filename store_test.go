@@ -19,6 +19,22 @@ func newTestStore(t *testing.T) (*Store, string) {
 	return st, path
 }
 
+// openTestStore opens a store of the kind named, "sqlite" (in a temporary
+// folder) or "postgres" (in a schema of TEST_DATABASE_URL, or skips).
+func openTestStore(t testing.TB, kind string) *Store {
+	t.Helper()
+	db := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
+	if kind == "postgres" {
+		db = testPostgres(t)
+	}
+	st, err := openStore(context.Background(), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
 func message(key, openid, text string) Inbound {
 	n := uint32(0)
 	return Inbound{Key: key, Action: actMessage, OpenID: openid, IMUser: "wx_" + openid, Text: text,
@@ -160,15 +176,7 @@ func TestStoreSurvivesReopen(t *testing.T) {
 func TestDeliveredPromotesEachLaneInOrder(t *testing.T) {
 	for _, store := range []string{"sqlite", "postgres"} {
 		t.Run(store, func(t *testing.T) {
-			db := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
-			if store == "postgres" {
-				db = testPostgres(t)
-			}
-			st, err := openStore(context.Background(), db)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer st.Close()
+			st := openTestStore(t, store)
 			ctx, now := context.Background(), time.Now()
 			for i, k := range []string{"a1", "b1", "a2", "b2", "a3"} {
 				if _, err := st.AcceptPush(ctx, message(k, "o"+k[:1], k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {

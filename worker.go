@@ -164,19 +164,7 @@ func (w *Worker) Run(ctx context.Context) {
 // items each write settled.
 func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, freed func(int)) {
 	for it := range delivered {
-		batch := []OutboxItem{it}
-	collect:
-		for len(batch) < maxBatch {
-			select {
-			case it, ok := <-delivered:
-				if !ok {
-					break collect
-				}
-				batch = append(batch, it)
-			default:
-				break collect
-			}
-		}
+		batch := gather(it, delivered, maxBatch)
 		// Should the write fail, the items stay held until their lease
 		// ends and are delivered again: IM drops a repeated sendmsg within
 		// 120 s, WeChat may show a reply twice (README: at least once).

@@ -15,6 +15,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 )
 
@@ -76,16 +77,7 @@ func (s *Store) runWriter() {
 		case <-s.stopped:
 			return
 		}
-		batch := []writeOp{first}
-	collect:
-		for len(batch) < maxBatch {
-			select {
-			case op := <-s.ops:
-				batch = append(batch, op)
-			default:
-				break collect
-			}
-		}
+		batch := gather(first, s.ops, maxBatch)
 		// The syncer takes the batch once its fsync in flight is done.
 		// Meanwhile the writes that arrive wait, and go into one batch
 		// rather than many small ones: a commit writes each page it
@@ -122,24 +114,30 @@ func (s *Store) commitBatch(batch []writeOp) []error {
 	return results
 }
 
+// gather returns first and whatever else waits on ch, up to limit in all,
+// without blocking: a batch of what queued while the last one was worked on.
+func gather[T any](first T, ch <-chan T, limit int) []T {
+	batch := []T{first}
+	for len(batch) < limit {
+		select {
+		case v, ok := <-ch:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, v)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
 // runSyncer makes committed batches durable, all that wait with one fsync
 // of the write-ahead log, and answers their callers, until the writer stops.
 func (s *Store) runSyncer() {
 	defer close(s.writerDone)
 	for c := range s.synced {
-		batches := []committed{c}
-	collect:
-		for {
-			select {
-			case c, ok := <-s.synced:
-				if !ok {
-					break collect
-				}
-				batches = append(batches, c)
-			default:
-				break collect
-			}
-		}
+		batches := gather(c, s.synced, math.MaxInt)
 		err := s.syncWAL()
 		for _, c := range batches {
 			for i, op := range c.ops {
