@@ -35,7 +35,7 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	// on PostgreSQL, an instance that waited for another's claim to commit
 	// re-checks them on the row as the other left it, and skips it.
 	var items []OutboxItem
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		rows, err := s.query(ctx, tx, `
 		WITH due AS MATERIALIZED (SELECT id FROM outbox
 			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
@@ -74,7 +74,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	if err != nil {
 		return err
 	}
-	err = s.write(ctx, func(tx *sql.Tx) error {
+	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if s.postgres { // lockLane for every lane, in one round trip
 			if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext(value))
 				FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY ORDER BY ordinality`, string(laneList)); err != nil {
@@ -110,7 +110,7 @@ func (s *Store) jsonList() string {
 // Release lets go of the pending items owner holds, so another instance (or
 // the next start) takes them at once.
 func (s *Store) Release(ctx context.Context, owner string) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`, owner)
 		return err
 	})
@@ -146,13 +146,15 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, id int64, lane, state, r
 
 // RetryLater records a failed attempt and makes the item due again at next.
 func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, now time.Time) error {
-	return s.write(ctx, func(tx *sql.Tx) error { return s.setState(ctx, tx, id, "pending", reason, next.UnixMilli(), now) })
+	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		return s.setState(ctx, tx, id, "pending", reason, next.UnixMilli(), now)
+	})
 }
 
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
 func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if err := s.finish(ctx, tx, it.ID, it.Lane, "failed", reason, now); err != nil {
 			return err
 		}

@@ -295,7 +295,7 @@ var errReplay = errors.New("signed query already used for another push")
 // another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	var acc Accepted
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		acc = Accepted{}
 		prev, dup, err := s.claimKey(ctx, tx, in.Key, in.SigKey, now)
 		if err != nil || dup {
@@ -443,7 +443,7 @@ var errUnknownCustomer = errors.New("unknown customer")
 // errUnknownCustomer and commits nothing. Like openConversation, it holds
 // the customer's row, so replies keep their order across instances.
 func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
-	err = s.write(ctx, func(tx *sql.Tx) error {
+	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		var one int
 		err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), d.OpenID).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -517,7 +517,7 @@ func (s *Store) lockLane(ctx context.Context, tx *sql.Tx, lane string) error {
 // items delivered before it; vendors retry within seconds, so old keys only
 // cost space.
 func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if _, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
 			return err
 		}

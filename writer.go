@@ -22,9 +22,16 @@ import (
 // maxBatch bounds the writes committed together.
 const maxBatch = 256
 
+// writeFunc is a write: what it does in tx. ctx is the context it must run
+// its statements with. On SQLite the writer gives it one that is never
+// cancelled: its statements share a transaction with other callers'
+// writes, which one caller giving up must not fail, and the driver watches
+// a cancellable context with a goroutine per statement.
+type writeFunc func(ctx context.Context, tx *sql.Tx) error
+
 // writeOp is one write waiting for the writer.
 type writeOp struct {
-	fn   func(*sql.Tx) error
+	fn   writeFunc
 	done chan error
 }
 
@@ -50,9 +57,9 @@ func isNoWrite(err error) bool {
 // write runs fn in a transaction and returns once it is committed and
 // durable. fn may share its transaction with other writes: it must return
 // an error of noWrite, or none, unless it fails in the database.
-func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) error {
+func (s *Store) write(ctx context.Context, fn writeFunc) error {
 	if s.postgres {
-		return s.inTx(ctx, fn)
+		return s.inTx(ctx, func(tx *sql.Tx) error { return fn(ctx, tx) })
 	}
 	op := writeOp{fn: fn, done: make(chan error, 1)}
 	select {
@@ -91,9 +98,10 @@ func (s *Store) runWriter() {
 // runs again alone, so one bad write fails only itself.
 func (s *Store) commitBatch(batch []writeOp) []error {
 	results := make([]error, len(batch))
-	err := s.tryTx(context.Background(), func(tx *sql.Tx) error {
+	ctx := context.Background()
+	err := s.tryTx(ctx, func(tx *sql.Tx) error {
 		for i, op := range batch {
-			results[i] = op.fn(tx)
+			results[i] = op.fn(ctx, tx)
 			if results[i] != nil && !isNoWrite(results[i]) {
 				return results[i]
 			}
@@ -102,7 +110,7 @@ func (s *Store) commitBatch(batch []writeOp) []error {
 	})
 	if err != nil && len(batch) > 1 {
 		for i, op := range batch {
-			results[i] = s.tryTx(context.Background(), op.fn)
+			results[i] = s.tryTx(ctx, func(tx *sql.Tx) error { return op.fn(ctx, tx) })
 		}
 		return results
 	}
