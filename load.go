@@ -48,11 +48,15 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	customers := fs.Int("customers", 1000, "distinct customers writing")
 	database := fs.String("database", "", "DATABASE_URL for the bridge (default: SQLite in a temporary folder)")
 	imRate := fs.Int("im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
+	other := fs.String("bridge", "", "a program to run in the bridge's place, with its environment (the reference in loadref/)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *duration <= 0 || *duration > 10*time.Minute || *conns < 1 || *conns > 1024 || *customers < 1 || *imRate < 0 {
 		return errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1, -im-rate at least 0")
+	}
+	if *other != "" && *imRate > 0 {
+		return errors.New("load: -im-rate needs the bridge itself, which can stop and hand its backlog to a restarted one")
 	}
 
 	dt := &demoT{}
@@ -100,9 +104,17 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
 		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=unused-in-load",
 	}
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "LOADREF_") {
+			env = append(env, kv)
+		}
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return err
+	}
+	if *other != "" {
+		exe = *other
 	}
 	base := "http://" + addr
 	// startBridge runs the bridge, pacing its IM calls at rate a second
@@ -130,8 +142,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *imRate > 0 {
 		paced = fmt.Sprintf("paced at %d/s", *imRate)
 	}
-	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s, IM calls %s), %d CPUs\n",
-		*conns, *customers, *duration, cmd.Process.Pid, addr, strings.SplitN(*database, ":", 2)[0], paced, runtime.NumCPU())
+	what := fmt.Sprintf("%s, IM calls %s", strings.SplitN(*database, ":", 2)[0], paced)
+	if *other != "" {
+		what = "in its place " + *other
+	}
+	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s), %d CPUs\n",
+		*conns, *customers, *duration, cmd.Process.Pid, addr, what, runtime.NumCPU())
 
 	var (
 		seq      atomic.Int64

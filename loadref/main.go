@@ -1,0 +1,150 @@
+// Command loadref is what the bridge's speed is measured against: a push
+// handler written the usual way, on the usual WeChat SDK
+// (github.com/silenceper/wechat), that forwards each customer's message to
+// Tencent IM inside the handler, as the tutorial the bridge began from does.
+// It commits nothing, retries nothing and keeps its state in a map.
+//
+// It reads the bridge's own environment (LISTEN_ADDR, WECHAT_TOKEN,
+// WECHAT_APPID, WECHAT_APPSECRET, IM_SDKAPPID, IM_SECRET_KEY, IM_API_BASE,
+// IM_ADMIN, IM_AGENTS, IM_USER_PREFIX), so the bridge's load generator can
+// run it in the bridge's place:
+//
+//	cd loadref && go build -o /tmp/loadref . && cd .. && go run . load -bridge /tmp/loadref
+//
+// It is tuned as the SDK's users tune it: the SDK's debug logging off and a
+// connection pool sized for the load. LOADREF_UNTUNED=1 leaves the SDK's
+// defaults (debug logs on stderr, two idle connections to IM).
+//
+// It is a module of its own so that the bridge does not depend on the SDK.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/silenceper/wechat/v2"
+	"github.com/silenceper/wechat/v2/cache"
+	offConfig "github.com/silenceper/wechat/v2/officialaccount/config"
+	"github.com/silenceper/wechat/v2/officialaccount/message"
+	"github.com/sirupsen/logrus"
+	"github.com/tencentyun/tls-sig-api-v2-golang/tencentyun"
+)
+
+func main() {
+	env := func(name, def string) string {
+		if v := os.Getenv(name); v != "" {
+			return v
+		}
+		return def
+	}
+	sdkAppID, err := strconv.Atoi(os.Getenv("IM_SDKAPPID"))
+	if err != nil {
+		log.Fatal("IM_SDKAPPID must be a number")
+	}
+	admin := env("IM_ADMIN", "administrator")
+	sig, err := tencentyun.GenUserSig(sdkAppID, os.Getenv("IM_SECRET_KEY"), admin, 86400)
+	if err != nil {
+		log.Fatal("UserSig: ", err)
+	}
+	im := &imClient{
+		base:   os.Getenv("IM_API_BASE"),
+		query:  url.Values{"sdkappid": {strconv.Itoa(sdkAppID)}, "identifier": {admin}, "usersig": {sig}, "contenttype": {"json"}},
+		http:   &http.Client{Timeout: 5 * time.Second},
+		prefix: env("IM_USER_PREFIX", "wx_"),
+		agent:  strings.Split(os.Getenv("IM_AGENTS"), ",")[0],
+	}
+
+	wc := wechat.NewWechat() // sets the SDK's logging to debug
+	if os.Getenv("LOADREF_UNTUNED") != "1" {
+		logrus.SetLevel(logrus.WarnLevel)
+		im.http.Transport = &http.Transport{MaxIdleConnsPerHost: 64}
+	}
+	oa := wc.GetOfficialAccount(&offConfig.Config{
+		AppID: os.Getenv("WECHAT_APPID"), AppSecret: os.Getenv("WECHAT_APPSECRET"),
+		Token: os.Getenv("WECHAT_TOKEN"), Cache: cache.NewMemory(),
+	})
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	mux.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) {
+		srv := oa.GetServer(r, w)
+		srv.SetMessageHandler(func(msg *message.MixMessage) *message.Reply {
+			if msg.MsgType == message.MsgTypeText {
+				if err := im.forward(string(msg.FromUserName), msg.Content); err != nil {
+					log.Print("forward: ", err)
+				}
+			}
+			return nil // "success"
+		})
+		if err := srv.Serve(); err != nil {
+			log.Print("serve: ", err)
+		}
+	})
+	log.Fatal(http.ListenAndServe(os.Getenv("LISTEN_ADDR"), mux))
+}
+
+// imClient calls Tencent IM's REST API as the admin.
+type imClient struct {
+	base   string
+	query  url.Values
+	http   *http.Client
+	prefix string
+	agent  string
+
+	imported sync.Map // IM UserID → true, once account_import succeeded
+}
+
+// forward imports the customer's IM account the first time and sends text
+// from it to the agent.
+func (c *imClient) forward(openid, text string) error {
+	from := c.prefix + openid
+	if _, ok := c.imported.Load(from); !ok {
+		if err := c.call("im_open_login_svc/account_import", map[string]any{"UserID": from}); err != nil {
+			return err
+		}
+		c.imported.Store(from, true)
+	}
+	return c.call("openim/sendmsg", map[string]any{
+		"SyncOtherMachine": 2, "From_Account": from, "To_Account": c.agent,
+		"MsgRandom": rand.Uint32(), "MsgLifeTime": 604800,
+		"MsgBody": []any{map[string]any{"MsgType": "TIMTextElem", "MsgContent": map[string]string{"Text": text}}},
+	})
+}
+
+func (c *imClient) call(command string, req any) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	q := url.Values{"random": {strconv.FormatUint(uint64(rand.Uint32()), 10)}}
+	for k, v := range c.query {
+		q[k] = v
+	}
+	resp, err := c.http.Post(c.base+"/v4/"+command+"?"+q.Encode(), "application/json", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var ans struct {
+		ErrorCode int
+		ErrorInfo string
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&ans); err != nil {
+		return fmt.Errorf("%s: %w", command, err)
+	}
+	if ans.ErrorCode != 0 {
+		return fmt.Errorf("%s: %d %s", command, ans.ErrorCode, ans.ErrorInfo)
+	}
+	return nil
+}
