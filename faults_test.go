@@ -228,6 +228,29 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 	}
 }
 
+// TestUnreadableItemIsDeadLetter: an outbox item whose stored delivery
+// cannot be decoded becomes a dead letter with the reason, and holds up
+// nothing: a customer's message behind it in the outbox still reaches IM.
+func TestUnreadableItemIsDeadLetter(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	path, _ := sqlitePath(h.env["DATABASE_URL"])
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ms := time.Now().UnixMilli()
+	if _, err := db.Exec(`INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
+		VALUES ('im:o_broken', '{"kind": "im_send", "text": ', ?, ?, ?, 1)`, ms, ms, ms); err != nil {
+		t.Fatal(err)
+	}
+	h.wx.SendText(context.Background(), customer, question)
+	eventually(t, "the question in IM", func() bool { return strings.Contains(h.textsTo("agent_kim", "|"), question) })
+	eventually(t, "the unreadable item given up", func() bool {
+		return strings.Contains(strings.Join(h.deadLetters(), "\n"), ": decode delivery")
+	})
+}
+
 // TestIMRateLimitRespected: with IM taking 50 calls a second per API, a
 // burst of messages is paced under the limit: IM never answers 60007.
 func TestIMRateLimitRespected(t *testing.T) {

@@ -23,6 +23,10 @@ type OutboxItem struct {
 	Attempts  int
 	NextAt    time.Time
 	CreatedAt time.Time
+	// Unreadable is set, as a permanent error, if the stored delivery could
+	// not be decoded: the item can only become a dead letter.
+	Unreadable error
+	raw        string // the stored delivery, until decoded
 }
 
 // Claim takes up to limit lane heads that are due at now and held by no
@@ -51,6 +55,15 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim: %w", err)
+	}
+	// Decoded here rather than in the write, which others wait on.
+	for i := range items {
+		it := &items[i]
+		if err := json.Unmarshal([]byte(it.raw), &it.Delivery); err != nil {
+			it.Delivery = Delivery{}
+			it.Unreadable = permanentError{fmt.Errorf("decode delivery %d: %w", it.ID, err)}
+		}
+		it.raw = ""
 	}
 	return items, nil
 }
@@ -203,13 +216,9 @@ func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
 	var items []OutboxItem
 	for rows.Next() {
 		var it OutboxItem
-		var d string
 		var next, created int64
-		if err := rows.Scan(&it.ID, &it.Lane, &d, &it.Attempts, &next, &created); err != nil {
+		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
 			return nil, err
-		}
-		if err := json.Unmarshal([]byte(d), &it.Delivery); err != nil {
-			return nil, fmt.Errorf("decode delivery %d: %w", it.ID, err)
 		}
 		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
 		items = append(items, it)

@@ -62,7 +62,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at    BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS outbox_heads ON outbox (next_at, id) WHERE state = 'pending' AND head = 1;
+-- outbox_due lists the heads in the order they are claimed. It keeps
+-- claimed_until too, so a claim passes over the heads that deliveries in
+-- flight hold without reading their rows. (It replaces outbox_heads, which
+-- did not.)
+DROP INDEX IF EXISTS outbox_heads;
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at, id, claimed_until) WHERE state = 'pending' AND head = 1;
 
 -- Credentials the instances share: the WeChat access_token and the IM
 -- admin's UserSig, so one instance refreshes them for all.

@@ -192,7 +192,10 @@ func (w *Worker) pruneKeys(ctx context.Context) {
 // a retry or a dead letter.
 func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	d := it.Delivery
-	err := w.deliver(ctx, d)
+	err := it.Unreadable
+	if err == nil {
+		err = w.deliver(ctx, d)
+	}
 	now := w.Now()
 	tgt := target(d.Kind)
 	log := w.Log.With("id", it.ID, "kind", d.Kind, "lane", it.Lane, "attempt", it.Attempts+1)
