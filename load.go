@@ -246,10 +246,13 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	slices.Sort(delivery)
 	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures.Load())
 	fmt.Fprintf(stdout, "WeChat's wait:         p50 %s, p99 %s, max %s\n", pct(waits, 50), pct(waits, 99), pct(waits, 100))
-	if *imRate > 0 {
+	switch {
+	case *other != "":
+		fmt.Fprintf(stdout, "delivery to IM:        inside the handler, before WeChat's answer (%d forwards)\n", len(delivery))
+	case *imRate > 0:
 		fmt.Fprintf(stdout, "delivery to IM:        %d during the pushes (paced at %d/s), the other %d by a restarted, unpaced bridge in %.1fs\n",
 			early, *imRate, accepted-early, drained.Seconds())
-	} else {
+	default:
 		fmt.Fprintf(stdout, "delivery to IM:        p50 %s, p99 %s, max %s (from WeChat's answer to IM's receipt)\n", pct(delivery, 50), pct(delivery, 99), pct(delivery, 100))
 	}
 	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d\n", lost, dupes)

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -66,5 +67,20 @@ func TestPushConn(t *testing.T) {
 	}
 	if status, err := pc.post("/ok?a=1", "<xml/>"); status != 200 || err != nil || conns.Load() != 3 {
 		t.Fatalf("after an error, got %d, %v on connection %d; want 200 on a new one", status, err, conns.Load())
+	}
+}
+
+// A program run in the bridge's place cannot be paced, and one that does
+// not start is reported.
+func TestLoadOtherBridge(t *testing.T) {
+	ctx := t.Context()
+	err := runLoad(ctx, []string{"-bridge", "/bin/true", "-im-rate", "200"}, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "-im-rate needs the bridge itself") {
+		t.Errorf("-bridge with -im-rate: got %v, want refused", err)
+	}
+	missing := filepath.Join(t.TempDir(), "no-such-program")
+	if err := runLoad(ctx, []string{"-bridge", missing, "-duration", "1s"}, io.Discard, io.Discard); err == nil ||
+		!strings.Contains(err.Error(), "no-such-program") {
+		t.Errorf("-bridge with a missing program: got %v, want an error naming it", err)
 	}
 }
