@@ -21,6 +21,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -133,7 +134,11 @@ func (c *imClient) call(command string, req any) error {
 	}
 	resp, err := c.http.Post(c.base+"/v4/"+command+"?"+q.Encode(), "application/json", bytes.NewReader(body))
 	if err != nil {
-		return err
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // not the URL: it carries the UserSig
+		}
+		return fmt.Errorf("%s: %w", command, err)
 	}
 	defer resp.Body.Close()
 	var ans struct {
