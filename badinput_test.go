@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/base64"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,11 +19,7 @@ import (
 // through a connection of its own.
 func (h *harness) storeSnapshot() string {
 	h.t.Helper()
-	path, _ := sqlitePath(h.env["DATABASE_URL"])
-	db, err := sql.Open("sqlite", "file:"+filepath.ToSlash(path)+"?mode=ro&_pragma=busy_timeout(5000)")
-	if err != nil {
-		h.t.Fatal(err)
-	}
+	db := h.openStoreDB(false)
 	defer db.Close()
 	var parts []string
 	for _, q := range []string{

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"io"
 	"net"
@@ -233,11 +232,7 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 // nothing: a customer's message behind it in the outbox still reaches IM.
 func TestUnreadableItemIsDeadLetter(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
-	path, _ := sqlitePath(h.env["DATABASE_URL"])
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)")
-	if err != nil {
-		t.Fatal(err)
-	}
+	db := h.openStoreDB(true)
 	defer db.Close()
 	ms := time.Now().UnixMilli()
 	if _, err := db.Exec(`INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
@@ -266,11 +261,7 @@ func TestIMRateLimitRespected(t *testing.T) {
 // SQLite store, read through a connection of its own.
 func (h *harness) deadLetters() []string {
 	h.t.Helper()
-	path, _ := sqlitePath(h.env["DATABASE_URL"])
-	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout(5000)")
-	if err != nil {
-		h.t.Fatal(err)
-	}
+	db := h.openStoreDB(false)
 	defer db.Close()
 	rows, err := db.Query(`SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
 	if err != nil {

@@ -168,6 +168,25 @@ func (h *harness) restart() {
 // customerIM is the IM account of the customer openid.
 func customerIM(openid string) string { return "wx_" + openid }
 
+// openStoreDB opens the bridge's SQLite file through a connection of the
+// test's own, read-only unless writable. The caller closes it.
+func (h *harness) openStoreDB(writable bool) *sql.DB {
+	h.t.Helper()
+	path, err := sqlitePath(h.env["DATABASE_URL"])
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	mode := "mode=ro&"
+	if writable {
+		mode = ""
+	}
+	db, err := sql.Open("sqlite", "file:"+filepath.ToSlash(path)+"?"+mode+"_pragma=busy_timeout(5000)")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return db
+}
+
 // messagesTo returns the IM messages delivered to account.
 func (h *harness) messagesTo(account string) []fakes.Message {
 	var out []fakes.Message
