@@ -49,6 +49,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	database := fs.String("database", "", "DATABASE_URL for the bridge (default: SQLite in a temporary folder)")
 	imRate := fs.Int("im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
 	other := fs.String("bridge", "", "a program to run in the bridge's place, with its environment (the reference in loadref/)")
+	forwards := fs.Bool("forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -57,6 +58,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if *other != "" && *imRate > 0 {
 		return errors.New("load: -im-rate needs the bridge itself, which can stop and hand its backlog to a restarted one")
+	}
+	if !*forwards && *other == "" {
+		return errors.New("load: -forwards=false is for a program run with -bridge: the bridge itself forwards every message")
 	}
 
 	dt := &demoT{}
@@ -217,16 +221,18 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	drainCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	waitFor(drainCtx, "every message in IM", func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		for n := range answered {
-			if _, ok := arrived[n]; !ok {
-				return false
+	if *forwards {
+		waitFor(drainCtx, "every message in IM", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			for n := range answered {
+				if _, ok := arrived[n]; !ok {
+					return false
+				}
 			}
-		}
-		return true
-	})
+			return true
+		})
+	}
 	drained := time.Since(drainStart)
 	cmd.Process.Signal(syscall.SIGTERM)
 	cmd.Wait()
@@ -238,7 +244,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	for n, at := range answered {
 		if got, ok := arrived[n]; ok {
 			delivery = append(delivery, got.Sub(at))
-		} else {
+		} else if *forwards {
 			lost++
 		}
 	}
@@ -247,6 +253,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures.Load())
 	fmt.Fprintf(stdout, "WeChat's wait:         p50 %s, p99 %s, max %s\n", pct(waits, 50), pct(waits, 99), pct(waits, 100))
 	switch {
+	case !*forwards:
+		fmt.Fprintf(stdout, "delivery to IM:        none expected: the program forwards nothing (%d forwards)\n", len(delivery))
 	case *other != "":
 		fmt.Fprintf(stdout, "delivery to IM:        inside the handler, before WeChat's answer (%d forwards)\n", len(delivery))
 	case *imRate > 0:

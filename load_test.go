@@ -5,11 +5,26 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
 )
+
+// TestMain lets the test binary stand in for a program that the load
+// generator runs in the bridge's place: with LOADREF_TEST_HELPER=empty it
+// is an empty handler, as loadref's LOADREF_EMPTY=1 is.
+func TestMain(m *testing.M) {
+	if os.Getenv("LOADREF_TEST_HELPER") == "empty" {
+		http.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {})
+		http.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "success") })
+		http.ListenAndServe(os.Getenv("LISTEN_ADDR"), nil)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
 
 // The load generator's own HTTP client reads whole answers over one
 // connection, dials again after Connection: close, and refuses what it does
@@ -78,9 +93,34 @@ func TestLoadOtherBridge(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "-im-rate needs the bridge itself") {
 		t.Errorf("-bridge with -im-rate: got %v, want refused", err)
 	}
+	err = runLoad(ctx, []string{"-forwards=false"}, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "-forwards=false is for a program run with -bridge") {
+		t.Errorf("-forwards=false without -bridge: got %v, want refused", err)
+	}
 	missing := filepath.Join(t.TempDir(), "no-such-program")
 	if err := runLoad(ctx, []string{"-bridge", missing, "-duration", "1s"}, io.Discard, io.Discard); err == nil ||
 		!strings.Contains(err.Error(), "no-such-program") {
 		t.Errorf("-bridge with a missing program: got %v, want an error naming it", err)
+	}
+}
+
+// An empty handler is measured as the bridge is; with -forwards=false the
+// messages it answers are not counted as lost.
+func TestLoadEmptyHandler(t *testing.T) {
+	t.Setenv("LOADREF_TEST_HELPER", "empty")
+	var out strings.Builder
+	args := []string{"-bridge", os.Args[0], "-forwards=false", "-duration", "300ms", "-connections", "2", "-customers", "3"}
+	if err := runLoad(t.Context(), args, &out, io.Discard); err != nil {
+		t.Fatalf("load: %v\n%s", err, &out)
+	}
+	for _, want := range []string{
+		`pushes answered 200: +[1-9][0-9]* in [0-9.]+s = [0-9]+ pushes/s \(0 failed\)`,
+		`WeChat's wait: +p50 [0-9.]+[µm]s, p99`,
+		`delivery to IM: +none expected: the program forwards nothing \(0 forwards\)`,
+		`forwards lost: +0; duplicated: 0`,
+	} {
+		if !regexp.MustCompile(want).MatchString(out.String()) {
+			t.Errorf("report lacks %q:\n%s", want, &out)
+		}
 	}
 }

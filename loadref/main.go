@@ -15,6 +15,12 @@
 // connection pool sized for the load. LOADREF_UNTUNED=1 leaves the SDK's
 // defaults (debug logs on stderr, two idle connections to IM).
 //
+// LOADREF_EMPTY=1 makes it the floor instead: an empty net/http handler that
+// answers "success" and does nothing else, which tells how fast the machine
+// and the generator are:
+//
+//	LOADREF_EMPTY=1 go run . load -bridge /tmp/loadref -forwards=false
+//
 // It is a module of its own so that the bridge does not depend on the SDK.
 package main
 
@@ -43,6 +49,10 @@ import (
 )
 
 func main() {
+	if os.Getenv("LOADREF_EMPTY") == "1" {
+		serveEmpty()
+		return
+	}
 	env := func(name, def string) string {
 		if v := os.Getenv(name); v != "" {
 			return v
@@ -92,6 +102,14 @@ func main() {
 			log.Print("serve: ", err)
 		}
 	})
+	log.Fatal(http.ListenAndServe(os.Getenv("LISTEN_ADDR"), mux))
+}
+
+// serveEmpty answers every push with "success" and nothing more.
+func serveEmpty() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	mux.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "success") })
 	log.Fatal(http.ListenAndServe(os.Getenv("LISTEN_ADDR"), mux))
 }
 
