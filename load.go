@@ -219,9 +219,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 	}
-	drainCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
 	if *forwards {
+		drainCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
 		waitFor(drainCtx, "every message in IM", func() bool {
 			mu.Lock()
 			defer mu.Unlock()
