@@ -21,6 +21,12 @@
 //
 //	LOADREF_EMPTY=1 go run . load -bridge /tmp/loadref -forwards=false
 //
+// LOADREF_JOURNAL=PATH makes it the floor of a durable answer: the empty
+// handler, but each push's body is appended to the file at PATH and answered
+// only once an fsync covers it, many pushes to an fsync (journal.go):
+//
+//	LOADREF_JOURNAL=/tmp/loadref.journal go run . load -bridge /tmp/loadref -forwards=false
+//
 // It is a module of its own so that the bridge does not depend on the SDK.
 package main
 
@@ -51,6 +57,10 @@ import (
 func main() {
 	if os.Getenv("LOADREF_EMPTY") == "1" {
 		serveEmpty()
+		return
+	}
+	if path := os.Getenv("LOADREF_JOURNAL"); path != "" {
+		serveJournal(path)
 		return
 	}
 	env := func(name, def string) string {
