@@ -39,6 +39,8 @@ type Config struct {
 	IMCallbackMaxSkew time.Duration
 
 	DatabaseURL string // DATABASE_URL: sqlite:PATH or postgres://…
+	// DATABASE_MAX_CONNS: the connections this instance opens to PostgreSQL.
+	DatabaseMaxConns int
 
 	IMRateLimit      int           // IM_RATE_LIMIT: calls per second to each IM API, per instance
 	IMDeliveryWindow time.Duration // IM_DELIVERY_WINDOW: how long a delivery to IM is retried
@@ -135,6 +137,17 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			bad("IM_RATE_LIMIT must be a whole number of calls per second (0: no limit), got %q", v)
 		}
 		c.IMRateLimit = n
+	}
+	c.DatabaseMaxConns = defaultPGConns
+	if v := get("DATABASE_MAX_CONNS", ""); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			bad("DATABASE_MAX_CONNS must be a whole number of connections, at least 1, got %q", v)
+		}
+		if !isPostgresURL(c.DatabaseURL) {
+			bad("DATABASE_MAX_CONNS applies to PostgreSQL only: on SQLite one writer does every write")
+		}
+		c.DatabaseMaxConns = n
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(get("LOG_LEVEL", "info"))); err != nil {
 		bad("LOG_LEVEL must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))

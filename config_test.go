@@ -20,7 +20,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 	if c.ListenAddr != ":8080" || c.WeChatAPIBase != "https://api.weixin.qq.com" || c.IMAPIBase != "https://console.tim.qq.com" ||
 		c.IMAdmin != "administrator" || c.IMUserPrefix != "wx_" || c.DatabaseURL != "sqlite:bridge.db" ||
-		c.WelcomeText != defaultWelcomeText || c.ConnectingText != defaultConnectingText {
+		c.WelcomeText != defaultWelcomeText || c.ConnectingText != defaultConnectingText || c.DatabaseMaxConns != defaultPGConns {
 		t.Errorf("defaults: got %+v", c)
 	}
 	if strings.Join(c.IMAgents, ",") != "agent_kim,agent_lee" || c.IMSDKAppID != 1400000001 {
@@ -47,6 +47,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"bad duration", map[string]string{"VENDOR_TIMEOUT": "soon"}, "VENDOR_TIMEOUT must be a positive duration"},
 		{"bad rate", map[string]string{"IM_RATE_LIMIT": "-1"}, "IM_RATE_LIMIT must be"},
 		{"bad AES key", map[string]string{"WECHAT_AES_KEY": "short"}, "WECHAT_AES_KEY must be the 43-character"},
+		{"no connections", map[string]string{"DATABASE_URL": "postgres://h/db", "DATABASE_MAX_CONNS": "0"}, "DATABASE_MAX_CONNS must be a whole number"},
+		{"connections on sqlite", map[string]string{"DATABASE_MAX_CONNS": "4"}, "DATABASE_MAX_CONNS applies to PostgreSQL only"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := validEnv()
@@ -63,5 +65,17 @@ func TestLoadConfigProblems(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestLoadConfigDatabaseMaxConns(t *testing.T) {
+	env := validEnv()
+	env["DATABASE_URL"], env["DATABASE_MAX_CONNS"] = "postgres://bridge@db.internal/bridge", "4"
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DatabaseMaxConns != 4 {
+		t.Errorf("got DatabaseMaxConns %d, want 4", c.DatabaseMaxConns)
 	}
 }

@@ -104,7 +104,7 @@ func TestSchemaAppliedByInstancesStartingTogether(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := openStore(context.Background(), url)
+			st, err := openStore(context.Background(), url, 0)
 			if err == nil {
 				st.Close()
 			}
@@ -117,5 +117,36 @@ func TestSchemaAppliedByInstancesStartingTogether(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// One connection to PostgreSQL is enough for every path: nothing waits for
+// a second connection while it holds one, so a small DATABASE_MAX_CONNS
+// slows the bridge down but never stops it.
+func TestPostgresOneConnection(t *testing.T) {
+	h := newHarness(t, harnessOptions{postgres: true, env: map[string]string{"DATABASE_MAX_CONNS": "1"}})
+	ctx := context.Background()
+	h.wx.Follow(ctx, customer)
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the answer in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
+}
+
+// The store opens as many connections to PostgreSQL as it is told, and
+// defaultPGConns when told nothing.
+func TestPostgresPoolSize(t *testing.T) {
+	url := testPostgres(t)
+	for _, tc := range []struct{ conns, want int }{{0, defaultPGConns}, {3, 3}} {
+		st, err := openStore(context.Background(), url, tc.conns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := st.db.Stats().MaxOpenConnections; got != tc.want {
+			t.Errorf("openStore(…, %d): got at most %d connections, want %d", tc.conns, got, tc.want)
+		}
+		st.Close()
 	}
 }

@@ -44,9 +44,18 @@ type Store struct {
 // applied, so instances starting together do not race on CREATE.
 const schemaLock = 7_261_948_305
 
+// defaultPGConns is how many connections an instance opens to PostgreSQL
+// unless DATABASE_MAX_CONNS says otherwise. Few connections, each busy,
+// beat many that wait on each other's locks: on a 2-core machine running
+// PostgreSQL too, 8 answered 13–46% more pushes than 32 in four pairs of
+// runs, the slowest answer within 0.4 s instead of 1.2–1.7 s. Ten
+// instances stay under PostgreSQL's default max_connections of 100.
+const defaultPGConns = 8
+
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
-// postgres://…, creating what is missing, and applies the schema.
-func openStore(ctx context.Context, databaseURL string) (*Store, error) {
+// postgres://…, creating what is missing, and applies the schema. On
+// PostgreSQL it opens at most pgConns connections (0: defaultPGConns).
+func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, error) {
 	s := &Store{}
 	schema := schemaSQL
 	var err error
@@ -74,8 +83,11 @@ func openStore(ctx context.Context, databaseURL string) (*Store, error) {
 		}
 		s.postgres = true
 		s.rdb = s.db
-		s.db.SetMaxOpenConns(32)
-		s.db.SetMaxIdleConns(32)
+		if pgConns <= 0 {
+			pgConns = defaultPGConns
+		}
+		s.db.SetMaxOpenConns(pgConns)
+		s.db.SetMaxIdleConns(pgConns)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
 		schema = fmt.Sprintf("SELECT pg_advisory_xact_lock(%d);\n%s", schemaLock, schema)
 	} else {

@@ -11,7 +11,7 @@ import (
 func newTestStore(t *testing.T) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "bridge.db")
-	st, err := openStore(context.Background(), "sqlite:"+path)
+	st, err := openStore(context.Background(), "sqlite:"+path, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,7 +27,7 @@ func openTestStore(t testing.TB, kind string) *Store {
 	if kind == "postgres" {
 		db = testPostgres(t)
 	}
-	st, err := openStore(context.Background(), db)
+	st, err := openStore(context.Background(), db, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestStoreSurvivesReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close()
-	st2, err := openStore(ctx, "sqlite:"+path)
+	st2, err := openStore(ctx, "sqlite:"+path, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
