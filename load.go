@@ -12,6 +12,13 @@ package main
 // outbox while the pushes run. Then the bridge is stopped, and a new one on
 // the same database, unpaced, delivers the backlog: a forward is lost only
 // if neither delivers it.
+//
+// With -chaos the run is a trial of the promise to lose nothing: the bridge
+// is killed (SIGKILL) and restarted on the same database three times while
+// the pushes run, IM fails on purpose by turns (HTTP 502, busy codes, calls
+// held past the bridge's time-out and then carried out), and a push left
+// without an answer is sent again, as WeChat does, until it gets one. Every
+// answered message must reach IM exactly once.
 
 import (
 	"bufio"
@@ -50,6 +57,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	imRate := fs.Int("im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
 	other := fs.String("bridge", "", "a program to run in the bridge's place, with its environment (the reference in loadref/)")
 	forwards := fs.Bool("forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
+	chaos := fs.Bool("chaos", false, "kill and restart the bridge while the pushes run, make IM fail by turns, and send unanswered pushes again")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -61,6 +69,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if !*forwards && *other == "" {
 		return errors.New("load: -forwards=false is for a program run with -bridge: the bridge itself forwards every message")
+	}
+	if *chaos && (*imRate > 0 || !*forwards) {
+		return errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}
 
 	dt := &demoT{}
@@ -108,6 +119,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
 		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=unused-in-load",
 	}
+	if *chaos {
+		// Calls held past a second time out; retries come soon, and the
+		// retries' warnings stay out of the report.
+		env = append(env, "VENDOR_TIMEOUT=1s", "RETRY_MIN_DELAY=50ms", "RETRY_MAX_DELAY=1s")
+		env[slices.Index(env, "LOG_LEVEL=warn")] = "LOG_LEVEL=error"
+	}
 	for _, kv := range os.Environ() {
 		if strings.HasPrefix(kv, "LOADREF_") {
 			env = append(env, kv)
@@ -141,7 +158,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	defer func() {
+		if cmd != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}()
 	paced := "unpaced"
 	if *imRate > 0 {
 		paced = fmt.Sprintf("paced at %d/s", *imRate)
@@ -155,11 +177,20 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 	var (
 		seq      atomic.Int64
-		failures atomic.Int64
+		nonces   atomic.Int64
+		failures atomic.Int64 // pushes never answered 200
+		resent   atomic.Int64 // pushes sent again after no answer (-chaos)
 		waitsMu  sync.Mutex
 		waits    []time.Duration
+		// up is closed while the bridge serves; a restart puts an open one
+		// in its place before the kill, so a push that failed waits for it.
+		up atomic.Pointer[chan struct{}]
 	)
+	serving := make(chan struct{})
+	close(serving)
+	up.Store(&serving)
 	stop := time.Now().Add(*duration)
+	giveUp := stop.Add(30 * time.Second) // a push still unanswered then is a failure
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range *conns {
@@ -177,20 +208,33 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			for i := 0; time.Now().Before(stop) && ctx.Err() == nil; i++ {
 				n := seq.Add(1)
 				openid := fmt.Sprintf("o_load_%06d", (c+i*(*conns))%*customers)
-				ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(n, 10)
-				q := url.Values{"signature": {fakes.Sign(wo.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
+				created := strconv.FormatInt(time.Now().Unix(), 10)
 				body := fmt.Sprintf("<xml><ToUserName><![CDATA[%s]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>"+
 					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
-					wo.OAID, openid, ts, n, 6000000000000000000+n)
-				t0 := time.Now()
-				status, err := pc.post("/wechat?"+q.Encode(), body)
-				t1 := time.Now()
-				if err != nil || status != http.StatusOK {
-					failures.Add(1)
-					continue
+					wo.OAID, openid, created, n, 6000000000000000000+n)
+				// WeChat signs each attempt anew; the body, and so the
+				// push's key, stays the same.
+				for attempt := 1; ; attempt++ {
+					ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(nonces.Add(1), 10)
+					q := url.Values{"signature": {fakes.Sign(wo.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
+					t0 := time.Now()
+					status, err := pc.post("/wechat?"+q.Encode(), body)
+					t1 := time.Now()
+					if err == nil && status == http.StatusOK {
+						mine = append(mine, t1.Sub(t0))
+						got = append(got, answer{n, t1})
+						break
+					}
+					if !*chaos || attempt == 100 || t1.After(giveUp) || ctx.Err() != nil {
+						failures.Add(1)
+						break
+					}
+					resent.Add(1)
+					select { // the bridge is back, if it was down
+					case <-*up.Load():
+					case <-ctx.Done():
+					}
 				}
-				mine = append(mine, t1.Sub(t0))
-				got = append(got, answer{n, t1})
 			}
 			waitsMu.Lock()
 			waits = append(waits, mine...)
@@ -201,6 +245,35 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 			mu.Unlock()
 		}()
+	}
+	var kills, imFaults int
+	if *chaos {
+		faultsDone := make(chan struct{})
+		go func() {
+			defer close(faultsDone)
+			imFaults = imChaos(ctx, im, stop)
+		}()
+		for i := 1; i <= chaosKills && ctx.Err() == nil; i++ {
+			select {
+			case <-time.After(time.Until(start.Add(*duration * time.Duration(i) / (chaosKills + 1)))):
+			case <-ctx.Done():
+				continue
+			}
+			down := make(chan struct{})
+			up.Store(&down)
+			cmd.Process.Kill()
+			cmd.Wait()
+			next, err := startBridge(0)
+			close(down)
+			if err != nil {
+				cmd = nil
+				wg.Wait()
+				return fmt.Errorf("load: restart after a kill: %w", err)
+			}
+			cmd = next
+			kills++
+		}
+		<-faultsDone
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
@@ -216,7 +289,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
 		if cmd, err = startBridge(0); err != nil {
-			return err
+			return fmt.Errorf("load: restart for the backlog: %w", err)
 		}
 	}
 	if *forwards {
@@ -243,7 +316,10 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	lost := 0
 	for n, at := range answered {
 		if got, ok := arrived[n]; ok {
-			delivery = append(delivery, got.Sub(at))
+			// Under -chaos a push may reach IM before the answer to its
+			// last attempt: an earlier attempt was committed, its answer
+			// lost to a kill.
+			delivery = append(delivery, max(got.Sub(at), 0))
 		} else if *forwards {
 			lost++
 		}
@@ -263,12 +339,54 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	default:
 		fmt.Fprintf(stdout, "delivery to IM:        p50 %s, p99 %s, max %s (from WeChat's answer to IM's receipt)\n", pct(delivery, 50), pct(delivery, 99), pct(delivery, 100))
 	}
+	if *chaos {
+		fmt.Fprintf(stdout, "chaos:                 %d kills (SIGKILL, restarted on the same database), %d IM faults in turn, %d pushes sent again after no answer\n",
+			kills, imFaults, resent.Load())
+	}
 	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d\n", lost, dupes)
 	fmt.Fprintf(stdout, "bridge peak memory:    %s (VmHWM)\n", peak)
 	if lost > 0 || failures.Load() > 0 {
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures.Load())
 	}
+	if dupes > 0 && *other == "" {
+		// IM drops a repeated MsgSeq and MsgRandom: a duplicate means the
+		// bridge sent one message as two.
+		return fmt.Errorf("load: %d forwards duplicated", dupes)
+	}
 	return nil
+}
+
+// chaosKills is how many times -chaos kills the bridge, evenly over the run.
+const chaosKills = 3
+
+// imChaos makes im fail by turns until stop, one fault every 250 ms: HTTP
+// 502, the busy codes 70169 and 60007 (each for the next ten calls), and all
+// calls held for 1.5 s, past the bridge's one-second time-out, then carried
+// out with nobody reading the answer. It returns how many faults it set.
+func imChaos(ctx context.Context, im *fakes.IM, stop time.Time) int {
+	faults := []func(){
+		func() { im.FailNextStatus(10, http.StatusBadGateway) },
+		func() { im.FailNext(10, 70169) },
+		func() { im.FailNext(10, 60007) },
+		func() {
+			release := im.Hold()
+			defer release()
+			select {
+			case <-time.After(1500 * time.Millisecond):
+			case <-ctx.Done():
+			}
+		},
+	}
+	n := 0
+	for ; time.Now().Before(stop) && ctx.Err() == nil; n++ {
+		faults[n%len(faults)]()
+		select {
+		case <-time.After(250 * time.Millisecond):
+		case <-ctx.Done():
+		}
+	}
+	im.FailNext(0, 0)
+	return n
 }
 
 // pushConn is one keep-alive HTTP/1.1 connection to the bridge. It speaks

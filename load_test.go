@@ -13,15 +13,20 @@ import (
 	"testing"
 )
 
-// TestMain lets the test binary stand in for a program that the load
-// generator runs in the bridge's place: with LOADREF_TEST_HELPER=empty it
-// is an empty handler, as loadref's LOADREF_EMPTY=1 is.
+// TestMain lets the test binary stand in for the programs the load
+// generator runs: with LOADREF_TEST_HELPER=empty it is an empty handler, as
+// loadref's LOADREF_EMPTY=1 is; with LOADREF_TEST_HELPER=bridge it is the
+// bridge, as the generator runs its own binary.
 func TestMain(m *testing.M) {
-	if os.Getenv("LOADREF_TEST_HELPER") == "empty" {
+	switch os.Getenv("LOADREF_TEST_HELPER") {
+	case "empty":
 		http.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {})
 		http.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "success") })
 		http.ListenAndServe(os.Getenv("LISTEN_ADDR"), nil)
 		os.Exit(1)
+	case "bridge":
+		main()
+		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
@@ -121,6 +126,41 @@ func TestLoadEmptyHandler(t *testing.T) {
 	} {
 		if !regexp.MustCompile(want).MatchString(out.String()) {
 			t.Errorf("report lacks %q:\n%s", want, &out)
+		}
+	}
+}
+
+// Under -chaos the bridge is killed and restarted while the pushes run and
+// IM fails by turns, and still every answered message reaches IM once.
+func TestLoadChaos(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		args := []string{"-chaos", "-duration", "2s", "-connections", "4", "-customers", "10"}
+		if pg {
+			args = append(args, "-database", testPostgres(t))
+		}
+		t.Setenv("LOADREF_TEST_HELPER", "bridge")
+		var out strings.Builder
+		if err := runLoad(t.Context(), args, &out, io.Discard); err != nil {
+			t.Fatalf("load: %v\n%s", err, &out)
+		}
+		for _, want := range []string{
+			`pushes answered 200: +[1-9][0-9]* in [0-9.]+s = [0-9]+ pushes/s \(0 failed\)`,
+			`chaos: +3 kills \(SIGKILL, restarted on the same database\), [1-9][0-9]* IM faults in turn, [1-9][0-9]* pushes sent again`,
+			`forwards lost: +0; duplicated: 0`,
+		} {
+			if !regexp.MustCompile(want).MatchString(out.String()) {
+				t.Errorf("report lacks %q:\n%s", want, &out)
+			}
+		}
+	})
+}
+
+// -chaos checks every forward while the pushes run.
+func TestLoadChaosRefusals(t *testing.T) {
+	for _, args := range [][]string{{"-chaos", "-im-rate", "200"}, {"-chaos", "-bridge", "/bin/true", "-forwards=false"}} {
+		err := runLoad(t.Context(), args, io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "-chaos delivers while the pushes run") {
+			t.Errorf("%q: got %v, want refused", args, err)
 		}
 	}
 }
