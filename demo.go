@@ -94,14 +94,20 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	bridgeCtx, stopBridge := context.WithCancel(ctx)
 	defer stopBridge()
 	served := make(chan error, 1)
+	exited := make(chan struct{})
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	go func() { served <- serve(bridgeCtx, cfg, ln, log) }()
+	go func() { served <- serve(bridgeCtx, cfg, ln, log); close(exited) }()
 
 	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
 	say("")
 	step := func(title string) { say(""); say("── " + title) }
-	if err := waitReady(ctx, base); err != nil {
-		return err
+	if err := waitReady(ctx, exited, base); err != nil {
+		select {
+		case err := <-served:
+			return fmt.Errorf("demo: the bridge stopped: %w", err)
+		default:
+			return err
+		}
 	}
 
 	step("1. The customer follows the Official Account")
@@ -142,8 +148,18 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// waitReady waits until the bridge at base answers /readyz with 200.
-func waitReady(ctx context.Context, base string) error {
+// waitReady waits until the bridge at base answers /readyz with 200. It
+// gives up when ctx ends or exited is closed: the bridge is gone.
+func waitReady(ctx context.Context, exited <-chan struct{}, base string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	return waitFor(ctx, "the bridge at "+base+" to be ready", func() bool {
 		resp, err := http.Get(base + "/readyz")
 		if err != nil {

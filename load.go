@@ -57,6 +57,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	imRate := fs.Int("im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
 	other := fs.String("bridge", "", "a program to run in the bridge's place, with its environment (the reference in loadref/)")
 	forwards := fs.Bool("forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
+	instances := fs.Int("instances", 1, "bridges on one PostgreSQL database (-database postgres://…), the connections spread over them")
 	chaos := fs.Bool("chaos", false, "kill and restart the bridge while the pushes run, make IM fail by turns, and send unanswered pushes again")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -70,6 +71,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if !*forwards && *other == "" {
 		return errors.New("load: -forwards=false is for a program run with -bridge: the bridge itself forwards every message")
 	}
+	if *instances < 1 || *instances > 8 {
+		return errors.New("load: -instances must be in [1, 8]")
+	}
+	if *instances > 1 && (*other != "" || !isPostgresURL(*database)) {
+		return errors.New("load: -instances runs several bridges, which share one PostgreSQL: it needs -database postgres://… and not -bridge")
+	}
 	if *chaos && (*imRate > 0 || !*forwards) {
 		return errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}
@@ -79,7 +86,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var (
 		mu       sync.Mutex
 		answered = map[int64]time.Time{} // message seq → when WeChat got its answer
-		arrived  = map[int64]time.Time{} // message seq → when it reached IM
+		arrived  = map[int64]arrival{}   // message seq → its receipt in IM
 		dupes    int
 	)
 	agents := []string{"agent_1", "agent_2", "agent_3", "agent_4"}
@@ -94,7 +101,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			dupes++
 			return
 		}
-		arrived[seq] = m.Received
+		arrived[seq] = arrival{m.Received, len(arrived)}
 	}})
 	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-load-")
@@ -106,15 +113,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		*database = "sqlite:" + filepath.Join(dir, "bridge.db")
 	}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	addr := ln.Addr().String()
-	ln.Close()
 	wo, imo := wx.Options(), im.Options()
 	env := []string{
-		"LISTEN_ADDR=" + addr, "DATABASE_URL=" + *database, "LOG_LEVEL=warn", "PATH=" + os.Getenv("PATH"),
+		"DATABASE_URL=" + *database, "LOG_LEVEL=warn", "PATH=" + os.Getenv("PATH"),
 		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + wx.URL,
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
 		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=unused-in-load",
@@ -137,33 +138,16 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *other != "" {
 		exe = *other
 	}
-	base := "http://" + addr
-	// startBridge runs the bridge, pacing its IM calls at rate a second
-	// (0: unpaced), and returns once it is ready.
-	startBridge := func(rate int) (*exec.Cmd, error) {
-		cmd := exec.Command(exe)
-		cmd.Env = append(env, "IM_RATE_LIMIT="+strconv.Itoa(rate))
-		cmd.Stderr = stderr
-		if err := cmd.Start(); err != nil {
-			return nil, err
-		}
-		if err := waitReady(ctx, base); err != nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-			return nil, err
-		}
-		return cmd, nil
-	}
-	cmd, err := startBridge(*imRate)
+	f, err := newFleet(exe, env, stderr, *instances)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if cmd != nil {
-			cmd.Process.Kill()
-			cmd.Wait()
+	defer f.endAll(syscall.SIGKILL)
+	for i := range *instances {
+		if err := f.start(ctx, i, *imRate); err != nil {
+			return err
 		}
-	}()
+	}
 	paced := "unpaced"
 	if *imRate > 0 {
 		paced = fmt.Sprintf("paced at %d/s", *imRate)
@@ -172,8 +156,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *other != "" {
 		what = "in its place " + *other
 	}
-	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, bridge pid %d on %s (%s), %d CPUs\n",
-		*conns, *customers, *duration, cmd.Process.Pid, addr, what, runtime.NumCPU())
+	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, %s (%s), %d CPUs\n",
+		*conns, *customers, *duration, f, what, runtime.NumCPU())
 
 	var (
 		seq      atomic.Int64
@@ -182,7 +166,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		resent   atomic.Int64 // pushes sent again after no answer (-chaos)
 		waitsMu  sync.Mutex
 		waits    []time.Duration
-		// up is closed while the bridge serves; a restart puts an open one
+		pushed   []answeredPush
+		// up is closed while the bridges serve; a restart puts an open one
 		// in its place before the kill, so a push that failed waits for it.
 		up atomic.Pointer[chan struct{}]
 	)
@@ -197,14 +182,11 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pc := &pushConn{addr: addr}
+			inst := c % *instances
+			pc := &pushConn{addr: f.addrs[inst]}
 			defer pc.close()
 			var mine []time.Duration
-			type answer struct {
-				n  int64
-				at time.Time
-			}
-			var got []answer
+			var got []answeredPush
 			for i := 0; time.Now().Before(stop) && ctx.Err() == nil; i++ {
 				n := seq.Add(1)
 				openid := fmt.Sprintf("o_load_%06d", (c+i*(*conns))%*customers)
@@ -213,7 +195,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
 					wo.OAID, openid, created, n, 6000000000000000000+n)
 				// WeChat signs each attempt anew; the body, and so the
-				// push's key, stays the same.
+				// push's key, stays the same. Any attempt may be the one
+				// committed, so the push counts as sent from the first.
+				first := time.Now()
 				for attempt := 1; ; attempt++ {
 					ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(nonces.Add(1), 10)
 					q := url.Values{"signature": {fakes.Sign(wo.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
@@ -222,7 +206,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 					t1 := time.Now()
 					if err == nil && status == http.StatusOK {
 						mine = append(mine, t1.Sub(t0))
-						got = append(got, answer{n, t1})
+						got = append(got, answeredPush{n, openid, first, t1})
 						break
 					}
 					if !*chaos || attempt == 100 || t1.After(giveUp) || ctx.Err() != nil {
@@ -230,6 +214,14 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 						break
 					}
 					resent.Add(1)
+					if *instances > 1 {
+						// The load balancer sends the retry to another
+						// instance.
+						pc.close()
+						inst = (inst + 1) % *instances
+						pc.addr = f.addrs[inst]
+						continue
+					}
 					select { // the bridge is back, if it was down
 					case <-*up.Load():
 					case <-ctx.Done():
@@ -241,8 +233,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			waitsMu.Unlock()
 			mu.Lock()
 			for _, a := range got {
-				answered[a.n] = a.at
+				answered[a.n] = a.answer
 			}
+			pushed = append(pushed, got...)
 			mu.Unlock()
 		}()
 	}
@@ -253,24 +246,24 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			defer close(faultsDone)
 			imFaults = imChaos(ctx, im, stop)
 		}()
-		for i := 1; i <= chaosKills && ctx.Err() == nil; i++ {
+		for i := range chaosKills {
 			select {
-			case <-time.After(time.Until(start.Add(*duration * time.Duration(i) / (chaosKills + 1)))):
+			case <-time.After(time.Until(start.Add(*duration * time.Duration(i+1) / (chaosKills + 1)))):
 			case <-ctx.Done():
-				continue
+			}
+			if ctx.Err() != nil {
+				break
 			}
 			down := make(chan struct{})
 			up.Store(&down)
-			cmd.Process.Kill()
-			cmd.Wait()
-			next, err := startBridge(0)
+			victim := i % *instances
+			f.end(victim, syscall.SIGKILL)
+			err := f.start(ctx, victim, 0)
 			close(down)
 			if err != nil {
-				cmd = nil
 				wg.Wait()
 				return fmt.Errorf("load: restart after a kill: %w", err)
 			}
-			cmd = next
 			kills++
 		}
 		<-faultsDone
@@ -281,14 +274,13 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	mu.Lock()
 	accepted, early := len(answered), len(arrived)
 	mu.Unlock()
-	peak := peakMemory(cmd.Process.Pid)
+	peak := f.peakMemory()
 	drainStart := time.Now()
 	if *imRate > 0 {
 		// The backlog is delivered by a new bridge on the same database,
-		// unpaced: the first one stops, handing back what it holds.
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if cmd, err = startBridge(0); err != nil {
+		// unpaced: the first ones stop, handing back what they hold.
+		f.endAll(syscall.SIGTERM)
+		if err := f.start(ctx, 0, 0); err != nil {
 			return fmt.Errorf("load: restart for the backlog: %w", err)
 		}
 	}
@@ -307,8 +299,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		})
 	}
 	drained := time.Since(drainStart)
-	cmd.Process.Signal(syscall.SIGTERM)
-	cmd.Wait()
+	f.endAll(syscall.SIGTERM)
 
 	mu.Lock()
 	defer mu.Unlock()
@@ -319,11 +310,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			// Under -chaos a push may reach IM before the answer to its
 			// last attempt: an earlier attempt was committed, its answer
 			// lost to a kill.
-			delivery = append(delivery, max(got.Sub(at), 0))
+			delivery = append(delivery, max(got.at.Sub(at), 0))
 		} else if *forwards {
 			lost++
 		}
 	}
+	disordered := outOfOrder(pushed, arrived)
 	slices.Sort(waits)
 	slices.Sort(delivery)
 	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures.Load())
@@ -343,17 +335,160 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		fmt.Fprintf(stdout, "chaos:                 %d kills (SIGKILL, restarted on the same database), %d IM faults in turn, %d pushes sent again after no answer\n",
 			kills, imFaults, resent.Load())
 	}
-	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d\n", lost, dupes)
+	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d; out of order: %d\n", lost, dupes, disordered)
 	fmt.Fprintf(stdout, "bridge peak memory:    %s (VmHWM)\n", peak)
 	if lost > 0 || failures.Load() > 0 {
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures.Load())
 	}
-	if dupes > 0 && *other == "" {
-		// IM drops a repeated MsgSeq and MsgRandom: a duplicate means the
-		// bridge sent one message as two.
-		return fmt.Errorf("load: %d forwards duplicated", dupes)
+	if (dupes > 0 || disordered > 0) && *other == "" {
+		// IM drops a repeated MsgSeq and MsgRandom, so a duplicate means
+		// the bridge sent one message as two.
+		return fmt.Errorf("load: %d forwards duplicated, %d out of order", dupes, disordered)
 	}
 	return nil
+}
+
+// answeredPush is a push that was answered 200: its message number, its
+// customer, when its first attempt was sent and when it was answered.
+type answeredPush struct {
+	n            int64
+	openid       string
+	sent, answer time.Time
+}
+
+// arrival is a message's receipt in IM: when, and its place among all the
+// receipts.
+type arrival struct {
+	at   time.Time
+	rank int
+}
+
+// outOfOrder counts the messages that reached IM before a message of the
+// same customer that had been answered before they were sent: the bridge
+// had committed that one first, so the customer's lane must deliver it
+// first.
+func outOfOrder(pushes []answeredPush, arrived map[int64]arrival) int {
+	byCustomer := map[string][]answeredPush{}
+	for _, p := range pushes {
+		if _, ok := arrived[p.n]; ok {
+			byCustomer[p.openid] = append(byCustomer[p.openid], p)
+		}
+	}
+	n := 0
+	for _, ps := range byCustomer {
+		bySent := slices.SortedFunc(slices.Values(ps), func(a, b answeredPush) int { return a.sent.Compare(b.sent) })
+		byAnswer := slices.SortedFunc(slices.Values(ps), func(a, b answeredPush) int { return a.answer.Compare(b.answer) })
+		latest, j := -1, 0 // the latest arrival among the pushes answered so far
+		for _, p := range bySent {
+			for ; j < len(byAnswer) && byAnswer[j].answer.Before(p.sent); j++ {
+				latest = max(latest, arrived[byAnswer[j].n].rank)
+			}
+			if arrived[p.n].rank < latest {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// fleet is the bridge processes of a load run, each on a loopback address
+// of its own, all with one environment.
+type fleet struct {
+	exe    string
+	env    []string
+	stderr io.Writer
+	addrs  []string
+	procs  []*process // nil where none runs
+}
+
+// process is a running bridge; exited is closed once it has exited.
+type process struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+	err    error // how it exited, once exited is closed
+}
+
+// newFleet picks n free loopback addresses for bridges to run exe on.
+func newFleet(exe string, env []string, stderr io.Writer, n int) (*fleet, error) {
+	f := &fleet{exe: exe, env: env, stderr: stderr, procs: make([]*process, n)}
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		f.addrs = append(f.addrs, ln.Addr().String())
+		ln.Close()
+	}
+	return f, nil
+}
+
+// start runs bridge i, pacing its IM calls at rate a second (0: unpaced),
+// and returns once it is ready, or once it has exited or 30 s have passed.
+func (f *fleet) start(ctx context.Context, i, rate int) error {
+	cmd := exec.Command(f.exe)
+	cmd.Env = append(slices.Clip(f.env), "LISTEN_ADDR="+f.addrs[i], "IM_RATE_LIMIT="+strconv.Itoa(rate))
+	cmd.Stderr = f.stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	p := &process{cmd: cmd, exited: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.exited) }()
+	f.procs[i] = p
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := waitReady(ctx, p.exited, "http://"+f.addrs[i]); err != nil {
+		f.end(i, syscall.SIGKILL)
+		if p.err != nil {
+			return fmt.Errorf("load: %s exited before it was ready: %w", f.exe, p.err)
+		}
+		return fmt.Errorf("load: %s on %s: %w", f.exe, f.addrs[i], err)
+	}
+	return nil
+}
+
+// end stops bridge i with sig (SIGKILL; SIGTERM to let it hand back its
+// work) and waits until it has exited.
+func (f *fleet) end(i int, sig os.Signal) {
+	if p := f.procs[i]; p != nil {
+		p.cmd.Process.Signal(sig)
+		<-p.exited
+		f.procs[i] = nil
+	}
+}
+
+// endAll stops every bridge with sig.
+func (f *fleet) endAll(sig os.Signal) {
+	for i := range f.procs {
+		f.end(i, sig)
+	}
+}
+
+// peakMemory returns the largest peak resident set of the running bridges.
+func (f *fleet) peakMemory() string {
+	peak := -1
+	for _, p := range f.procs {
+		if p != nil {
+			peak = max(peak, peakKB(p.cmd.Process.Pid))
+		}
+	}
+	if peak < 0 {
+		return "unknown"
+	}
+	return fmt.Sprintf("%d kB", peak)
+}
+
+// String names the running bridges, for the report.
+func (f *fleet) String() string {
+	var each []string
+	for i, p := range f.procs {
+		if p != nil {
+			each = append(each, fmt.Sprintf("pid %d on %s", p.cmd.Process.Pid, f.addrs[i]))
+		}
+	}
+	if len(each) == 1 {
+		return "bridge " + each[0]
+	}
+	return fmt.Sprintf("%d bridges: %s", len(each), strings.Join(each, ", "))
 }
 
 // chaosKills is how many times -chaos kills the bridge, evenly over the run.
@@ -482,16 +617,19 @@ func pct(sorted []time.Duration, p int) string {
 	return sorted[i].Round(10 * time.Microsecond).String()
 }
 
-// peakMemory reads a process's peak resident set size from /proc.
-func peakMemory(pid int) string {
+// peakKB reads a process's peak resident set size, in kB, from /proc; -1
+// if it cannot.
+func peakKB(pid int) int {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return "unknown"
+		return -1
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			return strings.TrimSpace(v)
+			if kb, err := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB"))); err == nil {
+				return kb
+			}
 		}
 	}
-	return "unknown"
+	return -1
 }

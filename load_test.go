@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestMain lets the test binary stand in for the programs the load
@@ -131,12 +132,14 @@ func TestLoadEmptyHandler(t *testing.T) {
 }
 
 // Under -chaos the bridge is killed and restarted while the pushes run and
-// IM fails by turns, and still every answered message reaches IM once.
+// IM fails by turns, and still every answered message reaches IM once and
+// in order. On PostgreSQL two bridges share the pushes, and a push that one
+// left unanswered is sent again to the other.
 func TestLoadChaos(t *testing.T) {
 	forStores(t, func(t *testing.T, pg bool) {
 		args := []string{"-chaos", "-duration", "2s", "-connections", "4", "-customers", "10"}
 		if pg {
-			args = append(args, "-database", testPostgres(t))
+			args = append(args, "-database", testPostgres(t), "-instances", "2")
 		}
 		t.Setenv("LOADREF_TEST_HELPER", "bridge")
 		var out strings.Builder
@@ -146,21 +149,61 @@ func TestLoadChaos(t *testing.T) {
 		for _, want := range []string{
 			`pushes answered 200: +[1-9][0-9]* in [0-9.]+s = [0-9]+ pushes/s \(0 failed\)`,
 			`chaos: +3 kills \(SIGKILL, restarted on the same database\), [1-9][0-9]* IM faults in turn, [1-9][0-9]* pushes sent again`,
-			`forwards lost: +0; duplicated: 0`,
+			`forwards lost: +0; duplicated: 0; out of order: 0`,
 		} {
 			if !regexp.MustCompile(want).MatchString(out.String()) {
 				t.Errorf("report lacks %q:\n%s", want, &out)
 			}
 		}
+		if pg && !strings.Contains(out.String(), "2 bridges: pid ") {
+			t.Errorf("report does not name two bridges:\n%s", &out)
+		}
 	})
 }
 
-// -chaos checks every forward while the pushes run.
-func TestLoadChaosRefusals(t *testing.T) {
-	for _, args := range [][]string{{"-chaos", "-im-rate", "200"}, {"-chaos", "-bridge", "/bin/true", "-forwards=false"}} {
-		err := runLoad(t.Context(), args, io.Discard, io.Discard)
-		if err == nil || !strings.Contains(err.Error(), "-chaos delivers while the pushes run") {
-			t.Errorf("%q: got %v, want refused", args, err)
+// -chaos checks every forward while the pushes run; several instances need
+// PostgreSQL and the bridge itself; a program that exits at once is
+// reported, not waited for.
+func TestLoadRefusals(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-chaos", "-im-rate", "200"}, "-chaos delivers while the pushes run"},
+		{[]string{"-chaos", "-bridge", "/bin/true", "-forwards=false"}, "-chaos delivers while the pushes run"},
+		{[]string{"-instances", "2"}, "it needs -database postgres://"},
+		{[]string{"-instances", "2", "-database", "postgres://x/y", "-bridge", "/bin/true"}, "and not -bridge"},
+		{[]string{"-instances", "9", "-database", "postgres://x/y"}, "-instances must be in [1, 8]"},
+		{[]string{"-bridge", "/bin/false", "-duration", "1s"}, "/bin/false exited before it was ready: exit status 1"},
+	} {
+		err := runLoad(t.Context(), c.args, io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: got %v, want %q", c.args, err, c.want)
 		}
+	}
+}
+
+// A message is out of order when it reached IM before a message of the same
+// customer that had been answered before it was sent; messages in flight at
+// the same time may arrive either way.
+func TestOutOfOrder(t *testing.T) {
+	at := func(ms int) time.Time { return time.UnixMilli(int64(ms)) }
+	pushes := []answeredPush{
+		{1, "a", at(0), at(10)},
+		{2, "a", at(20), at(30)}, // sent after 1 was answered
+		{3, "b", at(0), at(10)},  // b's two were in flight together
+		{4, "b", at(5), at(15)},  //
+		{5, "c", at(40), at(50)}, // never arrived
+		{6, "c", at(60), at(70)}, //
+		{7, "a", at(40), at(45)}, // sent after 1 and 2 were answered
+	}
+	arrived := map[int64]arrival{1: {rank: 3}, 2: {rank: 1}, 3: {rank: 5}, 4: {rank: 4}, 6: {rank: 0}, 7: {rank: 2}}
+	// 2 arrived before 1, and 7 before 1: two messages out of order.
+	if n := outOfOrder(pushes, arrived); n != 2 {
+		t.Errorf("outOfOrder = %d, want 2", n)
+	}
+	arrived[1], arrived[2], arrived[7] = arrival{rank: 1}, arrival{rank: 2}, arrival{rank: 3}
+	if n := outOfOrder(pushes, arrived); n != 0 {
+		t.Errorf("in order: outOfOrder = %d, want 0", n)
 	}
 }
