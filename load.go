@@ -159,84 +159,32 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, %s (%s), %d CPUs\n",
 		*conns, *customers, *duration, f, what, runtime.NumCPU())
 
-	var (
-		seq      atomic.Int64
-		nonces   atomic.Int64
-		failures atomic.Int64 // pushes never answered 200
-		resent   atomic.Int64 // pushes sent again after no answer (-chaos)
-		waitsMu  sync.Mutex
-		waits    []time.Duration
-		pushed   []answeredPush
-		// up is closed while the bridges serve; a restart puts an open one
-		// in its place before the kill, so a push that failed waits for it.
-		up atomic.Pointer[chan struct{}]
-	)
+	stop := time.Now().Add(*duration)
+	ps := &pushers{
+		addrs: f.addrs, token: wo.Token, oa: wo.OAID, conns: *conns, customers: *customers, resend: *chaos,
+		stop: stop, giveUp: stop.Add(30 * time.Second),
+	}
 	serving := make(chan struct{})
 	close(serving)
-	up.Store(&serving)
-	stop := time.Now().Add(*duration)
-	giveUp := stop.Add(30 * time.Second) // a push still unanswered then is a failure
+	ps.up.Store(&serving)
+	var (
+		waits  []time.Duration
+		pushed []answeredPush
+	)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range *conns {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			inst := c % *instances
-			pc := &pushConn{addr: f.addrs[inst]}
-			defer pc.close()
-			var mine []time.Duration
-			var got []answeredPush
-			for i := 0; time.Now().Before(stop) && ctx.Err() == nil; i++ {
-				n := seq.Add(1)
-				openid := fmt.Sprintf("o_load_%06d", (c+i*(*conns))%*customers)
-				created := strconv.FormatInt(time.Now().Unix(), 10)
-				body := fmt.Sprintf("<xml><ToUserName><![CDATA[%s]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>"+
-					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
-					wo.OAID, openid, created, n, 6000000000000000000+n)
-				// WeChat signs each attempt anew; the body, and so the
-				// push's key, stays the same. Any attempt may be the one
-				// committed, so the push counts as sent from the first.
-				first := time.Now()
-				for attempt := 1; ; attempt++ {
-					ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(nonces.Add(1), 10)
-					q := url.Values{"signature": {fakes.Sign(wo.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
-					t0 := time.Now()
-					status, err := pc.post("/wechat?"+q.Encode(), body)
-					t1 := time.Now()
-					if err == nil && status == http.StatusOK {
-						mine = append(mine, t1.Sub(t0))
-						got = append(got, answeredPush{n, openid, first, t1})
-						break
-					}
-					if !*chaos || attempt == 100 || t1.After(giveUp) || ctx.Err() != nil {
-						failures.Add(1)
-						break
-					}
-					resent.Add(1)
-					if *instances > 1 {
-						// The load balancer sends the retry to another
-						// instance.
-						pc.close()
-						inst = (inst + 1) % *instances
-						pc.addr = f.addrs[inst]
-						continue
-					}
-					select { // the bridge is back, if it was down
-					case <-*up.Load():
-					case <-ctx.Done():
-					}
-				}
-			}
-			waitsMu.Lock()
-			waits = append(waits, mine...)
-			waitsMu.Unlock()
+			w, got := ps.run(ctx, c)
 			mu.Lock()
+			defer mu.Unlock()
+			waits = append(waits, w...)
 			for _, a := range got {
 				answered[a.n] = a.answer
 			}
 			pushed = append(pushed, got...)
-			mu.Unlock()
 		}()
 	}
 	var kills, imFaults int
@@ -255,7 +203,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				break
 			}
 			down := make(chan struct{})
-			up.Store(&down)
+			ps.up.Store(&down)
 			victim := i % *instances
 			f.end(victim, syscall.SIGKILL)
 			err := f.start(ctx, victim, 0)
@@ -318,7 +266,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	disordered := outOfOrder(pushed, arrived)
 	slices.Sort(waits)
 	slices.Sort(delivery)
-	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures.Load())
+	failures := ps.failures.Load()
+	fmt.Fprintf(stdout, "pushes answered 200:   %d in %.1fs = %.0f pushes/s (%d failed)\n", accepted, elapsed.Seconds(), float64(accepted)/elapsed.Seconds(), failures)
 	fmt.Fprintf(stdout, "WeChat's wait:         p50 %s, p99 %s, max %s\n", pct(waits, 50), pct(waits, 99), pct(waits, 100))
 	switch {
 	case !*forwards:
@@ -333,12 +282,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if *chaos {
 		fmt.Fprintf(stdout, "chaos:                 %d kills (SIGKILL, restarted on the same database), %d IM faults in turn, %d pushes sent again after no answer\n",
-			kills, imFaults, resent.Load())
+			kills, imFaults, ps.resent.Load())
 	}
 	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d; out of order: %d\n", lost, dupes, disordered)
 	fmt.Fprintf(stdout, "bridge peak memory:    %s (VmHWM)\n", peak)
-	if lost > 0 || failures.Load() > 0 {
-		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures.Load())
+	if lost > 0 || failures > 0 {
+		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures)
 	}
 	if (dupes > 0 || disordered > 0) && *other == "" {
 		// IM drops a repeated MsgSeq and MsgRandom, so a duplicate means
@@ -346,6 +295,72 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("load: %d forwards duplicated, %d out of order", dupes, disordered)
 	}
 	return nil
+}
+
+// pushers is what the pushing connections of a load run share.
+type pushers struct {
+	addrs            []string // the bridges' addresses
+	token, oa        string   // WECHAT_TOKEN, and the Official Account's ID
+	conns, customers int
+	resend           bool      // send a push left without an answer again (-chaos)
+	stop, giveUp     time.Time // when to push no more; when to stop resending
+
+	seq, nonces atomic.Int64
+	failures    atomic.Int64 // pushes never answered 200
+	resent      atomic.Int64 // pushes sent again after no answer
+	// up is closed while the bridges serve; a restart puts an open one in
+	// its place before the kill, so a push that failed waits for it.
+	up atomic.Pointer[chan struct{}]
+}
+
+// run is connection c, until stop: it pushes signed text messages from its
+// share of the customers, one at a time, and returns WeChat's wait for each
+// and the pushes answered.
+func (ps *pushers) run(ctx context.Context, c int) (waits []time.Duration, got []answeredPush) {
+	inst := c % len(ps.addrs)
+	pc := &pushConn{addr: ps.addrs[inst]}
+	defer pc.close()
+	for i := 0; time.Now().Before(ps.stop) && ctx.Err() == nil; i++ {
+		n := ps.seq.Add(1)
+		openid := fmt.Sprintf("o_load_%06d", (c+i*ps.conns)%ps.customers)
+		created := strconv.FormatInt(time.Now().Unix(), 10)
+		body := fmt.Sprintf("<xml><ToUserName><![CDATA[%s]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>"+
+			"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
+			ps.oa, openid, created, n, 6000000000000000000+n)
+		// WeChat signs each attempt anew; the body, and so the push's key,
+		// stays the same. Any attempt may be the one committed, so the push
+		// counts as sent from the first.
+		first := time.Now()
+		for attempt := 1; ; attempt++ {
+			ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), strconv.FormatInt(ps.nonces.Add(1), 10)
+			q := url.Values{"signature": {fakes.Sign(ps.token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "openid": {openid}}
+			t0 := time.Now()
+			status, err := pc.post("/wechat?"+q.Encode(), body)
+			t1 := time.Now()
+			if err == nil && status == http.StatusOK {
+				waits = append(waits, t1.Sub(t0))
+				got = append(got, answeredPush{n, openid, first, t1})
+				break
+			}
+			if !ps.resend || attempt == 100 || t1.After(ps.giveUp) || ctx.Err() != nil {
+				ps.failures.Add(1)
+				break
+			}
+			ps.resent.Add(1)
+			if len(ps.addrs) > 1 {
+				// The load balancer sends the retry to another instance.
+				pc.close()
+				inst = (inst + 1) % len(ps.addrs)
+				pc.addr = ps.addrs[inst]
+				continue
+			}
+			select { // the bridge is back, if it was down
+			case <-*ps.up.Load():
+			case <-ctx.Done():
+			}
+		}
+	}
+	return waits, got
 }
 
 // answeredPush is a push that was answered 200: its message number, its
