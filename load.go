@@ -114,17 +114,19 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 
 	wo, imo := wx.Options(), im.Options()
+	logLevel := "warn"
+	if *chaos {
+		logLevel = "error" // the retries' warnings stay out of the report
+	}
 	env := []string{
-		"DATABASE_URL=" + *database, "LOG_LEVEL=warn", "PATH=" + os.Getenv("PATH"),
+		"DATABASE_URL=" + *database, "LOG_LEVEL=" + logLevel, "PATH=" + os.Getenv("PATH"),
 		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + wx.URL,
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
 		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=unused-in-load",
 	}
 	if *chaos {
-		// Calls held past a second time out; retries come soon, and the
-		// retries' warnings stay out of the report.
+		// Calls held past a second time out, and retries come soon.
 		env = append(env, "VENDOR_TIMEOUT=1s", "RETRY_MIN_DELAY=50ms", "RETRY_MAX_DELAY=1s")
-		env[slices.Index(env, "LOG_LEVEL=warn")] = "LOG_LEVEL=error"
 	}
 	for _, kv := range os.Environ() {
 		if strings.HasPrefix(kv, "LOADREF_") {
@@ -420,7 +422,6 @@ type fleet struct {
 type process struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
-	err    error // how it exited, once exited is closed
 }
 
 // newFleet picks n free loopback addresses for bridges to run exe on.
@@ -447,16 +448,19 @@ func (f *fleet) start(ctx context.Context, i, rate int) error {
 		return err
 	}
 	p := &process{cmd: cmd, exited: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.exited) }()
+	go func() { cmd.Wait(); close(p.exited) }()
 	f.procs[i] = p
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := waitReady(ctx, p.exited, "http://"+f.addrs[i]); err != nil {
-		f.end(i, syscall.SIGKILL)
-		if p.err != nil {
-			return fmt.Errorf("load: %s exited before it was ready: %w", f.exe, p.err)
+		select {
+		case <-p.exited:
+			f.procs[i] = nil
+			return fmt.Errorf("load: %s exited before it was ready (%s)", f.exe, p.cmd.ProcessState)
+		default:
+			f.end(i, syscall.SIGKILL)
+			return fmt.Errorf("load: %s on %s: %w", f.exe, f.addrs[i], err)
 		}
-		return fmt.Errorf("load: %s on %s: %w", f.exe, f.addrs[i], err)
 	}
 	return nil
 }

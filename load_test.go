@@ -174,7 +174,7 @@ func TestLoadRefusals(t *testing.T) {
 		{[]string{"-instances", "2"}, "it needs -database postgres://"},
 		{[]string{"-instances", "2", "-database", "postgres://x/y", "-bridge", "/bin/true"}, "and not -bridge"},
 		{[]string{"-instances", "9", "-database", "postgres://x/y"}, "-instances must be in [1, 8]"},
-		{[]string{"-bridge", "/bin/false", "-duration", "1s"}, "/bin/false exited before it was ready: exit status 1"},
+		{[]string{"-bridge", "/bin/false", "-duration", "1s"}, "/bin/false exited before it was ready (exit status 1)"},
 	} {
 		err := runLoad(t.Context(), c.args, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
