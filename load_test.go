@@ -191,10 +191,10 @@ func TestOutOfOrder(t *testing.T) {
 	pushes := []answeredPush{
 		{1, "a", at(0), at(10)},
 		{2, "a", at(20), at(30)}, // sent after 1 was answered
-		{3, "b", at(0), at(10)},  // b's two were in flight together
-		{4, "b", at(5), at(15)},  //
+		{3, "b", at(0), at(10)},  // 3 and 4 were in flight together
+		{4, "b", at(5), at(15)},
 		{5, "c", at(40), at(50)}, // never arrived
-		{6, "c", at(60), at(70)}, //
+		{6, "c", at(60), at(70)},
 		{7, "a", at(40), at(45)}, // sent after 1 and 2 were answered
 	}
 	arrived := map[int64]arrival{1: {rank: 3}, 2: {rank: 1}, 3: {rank: 5}, 4: {rank: 4}, 6: {rank: 0}, 7: {rank: 2}}
