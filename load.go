@@ -235,7 +235,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 	}
 	if *forwards {
-		drainCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		// Lanes are delivered one message at a time: a run of few
+		// customers drains slowly. What is still missing then is lost.
+		drainCtx, cancel := context.WithTimeout(ctx, max(2*time.Minute, *duration*6))
 		defer cancel()
 		waitFor(drainCtx, "every message in IM", func() bool {
 			mu.Lock()
