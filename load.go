@@ -190,8 +190,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}()
 	}
 	var kills, imFaults int
+	faultsDone := make(chan struct{})
 	if *chaos {
-		faultsDone := make(chan struct{})
 		go func() {
 			defer close(faultsDone)
 			imFaults = imChaos(ctx, im, stop)
@@ -216,10 +216,12 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 			kills++
 		}
-		<-faultsDone
+	} else {
+		close(faultsDone)
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	<-faultsDone // a fault set just before stop may run on a moment
 
 	mu.Lock()
 	accepted, early := len(answered), len(arrived)
