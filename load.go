@@ -291,7 +291,11 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			kills, imFaults, ps.resent.Load())
 	}
 	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d; out of order: %d\n", lost, dupes, disordered)
-	fmt.Fprintf(stdout, "bridge peak memory:    %s (VmHWM)\n", peak)
+	which := "VmHWM"
+	if kills > 0 {
+		which = "VmHWM, since the last restart"
+	}
+	fmt.Fprintf(stdout, "bridge peak memory:    %s (%s)\n", peak, which)
 	if lost > 0 || failures > 0 {
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures)
 	}
