@@ -177,7 +177,7 @@ func waitFor(ctx context.Context, what string, cond func() bool) error {
 	for !cond() {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("demo: timed out waiting for %s", what)
+			return fmt.Errorf("timed out waiting for %s", what)
 		case <-tick.C:
 		}
 	}
