@@ -27,6 +27,14 @@
 //
 //	LOADREF_JOURNAL=/tmp/loadref.journal go run . load -bridge /tmp/loadref -forwards=false
 //
+// LOADREF_SQLITE=PATH does the same in an SQLite database at PATH, on the
+// bridge's driver: the pushes that wait are inserted in one transaction, a
+// row each into a table with no index, and answered once its commit is
+// fsynced. It is the floor of a durable answer on SQLite, whatever a
+// handler does besides:
+//
+//	LOADREF_SQLITE=/tmp/loadref.db go run . load -bridge /tmp/loadref -forwards=false
+//
 // It is a module of its own so that the bridge does not depend on the SDK.
 package main
 
@@ -60,7 +68,11 @@ func main() {
 		return
 	}
 	if path := os.Getenv("LOADREF_JOURNAL"); path != "" {
-		serveJournal(path)
+		serveJournal(openJournal, path)
+		return
+	}
+	if path := os.Getenv("LOADREF_SQLITE"); path != "" {
+		serveJournal(openSQLiteJournal, path)
 		return
 	}
 	env := func(name, def string) string {
@@ -96,8 +108,7 @@ func main() {
 		Token: os.Getenv("WECHAT_TOKEN"), Cache: cache.NewMemory(),
 	})
 
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	mux := newMux()
 	mux.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) {
 		srv := oa.GetServer(r, w)
 		srv.SetMessageHandler(func(msg *message.MixMessage) *message.Reply {
@@ -115,10 +126,17 @@ func main() {
 	log.Fatal(http.ListenAndServe(os.Getenv("LISTEN_ADDR"), mux))
 }
 
-// serveEmpty answers every push with "success" and nothing more.
-func serveEmpty() {
+// newMux returns a mux that answers /readyz, which the load generator
+// waits on before it pushes.
+func newMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	return mux
+}
+
+// serveEmpty answers every push with "success" and nothing more.
+func serveEmpty() {
+	mux := newMux()
 	mux.HandleFunc("/wechat", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "success") })
 	log.Fatal(http.ListenAndServe(os.Getenv("LISTEN_ADDR"), mux))
 }
