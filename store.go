@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,11 +30,8 @@ type Store struct {
 	rdb      *sql.DB // reads (on SQLite, a pool of its own; on PostgreSQL, db)
 	postgres bool
 
-	path       string         // SQLite: the database file
-	wal        *os.File       // SQLite: its write-ahead log, for the syncer's fsync
-	stmts      sync.Map       // SQLite: query → *sql.Stmt
-	ops        chan writeOp   // SQLite: writes waiting for the writer
-	synced     chan committed // SQLite: batches committed, waiting for the syncer
+	stmts      sync.Map     // SQLite: query → *sql.Stmt
+	ops        chan writeOp // SQLite: writes waiting for the writer
 	stopped    chan struct{}
 	writerDone chan struct{}
 }
@@ -60,10 +56,8 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 	schema := schemaSQL
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
-		// synchronous(NORMAL): commits do not wait for the disk; the syncer
-		// (writer.go) fsyncs the log before any caller is answered.
-		s.path = path
-		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)"
+		// synchronous(FULL): a commit returns once the log is on disk.
+		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
 		if s.db, err = sql.Open("sqlite", dsn+"&_txlock=immediate"); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
 		}
@@ -112,9 +106,8 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
 	if !s.postgres {
-		s.ops, s.synced, s.stopped, s.writerDone = make(chan writeOp), make(chan committed), make(chan struct{}), make(chan struct{})
+		s.ops, s.stopped, s.writerDone = make(chan writeOp), make(chan struct{}), make(chan struct{})
 		go s.runWriter()
-		go s.runSyncer()
 	}
 	return s, nil
 }
