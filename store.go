@@ -30,8 +30,13 @@ type Store struct {
 	rdb      *sql.DB // reads (on SQLite, a pool of its own; on PostgreSQL, db)
 	postgres bool
 
-	stmts      sync.Map     // SQLite: query → *sql.Stmt
-	ops        chan writeOp // SQLite: writes waiting for the writer
+	stmts sync.Map     // SQLite: query → *sql.Stmt
+	ops   chan writeOp // SQLite: writes waiting for the writer
+	// SQLite: the agent of each open conversation the writer has met, by
+	// customer, as committed, and the changes the transaction running
+	// makes to it. The writer alone reads and changes them.
+	openConv   map[string]string
+	convLog    []convChange
 	stopped    chan struct{}
 	writerDone chan struct{}
 }
@@ -107,6 +112,7 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 	}
 	if !s.postgres {
 		s.ops, s.stopped, s.writerDone = make(chan writeOp), make(chan struct{}), make(chan struct{})
+		s.openConv = map[string]string{}
 		go s.runWriter()
 	}
 	return s, nil
@@ -319,6 +325,7 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 				return err
 			}
 		case actUnfollow:
+			s.noteConversation(in.OpenID, "")
 			if _, err := s.exec(ctx, tx, `UPDATE customers SET followed = 0 WHERE openid = ?`, in.OpenID); err != nil {
 				return err
 			}
@@ -367,6 +374,9 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 // the customer's own agent while that agent is still configured, else to
 // the agent with the fewest open conversations.
 func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
+	if agent, ok := s.openConv[in.OpenID]; ok { // nil, and never found, on PostgreSQL
+		return agent, false, nil
+	}
 	ms := now.UnixMilli()
 	var kept, open sql.NullString
 	err = s.queryRow(ctx, tx, `SELECT c.agent, v.agent FROM customers c
@@ -385,6 +395,7 @@ func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 	case err != nil:
 		return "", false, err
 	case open.Valid:
+		s.noteConversation(in.OpenID, open.String)
 		return open.String, false, nil
 	}
 	agent = kept.String
@@ -403,7 +414,51 @@ func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1`, agent); err != nil {
 		return "", false, err
 	}
+	s.noteConversation(in.OpenID, agent)
 	return agent, true, nil
+}
+
+// maxOpenConv bounds the conversations SQLite's writer keeps in memory;
+// past it, it starts again from none. 50,000 take about 5 MB.
+const maxOpenConv = 50_000
+
+// convChange is a change a transaction made to the open conversations:
+// the customer's conversation goes to agent, or is closed ("").
+type convChange struct{ openid, agent string }
+
+// noteConversation records, on SQLite, that the transaction running found
+// or opened the customer's open conversation with agent, or closed it
+// (""). What it found or opened is remembered once the transaction
+// commits (settleConversations): until then it may yet be rolled back. A
+// closing is forgotten at once, so that a later write of the same
+// transaction looks the customer up again.
+func (s *Store) noteConversation(openid, agent string) {
+	if s.postgres {
+		return
+	}
+	if agent == "" {
+		delete(s.openConv, openid)
+	}
+	s.convLog = append(s.convLog, convChange{openid, agent})
+}
+
+// settleConversations applies the changes the transaction made to the
+// open conversations it remembers if it committed, and drops them either
+// way. The writer calls it after each transaction.
+func (s *Store) settleConversations(committed bool) {
+	if committed {
+		if len(s.openConv)+len(s.convLog) > maxOpenConv {
+			clear(s.openConv)
+		}
+		for _, c := range s.convLog {
+			if c.agent == "" {
+				delete(s.openConv, c.openid)
+			} else {
+				s.openConv[c.openid] = c.agent
+			}
+		}
+	}
+	s.convLog = s.convLog[:0]
 }
 
 // leastLoadedAgent returns the agent with the fewest open conversations; a

@@ -2,6 +2,10 @@ package main
 
 import (
 	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -210,5 +214,82 @@ func TestDeliveredPromotesEachLaneInOrder(t *testing.T) {
 				t.Errorf("after all deliveries: %+v, %v; want nothing pending", s, err)
 			}
 		})
+	}
+}
+
+// SQLite's writer keeps the open conversations it met in memory, but only
+// what its transactions committed: a conversation opened by a transaction
+// that rolled back is forgotten, and the customer's next message opens one.
+func TestRolledBackConversationIsForgotten(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	boom := errors.New("a write that fails after opening a conversation")
+	err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if _, _, err := st.openConversation(ctx, tx, message("k1", "o1", "hi"), now); err != nil {
+			return err
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("the write returned %v, want its own error", err)
+	}
+	acc, err := st.AcceptPush(ctx, message("k2", "o1", "hi again"), now)
+	if err != nil || acc.Reply != replyConnecting {
+		t.Errorf("the next message got %+v, %v; want the connecting reply of a new conversation", acc, err)
+	}
+	convs, err := st.OpenConversations(ctx)
+	if err != nil || len(convs) != 1 {
+		t.Errorf("got open conversations %+v, %v; want one", convs, err)
+	}
+}
+
+// A conversation closed in a transaction is looked up again by the same
+// transaction's later writes, and what the transaction leaves is what the
+// writer remembers: here, the conversation it opened last.
+func TestConversationClosedAndOpenedInOneTransaction(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	if acc, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil || acc.Reply != replyConnecting {
+		t.Fatalf("first message: %+v, %v", acc, err)
+	}
+	in := message("k2", "o1", "hi")
+	in.Agents = []string{"a2"} // a1, who had the customer, is gone
+	err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if agent, opened, err := st.openConversation(ctx, tx, in, now); err != nil || opened || agent != "a1" {
+			return fmt.Errorf("before closing: got %s, %v, %v; want a1's open conversation", agent, opened, err)
+		}
+		st.noteConversation("o1", "")
+		if _, err := st.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, now.UnixMilli(), "o1"); err != nil {
+			return err
+		}
+		if agent, opened, err := st.openConversation(ctx, tx, in, now); err != nil || !opened || agent != "a2" {
+			return fmt.Errorf("after closing: got %s, %v, %v; want a new conversation with a2", agent, opened, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in = message("k3", "o1", "and again")
+	in.Agents = []string{"a2"}
+	if acc, err := st.AcceptPush(ctx, in, now); err != nil || acc.Reply != replyNone {
+		t.Errorf("the next message got %+v, %v; want no reply: its conversation is open", acc, err)
+	}
+	var agents []string
+	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane = 'im:o1' AND delivery LIKE '%im_send%' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var raw string
+		var d Delivery
+		if err := rows.Scan(&raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
+			t.Fatal("unreadable outbox item")
+		}
+		agents = append(agents, d.Agent)
+	}
+	if strings.Join(agents, " ") != "a1 a2" {
+		t.Errorf("the messages went to %v, want a1 then a2", agents)
 	}
 }
