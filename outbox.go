@@ -98,6 +98,15 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 			updated_at = ? WHERE id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, now.UnixMilli(), string(idList)); err != nil {
 			return err
 		}
+		if !s.postgres {
+			var next []int64
+			for _, it := range slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) }) {
+				if id, ok := s.laneFinish(it.Lane, it.ID); ok {
+					next = append(next, id)
+				}
+			}
+			return s.nextAsHead(ctx, tx, next)
+		}
 		// MATERIALIZED keeps PostgreSQL from folding the heads into a
 		// join that reads the whole outbox.
 		_, err := s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
@@ -152,6 +161,12 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, id int64, lane, state, r
 	}
 	if err := s.setState(ctx, tx, id, state, reason, now.UnixMilli(), now); err != nil {
 		return err
+	}
+	if !s.postgres {
+		if next, ok := s.laneFinish(lane, id); ok {
+			return s.nextAsHead(ctx, tx, []int64{next})
+		}
+		return nil
 	}
 	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')`, lane)
 	return err

@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at    BIGINT NOT NULL,
     updated_at    BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending';
+-- PENDING_BY_LANE stands for the index of each lane's pending items on
+-- PostgreSQL. On SQLite, which one instance owns, the writer keeps them in
+-- memory (lanes.go) and the index, which each insert changed at a random
+-- place, is dropped.
+PENDING_BY_LANE;
 -- outbox_due lists the heads in the order they are claimed. It keeps
 -- claimed_until too, so a claim passes over the heads that deliveries in
 -- flight hold without reading their rows. (It replaces outbox_heads, which

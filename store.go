@@ -35,8 +35,12 @@ type Store struct {
 	// SQLite: the agent of each open conversation the writer has met, by
 	// customer, as committed, and the changes the transaction running
 	// makes to it. The writer alone reads and changes them.
-	openConv   map[string]string
-	convLog    []convChange
+	openConv map[string]string
+	convLog  []convChange
+	// SQLite: the pending items of each lane, in order, as committed, and
+	// the changes the transaction running makes to them (lanes.go).
+	lanes      map[string][]int64
+	txLanes    map[string]*laneChange
 	stopped    chan struct{}
 	writerDone chan struct{}
 }
@@ -76,6 +80,7 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		}
 		s.rdb.SetMaxOpenConns(4)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")
+		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE", "DROP INDEX IF EXISTS outbox_pending")
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
@@ -88,6 +93,8 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		s.db.SetMaxOpenConns(pgConns)
 		s.db.SetMaxIdleConns(pgConns)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
+		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE",
+			"CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending'")
 		schema = fmt.Sprintf("SELECT pg_advisory_xact_lock(%d);\n%s", schemaLock, schema)
 	} else {
 		return nil, perr
@@ -103,6 +110,10 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		_, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`)
 		return err
 	})
+	if err == nil && !s.postgres {
+		s.openConv, s.txLanes = map[string]string{}, map[string]*laneChange{}
+		err = s.loadLanes(ctx)
+	}
 	if err != nil {
 		s.db.Close()
 		if s.rdb != s.db {
@@ -112,7 +123,6 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 	}
 	if !s.postgres {
 		s.ops, s.stopped, s.writerDone = make(chan writeOp), make(chan struct{}), make(chan struct{})
-		s.openConv = map[string]string{}
 		go s.runWriter()
 	}
 	return s, nil
@@ -553,6 +563,24 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 	}
 	ms := now.UnixMilli()
 	lane := d.lane()
+	if !s.postgres {
+		_, busy := s.laneItem(lane, 0)
+		head := 1
+		if busy {
+			head = 0
+		}
+		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
+			VALUES (?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, head)
+		if err != nil {
+			return err
+		}
+		id, err := res.LastInsertId()
+		if err != nil {
+			return err
+		}
+		s.laneAdd(lane, id)
+		return nil
+	}
 	if err := s.lockLane(ctx, tx, lane); err != nil {
 		return err
 	}
@@ -587,6 +615,9 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 		}
 		// A safety net: a lane whose first pending item is not marked
 		// head would never be taken.
+		if !s.postgres {
+			return s.nextAsHead(ctx, tx, s.laneHeads())
+		}
 		_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
 			(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`)
 		return err

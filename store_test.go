@@ -160,12 +160,7 @@ func TestStoreSurvivesReopen(t *testing.T) {
 	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil {
 		t.Fatal(err)
 	}
-	st.Close()
-	st2, err := openStore(ctx, "sqlite:"+path, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st2.Close()
+	st2 := reopen(t, st, path)
 	acc, err := st2.AcceptPush(ctx, message("k1", "o1", "hi"), now)
 	if err != nil || !acc.Duplicate {
 		t.Errorf("after reopening, the same push got %+v, %v; want a duplicate", acc, err)
@@ -178,43 +173,22 @@ func TestStoreSurvivesReopen(t *testing.T) {
 // Delivered settles many items of many lanes in one write; each lane's
 // next item becomes its head then, in order, on SQLite and PostgreSQL.
 func TestDeliveredPromotesEachLaneInOrder(t *testing.T) {
-	for _, store := range []string{"sqlite", "postgres"} {
-		t.Run(store, func(t *testing.T) {
-			st := openTestStore(t, store)
-			ctx, now := context.Background(), time.Now()
-			for i, k := range []string{"a1", "b1", "a2", "b2", "a3"} {
-				if _, err := st.AcceptPush(ctx, message(k, "o"+k[:1], k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {
-					t.Fatal(err)
-				}
+	eachStore(t, func(t *testing.T, st *Store) {
+		ctx, now := context.Background(), time.Now()
+		for i, k := range []string{"a1", "b1", "a2", "b2", "a3"} {
+			if _, err := st.AcceptPush(ctx, message(k, "o"+k[:1], k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {
+				t.Fatal(err)
 			}
-			var got []string
-			for round := 0; round < 10; round++ {
-				heads, err := st.Claim(ctx, "w", now.Add(time.Second), time.Minute, 10)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if len(heads) == 0 {
-					break
-				}
-				if len(heads) > 2 {
-					t.Fatalf("claimed %d items of two lanes at once", len(heads))
-				}
-				for _, h := range heads {
-					got = append(got, h.Delivery.Kind+" "+h.Delivery.Text)
-				}
-				if err := st.Delivered(ctx, heads, now.Add(time.Second)); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want := []string{"im_import ", "im_import ", "im_send a1", "im_send b1", "im_send a2", "im_send b2", "im_send a3"}
-			if strings.Join(got, ",") != strings.Join(want, ",") {
-				t.Errorf("delivered %q, want %q", got, want)
-			}
-			if s, err := st.Stats(ctx); err != nil || s.Pending != 0 {
-				t.Errorf("after all deliveries: %+v, %v; want nothing pending", s, err)
-			}
-		})
-	}
+		}
+		got := deliverAll(t, st, now.Add(time.Second))
+		want := []string{"im_import ", "im_import ", "im_send a1", "im_send b1", "im_send a2", "im_send b2", "im_send a3"}
+		if strings.Join(got, ",") != strings.Join(want, ",") {
+			t.Errorf("delivered %q, want %q", got, want)
+		}
+		if s, err := st.Stats(ctx); err != nil || s.Pending != 0 {
+			t.Errorf("after all deliveries: %+v, %v; want nothing pending", s, err)
+		}
+	})
 }
 
 // SQLite's writer keeps the open conversations it met in memory, but only
@@ -223,16 +197,10 @@ func TestDeliveredPromotesEachLaneInOrder(t *testing.T) {
 func TestRolledBackConversationIsForgotten(t *testing.T) {
 	st, _ := newTestStore(t)
 	ctx, now := context.Background(), time.Now()
-	boom := errors.New("a write that fails after opening a conversation")
-	err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if _, _, err := st.openConversation(ctx, tx, message("k1", "o1", "hi"), now); err != nil {
-			return err
-		}
-		return boom
+	writeThenFail(t, st, func(ctx context.Context, tx *sql.Tx) error {
+		_, _, err := st.openConversation(ctx, tx, message("k1", "o1", "hi"), now)
+		return err
 	})
-	if !errors.Is(err, boom) {
-		t.Fatalf("the write returned %v, want its own error", err)
-	}
 	acc, err := st.AcceptPush(ctx, message("k2", "o1", "hi again"), now)
 	if err != nil || acc.Reply != replyConnecting {
 		t.Errorf("the next message got %+v, %v; want the connecting reply of a new conversation", acc, err)
@@ -292,4 +260,172 @@ func TestConversationClosedAndOpenedInOneTransaction(t *testing.T) {
 	if strings.Join(agents, " ") != "a1 a2" {
 		t.Errorf("the messages went to %v, want a1 then a2", agents)
 	}
+}
+
+// deliverAll claims and delivers until nothing is left, one round at a
+// time, and returns what it delivered, in order: kind and text. It fails
+// the test if a round claims two items of one lane.
+func deliverAll(t *testing.T, st *Store, now time.Time) []string {
+	t.Helper()
+	var got []string
+	for round := 0; round < 20; round++ {
+		heads, err := st.Claim(context.Background(), "w", now, time.Minute, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(heads) == 0 {
+			return got
+		}
+		lanes := map[string]bool{}
+		for _, h := range heads {
+			if lanes[h.Lane] {
+				t.Fatalf("claimed two items of lane %s at once", h.Lane)
+			}
+			lanes[h.Lane] = true
+			got = append(got, h.Delivery.Kind+" "+h.Delivery.Text)
+		}
+		if err := st.Delivered(context.Background(), heads, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Fatal("still claiming after 20 rounds")
+	return nil
+}
+
+// eachStore runs fn on a new store of each kind, SQLite and PostgreSQL
+// (skipped without TEST_DATABASE_URL).
+func eachStore(t *testing.T, fn func(t *testing.T, st *Store)) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) { fn(t, openTestStore(t, kind)) })
+	}
+}
+
+// reopen closes st and opens the SQLite store at path again.
+func reopen(t *testing.T, st *Store, path string) *Store {
+	t.Helper()
+	st.Close()
+	st2, err := openStore(context.Background(), "sqlite:"+path, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st2.Close() })
+	return st2
+}
+
+// writeThenFail runs fn in a write that fails after it, and checks that the
+// write's own error comes back: its transaction was rolled back.
+func writeThenFail(t *testing.T, st *Store, fn func(ctx context.Context, tx *sql.Tx) error) {
+	t.Helper()
+	boom := errors.New("a write that fails after its statements")
+	err := st.write(context.Background(), func(ctx context.Context, tx *sql.Tx) error {
+		if err := fn(ctx, tx); err != nil {
+			return err
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("the write returned %v, want its own error", err)
+	}
+}
+
+// queueReply queues a reply to customer o1, in a write of its own.
+func queueReply(t *testing.T, st *Store, text string, now time.Time) {
+	t.Helper()
+	err := st.write(context.Background(), func(ctx context.Context, tx *sql.Tx) error {
+		return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o1", Text: text}, now)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// SQLite's writer keeps each lane's pending items in memory; reopened, the
+// store reads them back and the lanes go on in order.
+func TestLanesReadBackAtOpen(t *testing.T) {
+	st, path := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	for i, k := range []string{"a1", "b1", "a2", "b2", "a3"} {
+		if _, err := st.AcceptPush(ctx, message(k, "o"+k[:1], k), now.Add(time.Duration(i)*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	heads, err := st.Claim(ctx, "w", now.Add(time.Second), time.Minute, 10)
+	if err != nil || len(heads) != 2 {
+		t.Fatalf("claimed %d, %v; want the two imports", len(heads), err)
+	}
+	if err := st.Delivered(ctx, heads, now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	st2 := reopen(t, st, path)
+	if _, err := st2.AcceptPush(ctx, message("a4", "oa", "a4"), now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	got := deliverAll(t, st2, now.Add(2*time.Second))
+	want := []string{"im_send a1", "im_send b1", "im_send a2", "im_send b2", "im_send a3", "im_send a4"}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("delivered %q, want %q", got, want)
+	}
+}
+
+// An item added by a transaction that rolled back leaves its lane as it
+// was: the lane's next item heads it and is delivered.
+func TestRolledBackItemLeavesLaneEmpty(t *testing.T) {
+	st, _ := newTestStore(t)
+	now := time.Now()
+	writeThenFail(t, st, func(ctx context.Context, tx *sql.Tx) error {
+		return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o1", Text: "lost"}, now)
+	})
+	queueReply(t, st, "kept", now)
+	if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send kept" {
+		t.Errorf("delivered %q, want the item kept only", got)
+	}
+}
+
+// An item delivered twice (its lease ran out during a slow delivery and it
+// was taken again) finishes its lane's head once: the next item is not
+// skipped, and the lane stays in order.
+func TestDeliveredTwiceFinishesOnce(t *testing.T) {
+	eachStore(t, func(t *testing.T, st *Store) {
+		ctx, now := context.Background(), time.Now()
+		for _, text := range []string{"one", "two", "three"} {
+			queueReply(t, st, text, now)
+		}
+		heads, err := st.Claim(ctx, "w", now, time.Minute, 10)
+		if err != nil || len(heads) != 1 {
+			t.Fatalf("claimed %d, %v; want the lane's head", len(heads), err)
+		}
+		for range 2 {
+			if err := st.Delivered(ctx, heads, now); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send two,wx_send three" {
+			t.Errorf("then delivered %q, want two, then three", got)
+		}
+	})
+}
+
+// Pruning puts right a lane whose first pending item lost its head mark.
+func TestPruneRestoresLaneHeads(t *testing.T) {
+	eachStore(t, func(t *testing.T, st *Store) {
+		ctx, now := context.Background(), time.Now()
+		if err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			if err := st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o1", Text: "hi"}, now); err != nil {
+				return err
+			}
+			_, err := st.exec(ctx, tx, `UPDATE outbox SET head = 0`)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if got := deliverAll(t, st, now); len(got) != 0 {
+			t.Fatalf("delivered %q from a lane without a head", got)
+		}
+		if err := st.PruneKeys(ctx, now); err != nil {
+			t.Fatal(err)
+		}
+		if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send hi" {
+			t.Errorf("after pruning, delivered %q, want the lane's item", got)
+		}
+	})
 }

@@ -101,11 +101,11 @@ func (s *Store) commitBatch(batch []writeOp) []error {
 		}
 		return nil
 	})
-	s.settleConversations(err == nil)
+	s.settle(err == nil)
 	if err != nil && len(batch) > 1 {
 		for i, op := range batch {
 			results[i] = s.tryTx(ctx, func(tx *sql.Tx) error { return op.fn(ctx, tx) })
-			s.settleConversations(results[i] == nil)
+			s.settle(results[i] == nil)
 		}
 		return results
 	}

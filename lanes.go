@@ -1,0 +1,136 @@
+package main
+
+// The lanes in memory. On SQLite, which one instance owns, the writer keeps
+// the pending items of each lane, in order, rather than finding them
+// through an index by lane: each insert changed that index at a random
+// place, which cost the writer more than any statement it saves (README,
+// Speed). The lanes are read from the outbox when the store opens; after
+// that only the writer reads and changes them, and a transaction's changes
+// are kept once it commits. Each pending item takes 8 bytes and its
+// slice's slack: a backlog of a million, about 16 MB. PostgreSQL, shared by
+// several instances, finds a lane's items through its index.
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+)
+
+// laneChange is what the transaction running did to a lane: the items it
+// finished off the front of the lane's queue as committed, and the items it
+// added.
+type laneChange struct {
+	finished int
+	added    []int64
+}
+
+// loadLanes reads the pending items of every lane, in order.
+func (s *Store) loadLanes(ctx context.Context) error {
+	rows, err := s.db.QueryContext(ctx, `SELECT lane, id FROM outbox WHERE state = 'pending' ORDER BY id`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	s.lanes = map[string][]int64{}
+	for rows.Next() {
+		var lane string
+		var id int64
+		if err := rows.Scan(&lane, &id); err != nil {
+			return err
+		}
+		s.lanes[lane] = append(s.lanes[lane], id)
+	}
+	return rows.Err()
+}
+
+// laneChanged returns the change the transaction running makes to lane.
+func (s *Store) laneChanged(lane string) *laneChange {
+	c := s.txLanes[lane]
+	if c == nil {
+		c = &laneChange{}
+		s.txLanes[lane] = c
+	}
+	return c
+}
+
+// laneItem returns the i-th pending item of lane as the transaction
+// running sees it, and false past the last.
+func (s *Store) laneItem(lane string, i int) (int64, bool) {
+	q := s.lanes[lane]
+	c := s.txLanes[lane]
+	if c != nil {
+		i += c.finished
+	}
+	if i < len(q) {
+		return q[i], true
+	}
+	if c != nil && i-len(q) < len(c.added) {
+		return c.added[i-len(q)], true
+	}
+	return 0, false
+}
+
+// laneAdd records that the transaction running added item id to lane.
+func (s *Store) laneAdd(lane string, id int64) {
+	c := s.laneChanged(lane)
+	c.added = append(c.added, id)
+}
+
+// laneHeads returns the item heading each lane, as the transaction running
+// sees them.
+func (s *Store) laneHeads() []int64 {
+	var heads []int64
+	for lane := range s.lanes {
+		if id, ok := s.laneItem(lane, 0); ok {
+			heads = append(heads, id)
+		}
+	}
+	for lane, c := range s.txLanes {
+		if _, known := s.lanes[lane]; !known && len(c.added) > 0 {
+			heads = append(heads, c.added[0])
+		}
+	}
+	return heads
+}
+
+// laneFinish records that the transaction running finished item id of
+// lane, if id heads it, and returns the lane's next item, which heads it
+// now. An item that does not head its lane was finished before (its lease
+// ran out during a slow delivery and it was taken again): nothing changes.
+func (s *Store) laneFinish(lane string, id int64) (next int64, ok bool) {
+	if head, _ := s.laneItem(lane, 0); head != id {
+		return 0, false
+	}
+	s.laneChanged(lane).finished++
+	return s.laneItem(lane, 0)
+}
+
+// settle keeps what the transaction the writer ran last did to the open
+// conversations and the lanes, if it committed, and forgets it either way.
+func (s *Store) settle(committed bool) {
+	s.settleConversations(committed)
+	if committed {
+		for lane, c := range s.txLanes {
+			q := append(s.lanes[lane][c.finished:], c.added...)
+			if len(q) == 0 {
+				delete(s.lanes, lane)
+			} else {
+				s.lanes[lane] = q
+			}
+		}
+	}
+	clear(s.txLanes)
+}
+
+// nextAsHead makes items the heads of their lanes.
+func (s *Store) nextAsHead(ctx context.Context, tx *sql.Tx, ids []int64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	list, err := json.Marshal(ids)
+	if err != nil {
+		return err
+	}
+	_, err = s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE head = 0 AND id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, string(list))
+	return err
+}
