@@ -46,25 +46,12 @@ func newMetrics(st *Store) *metrics {
 			Help:    "Time from a message's acceptance to its delivery, by target.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200}}, []string{"target"}),
 	}
-	stats := func() OutboxStats {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		s, _ := st.Stats(ctx)
-		return s
-	}
 	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.webhookLatency, m.deliveryLatency,
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_outbox_depth", Help: "Deliveries not yet made."},
-			func() float64 { return float64(stats().Pending) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_outbox_oldest_age_seconds",
-			Help: "Age of the oldest delivery not yet made; 0 when there is none."},
-			func() float64 {
-				if s := stats(); !s.OldestSince.IsZero() {
-					return time.Since(s.OldestSince).Seconds()
-				}
-				return 0
-			}),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bridge_dead_letters", Help: "Dead letters kept in the store."},
-			func() float64 { return float64(stats().Failed) }),
+		outboxCollector{st: st,
+			depth:  prometheus.NewDesc("bridge_outbox_depth", "Deliveries not yet made.", nil, nil),
+			oldest: prometheus.NewDesc("bridge_outbox_oldest_age_seconds", "Age of the oldest delivery not yet made; 0 when there is none.", nil, nil),
+			dead:   prometheus.NewDesc("bridge_dead_letters", "Dead letters kept in the store.", nil, nil),
+		},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	return m
@@ -91,4 +78,31 @@ func target(kind string) string {
 		return "wechat"
 	}
 	return "im"
+}
+
+// outboxCollector reports the outbox's gauges, all three from one read of
+// the store a scrape: on SQLite, counting the pending items reads the
+// whole outbox.
+type outboxCollector struct {
+	st                  *Store
+	depth, oldest, dead *prometheus.Desc
+}
+
+func (c outboxCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.depth
+	ch <- c.oldest
+	ch <- c.dead
+}
+
+func (c outboxCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	s, _ := c.st.Stats(ctx)
+	age := 0.0
+	if !s.OldestSince.IsZero() {
+		age = time.Since(s.OldestSince).Seconds()
+	}
+	ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(s.Pending))
+	ch <- prometheus.MustNewConstMetric(c.oldest, prometheus.GaugeValue, age)
+	ch <- prometheus.MustNewConstMetric(c.dead, prometheus.GaugeValue, float64(s.Failed))
 }

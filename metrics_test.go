@@ -4,8 +4,10 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestMetricsAndProbes plays the round trip and reads /metrics, /healthz
@@ -70,5 +72,38 @@ func TestReadyzNotReady(t *testing.T) {
 	st.Close()
 	if got := get("/healthz"); got != 200 {
 		t.Errorf("/healthz: got %d, want 200", got)
+	}
+}
+
+// The outbox gauges read the store at each scrape: the items pending, the
+// age of the oldest, the dead letters.
+func TestOutboxGauges(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, then := context.Background(), time.Now().Add(-time.Minute)
+	queueReply(t, st, "one", then)
+	queueReply(t, st, "two", then)
+	heads, err := st.Claim(ctx, "w", then, time.Minute, 10)
+	if err != nil || len(heads) != 1 {
+		t.Fatalf("claimed %d, %v; want the lane's head", len(heads), err)
+	}
+	if err := st.GiveUp(ctx, heads[0], "given up", nil, then); err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	newMetrics(st).handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	m := rec.Body.String()
+	for _, want := range []string{"bridge_outbox_depth 1\n", "bridge_dead_letters 1\n"} {
+		if !strings.Contains(m, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	var age float64
+	for _, line := range strings.Split(m, "\n") {
+		if v, ok := strings.CutPrefix(line, "bridge_outbox_oldest_age_seconds "); ok {
+			age, _ = strconv.ParseFloat(v, 64)
+		}
+	}
+	if age < 59 || age > 600 {
+		t.Errorf("the oldest pending item is %v s old, want about 60", age)
 	}
 }
