@@ -111,7 +111,11 @@ func (s *Store) settle(committed bool) {
 	s.settleConversations(committed)
 	if committed {
 		for lane, c := range s.txLanes {
-			q := append(s.lanes[lane][c.finished:], c.added...)
+			// Items it finished come off the committed queue first,
+			// then off what it added.
+			q := s.lanes[lane]
+			n := min(c.finished, len(q))
+			q = append(q[n:], c.added[c.finished-n:]...)
 			if len(q) == 0 {
 				delete(s.lanes, lane)
 			} else {

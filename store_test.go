@@ -429,3 +429,30 @@ func TestPruneRestoresLaneHeads(t *testing.T) {
 		}
 	})
 }
+
+// An item added and finished in one transaction leaves its lane empty:
+// the next item heads it.
+func TestItemAddedAndFinishedInOneTransaction(t *testing.T) {
+	st, _ := newTestStore(t)
+	ctx, now := context.Background(), time.Now()
+	err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if err := st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o1", Text: "gone"}, now); err != nil {
+			return err
+		}
+		id, _ := st.laneItem("wx:o1", 0)
+		if err := st.finish(ctx, tx, id, "wx:o1", "done", "", now); err != nil {
+			return err
+		}
+		if _, busy := st.laneItem("wx:o1", 0); busy {
+			return errors.New("the lane still has an item after its only one was finished")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	queueReply(t, st, "next", now)
+	if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send next" {
+		t.Errorf("delivered %q, want the next item only", got)
+	}
+}
