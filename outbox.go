@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"time"
 )
 
@@ -37,16 +38,20 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	// fold them into a join, which plans badly on a table that grew since
 	// its statistics were taken). The conditions stand on the UPDATE too:
 	// on PostgreSQL, an instance that waited for another's claim to commit
-	// re-checks them on the row as the other left it, and skips it.
+	// re-checks them on the row as the other left it, and skips it. The
+	// limit is written into the statement: SQLite (built with STAT4) plans
+	// with a bound LIMIT's value, and so parses the statement again each
+	// time that value changes; a few statements, one for each limit, are
+	// cached instead.
 	var items []OutboxItem
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		rows, err := s.query(ctx, tx, `
 		WITH due AS MATERIALIZED (SELECT id FROM outbox
 			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-			ORDER BY next_at, id LIMIT ?)
+			ORDER BY next_at, id LIMIT `+strconv.Itoa(max(limit, 0))+`)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ? FROM due
 		WHERE outbox.id = due.id AND state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at`, ms, ms, limit, owner, now.Add(lease).UnixMilli(), ms, ms)
+		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at`, ms, ms, owner, now.Add(lease).UnixMilli(), ms, ms)
 		if err != nil {
 			return err
 		}
