@@ -106,9 +106,11 @@ func (s *Store) laneFinish(lane string, id int64) (next int64, ok bool) {
 }
 
 // settle keeps what the transaction the writer ran last did to the open
-// conversations and the lanes, if it committed, and forgets it either way.
+// conversations, the lanes and the recent pushes, if it committed, and
+// forgets it either way.
 func (s *Store) settle(committed bool) {
 	s.settleConversations(committed)
+	s.settleRecent(committed)
 	if committed {
 		for lane, c := range s.txLanes {
 			// Items it finished come off the committed queue first,

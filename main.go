@@ -72,7 +72,7 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 // requests, lets the worker finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
-	st, err := openStore(ctx, cfg.DatabaseURL, cfg.DatabaseMaxConns)
+	st, err := openStore(ctx, cfg.DatabaseURL, storeOptions{PGConns: cfg.DatabaseMaxConns, PushWindow: pushWindow(cfg.WeChatPushMaxSkew)})
 	if err != nil {
 		return err
 	}

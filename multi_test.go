@@ -104,7 +104,7 @@ func TestSchemaAppliedByInstancesStartingTogether(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := openStore(context.Background(), url, 0)
+			st, err := openStore(context.Background(), url, storeOptions{})
 			if err == nil {
 				st.Close()
 			}
@@ -140,7 +140,7 @@ func TestPostgresOneConnection(t *testing.T) {
 func TestPostgresPoolSize(t *testing.T) {
 	url := testPostgres(t)
 	for _, tc := range []struct{ conns, want int }{{0, defaultPGConns}, {3, 3}} {
-		st, err := openStore(context.Background(), url, tc.conns)
+		st, err := openStore(context.Background(), url, storeOptions{PGConns: tc.conns})
 		if err != nil {
 			t.Fatal(err)
 		}

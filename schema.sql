@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS agent_load (
 -- seen_keys holds the key of every push and callback accepted, so that a
 -- vendor's retry commits nothing new. For a push, value is the passive reply
 -- it was given and sig its signed query: a signed query serves one push only.
+-- On SQLite a push is recorded instead in the outbox row it adds, in the
+-- columns push_key, push_sig and push_reply, which the store adds to the
+-- outbox at open (recent.go); only what does not fit in the writer's memory
+-- comes here.
 CREATE TABLE IF NOT EXISTS seen_keys (
     key         TEXT PRIMARY KEY,
     sig         TEXT UNIQUE,

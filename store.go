@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	_ "embed"
@@ -41,6 +42,7 @@ type Store struct {
 	// the changes the transaction running makes to them (lanes.go).
 	lanes      map[string][]int64
 	txLanes    map[string]*laneChange
+	recent     *recentPushes // SQLite: the pushes of the push window (recent.go)
 	stopped    chan struct{}
 	writerDone chan struct{}
 }
@@ -57,10 +59,16 @@ const schemaLock = 7_261_948_305
 // instances stay under PostgreSQL's default max_connections of 100.
 const defaultPGConns = 8
 
+// storeOptions tune a store; the zero value serves.
+type storeOptions struct {
+	PGConns    int           // connections to PostgreSQL at most (0: defaultPGConns)
+	PushWindow time.Duration // how long a push is remembered at least (0: defaultPushWindow)
+	recentMax  int           // digests SQLite's writer keeps at most (0: maxRecent); tests set it
+}
+
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
-// postgres://…, creating what is missing, and applies the schema. On
-// PostgreSQL it opens at most pgConns connections (0: defaultPGConns).
-func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, error) {
+// postgres://…, creating what is missing, and applies the schema.
+func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Store, error) {
 	s := &Store{}
 	schema := schemaSQL
 	var err error
@@ -87,9 +95,7 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		}
 		s.postgres = true
 		s.rdb = s.db
-		if pgConns <= 0 {
-			pgConns = defaultPGConns
-		}
+		pgConns := cmp.Or(opts.PGConns, defaultPGConns)
 		s.db.SetMaxOpenConns(pgConns)
 		s.db.SetMaxIdleConns(pgConns)
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
@@ -107,12 +113,16 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 			return nil
 		}
 		// SQLite serves one instance: what a previous run held is free.
-		_, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`)
-		return err
+		if _, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`); err != nil {
+			return err
+		}
+		return addPushColumns(ctx, tx)
 	})
 	if err == nil && !s.postgres {
 		s.openConv, s.txLanes = map[string]string{}, map[string]*laneChange{}
-		err = s.loadLanes(ctx)
+		if err = s.loadLanes(ctx); err == nil {
+			err = s.loadRecent(ctx, cmp.Or(opts.PushWindow, defaultPushWindow), cmp.Or(opts.recentMax, maxRecent), time.Now())
+		}
 	}
 	if err != nil {
 		s.db.Close()
@@ -126,6 +136,24 @@ func openStore(ctx context.Context, databaseURL string, pgConns int) (*Store, er
 		go s.runWriter()
 	}
 	return s, nil
+}
+
+// addPushColumns adds, on SQLite, the columns in which an outbox row
+// carries the push that added it (recent.go), to an outbox made before
+// them.
+func addPushColumns(ctx context.Context, tx *sql.Tx) error {
+	for _, col := range []string{"push_key", "push_sig", "push_reply"} {
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('outbox') WHERE name = ?`, col).Scan(&n); err != nil {
+			return err
+		}
+		if n == 0 {
+			if _, err := tx.ExecContext(ctx, `ALTER TABLE outbox ADD COLUMN `+col+` TEXT NOT NULL DEFAULT ''`); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // isPostgresURL reports whether u names a PostgreSQL database.
@@ -318,7 +346,9 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 	var acc Accepted
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		acc = Accepted{}
-		prev, dup, err := s.claimKey(ctx, tx, in.Key, in.SigKey, now)
+		// rec, if not nil, is carried by the push's outbox row, with the
+		// reply: the push is recorded nowhere else.
+		rec, prev, dup, err := s.claimPush(ctx, tx, in, now)
 		if err != nil || dup {
 			acc = Accepted{Duplicate: dup, Reply: prev}
 			return err
@@ -331,7 +361,8 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 				ON CONFLICT (openid) DO UPDATE SET followed = 1`, in.OpenID, ms); err != nil {
 				return err
 			}
-			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			d := Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}
+			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
 				return err
 			}
 		case actUnfollow:
@@ -346,7 +377,8 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, ms, in.OpenID); err != nil {
 				return err
 			}
-			if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			d := Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}
+			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
 				return err
 			}
 		case actMessage:
@@ -359,11 +391,11 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			}
 			d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text,
 				MsgSeq: in.NewRandom(), MsgRandom: in.NewRandom()}
-			if err := s.enqueue(ctx, tx, d, now); err != nil {
+			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
 				return err
 			}
 		}
-		if acc.Reply == replyNone {
+		if rec != nil || acc.Reply == replyNone {
 			return nil
 		}
 		_, err = s.exec(ctx, tx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
@@ -557,6 +589,12 @@ func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, sig string, now t
 
 // enqueue adds d to the outbox, due now.
 func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
+	return s.enqueueFor(ctx, tx, d, now, nil, "")
+}
+
+// enqueueFor adds d to the outbox, due now, as the row that carries rec
+// with reply, if rec is not nil (SQLite only, recent.go).
+func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord, reply string) error {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return err
@@ -569,8 +607,12 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 		if busy {
 			head = 0
 		}
-		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
-			VALUES (?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, head)
+		var carried pushRecord
+		if rec != nil {
+			carried = pushRecord{rec.key, rec.sig, reply}
+		}
+		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head, push_key, push_sig, push_reply)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, head, carried.key, carried.sig, carried.reply)
 		if err != nil {
 			return err
 		}
@@ -579,6 +621,9 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 			return err
 		}
 		s.laneAdd(lane, id)
+		if rec != nil {
+			s.remember(rec, id)
+		}
 		return nil
 	}
 	if err := s.lockLane(ctx, tx, lane); err != nil {

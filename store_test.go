@@ -15,7 +15,7 @@ import (
 func newTestStore(t *testing.T) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "bridge.db")
-	st, err := openStore(context.Background(), "sqlite:"+path, 0)
+	st, err := openStore(context.Background(), "sqlite:"+path, storeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +31,7 @@ func openTestStore(t testing.TB, kind string) *Store {
 	if kind == "postgres" {
 		db = testPostgres(t)
 	}
-	st, err := openStore(context.Background(), db, 0)
+	st, err := openStore(context.Background(), db, storeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,12 +304,19 @@ func eachStore(t *testing.T, fn func(t *testing.T, st *Store)) {
 func reopen(t *testing.T, st *Store, path string) *Store {
 	t.Helper()
 	st.Close()
-	st2, err := openStore(context.Background(), "sqlite:"+path, 0)
+	return openSQLite(t, path, storeOptions{})
+}
+
+// openSQLite opens the SQLite store at path with opts, closed when the test
+// ends.
+func openSQLite(t *testing.T, path string, opts storeOptions) *Store {
+	t.Helper()
+	st, err := openStore(context.Background(), "sqlite:"+path, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { st2.Close() })
-	return st2
+	t.Cleanup(func() { st.Close() })
+	return st
 }
 
 // writeThenFail runs fn in a write that fails after it, and checks that the
