@@ -251,3 +251,35 @@ func TestPushInSeenKeysKnownOnceTheMemoryHasRoom(t *testing.T) {
 		t.Errorf("the outbox rows carry %q, want k1 and k2", keys)
 	}
 }
+
+// A retry in the transaction of its push, as when both reach the writer
+// in one batch, finds the push's row before it is committed; so does a
+// replay of its signed query.
+func TestRetryInThePushsTransaction(t *testing.T) {
+	st, _ := newTestStore(t)
+	now := time.Now()
+	var retry, replay error
+	var prev string
+	var dup bool
+	err := st.write(context.Background(), func(ctx context.Context, tx *sql.Tx) error {
+		rec, _, _, err := st.claimPush(ctx, tx, signed("k1", "s1"), now)
+		if err != nil {
+			return err
+		}
+		if err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec, replyConnecting); err != nil {
+			return err
+		}
+		_, prev, dup, retry = st.claimPush(ctx, tx, signed("k1", "s2"), now)
+		_, _, _, replay = st.claimPush(ctx, tx, signed("k2", "s1"), now)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if retry != nil || !dup || prev != replyConnecting {
+		t.Errorf("the retry got %q, %v, %v; want a duplicate with the push's reply", prev, dup, retry)
+	}
+	if !errors.Is(replay, errReplay) {
+		t.Errorf("the replay got %v, want %v", replay, errReplay)
+	}
+}
