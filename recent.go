@@ -70,8 +70,13 @@ func fnv64a(s string) uint64 {
 	return h
 }
 
-// pushRecord is a push's record, carried by its outbox row on SQLite.
-type pushRecord struct{ key, sig, reply string }
+// pushRecord is a push's record, carried by its outbox row on SQLite, and
+// the digests of its key and signed query by which the writer finds it.
+type pushRecord struct {
+	key, sig, reply string
+	digests         [2]uint64
+	ndigests        int // 1 for a push without a signed query (in tests)
+}
 
 // loadRecent reads the pushes of the push window back at open: the newest
 // that half the memory holds, from the outbox rows that carry them, and
@@ -162,12 +167,16 @@ func (s *Store) claimPush(ctx context.Context, tx *sql.Tx, in Inbound, now time.
 		clear(r.cur)
 		r.since = now
 	}
-	fits := len(r.cur)+len(r.prev)+2 <= r.limit
+	rec = &pushRecord{key: in.Key, sig: in.SigKey}
 	for _, v := range [2]string{in.Key, in.SigKey} {
-		if v == "" {
-			continue
+		if v != "" {
+			rec.digests[rec.ndigests] = r.digest(v)
+			rec.ndigests++
 		}
-		switch got, err := s.recall(ctx, tx, r.digest(v)); {
+	}
+	fits := len(r.cur)+len(r.prev)+rec.ndigests <= r.limit
+	for _, d := range rec.digests[:rec.ndigests] {
+		switch got, err := s.recall(ctx, tx, d); {
 		case errors.Is(err, errNoRecord):
 		case err != nil:
 			return nil, "", false, err
@@ -185,18 +194,15 @@ func (s *Store) claimPush(ctx context.Context, tx *sql.Tx, in Inbound, now time.
 		}
 		return nil, prev, dup, err
 	}
-	return &pushRecord{key: in.Key, sig: in.SigKey}, "", false, nil
+	return rec, "", false, nil
 }
 
 // remember records that outbox row id carries rec.
 func (s *Store) remember(rec *pushRecord, id int64) {
 	r := s.recent
-	for _, v := range [2]string{rec.key, rec.sig} {
-		if v != "" {
-			d := r.digest(v)
-			r.cur[d] = id
-			r.added = append(r.added, d)
-		}
+	for _, d := range rec.digests[:rec.ndigests] {
+		r.cur[d] = id
+		r.added = append(r.added, d)
 	}
 }
 

@@ -122,7 +122,7 @@ func TestRolledBackPushIsForgotten(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		return st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec, "")
+		return st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec)
 	})
 	queueReply(t, st, "takes the id", now)
 	if acc := accept(t, st, in, now); acc.Duplicate {
@@ -266,7 +266,8 @@ func TestRetryInThePushsTransaction(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec, replyConnecting); err != nil {
+		rec.reply = replyConnecting
+		if err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec); err != nil {
 			return err
 		}
 		_, prev, dup, retry = st.claimPush(ctx, tx, signed("k1", "s2"), now)

@@ -353,6 +353,12 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			acc = Accepted{Duplicate: dup, Reply: prev}
 			return err
 		}
+		enqueuePush := func(d Delivery) error {
+			if rec != nil {
+				rec.reply = acc.Reply
+			}
+			return s.enqueueFor(ctx, tx, d, now, rec)
+		}
 		ms := now.UnixMilli()
 		switch in.Action {
 		case actFollow:
@@ -361,8 +367,7 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 				ON CONFLICT (openid) DO UPDATE SET followed = 1`, in.OpenID, ms); err != nil {
 				return err
 			}
-			d := Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}
-			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
+			if err := enqueuePush(Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}); err != nil {
 				return err
 			}
 		case actUnfollow:
@@ -377,8 +382,7 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, ms, in.OpenID); err != nil {
 				return err
 			}
-			d := Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}
-			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
+			if err := enqueuePush(Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}); err != nil {
 				return err
 			}
 		case actMessage:
@@ -391,7 +395,7 @@ func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Acce
 			}
 			d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text,
 				MsgSeq: in.NewRandom(), MsgRandom: in.NewRandom()}
-			if err := s.enqueueFor(ctx, tx, d, now, rec, acc.Reply); err != nil {
+			if err := enqueuePush(d); err != nil {
 				return err
 			}
 		}
@@ -589,12 +593,12 @@ func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, sig string, now t
 
 // enqueue adds d to the outbox, due now.
 func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
-	return s.enqueueFor(ctx, tx, d, now, nil, "")
+	return s.enqueueFor(ctx, tx, d, now, nil)
 }
 
-// enqueueFor adds d to the outbox, due now, as the row that carries rec
-// with reply, if rec is not nil (SQLite only, recent.go).
-func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord, reply string) error {
+// enqueueFor adds d to the outbox, due now, as the row that carries rec,
+// if rec is not nil (SQLite only, recent.go).
+func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) error {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return err
@@ -609,7 +613,7 @@ func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time
 		}
 		var carried pushRecord
 		if rec != nil {
-			carried = pushRecord{rec.key, rec.sig, reply}
+			carried = *rec
 		}
 		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head, push_key, push_sig, push_reply)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, head, carried.key, carried.sig, carried.reply)
