@@ -1,7 +1,10 @@
 -- The bridge's state, for SQLite and PostgreSQL alike. Applied at every open
 -- (on PostgreSQL under an advisory lock, so instances may start together);
 -- each statement is idempotent. ID_PRIMARY_KEY stands for the dialect's
--- auto-increment key. Times are Unix milliseconds.
+-- auto-assigned key. On SQLite it is the rowid, one more than the largest
+-- id in the table: an id comes again only once the newest rows are pruned
+-- (delivered a day before), and what looks a row up by id then finds it
+-- gone or checks what it reads (recent.go). Times are Unix milliseconds.
 
 -- A customer is a WeChat user (openid) who has followed or written to the
 -- Official Account. agent is the IM agent the customer keeps.

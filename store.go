@@ -87,7 +87,10 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 			return nil, fmt.Errorf("open store: %w", err)
 		}
 		s.rdb.SetMaxOpenConns(4)
-		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT")
+		// SQLite's rowid: a new row's id is one more than the largest.
+		// AUTOINCREMENT, which databases made before kept, also updates
+		// sqlite_sequence at each insert, a page more in each commit.
+		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY")
 		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE", "DROP INDEX IF EXISTS outbox_pending")
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
