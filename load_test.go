@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -124,6 +125,7 @@ func TestLoadEmptyHandler(t *testing.T) {
 		`WeChat's wait: +p50 [0-9.]+[µm]s, p99`,
 		`delivery to IM: +none expected: the program forwards nothing \(0 forwards\)`,
 		`forwards lost: +0; duplicated: 0`,
+		`bridge CPU and disk: +[0-9]+\.[0-9] µs of CPU and [0-9]+\.[0-9]{2} KB written a push answered`,
 	} {
 		if !regexp.MustCompile(want).MatchString(out.String()) {
 			t.Errorf("report lacks %q:\n%s", want, &out)
@@ -150,6 +152,7 @@ func TestLoadChaos(t *testing.T) {
 			`pushes answered 200: +[1-9][0-9]* in [0-9.]+s = [0-9]+ pushes/s \(0 failed\)`,
 			`chaos: +3 kills \(SIGKILL, restarted on the same database\), [1-9][0-9]* IM faults in turn, [1-9][0-9]* pushes sent again`,
 			`forwards lost: +0; duplicated: 0; out of order: 0`,
+			`bridge CPU and disk: +not told: /proc knows only the bridges running since the last restart`,
 		} {
 			if !regexp.MustCompile(want).MatchString(out.String()) {
 				t.Errorf("report lacks %q:\n%s", want, &out)
@@ -205,5 +208,38 @@ func TestOutOfOrder(t *testing.T) {
 	arrived[1], arrived[2], arrived[7] = arrival{rank: 1}, arrival{rank: 2}, arrival{rank: 3}
 	if n := outOfOrder(pushes, arrived); n != 0 {
 		t.Errorf("in order: outOfOrder = %d, want 0", n)
+	}
+}
+
+// procUsage reads a process's CPU time and disk writes from /proc: a
+// process that has worked shows more CPU time than before, and one that is
+// gone is not known.
+func TestProcUsage(t *testing.T) {
+	if _, err := os.Stat("/proc/self/io"); err != nil {
+		t.Skip("no /proc/self/io here:", err)
+	}
+	before := procUsage(os.Getpid())
+	if !before.known || before.cpu < 0 || before.written < 0 {
+		t.Fatalf("procUsage(self) = %+v, want known", before)
+	}
+	// Work until the kernel counts at least two more ticks, for 10 s at most.
+	sum := 0
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		for i := range 1_000_000 {
+			sum += i % 7
+		}
+		if procUsage(os.Getpid()).cpu >= before.cpu+20*time.Millisecond {
+			break
+		}
+	}
+	if after := procUsage(os.Getpid()); after.cpu < before.cpu+20*time.Millisecond {
+		t.Errorf("CPU time went from %v to %v after 10 s of work (sum %d)", before.cpu, after.cpu, sum)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run", "^$")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if u := procUsage(cmd.Process.Pid); u.known {
+		t.Errorf("procUsage of an exited process = %+v, want unknown", u)
 	}
 }
