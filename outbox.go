@@ -28,7 +28,18 @@ type OutboxItem struct {
 	// not be decoded: the item can only become a dead letter.
 	Unreadable error
 	raw        string // the stored delivery, until decoded
+	// The claim that took the item: its owner and claimed_until. An
+	// outcome is written only while the item is held by that same claim,
+	// so a claimant whose lease ran out, and whose item another claim took
+	// since, changes nothing (see fenced).
+	claimedBy    string
+	claimedUntil int64
 }
+
+// fenced is the condition under which an outcome is written: the item is
+// still pending and held by the claim that took it. Its arguments are the
+// claim's owner and claimed_until.
+const fenced = `state = 'pending' AND claimed_by = ? AND claimed_until = ?`
 
 // Claim takes up to limit lane heads that are due at now and held by no
 // instance, and holds them for owner until now+lease.
@@ -64,6 +75,7 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	// Decoded here rather than in the write, which others wait on.
 	for i := range items {
 		it := &items[i]
+		it.claimedBy, it.claimedUntil = owner, now.Add(lease).UnixMilli()
 		if err := json.Unmarshal([]byte(it.raw), &it.Delivery); err != nil {
 			it.Delivery = Delivery{}
 			it.Unreadable = permanentError{fmt.Errorf("decode delivery %d: %w", it.ID, err)}
@@ -74,17 +86,18 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 }
 
 // Delivered marks items done, all in one write, and makes the next pending
-// item of each of their lanes its head.
+// item of each of their lanes its head. An item another claim has taken
+// since is left to it.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
-	ids := make([]int64, len(items))
+	claims := make([][3]any, len(items)) // id, owner, claimed_until
 	var lanes []string
 	for i, it := range items {
-		ids[i] = it.ID
+		claims[i] = [3]any{it.ID, it.claimedBy, it.claimedUntil}
 		lanes = append(lanes, it.Lane)
 	}
 	slices.Sort(lanes) // locked in one order, so that two writes cannot deadlock
 	lanes = slices.Compact(lanes)
-	idList, err := json.Marshal(ids)
+	claimList, err := json.Marshal(claims)
 	if err != nil {
 		return err
 	}
@@ -99,13 +112,25 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 				return err
 			}
 		}
-		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = 'done', attempts = attempts + 1, last_error = '', claimed_until = 0,
-			updated_at = ? WHERE id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, now.UnixMilli(), string(idList)); err != nil {
+		rows, err := s.query(ctx, tx, `UPDATE outbox SET state = 'done', attempts = attempts + 1, last_error = '', claimed_until = 0,
+			updated_at = ? FROM (SELECT `+s.jsonElem(0, "BIGINT")+` AS id, `+s.jsonElem(1, "TEXT")+` AS claimed_by,
+				`+s.jsonElem(2, "BIGINT")+` AS claimed_until FROM `+s.jsonList()+`) claim
+			WHERE outbox.id = claim.id AND outbox.state = 'pending' AND outbox.claimed_by = claim.claimed_by
+				AND outbox.claimed_until = claim.claimed_until
+			RETURNING outbox.id`, now.UnixMilli(), string(claimList))
+		if err != nil {
+			return err
+		}
+		done, err := scanIDs(rows)
+		if err != nil {
 			return err
 		}
 		if !s.postgres {
 			var next []int64
 			for _, it := range slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) }) {
+				if !slices.Contains(done, it.ID) {
+					continue
+				}
 				if id, ok := s.laneFinish(it.Lane, it.ID); ok {
 					next = append(next, id)
 				}
@@ -114,7 +139,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 		}
 		// MATERIALIZED keeps PostgreSQL from folding the heads into a
 		// join that reads the whole outbox.
-		_, err := s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
+		_, err = s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
 			(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') AS id FROM `+s.jsonList()+` l)
 			UPDATE outbox SET head = 1 FROM heads WHERE outbox.id = heads.id`, string(laneList))
 		return err
@@ -132,6 +157,15 @@ func (s *Store) jsonList() string {
 		return "jsonb_array_elements_text(?::jsonb)"
 	}
 	return "json_each(?)"
+}
+
+// jsonElem is element i of jsonList's value when that is itself an array,
+// as the type given.
+func (s *Store) jsonElem(i int, typ string) string {
+	if s.postgres {
+		return fmt.Sprintf("CAST(value::jsonb->>%d AS %s)", i, typ)
+	}
+	return fmt.Sprintf("CAST(value->>%d AS %s)", i, typ)
 }
 
 // Release lets go of the pending items owner holds, so another instance (or
@@ -159,52 +193,60 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 }
 
 // finish ends an item, done or failed, and makes the next pending item of
-// its lane the head.
-func (s *Store) finish(ctx context.Context, tx *sql.Tx, id int64, lane, state, reason string, now time.Time) error {
-	if err := s.lockLane(ctx, tx, lane); err != nil {
-		return err
+// its lane the head. It reports false, and changes nothing, if another
+// claim has taken the item since it.
+func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, now time.Time) (bool, error) {
+	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
+		return false, err
 	}
-	if err := s.setState(ctx, tx, id, state, reason, now.UnixMilli(), now); err != nil {
-		return err
+	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil {
+		return false, err
 	}
 	if !s.postgres {
-		if next, ok := s.laneFinish(lane, id); ok {
-			return s.nextAsHead(ctx, tx, []int64{next})
+		if next, ok := s.laneFinish(it.Lane, it.ID); ok {
+			return true, s.nextAsHead(ctx, tx, []int64{next})
 		}
-		return nil
+		return true, nil
 	}
-	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')`, lane)
-	return err
+	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')`, it.Lane)
+	return true, err
 }
 
-// RetryLater records a failed attempt and makes the item due again at next.
-func (s *Store) RetryLater(ctx context.Context, id int64, reason string, next, now time.Time) error {
+// RetryLater records a failed attempt and makes the item due again at next,
+// unless another claim has taken it since.
+func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, next, now time.Time) error {
 	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		return s.setState(ctx, tx, id, "pending", reason, next.UnixMilli(), now)
+		_, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
+		return err
 	})
 }
 
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
+// An item another claim has taken since is left to it, and no one told.
 func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
 	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if err := s.finish(ctx, tx, it.ID, it.Lane, "failed", reason, now); err != nil {
+		ended, err := s.finish(ctx, tx, it, "failed", reason, now)
+		if !ended || err != nil || notice == nil {
 			return err
-		}
-		if notice == nil {
-			return nil
 		}
 		return s.enqueue(ctx, tx, *notice, now)
 	})
 }
 
-func (s *Store) setState(ctx context.Context, tx *sql.Tx, id int64, state, reason string, next int64, now time.Time) error {
-	_, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-		claimed_until = 0, updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), id)
+// setState writes an attempt's outcome if the claim that took it still
+// holds the item, and reports whether it did.
+func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next int64, now time.Time) (bool, error) {
+	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
 	if err != nil {
-		return fmt.Errorf("outbox set %s: %w", state, err)
+		return false, fmt.Errorf("outbox set %s: %w", state, err)
 	}
-	return nil
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("outbox set %s: %w", state, err)
+	}
+	return n == 1, nil
 }
 
 // OutboxStats are the outbox's figures for /metrics.
@@ -229,6 +271,20 @@ func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 		st.OldestSince = time.UnixMilli(oldest.Int64)
 	}
 	return st, nil
+}
+
+// scanIDs reads a column of ids.
+func scanIDs(rows *sql.Rows) ([]int64, error) {
+	defer rows.Close()
+	var ids []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
 }
 
 func scanItems(rows *sql.Rows) ([]OutboxItem, error) {

@@ -92,7 +92,7 @@ func TestClaimTakesLaneHeadsOnce(t *testing.T) {
 		t.Fatalf("a second claim got %+v, %v; want nothing", again, err)
 	}
 	// A head waiting for a retry holds its lane back; the other lane goes on.
-	if err := st.RetryLater(ctx, heads[0].ID, "busy", now.Add(time.Hour), later); err != nil {
+	if err := st.RetryLater(ctx, heads[0], "busy", now.Add(time.Hour), later); err != nil {
 		t.Fatal(err)
 	}
 	// Delivering a head makes the next item of its lane the head.
@@ -447,8 +447,8 @@ func TestItemAddedAndFinishedInOneTransaction(t *testing.T) {
 			return err
 		}
 		id, _ := st.laneItem("wx:o1", 0)
-		if err := st.finish(ctx, tx, id, "wx:o1", "done", "", now); err != nil {
-			return err
+		if ended, err := st.finish(ctx, tx, OutboxItem{ID: id, Lane: "wx:o1"}, "done", "", now); !ended || err != nil {
+			return fmt.Errorf("finish: %v, %v", ended, err)
 		}
 		if _, busy := st.laneItem("wx:o1", 0); busy {
 			return errors.New("the lane still has an item after its only one was finished")
@@ -462,4 +462,69 @@ func TestItemAddedAndFinishedInOneTransaction(t *testing.T) {
 	if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send next" {
 		t.Errorf("delivered %q, want the next item only", got)
 	}
+}
+
+// An instance whose lease ran out, and whose item another claim took since,
+// writes no outcome: no retry, no dead letter, no notice, no done. The item
+// stays with the claim that holds it, and its lane goes on in order.
+func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
+	eachStore(t, func(t *testing.T, st *Store) {
+		ctx, now := context.Background(), time.Now()
+		for _, text := range []string{"one", "two", "three"} {
+			queueReply(t, st, text, now)
+		}
+		claim := func(owner string, at time.Time) OutboxItem {
+			t.Helper()
+			got, err := st.Claim(ctx, owner, at, time.Minute, 10)
+			if err != nil || len(got) != 1 || got[0].Delivery.Text != "one" {
+				t.Fatalf("%s claimed %+v, %v; want the lane's head", owner, got, err)
+			}
+			return got[0]
+		}
+		a := claim("a", now)
+		later := now.Add(2 * time.Minute) // a's lease is over
+		b := claim("b", later)
+
+		var rows int
+		held := func(when string) {
+			t.Helper()
+			var state, by string
+			var attempts int
+			var until int64
+			err := st.rdb.QueryRowContext(ctx, st.q(`SELECT state, attempts, claimed_by, claimed_until FROM outbox WHERE id = ?`), a.ID).
+				Scan(&state, &attempts, &by, &until)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if state != "pending" || attempts != 0 || by != "b" || until != b.claimedUntil {
+				t.Errorf("after %s: item is %s, %d attempts, held by %q until %d; want pending, 0, held by b until %d",
+					when, state, attempts, by, until, b.claimedUntil)
+			}
+			if err := st.rdb.QueryRowContext(ctx, `SELECT COUNT(*) FROM outbox`).Scan(&rows); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := st.RetryLater(ctx, a, "busy", later.Add(time.Hour), later); err != nil {
+			t.Fatal(err)
+		}
+		held("a's retry")
+		before := rows
+		notice := &Delivery{Kind: deliverIMSend, IMUser: "wx_o1", Agent: "agent_kim", Text: "given up"}
+		if err := st.GiveUp(ctx, a, "failed for good", notice, later); err != nil {
+			t.Fatal(err)
+		}
+		if held("a's giving up"); rows != before {
+			t.Errorf("a's giving up queued a notice: %d rows, want %d", rows, before)
+		}
+		if err := st.Delivered(ctx, []OutboxItem{a}, later); err != nil {
+			t.Fatal(err)
+		}
+		held("a's delivery")
+		if err := st.Delivered(ctx, []OutboxItem{b}, later); err != nil {
+			t.Fatal(err)
+		}
+		if got := deliverAll(t, st, later); strings.Join(got, ",") != "wx_send two,wx_send three" {
+			t.Errorf("after b delivered, then delivered %q, want two, then three", got)
+		}
+	})
 }

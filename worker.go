@@ -223,7 +223,7 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 		log.Error("delivery failed for good", "err", reason)
 	default:
 		retryAt := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
-		if rerr = w.Store.RetryLater(ctx, it.ID, err.Error(), retryAt, now); rerr == nil {
+		if rerr = w.Store.RetryLater(ctx, it, err.Error(), retryAt, now); rerr == nil {
 			w.Metrics.deliveries.WithLabelValues(tgt, "retry").Inc()
 			w.Metrics.retries.WithLabelValues(tgt).Inc()
 			log.Warn("delivery failed, will retry", "err", err, "retry_at", retryAt)
