@@ -1,6 +1,7 @@
 -- The bridge's state, for SQLite and PostgreSQL alike. Applied at every open
--- (on PostgreSQL under an advisory lock, so instances may start together);
--- each statement is idempotent. ID_PRIMARY_KEY stands for the dialect's
+-- (on PostgreSQL under an advisory lock, so instances may start together,
+-- and only if it changed since it was last applied: store.go keeps its
+-- digest in schema_applied); each statement is idempotent. ID_PRIMARY_KEY stands for the dialect's
 -- auto-assigned key. On SQLite it is the rowid, one more than the largest
 -- id in the table: an id comes again only once the newest rows are pruned
 -- (delivered a day before), and what looks a row up by id then finds it

@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"database/sql"
 	_ "embed"
 	"encoding/json"
@@ -104,16 +105,15 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
 		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE",
 			"CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending'")
-		schema = fmt.Sprintf("SELECT pg_advisory_xact_lock(%d);\n%s", schemaLock, schema)
 	} else {
 		return nil, perr
 	}
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if s.postgres {
+			return applyPGSchema(ctx, tx, schema)
+		}
 		if _, err := tx.ExecContext(ctx, schema); err != nil {
 			return err
-		}
-		if s.postgres {
-			return nil
 		}
 		// SQLite serves one instance: what a previous run held is free.
 		if _, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`); err != nil {
@@ -139,6 +139,35 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		go s.runWriter()
 	}
 	return s, nil
+}
+
+// applyPGSchema applies schema on PostgreSQL under an advisory lock, unless
+// the database has it already: schema_applied keeps the digest of the
+// schema last applied. Applying it again would take a SHARE lock on each
+// table with an index (CREATE INDEX IF NOT EXISTS locks the table before it
+// finds the index), one after the other in one transaction, while the
+// instances already running lock those tables in other orders: an instance
+// starting under load could deadlock with them.
+func applyPGSchema(ctx context.Context, tx *sql.Tx, schema string) error {
+	digest := fmt.Sprintf("%x", sha256.Sum256([]byte(schema)))
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLock)); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_applied (digest TEXT NOT NULL)`); err != nil {
+		return err
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM schema_applied WHERE digest = $1`, digest).Scan(&n); err != nil || n > 0 {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, schema); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM schema_applied`); err != nil {
+		return err
+	}
+	_, err := tx.ExecContext(ctx, `INSERT INTO schema_applied (digest) VALUES ($1)`, digest)
+	return err
 }
 
 // addPushColumns adds, on SQLite, the columns in which an outbox row

@@ -528,3 +528,48 @@ func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
 		}
 	})
 }
+
+// On PostgreSQL an instance starting beside others that are writing takes
+// no lock on their tables once the schema is in place: a write in flight
+// does not hold it up. A schema that changed is applied again.
+func TestPostgresOpenBesideAWriteInFlight(t *testing.T) {
+	url := testPostgres(t)
+	ctx := context.Background()
+	first, err := openStore(ctx, url, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	tx, err := first.db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at) VALUES ('l', '{}', 0, 0, 0)`); err != nil {
+		t.Fatal(err)
+	}
+	openCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	second, err := openStore(openCtx, url, storeOptions{})
+	if err != nil {
+		t.Fatalf("an instance could not open beside a write in flight: %v", err)
+	}
+	second.Close()
+	tx.Rollback()
+
+	// An older schema, without an index the current one makes.
+	for _, q := range []string{`DROP INDEX outbox_due`, `UPDATE schema_applied SET digest = 'older'`} {
+		if _, err := first.db.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	third, err := openStore(ctx, url, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	third.Close()
+	var n int
+	if err := first.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'outbox_due' AND schemaname = current_schema()`).Scan(&n); err != nil || n != 1 {
+		t.Errorf("after an open with a changed schema, outbox_due exists %d times (%v); want once", n, err)
+	}
+}
