@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"regexp"
@@ -291,4 +292,44 @@ func (h *harness) metricsText() string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// A worker whose lease ran out while IM failed, and whose item another
+// claim took meanwhile, leaves the retry to that claim: it writes nothing
+// and says so in its log.
+func TestFailedAttemptOfAnOutrunClaim(t *testing.T) {
+	h := newHarness(t, harnessOptions{external: true})
+	st := openTestStore(t, "sqlite")
+	imo := h.im.Options()
+	im := &IMClient{Base: h.im.URL, SDKAppID: imo.SDKAppID, SecretKey: imo.SecretKey, Admin: imo.Admin,
+		HTTP: &http.Client{Timeout: 5 * time.Second}, SigLifetime: time.Hour, Now: time.Now}
+	logs := &syncBuffer{}
+	w := newWorker(st, im, nil, slog.New(slog.NewTextHandler(logs, nil)), newMetrics(st), time.Now)
+
+	ctx, now := context.Background(), time.Now()
+	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hello"), now); err != nil {
+		t.Fatal(err)
+	}
+	a, err := st.Claim(ctx, "a", now, time.Second, 1)
+	if err != nil || len(a) != 1 {
+		t.Fatalf("a claimed %+v, %v; want the lane's head", a, err)
+	}
+	if b, err := st.Claim(ctx, "b", now.Add(2*time.Second), time.Minute, 1); err != nil || len(b) != 1 || b[0].ID != a[0].ID {
+		t.Fatalf("b claimed %+v, %v; want the item a's lease let go", b, err)
+	}
+	h.im.FailNext(1, 91000)
+	if w.deliverItem(ctx, a[0]) {
+		t.Fatal("the attempt reported a delivery while IM failed")
+	}
+	if !strings.Contains(logs.String(), "its outcome is left to the newer claim") || strings.Contains(logs.String(), "will retry") {
+		t.Errorf("worker logs do not say the outcome was left to the newer claim:\n%s", logs)
+	}
+	var attempts int
+	var by string
+	if err := st.rdb.QueryRowContext(ctx, `SELECT attempts, claimed_by FROM outbox WHERE id = ?`, a[0].ID).Scan(&attempts, &by); err != nil {
+		t.Fatal(err)
+	}
+	if attempts != 0 || by != "b" {
+		t.Errorf("item has %d attempts, held by %q; want 0, held by b", attempts, by)
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -35,6 +36,10 @@ type OutboxItem struct {
 	claimedBy    string
 	claimedUntil int64
 }
+
+// errNotHeld is the outcome of an attempt at an item that a newer claim
+// holds: nothing was written, and the newer claim decides the item's fate.
+var errNotHeld = errors.New("outcome not recorded: the item is held by a newer claim")
 
 // fenced is the condition under which an outcome is written: the item is
 // still pending and held by the claim that took it. Its arguments are the
@@ -212,23 +217,31 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 	return true, err
 }
 
-// RetryLater records a failed attempt and makes the item due again at next,
-// unless another claim has taken it since.
+// RetryLater records a failed attempt and makes the item due again at next.
+// If another claim has taken the item since, it returns errNotHeld.
 func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, next, now time.Time) error {
 	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
+		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
+		if err == nil && !held {
+			err = errNotHeld
+		}
 		return err
 	})
 }
 
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
-// An item another claim has taken since is left to it, and no one told.
+// If another claim has taken the item since, it returns errNotHeld, and no
+// one is told.
 func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
 	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		ended, err := s.finish(ctx, tx, it, "failed", reason, now)
-		if !ended || err != nil || notice == nil {
+		switch ended, err := s.finish(ctx, tx, it, "failed", reason, now); {
+		case err != nil:
 			return err
+		case !ended:
+			return errNotHeld
+		case notice == nil:
+			return nil
 		}
 		return s.enqueue(ctx, tx, *notice, now)
 	})

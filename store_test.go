@@ -504,14 +504,14 @@ func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := st.RetryLater(ctx, a, "busy", later.Add(time.Hour), later); err != nil {
-			t.Fatal(err)
+		if err := st.RetryLater(ctx, a, "busy", later.Add(time.Hour), later); !errors.Is(err, errNotHeld) {
+			t.Fatalf("a's retry: %v, want %v", err, errNotHeld)
 		}
 		held("a's retry")
 		before := rows
 		notice := &Delivery{Kind: deliverIMSend, IMUser: "wx_o1", Agent: "agent_kim", Text: "given up"}
-		if err := st.GiveUp(ctx, a, "failed for good", notice, later); err != nil {
-			t.Fatal(err)
+		if err := st.GiveUp(ctx, a, "failed for good", notice, later); !errors.Is(err, errNotHeld) {
+			t.Fatalf("a's giving up: %v, want %v", err, errNotHeld)
 		}
 		if held("a's giving up"); rows != before {
 			t.Errorf("a's giving up queued a notice: %d rows, want %d", rows, before)

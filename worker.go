@@ -217,10 +217,11 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 		if !permanent(err) {
 			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
 		}
-		rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now)
-		w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
-		w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
-		log.Error("delivery failed for good", "err", reason)
+		if rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now); rerr == nil {
+			w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
+			w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
+			log.Error("delivery failed for good", "err", reason)
+		}
 	default:
 		retryAt := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
 		if rerr = w.Store.RetryLater(ctx, it, err.Error(), retryAt, now); rerr == nil {
@@ -229,7 +230,11 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 			log.Warn("delivery failed, will retry", "err", err, "retry_at", retryAt)
 		}
 	}
-	if rerr != nil && ctx.Err() == nil {
+	switch {
+	case errors.Is(rerr, errNotHeld):
+		// This instance outran its lease, and another took the item.
+		log.Warn("attempt failed; its outcome is left to the newer claim", "err", err)
+	case rerr != nil && ctx.Err() == nil:
 		log.Error("outbox write failed", "err", rerr)
 	}
 	return false

@@ -38,7 +38,7 @@ type writeOp struct {
 
 // noWrite marks the errors a write function returns before it has written
 // anything: its batch can still commit.
-var noWrite = []error{errReplay, errUnknownCustomer}
+var noWrite = []error{errReplay, errUnknownCustomer, errNotHeld}
 
 func isNoWrite(err error) bool {
 	for _, e := range noWrite {
