@@ -37,9 +37,10 @@ type OutboxItem struct {
 	claimedUntil int64
 }
 
-// errNotHeld is the outcome of an attempt at an item that a newer claim
-// holds: nothing was written, and the newer claim decides the item's fate.
-var errNotHeld = errors.New("outcome not recorded: the item is held by a newer claim")
+// errNotHeld is the outcome of an attempt at an item that the claim which
+// took it no longer holds (a newer claim took it, or it was finished):
+// nothing was written for it.
+var errNotHeld = errors.New("outcome not recorded: the item is no longer held by the claim that took it")
 
 // fenced is the condition under which an outcome is written: the item is
 // still pending and held by the claim that took it. Its arguments are the
@@ -92,7 +93,8 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 
 // Delivered marks items done, all in one write, and makes the next pending
 // item of each of their lanes its head. An item another claim has taken
-// since is left to it.
+// since is left to it: then Delivered returns errNotHeld, having recorded
+// the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
 	claims := make([][3]any, len(items)) // id, owner, claimed_until
 	var lanes []string
@@ -110,6 +112,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	if err != nil {
 		return err
 	}
+	finished := 0
 	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if s.postgres { // lockLane for every lane, in one round trip
 			if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext(value))
@@ -130,6 +133,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 		if err != nil {
 			return err
 		}
+		finished = len(done)
 		if !s.postgres {
 			var next []int64
 			for _, it := range slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) }) {
@@ -151,6 +155,9 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	})
 	if err != nil {
 		return fmt.Errorf("outbox set done: %w", err)
+	}
+	if finished < len(items) {
+		return fmt.Errorf("%w: %d of %d items delivered", errNotHeld, len(items)-finished, len(items))
 	}
 	return nil
 }

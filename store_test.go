@@ -401,10 +401,11 @@ func TestDeliveredTwiceFinishesOnce(t *testing.T) {
 		if err != nil || len(heads) != 1 {
 			t.Fatalf("claimed %d, %v; want the lane's head", len(heads), err)
 		}
-		for range 2 {
-			if err := st.Delivered(ctx, heads, now); err != nil {
-				t.Fatal(err)
-			}
+		if err := st.Delivered(ctx, heads, now); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Delivered(ctx, heads, now); !errors.Is(err, errNotHeld) {
+			t.Fatalf("delivered again: %v, want %v", err, errNotHeld)
 		}
 		if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send two,wx_send three" {
 			t.Errorf("then delivered %q, want two, then three", got)
@@ -516,8 +517,8 @@ func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
 		if held("a's giving up"); rows != before {
 			t.Errorf("a's giving up queued a notice: %d rows, want %d", rows, before)
 		}
-		if err := st.Delivered(ctx, []OutboxItem{a}, later); err != nil {
-			t.Fatal(err)
+		if err := st.Delivered(ctx, []OutboxItem{a}, later); !errors.Is(err, errNotHeld) {
+			t.Fatalf("a's delivery: %v, want %v", err, errNotHeld)
 		}
 		held("a's delivery")
 		if err := st.Delivered(ctx, []OutboxItem{b}, later); err != nil {

@@ -168,7 +168,12 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 		// Should the write fail, the items stay held until their lease
 		// ends and are delivered again: IM drops a repeated sendmsg within
 		// 120 s, WeChat may show a reply twice (README: at least once).
-		if err := w.Store.Delivered(ctx, batch, w.Now()); err != nil && ctx.Err() == nil {
+		switch err := w.Store.Delivered(ctx, batch, w.Now()); {
+		case errors.Is(err, errNotHeld):
+			// Their leases ran out before this: the newer claims deliver
+			// them again, and IM drops a repeated sendmsg within 120 s.
+			w.Log.Warn("delivered items were no longer held by their claims", "err", err)
+		case err != nil && ctx.Err() == nil:
 			w.Log.Error("outbox write failed", "err", err, "items", len(batch))
 		}
 		freed(len(batch))
