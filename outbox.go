@@ -146,12 +146,7 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 			}
 			return s.nextAsHead(ctx, tx, next)
 		}
-		// MATERIALIZED keeps PostgreSQL from folding the heads into a
-		// join that reads the whole outbox.
-		_, err = s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
-			(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') AS id FROM `+s.jsonList()+` l)
-			UPDATE outbox SET head = 1 FROM heads WHERE outbox.id = heads.id`, string(laneList))
-		return err
+		return s.promoteHeads(ctx, tx, string(laneList))
 	})
 	if err != nil {
 		return fmt.Errorf("outbox set done: %w", err)
@@ -160,6 +155,18 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 		return fmt.Errorf("%w: %d of %d items delivered", errNotHeld, len(items)-finished, len(items))
 	}
 	return nil
+}
+
+// promoteHeads makes the first pending item of each lane in laneList, a
+// JSON array, its head. On SQLite the writer knows those items already
+// (nextAsHead).
+func (s *Store) promoteHeads(ctx context.Context, tx *sql.Tx, laneList string) error {
+	// MATERIALIZED keeps PostgreSQL from folding the heads into a join that
+	// reads the whole outbox.
+	_, err := s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
+		(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') AS id FROM `+s.jsonList()+` l)
+		UPDATE outbox SET head = 1 FROM heads WHERE outbox.id = heads.id`, laneList)
+	return err
 }
 
 // jsonList is a table of the values of a JSON array passed as one
@@ -220,8 +227,11 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 		}
 		return true, nil
 	}
-	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending')`, it.Lane)
-	return true, err
+	laneList, err := json.Marshal([]string{it.Lane})
+	if err != nil {
+		return false, err
+	}
+	return true, s.promoteHeads(ctx, tx, string(laneList))
 }
 
 // RetryLater records a failed attempt and makes the item due again at next.

@@ -574,3 +574,24 @@ func TestPostgresOpenBesideAWriteInFlight(t *testing.T) {
 		t.Errorf("after an open with a changed schema, outbox_due exists %d times (%v); want once", n, err)
 	}
 }
+
+// A dead letter ends its item as a delivery does: the next item of its lane
+// becomes the head and is delivered.
+func TestDeadLetterLetsItsLaneGoOn(t *testing.T) {
+	eachStore(t, func(t *testing.T, st *Store) {
+		ctx, now := context.Background(), time.Now()
+		for _, text := range []string{"one", "two"} {
+			queueReply(t, st, text, now)
+		}
+		heads, err := st.Claim(ctx, "w", now, time.Minute, 10)
+		if err != nil || len(heads) != 1 || heads[0].Delivery.Text != "one" {
+			t.Fatalf("claimed %+v, %v; want the lane's head", heads, err)
+		}
+		if err := st.GiveUp(ctx, heads[0], "failed for good", nil, now); err != nil {
+			t.Fatal(err)
+		}
+		if got := deliverAll(t, st, now); strings.Join(got, ",") != "wx_send two" {
+			t.Errorf("after the dead letter, delivered %q, want two", got)
+		}
+	})
+}
