@@ -299,8 +299,10 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	switch {
 	case kills > 0:
 		fmt.Fprintf(stdout, "bridge CPU and disk:   not told: /proc knows only the bridges running since the last restart\n")
-	case !spent.known || accepted == 0:
+	case !spent.known:
 		fmt.Fprintf(stdout, "bridge CPU and disk:   unknown (no /proc to read)\n")
+	case accepted == 0:
+		fmt.Fprintf(stdout, "bridge CPU and disk:   none a push: no push was answered\n")
 	default:
 		fmt.Fprintf(stdout, "bridge CPU and disk:   %.1f µs of CPU and %.2f KB written a push answered, until the pushes stopped (/proc)\n",
 			float64(spent.cpu.Microseconds())/float64(accepted), float64(spent.written)/1024/float64(accepted))
@@ -546,20 +548,24 @@ func procUsage(pid int) usage {
 	if err != nil {
 		return usage{}
 	}
-	// The fields after the command, whose name may hold spaces, in
-	// parentheses: state is the first, utime the 12th, stime the 13th.
-	_, after, ok := bytes.Cut(stat, []byte(") "))
-	fields := strings.Fields(string(after))
-	if !ok || len(fields) < 13 {
+	// The fields after the command, in parentheses, whose name may hold
+	// spaces and parentheses: state is the first, utime the 12th, stime
+	// the 13th.
+	end := bytes.LastIndexByte(stat, ')')
+	if end < 0 {
+		return usage{}
+	}
+	fields := strings.Fields(string(stat[end+1:]))
+	if len(fields) < 13 {
 		return usage{}
 	}
 	utime, err1 := strconv.ParseInt(fields[11], 10, 64)
 	stime, err2 := strconv.ParseInt(fields[12], 10, 64)
-	io, err3 := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	ioStats, err3 := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
 	if err1 != nil || err2 != nil || err3 != nil {
 		return usage{}
 	}
-	for _, line := range strings.Split(string(io), "\n") {
+	for _, line := range strings.Split(string(ioStats), "\n") {
 		if v, ok := strings.CutPrefix(line, "write_bytes:"); ok {
 			if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
 				return usage{cpu: time.Duration(utime+stime) * 10 * time.Millisecond, written: n, known: true}
