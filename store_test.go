@@ -346,6 +346,14 @@ func queueReply(t *testing.T, st *Store, text string, now time.Time) {
 	}
 }
 
+// queueReplies queues a reply to customer o1 for each text, in order.
+func queueReplies(t *testing.T, st *Store, now time.Time, texts ...string) {
+	t.Helper()
+	for _, text := range texts {
+		queueReply(t, st, text, now)
+	}
+}
+
 // SQLite's writer keeps each lane's pending items in memory; reopened, the
 // store reads them back and the lanes go on in order.
 func TestLanesReadBackAtOpen(t *testing.T) {
@@ -388,15 +396,13 @@ func TestRolledBackItemLeavesLaneEmpty(t *testing.T) {
 	}
 }
 
-// An item delivered twice (its lease ran out during a slow delivery and it
-// was taken again) finishes its lane's head once: the next item is not
+// An item reported delivered twice finishes its lane's head once: the
+// second report is told the item is no longer held, the next item is not
 // skipped, and the lane stays in order.
 func TestDeliveredTwiceFinishesOnce(t *testing.T) {
 	eachStore(t, func(t *testing.T, st *Store) {
 		ctx, now := context.Background(), time.Now()
-		for _, text := range []string{"one", "two", "three"} {
-			queueReply(t, st, text, now)
-		}
+		queueReplies(t, st, now, "one", "two", "three")
 		heads, err := st.Claim(ctx, "w", now, time.Minute, 10)
 		if err != nil || len(heads) != 1 {
 			t.Fatalf("claimed %d, %v; want the lane's head", len(heads), err)
@@ -471,9 +477,7 @@ func TestItemAddedAndFinishedInOneTransaction(t *testing.T) {
 func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
 	eachStore(t, func(t *testing.T, st *Store) {
 		ctx, now := context.Background(), time.Now()
-		for _, text := range []string{"one", "two", "three"} {
-			queueReply(t, st, text, now)
-		}
+		queueReplies(t, st, now, "one", "two", "three")
 		claim := func(owner string, at time.Time) OutboxItem {
 			t.Helper()
 			got, err := st.Claim(ctx, owner, at, time.Minute, 10)
@@ -580,9 +584,7 @@ func TestPostgresOpenBesideAWriteInFlight(t *testing.T) {
 func TestDeadLetterLetsItsLaneGoOn(t *testing.T) {
 	eachStore(t, func(t *testing.T, st *Store) {
 		ctx, now := context.Background(), time.Now()
-		for _, text := range []string{"one", "two"} {
-			queueReply(t, st, text, now)
-		}
+		queueReplies(t, st, now, "one", "two")
 		heads, err := st.Claim(ctx, "w", now, time.Minute, 10)
 		if err != nil || len(heads) != 1 || heads[0].Delivery.Text != "one" {
 			t.Fatalf("claimed %+v, %v; want the lane's head", heads, err)
