@@ -1,9 +1,11 @@
 package main
 
-// The Tencent IM REST client: UserSig, the request envelope, and the three
-// calls the bridge makes (account_import, account_delete, openim/sendmsg).
+// The Tencent IM REST client: UserSig, the request envelope, and the calls
+// the bridge makes (account_import, account_delete, openim/sendmsg, and
+// openim/admin_getroammsg to recover replies, recover.go).
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -245,4 +248,59 @@ func textMessage(from, to, text string, seq, random uint32) SendMsg {
 // Send posts msg with openim/sendmsg.
 func (c *IMClient) Send(ctx context.Context, msg SendMsg) error {
 	return c.call(ctx, "openim/sendmsg", msg, nil)
+}
+
+// RoamMsg is one message of a one-to-one conversation's history in IM.
+type RoamMsg struct {
+	From_Account string
+	To_Account   string
+	MsgSeq       uint32
+	MsgRandom    uint32
+	MsgTimeStamp int64
+	MsgFlagBits  int // 8: recalled
+	MsgKey       string
+	MsgBody      []MsgElem
+}
+
+// roamRecalled is the flag of a recalled message in MsgFlagBits.
+const roamRecalled = 8
+
+// maxHistoryPages bounds the pages History reads of one conversation.
+const maxHistoryPages = 100
+
+// History returns the messages between operator and peer, both ways, sent
+// from minTime to maxTime (Unix seconds, both included), oldest first. It
+// reads IM's pages (openim/admin_getroammsg, newest first, at most 100
+// messages or about 13 KB each) until IM says the range is complete.
+func (c *IMClient) History(ctx context.Context, operator, peer string, minTime, maxTime int64) ([]RoamMsg, error) {
+	type request struct {
+		Operator_Account string
+		Peer_Account     string
+		MaxCnt           int
+		MinTime          int64
+		MaxTime          int64
+		LastMsgKey       string `json:",omitempty"`
+	}
+	req := request{Operator_Account: operator, Peer_Account: peer, MaxCnt: 100, MinTime: minTime, MaxTime: maxTime}
+	var msgs []RoamMsg
+	for range maxHistoryPages {
+		var resp struct {
+			Complete    int
+			LastMsgTime int64
+			LastMsgKey  string
+			MsgList     []RoamMsg
+		}
+		if err := c.call(ctx, "openim/admin_getroammsg", req, &resp); err != nil {
+			return nil, err
+		}
+		msgs = append(msgs, resp.MsgList...)
+		if resp.Complete == 1 || len(resp.MsgList) == 0 {
+			slices.SortStableFunc(msgs, func(a, b RoamMsg) int {
+				return cmp.Or(cmp.Compare(a.MsgTimeStamp, b.MsgTimeStamp), cmp.Compare(a.MsgSeq, b.MsgSeq))
+			})
+			return msgs, nil
+		}
+		req.MaxTime, req.LastMsgKey = resp.LastMsgTime, resp.LastMsgKey
+	}
+	return nil, fmt.Errorf("im openim/admin_getroammsg: more than %d pages of history", maxHistoryPages)
 }

@@ -121,6 +121,14 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
+	// Replies agents sent while no bridge took callbacks are read back from
+	// IM's history, then the heartbeat is kept (recover.go).
+	recovery := &replyRecovery{b: b, im: im, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
+	recoveryDone := make(chan struct{})
+	go func() {
+		defer close(recoveryDone)
+		recovery.Run(workCtx)
+	}()
 	if cfg.IMCallbackToken == "" {
 		log.Warn("IM callbacks are not authenticated: set IM_CALLBACK_TOKEN and enable callback authentication in the IM console")
 	}
@@ -140,6 +148,7 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	stopWork()
 	<-workerDone
+	<-recoveryDone
 	log.Info("stopped")
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil

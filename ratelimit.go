@@ -28,15 +28,20 @@ func (l *rateLimiter) Wait(ctx context.Context) error {
 	wait := l.next.Sub(now)
 	l.next = l.next.Add(l.interval)
 	l.mu.Unlock()
-	if wait <= 0 {
+	if wait <= 0 || sleepCtx(ctx, wait) {
 		return nil
 	}
-	t := time.NewTimer(wait)
+	return ctx.Err()
+}
+
+// sleepCtx waits for d, and reports false if ctx ended first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
-		return nil
+		return true
 	case <-ctx.Done():
-		return ctx.Err()
+		return false
 	}
 }

@@ -88,3 +88,11 @@ CREATE TABLE IF NOT EXISTS credentials (
     value      TEXT NOT NULL DEFAULT '',
     refresh_at BIGINT NOT NULL DEFAULT 0
 );
+-- heartbeats: name im_callbacks holds when a bridge was last known to take
+-- IM's callbacks, every gap before that having been recovered. IM makes a
+-- callback once: the replies agents sent while no bridge answered are read
+-- back from IM's message history at the next start (recover.go).
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name TEXT PRIMARY KEY,
+    at   BIGINT NOT NULL
+);

@@ -6,13 +6,13 @@
 // documents them: they check credentials and signatures, answer with the
 // vendors' envelopes and error codes, keep the state the real services keep
 // (accounts, tokens, the 48-hour reply window and its quota, IM's 120-second
-// duplicate window), and call back and push the way the vendors do. Every
+// duplicate window, its message history), and call back and push the way the vendors do. Every
 // request is recorded, faults can be switched on, and any request they do
 // not model fails the test.
 //
 // Not modelled: WeChat's media upload and download, the multi-agent (kf)
 // APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
-// IM's groups, profiles, roaming history, offline push, the three-month bar
+// IM's groups, profiles, offline push, deleting messages from a history, the three-month bar
 // on importing a deleted account again on paid apps (70399), and console
 // switches other than the callback token.
 package fakes

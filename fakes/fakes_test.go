@@ -263,3 +263,84 @@ func TestWeChatPushRetriesAndNotices(t *testing.T) {
 		t.Errorf("got %+v and notices %v, want three attempts and the customer shown the notice", r, wx.Notices())
 	}
 }
+
+// TestIMRoamHistory: admin_getroammsg gives the messages of one
+// conversation, both ways, within the time range, newest first, a page at a
+// time, with recalled messages flagged; bad requests are refused.
+func TestIMRoamHistory(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	im := NewIM(t, IMOptions{Accounts: []string{"agent", "cust", "other"}, Now: clk.Now})
+	ctx := context.Background()
+	var keys []string
+	for i := range 5 {
+		from, to := "agent", "cust"
+		if i%2 == 1 {
+			from, to = "cust", "agent"
+		}
+		body := fmt.Sprintf(`{"From_Account":%q,"To_Account":%q,"MsgRandom":%d,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"m%d"}}]}`, from, to, i+1, i)
+		if code, a := imCall(t, im, "openim/sendmsg", body, nil); code != 0 {
+			t.Fatalf("sendmsg: %v", a)
+		}
+		keys = append(keys, im.Messages()[i].MsgKey)
+		clk.Add(time.Second)
+	}
+	if _, err := im.SendAsAgent(ctx, "agent", "other", "elsewhere"); err != nil { // another conversation
+		t.Fatal(err)
+	}
+	im.Recall(keys[2])
+
+	texts := func(a map[string]any) (out []string) {
+		for _, m := range a["MsgList"].([]any) {
+			m := m.(map[string]any)
+			var body []struct{ MsgContent struct{ Text string } }
+			b, _ := json.Marshal(m["MsgBody"])
+			json.Unmarshal(b, &body)
+			out = append(out, fmt.Sprintf("%s>%s:%s:%v", m["From_Account"], m["To_Account"], body[0].MsgContent.Text, m["MsgFlagBits"]))
+		}
+		return out
+	}
+	// Two a page, from the perspective of the customer, the older names.
+	req := `{"From_Account":"cust","To_Account":"agent","MaxCnt":2,"MinTime":1700000001,"MaxTime":1700000004`
+	var got []string
+	for page := 0; ; page++ {
+		code, a := imCall(t, im, "openim/admin_getroammsg", req+"}", nil)
+		if code != 0 || page > 3 {
+			t.Fatalf("page %d: %v", page, a)
+		}
+		got = append(got, texts(a)...)
+		if a["Complete"].(float64) == 1 {
+			break
+		}
+		req = fmt.Sprintf(`{"Operator_Account":"cust","Peer_Account":"agent","MaxCnt":2,"MinTime":1700000001,"MaxTime":%.0f,"LastMsgKey":%q`,
+			a["LastMsgTime"], a["LastMsgKey"])
+	}
+	want := []string{"agent>cust:m4:0", "cust>agent:m3:0", "agent>cust:m2:8", "cust>agent:m1:0"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("history %q, want %q", got, want)
+	}
+
+	// A page ends near 13 KB, whatever MaxCnt says.
+	long := strings.Repeat("x", 5000)
+	for i := range 4 {
+		body := fmt.Sprintf(`{"From_Account":"agent","To_Account":"other","MsgRandom":%d,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":%q}}]}`, 100+i, long)
+		if code, a := imCall(t, im, "openim/sendmsg", body, nil); code != 0 {
+			t.Fatalf("sendmsg: %v", a)
+		}
+	}
+	code, a := imCall(t, im, "openim/admin_getroammsg", `{"Operator_Account":"agent","Peer_Account":"other","MaxCnt":100,"MinTime":0,"MaxTime":1800000000}`, nil)
+	if code != 0 || a["MsgCnt"].(float64) != 2 || a["Complete"].(float64) != 0 {
+		t.Errorf("large messages: MsgCnt %v Complete %v, want 2 and 0", a["MsgCnt"], a["Complete"])
+	}
+
+	for _, bad := range []string{
+		`{"Operator_Account":"agent","MaxCnt":10,"MinTime":0,"MaxTime":1}`,
+		`{"Operator_Account":"agent","Peer_Account":"cust","MinTime":0,"MaxTime":1}`,
+		`{"Operator_Account":"agent","Peer_Account":"cust","MaxCnt":101,"MinTime":0,"MaxTime":1}`,
+		`{"Operator_Account":"agent","Peer_Account":"cust","MaxCnt":10,"MinTime":5,"MaxTime":1}`,
+		`{"Operator_Account":"agent","Peer_Account":"cust","MaxCnt":10,"MaxTime":1}`,
+	} {
+		if code, _ := imCall(t, im, "openim/admin_getroammsg", bad, nil); code != 90001 {
+			t.Errorf("%s: ErrorCode %d, want 90001", bad, code)
+		}
+	}
+}

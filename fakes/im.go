@@ -2,6 +2,7 @@ package fakes
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -63,6 +64,7 @@ type IM struct {
 	unread      map[string]int     // messages delivered to each account
 	buckets     map[string]*bucket // rate limit, by command
 	limited     int                // requests answered 60007
+	clientSeq   uint32             // MsgSeq of the agents' clients' last message
 }
 
 // bucket is a token bucket: RateLimit tokens, refilled at RateLimit a second.
@@ -82,6 +84,7 @@ type Message struct {
 	MsgTime   int64
 	Platform  string // RESTAPI for sendmsg, Web for an agent's client
 	Received  time.Time
+	Recalled  bool // withdrawn since: MsgFlagBits 8 in the history
 }
 
 type recentSend struct {
@@ -223,6 +226,9 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 	case "openim/sendmsg":
 		hop(im.opts.Trace, "bridge", "IM", "openim/sendmsg %s", compactJSON(body))
 		a = im.sendMsg(r.Context(), req, now)
+	case "openim/admin_getroammsg":
+		hop(im.opts.Trace, "bridge", "IM", "openim/admin_getroammsg %s", compactJSON(body))
+		a = im.getRoamMsg(req, now)
 	default:
 		im.t.Errorf("fake im: unmodelled command %s", command)
 		a = imFail(60009, "bad request resource")
@@ -449,6 +455,109 @@ func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now t
 	return a
 }
 
+// Limits of openim/admin_getroammsg: the messages a page may hold, the
+// size of a page's MsgList (IM stops near 13 KB and says Complete 0), and
+// how long the history is kept (roaming storage, 7 days by default).
+const (
+	roamMaxCnt    = 100
+	roamPageBytes = 13 << 10
+	roamKeep      = 7 * 24 * time.Hour
+)
+
+// getRoamMsg serves openim/admin_getroammsg: the history of the one-to-one
+// conversation between two accounts, both directions, sent from MinTime to
+// MaxTime (Unix seconds, both included), newest first, a page at a time. A
+// page ends after MaxCnt messages or about 13 KB; its LastMsgTime and
+// LastMsgKey are its oldest message's, and the next page is asked for with
+// MaxTime set to LastMsgTime and LastMsgKey given. The accounts are named
+// Operator_Account and Peer_Account (From_Account and To_Account in
+// earlier versions of IM's documentation, still taken).
+func (im *IM) getRoamMsg(req map[string]json.RawMessage, now time.Time) imAnswer {
+	var operator, peer string
+	opRaw, peerRaw := req["Operator_Account"], req["Peer_Account"]
+	if opRaw == nil && peerRaw == nil {
+		opRaw, peerRaw = req["From_Account"], req["To_Account"]
+	}
+	if json.Unmarshal(opRaw, &operator) != nil || operator == "" || json.Unmarshal(peerRaw, &peer) != nil || peer == "" {
+		return imFail(90001, "Operator_Account and Peer_Account are required")
+	}
+	var maxCnt int
+	var minTime, maxTime int64
+	if json.Unmarshal(req["MaxCnt"], &maxCnt) != nil || maxCnt < 1 || maxCnt > roamMaxCnt {
+		return imFail(90001, fmt.Sprintf("MaxCnt must be an integer from 1 to %d", roamMaxCnt))
+	}
+	if json.Unmarshal(req["MinTime"], &minTime) != nil || json.Unmarshal(req["MaxTime"], &maxTime) != nil || minTime < 0 || minTime > maxTime {
+		return imFail(90001, "MinTime and MaxTime must be Unix times, MinTime not after MaxTime")
+	}
+	var lastKey string
+	if raw, ok := req["LastMsgKey"]; ok && json.Unmarshal(raw, &lastKey) != nil {
+		return imFail(90001, "LastMsgKey is not a string")
+	}
+
+	im.mu.Lock()
+	var history []Message // newest first
+	for i := len(im.messages) - 1; i >= 0; i-- {
+		m := im.messages[i]
+		between := m.From == operator && m.To == peer || m.From == peer && m.To == operator
+		if between && m.MsgTime >= minTime && m.MsgTime <= maxTime && now.Sub(time.Unix(m.MsgTime, 0)) <= roamKeep {
+			history = append(history, m)
+		}
+	}
+	im.mu.Unlock()
+	// IM orders a conversation by time, and the messages of one second by
+	// MsgSeq.
+	slices.SortStableFunc(history, func(a, b Message) int {
+		return cmp.Or(cmp.Compare(b.MsgTime, a.MsgTime), cmp.Compare(b.MsgSeq, a.MsgSeq))
+	})
+	if lastKey != "" {
+		if i := slices.IndexFunc(history, func(m Message) bool { return m.MsgKey == lastKey }); i >= 0 {
+			history = history[i+1:]
+		}
+	}
+	var page []map[string]any
+	size := 0
+	for _, m := range history {
+		flags := 0
+		if m.Recalled {
+			flags = 8
+		}
+		item := map[string]any{
+			"From_Account": m.From, "To_Account": m.To, "MsgSeq": m.MsgSeq, "MsgRandom": m.MsgRandom,
+			"MsgTimeStamp": m.MsgTime, "MsgFlagBits": flags, "IsPeerRead": 0, "MsgKey": m.MsgKey,
+			"MsgBody": m.Body, "CloudCustomData": "",
+		}
+		b, _ := json.Marshal(item)
+		if len(page) == maxCnt || len(page) > 0 && size+len(b) > roamPageBytes {
+			break
+		}
+		page, size = append(page, item), size+len(b)
+	}
+	a := imOK()
+	a["Complete"], a["MsgCnt"], a["MsgList"] = 1, len(page), page
+	if len(page) < len(history) {
+		a["Complete"] = 0
+	}
+	if len(page) > 0 {
+		last := page[len(page)-1]
+		a["LastMsgTime"], a["LastMsgKey"] = last["MsgTimeStamp"], last["MsgKey"]
+	}
+	return a
+}
+
+// Recall marks the message msgKey withdrawn, as admin_msgwithdraw or the
+// sender's client does: it stays in the history with MsgFlagBits 8.
+func (im *IM) Recall(msgKey string) bool {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	for i := range im.messages {
+		if im.messages[i].MsgKey == msgKey {
+			im.messages[i].Recalled = true
+			return true
+		}
+	}
+	return false
+}
+
 // checkBody checks each element as IM does and returns the text of the
 // text elements.
 func checkBody(body []json.RawMessage) (string, error) {
@@ -509,7 +618,15 @@ func (im *IM) SendAsAgent(ctx context.Context, agent, to, text string) (Message,
 	}
 	body, _ := json.Marshal([]map[string]any{{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": text}}})
 	now := im.opts.Now()
-	m := Message{From: agent, To: to, Text: text, Body: body, MsgSeq: randUint32(), MsgRandom: randUint32(), MsgTime: now.Unix(), Platform: "Web"}
+	// A client numbers its messages: IM orders those of one second by MsgSeq.
+	im.mu.Lock()
+	if im.clientSeq == 0 {
+		im.clientSeq = randUint32() >> 1
+	}
+	im.clientSeq++
+	seq := im.clientSeq
+	im.mu.Unlock()
+	m := Message{From: agent, To: to, Text: text, Body: body, MsgSeq: seq, MsgRandom: randUint32(), MsgTime: now.Unix(), Platform: "Web"}
 	m.MsgKey = fmt.Sprintf("%d_%d_%d", m.MsgSeq, m.MsgRandom, m.MsgTime)
 	hop(im.opts.Trace, "agent", "IM", "%s writes to %s: %q", agent, to, text)
 	if err := im.deliver(ctx, m, true, true); err != nil {

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// TestRepliesSentWhileNoBridgeAnsweredAreRecovered: IM does not make a
+// callback again. The replies an agent sent while the bridge was stopped
+// are read from IM's history when it starts again, and reach the customer
+// once each, in order; a reply taken by its callback before the stop is
+// not sent again, nor one the agent recalled. IM failing the first history
+// call only delays them.
+func TestRepliesSentWhileNoBridgeAnsweredAreRecovered(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"RETRY_MIN_DELAY": "50ms", "RETRY_MAX_DELAY": "200ms"}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, customer, question)
+		eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+		if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "before the stop"); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "the first reply in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
+		if n := len(h.im.RequestsTo("/v4/openim/admin_getroammsg")); n != 0 {
+			t.Errorf("a bridge on a new database read IM's history %d times, want none", n)
+		}
+
+		if err := h.stop(); err != nil {
+			t.Fatal(err)
+		}
+		callbacks := len(h.im.Callbacks())
+		for _, text := range []string{"while stopped, one", "while stopped, two", "recalled"} {
+			m, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), text)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if text == "recalled" {
+				h.im.Recall(m.MsgKey)
+			}
+		}
+		for _, cb := range h.im.Callbacks()[callbacks:] {
+			if cb.Err == nil {
+				t.Fatalf("callback %s answered while the bridge was stopped", cb.Command)
+			}
+		}
+
+		h.im.FailNextStatus(1, http.StatusBadGateway)
+		mark := h.logs.Len()
+		h.start()
+		eventually(t, "recovery to end and its replies to be sent", func() bool {
+			return strings.Contains(h.logs.From(mark), "reply recovery done") && outboxDepth(t, h.base) == 0
+		})
+		var texts []string
+		for _, m := range h.sentTo(customer) {
+			texts = append(texts, m.Text)
+		}
+		if got, want := strings.Join(texts, " | "), "before the stop | while stopped, one | while stopped, two"; got != want {
+			t.Errorf("WeChat got %q, want %q", got, want)
+		}
+		if n := len(h.im.RequestsTo("/v4/openim/admin_getroammsg")); n != 2 {
+			t.Errorf("history read %d times, want 2 (one failed, one answered)", n)
+		}
+		if !strings.Contains(h.logs.From(mark), "recovered=2") {
+			t.Errorf("logs do not say two replies were recovered:\n%s", h.logs.From(mark))
+		}
+
+		// A second restart finds nothing more to take.
+		sent := len(h.wx.Sent())
+		mark = h.logs.Len()
+		h.restart()
+		eventually(t, "recovery to end", func() bool { return strings.Contains(h.logs.From(mark), "reply recovery done") })
+		if n := len(h.wx.Sent()); n != sent || !strings.Contains(h.logs.From(mark), "recovered=0") {
+			t.Errorf("after a clean restart WeChat got %d messages, had %d; logs:\n%s", n, sent, h.logs.From(mark))
+		}
+	})
+}
+
+// outboxDepth reads bridge_outbox_depth from the bridge's /metrics; -1 if
+// it cannot.
+func outboxDepth(t testing.TB, base string) int {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "bridge_outbox_depth "); ok {
+			if v == "0" {
+				return 0
+			}
+			return 1
+		}
+	}
+	return -1
+}
