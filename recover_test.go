@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestRepliesSentWhileNoBridgeAnsweredAreRecovered: IM does not make a
@@ -96,4 +97,53 @@ func outboxDepth(t testing.TB, base string) int {
 		}
 	}
 	return -1
+}
+
+// TestReplyRecoveryTellsWhatItCannotRecover: a gap longer than the keys are
+// kept is read back only as far as they reach, and a history IM keeps
+// failing is given up after its attempts; both are logged at error level,
+// and the conversations given up are counted.
+func TestReplyRecoveryTellsWhatItCannotRecover(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "10ms", "RETRY_MAX_DELAY": "20ms"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	if err := h.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "while stopped"); err != nil {
+		t.Fatal(err)
+	}
+	db := h.openStoreDB(true)
+	_, err := db.Exec(`UPDATE heartbeats SET at = at - ?`, (30 * time.Hour).Milliseconds())
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	h.im.FailNextStatus(recoveryAttempts, http.StatusBadGateway)
+	mark := h.logs.Len()
+	h.start()
+	eventually(t, "recovery to give up", func() bool { return strings.Contains(h.logs.From(mark), "reply recovery done") })
+	logs := h.logs.From(mark)
+	for _, want := range []string{"level=ERROR msg=\"reply recovery: the bridge was away too long", "level=ERROR msg=\"reply recovery gave up"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("logs lack %q:\n%s", want, logs)
+		}
+	}
+	if n := len(h.im.RequestsTo("/v4/openim/admin_getroammsg")); n != recoveryAttempts {
+		t.Errorf("history asked for %d times, want %d", n, recoveryAttempts)
+	}
+	resp, err := http.Get(h.base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(b), `bridge_im_callbacks_total{outcome="unrecovered"} 1`) {
+		t.Errorf("metrics do not count the conversation given up")
+	}
+	if n := len(h.sentTo(customer)); n != 0 {
+		t.Errorf("WeChat got %d messages, want none", n)
+	}
 }
