@@ -17,7 +17,6 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
-	"strings"
 )
 
 // wechatBlock is the PKCS#7 block size WeChat pads to: 32, not AES's 16.
@@ -106,8 +105,7 @@ func wechatDecrypt(key []byte, appID, encrypt string) ([]byte, error) {
 // validMsgSignature reports, in constant time, whether sig is the
 // msg_signature of an encrypted push or reply.
 func validMsgSignature(token, timestamp, nonce, encrypt, sig string) bool {
-	want := wechatSignature(token, timestamp, nonce, encrypt)
-	return subtle.ConstantTimeCompare([]byte(want), []byte(strings.ToLower(sig))) == 1
+	return signatureMatches(sig, token, timestamp, nonce, encrypt)
 }
 
 // encryptedPush is the envelope of an encrypted push. In compatible mode the

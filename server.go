@@ -132,7 +132,9 @@ func (b *bridge) handlePush() http.Handler {
 			b.worker.Notify()
 		}
 		b.metrics.pushes.WithLabelValues(pushType(push), outcome).Inc()
-		b.log.Debug("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
+		if b.log.Enabled(r.Context(), slog.LevelDebug) { // its arguments would cost every push
+			b.log.Debug("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
+		}
 		text := ""
 		switch acc.Reply {
 		case replyWelcome:

@@ -6,7 +6,6 @@ package main
 import (
 	"bytes"
 	"crypto/sha1"
-	"crypto/subtle"
 	"encoding/hex"
 	"encoding/xml"
 	"errors"
@@ -14,23 +13,53 @@ import (
 	"io"
 	"slices"
 	"strconv"
-	"strings"
 )
 
 // wechatSignature is sha1 over the sorted, concatenated parts, in lowercase
 // hex: sort(token, timestamp, nonce) for URL verification and pushes.
 func wechatSignature(parts ...string) string {
-	s := slices.Clone(parts)
-	slices.Sort(s)
-	sum := sha1.Sum([]byte(strings.Join(s, "")))
+	sum := signatureSum(parts...)
 	return hex.EncodeToString(sum[:])
+}
+
+// signatureSum is the sha1 of the sorted, concatenated parts. It takes four
+// parts at most (msg_signature's), sorted and joined on the stack but for
+// long ones (an encrypted push).
+func signatureSum(parts ...string) [sha1.Size]byte {
+	var sorted [4]string
+	s := append(sorted[:0], parts...)
+	slices.Sort(s)
+	buf := make([]byte, 0, 256)
+	for _, p := range s {
+		buf = append(buf, p...)
+	}
+	return sha1.Sum(buf)
+}
+
+// signatureMatches reports, in constant time but for its length, whether
+// sig is the signature of parts, in hex of either case.
+func signatureMatches(sig string, parts ...string) bool {
+	sum := signatureSum(parts...)
+	var want [2 * sha1.Size]byte
+	hex.Encode(want[:], sum[:])
+	if len(sig) != len(want) {
+		return false
+	}
+	var diff byte
+	for i := range want {
+		c := sig[i]
+		if 'A' <= c && c <= 'F' {
+			c += 'a' - 'A'
+		}
+		diff |= want[i] ^ c
+	}
+	return diff == 0
 }
 
 // validWeChatSignature reports, in constant time, whether signature signs
 // timestamp and nonce with token.
 func validWeChatSignature(token, timestamp, nonce, signature string) bool {
-	want := wechatSignature(token, timestamp, nonce)
-	return subtle.ConstantTimeCompare([]byte(want), []byte(strings.ToLower(signature))) == 1
+	return signatureMatches(signature, token, timestamp, nonce)
 }
 
 // Push is one message or event WeChat pushes to the webhook. Field names are
@@ -150,10 +179,11 @@ func isMessageType(t string) bool {
 // arrive in nearly ascending order and each commit changes few pages of
 // their index.
 func pushKey(p Push) string {
+	t := strconv.FormatInt(p.CreateTime, 10)
 	if p.MsgID != "" {
-		return fmt.Sprintf("wx:msg:%d:%s:%s", p.CreateTime, p.MsgID, p.FromUserName)
+		return "wx:msg:" + t + ":" + p.MsgID + ":" + p.FromUserName
 	}
-	return fmt.Sprintf("wx:event:%d:%s:%s:%s", p.CreateTime, p.FromUserName, p.Event, p.EventKey)
+	return "wx:event:" + t + ":" + p.FromUserName + ":" + p.Event + ":" + p.EventKey
 }
 
 // readableText renders a customer message as the text an agent reads.
