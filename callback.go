@@ -180,6 +180,12 @@ func (b *bridge) handleIMCallback() http.Handler {
 				break
 			}
 			d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
+			if b.recovery != nil && b.recovery.hold(openid, callbackKey(cb), d) {
+				// Its conversation's replies of a gap are still to be read
+				// back: it goes after them (recover.go).
+				outcome = "held"
+				break
+			}
 			dup, err := b.store.AcceptReply(r.Context(), callbackKey(cb), d, b.now())
 			switch {
 			case errors.Is(err, errUnknownCustomer):

@@ -105,6 +105,15 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		}
 	}
 
+	// Replies agents sent while no bridge took callbacks are read back from
+	// IM's history, then the heartbeat is kept (recover.go). What is to be
+	// read is known before the first callback is taken.
+	recovery := &replyRecovery{b: b, im: im, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
+	if err := recovery.prepare(ctx); err != nil {
+		return fmt.Errorf("reply recovery: %w", err)
+	}
+	b.recovery = recovery
+
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	workerDone := make(chan struct{})
 	go func() {
@@ -121,9 +130,6 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	// Replies agents sent while no bridge took callbacks are read back from
-	// IM's history, then the heartbeat is kept (recover.go).
-	recovery := &replyRecovery{b: b, im: im, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
 	recoveryDone := make(chan struct{})
 	go func() {
 		defer close(recoveryDone)

@@ -6,15 +6,20 @@ package main
 // /imcallback would never reach the customer. So a running bridge records a
 // heartbeat in the store, and the next one to start reads IM's history of
 // each open conversation (openim/admin_getroammsg) from a little before the
-// last heartbeat until it started, and takes each of the agent's messages it
-// has not taken yet, as if its callback had come. A message's callback and
-// its history share its MsgKey, so a reply is taken once whichever way it
-// comes.
+// last heartbeat, and takes each of the agent's messages it has not taken
+// yet, as if its callback had come. A message's callback and its history
+// share its MsgKey, so a reply is taken once whichever way it comes.
+//
+// Until its history is read, a conversation's new replies wait in memory
+// rather than go ahead of the replies of the gap: its sweep takes them
+// after the history, in order. Should the bridge stop first, they are in
+// IM's history, and the heartbeat has not moved on.
 
 import (
 	"context"
 	"errors"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -45,37 +50,84 @@ type replyRecovery struct {
 	im         *IMClient
 	minBackoff time.Duration // the first wait before another pass
 	maxBackoff time.Duration
+
+	gap    bool      // a heartbeat was found: there is a gap to read back
+	from   time.Time // where the gap starts
+	mu     sync.Mutex
+	sweeps map[string]*sweep // by openid: the conversations still to read, while recovery runs
 }
 
-// Run recovers the replies of the last gap, if there was one, then records
-// the heartbeat every heartbeatEvery until ctx is done, and once more
-// then, unless recovery was still under way: the next start reads that gap
+// sweep is the recovery of one conversation.
+type sweep struct {
+	Conversation
+	mu   sync.Mutex // held while what was read of its history is taken
+	done bool
+	held []heldReply // replies that came by callback before it was done
+}
+
+// heldReply is a reply that waits for its conversation's sweep.
+type heldReply struct {
+	key string
+	d   Delivery
+}
+
+// prepare reads the last heartbeat and, after a gap, the open conversations
+// whose history is to be read. It runs before the bridge takes callbacks,
+// so that none goes ahead of its conversation's sweep.
+func (r *replyRecovery) prepare(ctx context.Context) error {
+	last, found, err := r.b.store.LastHeartbeat(ctx, callbacksHeartbeat)
+	if err != nil || !found {
+		return err
+	}
+	convs, err := r.b.store.OpenConversations(ctx)
+	if err != nil {
+		return err
+	}
+	r.gap, r.from = true, last.Add(-recoveryMargin)
+	if earliest := r.b.now().Add(-recoveryReach); r.from.Before(earliest) {
+		r.b.log.Error("reply recovery: the bridge was away too long; replies sent before this are not recovered",
+			"not_recovered_from", r.from, "until", earliest)
+		r.from = earliest
+	}
+	r.sweeps = map[string]*sweep{}
+	for _, c := range convs {
+		// Replies are taken only from configured agents, as callbacks are.
+		if slices.Contains(r.b.cfg.IMAgents, c.Agent) {
+			r.sweeps[c.OpenID] = &sweep{Conversation: c}
+		}
+	}
+	return nil
+}
+
+// hold keeps a reply that came by callback for its conversation's sweep,
+// if that has yet to run, and reports whether it did.
+func (r *replyRecovery) hold(openid, key string, d Delivery) bool {
+	r.mu.Lock()
+	sw := r.sweeps[openid]
+	r.mu.Unlock()
+	if sw == nil {
+		return false
+	}
+	sw.mu.Lock() // waits while its sweep takes what it read
+	defer sw.mu.Unlock()
+	if sw.done || sw.Agent != d.Agent {
+		return false
+	}
+	sw.held = append(sw.held, heldReply{key, d})
+	return true
+}
+
+// Run recovers the replies of the gap, if there was one, then records the
+// heartbeat every heartbeatEvery until ctx is done, and once more then,
+// unless recovery was still under way: the next start reads that gap
 // again.
 func (r *replyRecovery) Run(ctx context.Context) {
-	log, st := r.b.log, r.b.store
-	started := r.b.now()
-	var last time.Time
-	var found bool
-	for attempt := 1; ; attempt++ {
-		var err error
-		if last, found, err = st.LastHeartbeat(ctx, callbacksHeartbeat); err == nil {
-			break
-		} else if ctx.Err() != nil {
-			return
-		}
-		log.Error("reply recovery: heartbeat not read", "err", err)
-		if !sleepCtx(ctx, r.backoff(attempt)) {
-			return
-		}
-	}
-	if found {
-		if !r.recoverGap(ctx, last.Add(-recoveryMargin), started) {
-			return
-		}
+	if r.gap && !r.recoverGap(ctx) {
+		return
 	}
 	beat := func(ctx context.Context) {
-		if err := st.Heartbeat(ctx, callbacksHeartbeat, r.b.now()); err != nil && ctx.Err() == nil {
-			log.Error("heartbeat not recorded", "err", err)
+		if err := r.b.store.Heartbeat(ctx, callbacksHeartbeat, r.b.now()); err != nil && ctx.Err() == nil {
+			r.b.log.Error("heartbeat not recorded", "err", err)
 		}
 	}
 	beat(ctx)
@@ -95,46 +147,31 @@ func (r *replyRecovery) Run(ctx context.Context) {
 	}
 }
 
-// recoverGap takes the agents' replies sent from from to to in the open
-// conversations, trying the conversations IM did not answer for again, a
-// few times. It reports false if ctx ended first.
-func (r *replyRecovery) recoverGap(ctx context.Context, from, to time.Time) bool {
+// recoverGap reads each conversation's history from the gap's start until
+// the moment it reads it, and takes the replies not taken yet, then those
+// held for it; it reads the histories IM did not give again, a few times.
+// It reports false if ctx ended first.
+func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	log := r.b.log
-	if earliest := to.Add(-recoveryReach); from.Before(earliest) {
-		log.Error("reply recovery: the bridge was away too long; replies sent before this are not recovered",
-			"not_recovered_from", from, "until", earliest)
-		from = earliest
+	var pending []*sweep
+	for _, sw := range r.sweeps {
+		pending = append(pending, sw)
 	}
-	var convs []Conversation
-	for attempt := 1; ; attempt++ {
-		var err error
-		if convs, err = r.b.store.OpenConversations(ctx); err == nil {
-			break
-		} else if ctx.Err() != nil {
-			return false
-		}
-		log.Error("reply recovery: conversations not read", "err", err)
-		if !sleepCtx(ctx, r.backoff(attempt)) {
-			return false
-		}
-	}
-	// Replies are taken only from configured agents, as callbacks are.
-	convs = slices.DeleteFunc(convs, func(c Conversation) bool { return !slices.Contains(r.b.cfg.IMAgents, c.Agent) })
-	recovered, pending := 0, convs
+	total, recovered := len(pending), 0
 	var lastErr error
 	for attempt := 1; len(pending) > 0 && attempt <= recoveryAttempts; attempt++ {
 		if attempt > 1 && !sleepCtx(ctx, r.backoff(attempt-1)) {
 			return false
 		}
-		var failed []Conversation
-		for _, c := range pending {
-			n, err := r.recoverConversation(ctx, c, from, to)
+		var failed []*sweep
+		for _, sw := range pending {
+			n, err := r.recoverConversation(ctx, sw, attempt == recoveryAttempts)
 			if ctx.Err() != nil {
 				return false
 			}
 			recovered += n
 			if err != nil {
-				failed, lastErr = append(failed, c), err
+				failed, lastErr = append(failed, sw), err
 			}
 		}
 		pending = failed
@@ -144,46 +181,73 @@ func (r *replyRecovery) recoverGap(ctx context.Context, from, to time.Time) bool
 		// lost, and the agents can read them in IM.
 		r.b.metrics.callbacks.WithLabelValues("unrecovered").Add(float64(len(pending)))
 		log.Error("reply recovery gave up: replies agents sent in these conversations while no bridge answered may not reach the customers",
-			"conversations", len(pending), "from", from, "to", to, "err", lastErr)
+			"conversations", len(pending), "from", r.from, "err", lastErr)
 	}
-	log.Info("reply recovery done", "recovered", recovered, "conversations", len(convs), "from", from, "to", to)
+	r.mu.Lock()
+	r.sweeps = nil
+	r.mu.Unlock()
+	log.Info("reply recovery done", "recovered", recovered, "conversations", total, "from", r.from)
 	return true
 }
 
-// recoverConversation takes the replies c's agent sent to its customer
-// from from to to, oldest first, that were not taken yet, and returns how
-// many it took.
-func (r *replyRecovery) recoverConversation(ctx context.Context, c Conversation, from, to time.Time) (int, error) {
-	customer := r.b.cfg.IMUserPrefix + c.OpenID
-	// Whole seconds, as IM keeps them: the range takes in both ends.
-	msgs, err := r.im.History(ctx, c.Agent, customer, from.Unix(), to.Add(time.Second-1).Unix())
-	if err != nil {
+// recoverConversation takes the replies sw's agent sent to its customer
+// since the gap's start that were not taken yet, oldest first, then those
+// held for it, and returns how many of the first it took. On its last
+// attempt it takes the held ones even if the history failed: better out of
+// order than lost.
+func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last bool) (int, error) {
+	customer := r.b.cfg.IMUserPrefix + sw.OpenID
+	// Whole seconds, as IM keeps them: the range takes in both ends. The
+	// callbacks that come meanwhile are held, not kept waiting on IM.
+	msgs, err := r.im.History(ctx, sw.Agent, customer, r.from.Unix(), r.b.now().Unix()+1)
+	if err != nil && !last {
 		return 0, err
 	}
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
 	n := 0
 	for _, m := range msgs {
-		if m.From_Account != c.Agent || m.To_Account != customer || m.MsgFlagBits&roamRecalled != 0 {
+		if m.From_Account != sw.Agent || m.To_Account != customer || m.MsgFlagBits&roamRecalled != 0 {
 			continue
 		}
 		text := callbackText(m.MsgBody)
 		if text == "" || m.MsgKey == "" {
 			continue
 		}
-		d := Delivery{Kind: deliverWeChat, OpenID: c.OpenID, IMUser: customer, Agent: c.Agent, Text: text}
-		dup, err := r.b.store.AcceptReply(ctx, callbackKey(IMCallback{MsgKey: m.MsgKey}), d, r.b.now())
-		switch {
-		case errors.Is(err, errUnknownCustomer):
-			return n, nil
-		case err != nil:
-			return n, err
-		case !dup:
+		d := Delivery{Kind: deliverWeChat, OpenID: sw.OpenID, IMUser: customer, Agent: sw.Agent, Text: text}
+		taken, terr := r.take(ctx, callbackKey(IMCallback{MsgKey: m.MsgKey}), d)
+		if terr != nil {
+			return n, terr
+		}
+		if taken {
 			n++
 			r.b.metrics.callbacks.WithLabelValues("recovered").Inc()
-			r.b.log.Info("agent reply recovered", "agent", c.Agent, "msg_time", time.Unix(m.MsgTimeStamp, 0))
-			r.b.worker.Notify()
+			r.b.log.Info("agent reply recovered", "agent", sw.Agent, "msg_time", time.Unix(m.MsgTimeStamp, 0))
 		}
 	}
-	return n, nil
+	for len(sw.held) > 0 {
+		if _, terr := r.take(ctx, sw.held[0].key, sw.held[0].d); terr != nil {
+			return n, terr
+		}
+		sw.held = sw.held[1:]
+	}
+	sw.done = true
+	return n, err
+}
+
+// take accepts a reply as the callback would, and reports whether it was
+// new.
+func (r *replyRecovery) take(ctx context.Context, key string, d Delivery) (bool, error) {
+	dup, err := r.b.store.AcceptReply(ctx, key, d, r.b.now())
+	switch {
+	case errors.Is(err, errUnknownCustomer):
+		return false, nil
+	case err != nil:
+		return false, err
+	case !dup:
+		r.b.worker.Notify()
+	}
+	return !dup, nil
 }
 
 // backoff is the wait before attempt+1.

@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"wechat-im-bridge/fakes"
 )
 
 // TestRepliesSentWhileNoBridgeAnsweredAreRecovered: IM does not make a
@@ -79,6 +83,21 @@ func TestRepliesSentWhileNoBridgeAnsweredAreRecovered(t *testing.T) {
 	})
 }
 
+// replyWhileStopped opens the customer's conversation, stops the bridge,
+// and has the agent send text meanwhile: its callback finds nobody.
+func replyWhileStopped(t *testing.T, h *harness, text string) {
+	t.Helper()
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	if err := h.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), text); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // outboxDepth reads bridge_outbox_depth from the bridge's /metrics; -1 if
 // it cannot.
 func outboxDepth(t testing.TB, base string) int {
@@ -105,15 +124,7 @@ func outboxDepth(t testing.TB, base string) int {
 // and the conversations given up are counted.
 func TestReplyRecoveryTellsWhatItCannotRecover(t *testing.T) {
 	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "10ms", "RETRY_MAX_DELAY": "20ms"}})
-	ctx := context.Background()
-	h.wx.SendText(ctx, customer, question)
-	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
-	if err := h.stop(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "while stopped"); err != nil {
-		t.Fatal(err)
-	}
+	replyWhileStopped(t, h, "while stopped")
 	db := h.openStoreDB(true)
 	_, err := db.Exec(`UPDATE heartbeats SET at = at - ?`, (30 * time.Hour).Milliseconds())
 	db.Close()
@@ -145,5 +156,105 @@ func TestReplyRecoveryTellsWhatItCannotRecover(t *testing.T) {
 	}
 	if n := len(h.sentTo(customer)); n != 0 {
 		t.Errorf("WeChat got %d messages, want none", n)
+	}
+}
+
+// TestLiveReplyWaitsForItsConversationsRecovery: a reply that comes by
+// callback while its conversation's history is still to be read back goes
+// to the customer after the replies of the gap, not before them.
+func TestLiveReplyWaitsForItsConversationsRecovery(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg})
+		ctx := context.Background()
+		replyWhileStopped(t, h, "while stopped")
+
+		release := h.im.Hold() // the history is asked for, and not answered yet
+		defer release()
+		mark := h.logs.Len()
+		h.start()
+		eventually(t, "the history to be asked for", func() bool {
+			return len(h.im.RequestsTo("/v4/openim/admin_getroammsg")) == 1
+		})
+		if _, err := h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "after the restart"); err != nil {
+			t.Fatal(err)
+		}
+		cbs := h.im.Callbacks()
+		if last := cbs[len(cbs)-1]; last.Err != nil || last.Status != http.StatusOK {
+			t.Fatalf("the live reply's callback: %+v", last)
+		}
+		release()
+		eventually(t, "recovery to end and its replies to be sent", func() bool {
+			return strings.Contains(h.logs.From(mark), "reply recovery done") && outboxDepth(t, h.base) == 0 && len(h.sentTo(customer)) >= 2
+		})
+		var texts []string
+		for _, m := range h.sentTo(customer) {
+			texts = append(texts, m.Text)
+		}
+		if got, want := strings.Join(texts, " | "), "while stopped | after the restart"; got != want {
+			t.Errorf("WeChat got %q, want %q", got, want)
+		}
+	})
+}
+
+// TestHeldReplyFollowsTheHistory: a reply held for its conversation's sweep,
+// and not in the history the sweep read, is queued after the replies of the
+// gap; one that is in the history is queued once.
+func TestHeldReplyFollowsTheHistory(t *testing.T) {
+	ctx, now := context.Background(), time.Now()
+	st := openTestStore(t, "sqlite")
+	im := fakes.NewIM(t, fakes.IMOptions{Accounts: []string{"a1", "wx_c1"}})
+	if _, err := st.AcceptPush(ctx, message("k1", "c1", "hello"), now); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Heartbeat(ctx, callbacksHeartbeat, now.Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	mustSend := func(text string) fakes.Message {
+		m, err := im.SendAsAgent(ctx, "a1", "wx_c1", text) // no callback URL: no callback
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	gap := mustSend("in the gap")
+	o := im.Options()
+	br := &bridge{cfg: Config{IMUserPrefix: "wx_", IMAgents: []string{"a1"}}, store: st, worker: &Worker{wake: make(chan struct{}, 1)},
+		metrics: newMetrics(st), log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now}
+	r := &replyRecovery{b: br, im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
+		HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	if err := r.prepare(ctx); err != nil || !r.gap || len(r.sweeps) != 1 {
+		t.Fatalf("prepare: %v, gap %v, %d sweeps; want one conversation to read", err, r.gap, len(r.sweeps))
+	}
+	reply := func(text string) Delivery {
+		return Delivery{Kind: deliverWeChat, OpenID: "c1", IMUser: "wx_c1", Agent: "a1", Text: text}
+	}
+	if !r.hold("c1", "im:"+gap.MsgKey, reply("in the gap")) || !r.hold("c1", "im:not-in-the-history", reply("held")) {
+		t.Fatal("replies not held before the sweep")
+	}
+	if r.hold("c2", "im:x", reply("x")) {
+		t.Error("a reply to a conversation with nothing to read was held")
+	}
+	if !r.recoverGap(ctx) {
+		t.Fatal("recovery did not end")
+	}
+	if r.hold("c1", "im:later", reply("later")) {
+		t.Error("a reply was held after recovery")
+	}
+	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane = 'wx:c1' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var texts []string
+	for rows.Next() {
+		var raw string
+		var d Delivery
+		if err := rows.Scan(&raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
+			t.Fatal(err)
+		}
+		texts = append(texts, d.Text)
+	}
+	if got, want := strings.Join(texts, " | "), "in the gap | held"; got != want {
+		t.Errorf("queued %q, want %q", got, want)
 	}
 }

@@ -23,8 +23,11 @@ type bridge struct {
 	metrics *metrics
 	// aesKeys are the current and previous EncodingAESKeys, decoded.
 	aesKeys [][]byte
-	log     *slog.Logger
-	now     func() time.Time
+	// recovery, if set, holds the replies of the conversations whose
+	// history it has yet to read back (recover.go).
+	recovery *replyRecovery
+	log      *slog.Logger
+	now      func() time.Time
 }
 
 // routes registers the bridge's whole HTTP surface.
