@@ -320,6 +320,7 @@ func TestIMRoamHistory(t *testing.T) {
 	}
 
 	// A page ends near 13 KB, whatever MaxCnt says.
+	clk.Add(time.Second) // after the short message to other
 	long := strings.Repeat("x", 5000)
 	for i := range 4 {
 		body := fmt.Sprintf(`{"From_Account":"agent","To_Account":"other","MsgRandom":%d,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":%q}}]}`, 100+i, long)
