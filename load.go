@@ -19,6 +19,9 @@ package main
 // held past the bridge's time-out and then carried out), and a push left
 // without an answer is sent again, as WeChat does, until it gets one. Every
 // answered message must reach IM exactly once.
+//
+// With -replies the agents answer every message, and every answer must
+// reach WeChat (loadreplies.go).
 
 import (
 	"bufio"
@@ -59,6 +62,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	forwards := fs.Bool("forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
 	instances := fs.Int("instances", 1, "bridges on one PostgreSQL database (-database postgres://…), the connections spread over them")
 	chaos := fs.Bool("chaos", false, "kill and restart the bridge while the pushes run, make IM fail by turns, and send unanswered pushes again")
+	replies := fs.Bool("replies", false, "agents answer each message that reaches IM, from IM clients, and every answer must reach WeChat")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -77,6 +81,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *instances > 1 && (*other != "" || !isPostgresURL(*database)) {
 		return errors.New("load: -instances runs several bridges, which share one PostgreSQL: it needs -database postgres://… and not -bridge")
 	}
+	if *replies && *other != "" {
+		return errors.New("load: -replies needs the bridge itself, which takes IM's callbacks")
+	}
 	if *chaos && (*imRate > 0 || !*forwards) {
 		return errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}
@@ -90,7 +97,8 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		dupes    int
 	)
 	agents := []string{"agent_1", "agent_2", "agent_3", "agent_4"}
-	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: agents, RateLimit: -1, OnMessage: func(m fakes.Message) {
+	var trial atomic.Pointer[replyTrial] // with -replies
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: agents, RateLimit: -1, CallbackToken: loadCallbackToken, OnMessage: func(m fakes.Message) {
 		seq, err := strconv.ParseInt(strings.TrimPrefix(m.Text, "load "), 10, 64)
 		if err != nil {
 			return
@@ -102,8 +110,19 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return
 		}
 		arrived[seq] = arrival{m.Received, len(arrived)}
+		if rt := trial.Load(); rt != nil {
+			rt.answer(m, seq)
+		}
 	}})
-	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{})
+	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{
+		// Every message is answered, and the answers may trail their
+		// messages: WeChat's five replies a message is not what is measured.
+		QuotaPerMessage: 1 << 30,
+		OnSend: func(m fakes.CustomMessage) {
+			if rt := trial.Load(); rt != nil {
+				rt.delivered(m)
+			}
+		}})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-load-")
 	if err != nil {
 		return err
@@ -122,7 +141,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		"DATABASE_URL=" + *database, "LOG_LEVEL=" + logLevel, "PATH=" + os.Getenv("PATH"),
 		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + wx.URL,
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + im.URL,
-		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=unused-in-load",
+		"IM_AGENTS=" + strings.Join(agents, ","), "IM_CALLBACK_TOKEN=" + loadCallbackToken,
 	}
 	if *chaos {
 		// Calls held past a second time out, and retries come soon.
@@ -145,6 +164,15 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer f.endAll(syscall.SIGKILL)
+	var rt *replyTrial
+	if *replies {
+		trialCtx, cancel := context.WithCancel(ctx)
+		rt = newReplyTrial(trialCtx, wx, im, "wx_")
+		defer rt.close()
+		defer cancel() // first: a run that ends early sends no more answers
+		trial.Store(rt)
+		im.SetCallbackURL("http://" + f.addrs[0] + "/imcallback")
+	}
 	for i := range *instances {
 		if err := f.start(ctx, i, *imRate); err != nil {
 			return err
@@ -251,6 +279,10 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 			return true
 		})
+		if rt != nil {
+			rt.close() // the answers to every message are sent
+			waitFor(drainCtx, "every answer in WeChat", rt.allDelivered)
+		}
 	}
 	drained := time.Since(drainStart)
 	f.endAll(syscall.SIGTERM)
@@ -291,6 +323,10 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			kills, imFaults, ps.resent.Load())
 	}
 	fmt.Fprintf(stdout, "forwards lost:         %d; duplicated: %d; out of order: %d\n", lost, dupes, disordered)
+	var answersLost, answersDuplicated, answersDisordered int
+	if rt != nil {
+		answersLost, answersDuplicated, answersDisordered = rt.report(stdout)
+	}
 	which := "VmHWM"
 	if kills > 0 {
 		which = "VmHWM, since the last restart"
@@ -309,6 +345,11 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if lost > 0 || failures > 0 {
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, failures)
+	}
+	// WeChat keeps no key of the messages it is sent: killed after a send and
+	// before recording it, the bridge sends it again (README: at least once).
+	if answersLost > 0 || answersDisordered > 0 || answersDuplicated > 0 && !*chaos {
+		return fmt.Errorf("load: %d answers lost, %d duplicated, %d customers' answers out of order", answersLost, answersDuplicated, answersDisordered)
 	}
 	if (dupes > 0 || disordered > 0) && *other == "" {
 		// IM drops a repeated MsgSeq and MsgRandom, so a duplicate means

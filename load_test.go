@@ -136,10 +136,12 @@ func TestLoadEmptyHandler(t *testing.T) {
 // Under -chaos the bridge is killed and restarted while the pushes run and
 // IM fails by turns, and still every answered message reaches IM once and
 // in order. On PostgreSQL two bridges share the pushes, and a push that one
-// left unanswered is sent again to the other.
+// left unanswered is sent again to the other. With -replies the agents
+// answer every message meanwhile; the answers whose callbacks found the
+// bridge down come through its recovery, and none is lost or out of order.
 func TestLoadChaos(t *testing.T) {
 	forStores(t, func(t *testing.T, pg bool) {
-		args := []string{"-chaos", "-duration", "2s", "-connections", "4", "-customers", "10"}
+		args := []string{"-chaos", "-replies", "-duration", "2s", "-connections", "4", "-customers", "10"}
 		if pg {
 			args = append(args, "-database", testPostgres(t), "-instances", "2")
 		}
@@ -152,6 +154,8 @@ func TestLoadChaos(t *testing.T) {
 			`pushes answered 200: +[1-9][0-9]* in [0-9.]+s = [0-9]+ pushes/s \(0 failed\)`,
 			`chaos: +3 kills \(SIGKILL, restarted on the same database\), [1-9][0-9]* IM faults in turn, [1-9][0-9]* pushes sent again`,
 			`forwards lost: +0; duplicated: 0; out of order: 0`,
+			`agents' answers: +[1-9][0-9]* sent from IM clients \(0 refused\), reached WeChat p50`,
+			`answers lost: +0; duplicated: [0-9]+; customers with answers out of order: 0`,
 			`bridge CPU and disk: +not told: /proc knows only the bridges running since the last restart`,
 		} {
 			if !regexp.MustCompile(want).MatchString(out.String()) {
@@ -178,6 +182,7 @@ func TestLoadRefusals(t *testing.T) {
 		{[]string{"-instances", "2", "-database", "postgres://x/y", "-bridge", "/bin/true"}, "and not -bridge"},
 		{[]string{"-instances", "9", "-database", "postgres://x/y"}, "-instances must be in [1, 8]"},
 		{[]string{"-bridge", "/bin/false", "-duration", "1s"}, "/bin/false exited before it was ready (exit status 1)"},
+		{[]string{"-replies", "-bridge", "/bin/true"}, "-replies needs the bridge itself"},
 	} {
 		err := runLoad(t.Context(), c.args, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -44,7 +44,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case len(args) > 0 && args[0] == "load":
 		return runLoad(ctx, args[1:], stdout, stderr)
 	case len(args) > 0:
-		return fmt.Errorf("usage: wechat-im-bridge [demo | load [-duration 10s] [-connections 32] [-customers 1000] [-database URL [-instances N]] [-im-rate N | -chaos] [-bridge PROGRAM [-forwards=false]]] (unknown arguments %q)", args)
+		return fmt.Errorf("usage: wechat-im-bridge [demo | load [-duration 10s] [-connections 32] [-customers 1000] [-database URL [-instances N]] [-im-rate N | -chaos] [-replies] [-bridge PROGRAM [-forwards=false]]] (unknown arguments %q)", args)
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {

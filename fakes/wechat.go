@@ -38,6 +38,9 @@ type WeChatOptions struct {
 	PushAttempts    int           // deliveries of one push in all; default 3
 	Now             func() time.Time
 	Trace           func(string) // narration for the demo
+	// OnSend, if set, is called with each customer-service message as it
+	// is accepted.
+	OnSend func(CustomMessage)
 }
 
 // WeChat is a fake of the WeChat Official Account platform: its API
@@ -376,21 +379,28 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 	}
 
 	wx.mu.Lock()
-	defer wx.mu.Unlock()
 	u, ok := wx.users[m.ToUser]
+	code, msg = 0, "ok"
 	switch {
 	case !ok:
-		writeWeChatError(w, 40003, "invalid openid")
-		return
+		code, msg = 40003, "invalid openid"
 	case !u.followed || !now.Before(u.windowUntil):
-		writeWeChatError(w, 45015, "response out of time limit or subscription is canceled")
-		return
+		code, msg = 45015, "response out of time limit or subscription is canceled"
 	case u.quota <= 0:
-		writeWeChatError(w, 45047, "out of response count limit")
+		code, msg = 45047, "out of response count limit"
+	}
+	if code != 0 {
+		wx.mu.Unlock()
+		writeWeChatError(w, code, msg)
 		return
 	}
 	u.quota--
-	wx.sent = append(wx.sent, CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: m.Text.Content, Body: body, At: now})
+	cm := CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: m.Text.Content, Body: body, At: now}
+	wx.sent = append(wx.sent, cm)
+	wx.mu.Unlock()
+	if wx.opts.OnSend != nil {
+		wx.opts.OnSend(cm)
+	}
 	hop(wx.opts.Trace, "bridge", "WeChat", "custom/send to %s", m.ToUser)
 	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, m.Text.Content)
 	writeWeChatError(w, 0, "ok")
@@ -494,12 +504,27 @@ func (wx *WeChat) MessageXML(openid, msgType string, fields map[string]string) [
 	wx.mu.Lock()
 	wx.nextMsg++
 	id := wx.nextMsg
-	u := wx.user(openid)
-	u.followed = true
-	u.windowUntil, u.quota = wx.opts.Now().Add(48*time.Hour), wx.opts.QuotaPerMessage
+	wx.wrote(openid)
 	wx.mu.Unlock()
 	fields = withField(fields, "MsgId", strconv.FormatInt(id, 10))
 	return wx.pushXML(openid, msgType, fields)
+}
+
+// Wrote records in openid's ledger that the customer wrote to the Official
+// Account, as MessageXML does, for a push built elsewhere (the load
+// generator builds its own).
+func (wx *WeChat) Wrote(openid string) {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	wx.wrote(openid)
+}
+
+// wrote opens openid's 48-hour window with a fresh reply quota. The caller
+// holds wx.mu.
+func (wx *WeChat) wrote(openid string) {
+	u := wx.user(openid)
+	u.followed = true
+	u.windowUntil, u.quota = wx.opts.Now().Add(48*time.Hour), wx.opts.QuotaPerMessage
 }
 
 // EventXML builds an event push. eventKey may be empty.
