@@ -180,13 +180,12 @@ func (b *bridge) handleIMCallback() http.Handler {
 				break
 			}
 			d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
-			if b.recovery != nil && b.recovery.hold(openid, callbackKey(cb), d) {
-				// Its conversation's replies of a gap are still to be read
-				// back: it goes after them (recover.go).
-				outcome = "held"
-				break
+			// While its conversation's replies of a gap are still to be
+			// read back, it is held, to go after them (recover.go).
+			held, dup, err := b.recovery.hold(r.Context(), openid, callbackKey(cb), d)
+			if !held && err == nil {
+				dup, err = b.store.AcceptReply(r.Context(), callbackKey(cb), d, b.now())
 			}
-			dup, err := b.store.AcceptReply(r.Context(), callbackKey(cb), d, b.now())
 			switch {
 			case errors.Is(err, errUnknownCustomer):
 				b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
@@ -197,6 +196,8 @@ func (b *bridge) handleIMCallback() http.Handler {
 				return
 			case dup:
 				outcome = "duplicate"
+			case held:
+				outcome = "held"
 			default:
 				outcome = "forwarded"
 				b.worker.Notify()

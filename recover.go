@@ -10,14 +10,13 @@ package main
 // yet, as if its callback had come. A message's callback and its history
 // share its MsgKey, so a reply is taken once whichever way it comes.
 //
-// Until its history is read, a conversation's new replies wait in memory
-// rather than go ahead of the replies of the gap: its sweep takes them
-// after the history, in order. Should the bridge stop first, they are in
-// IM's history, and the heartbeat has not moved on.
+// Until its history is read, a conversation's new replies are committed to
+// held_replies rather than the outbox, so that they do not go ahead of the
+// replies of the gap: its sweep moves them to the outbox after the
+// history's, in order.
 
 import (
 	"context"
-	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -60,15 +59,8 @@ type replyRecovery struct {
 // sweep is the recovery of one conversation.
 type sweep struct {
 	Conversation
-	mu   sync.Mutex // held while what was read of its history is taken
+	mu   sync.Mutex // held while a reply is held, and while what was read of its history is taken
 	done bool
-	held []heldReply // replies that came by callback before it was done
-}
-
-// heldReply is a reply that waits for its conversation's sweep.
-type heldReply struct {
-	key string
-	d   Delivery
 }
 
 // prepare reads the last heartbeat and, after a gap, the open conversations
@@ -99,22 +91,26 @@ func (r *replyRecovery) prepare(ctx context.Context) error {
 	return nil
 }
 
-// hold keeps a reply that came by callback for its conversation's sweep,
-// if that has yet to run, and reports whether it did.
-func (r *replyRecovery) hold(openid, key string, d Delivery) bool {
+// hold commits a reply that came by callback to held_replies, for its
+// conversation's sweep, if that has yet to run; held reports whether it
+// did, and duplicate whether the reply's key was taken before.
+func (r *replyRecovery) hold(ctx context.Context, openid, key string, d Delivery) (held, duplicate bool, err error) {
+	if r == nil {
+		return false, false, nil
+	}
 	r.mu.Lock()
 	sw := r.sweeps[openid]
 	r.mu.Unlock()
 	if sw == nil {
-		return false
+		return false, false, nil
 	}
 	sw.mu.Lock() // waits while its sweep takes what it read
 	defer sw.mu.Unlock()
 	if sw.done || sw.Agent != d.Agent {
-		return false
+		return false, false, nil
 	}
-	sw.held = append(sw.held, heldReply{key, d})
-	return true
+	duplicate, err = r.b.store.HoldReply(ctx, key, d, r.b.now())
+	return err == nil, duplicate, err
 }
 
 // Run recovers the replies of the gap, if there was one, then records the
@@ -186,15 +182,28 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	r.mu.Lock()
 	r.sweeps = nil
 	r.mu.Unlock()
+	// Replies an earlier run held for conversations not read this time
+	// (closed since, or their agent gone from IM_AGENTS) go now.
+	for attempt := 1; ; attempt++ {
+		_, err := r.b.store.TakeHistory(ctx, "", nil, r.b.now())
+		if err == nil {
+			r.b.worker.Notify()
+			break
+		}
+		if ctx.Err() != nil || !sleepCtx(ctx, r.backoff(attempt)) {
+			return false
+		}
+		log.Error("reply recovery: held replies not released", "err", err)
+	}
 	log.Info("reply recovery done", "recovered", recovered, "conversations", total, "from", r.from)
 	return true
 }
 
 // recoverConversation takes the replies sw's agent sent to its customer
-// since the gap's start that were not taken yet, oldest first, then those
-// held for it, and returns how many of the first it took. On its last
-// attempt it takes the held ones even if the history failed: better out of
-// order than lost.
+// since the gap's start that were not taken yet, oldest first, each held
+// one in its place, then moves those held for it since the history was
+// read, and returns how many it recovered. On its last attempt it moves the held ones even if the history
+// failed: better out of order than late.
 func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last bool) (int, error) {
 	customer := r.b.cfg.IMUserPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
@@ -203,51 +212,29 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	if err != nil && !last {
 		return 0, err
 	}
-	sw.mu.Lock()
-	defer sw.mu.Unlock()
-	n := 0
+	var replies []Reply
 	for _, m := range msgs {
 		if m.From_Account != sw.Agent || m.To_Account != customer || m.MsgFlagBits&roamRecalled != 0 {
 			continue
 		}
-		text := callbackText(m.MsgBody)
-		if text == "" || m.MsgKey == "" {
-			continue
-		}
-		d := Delivery{Kind: deliverWeChat, OpenID: sw.OpenID, IMUser: customer, Agent: sw.Agent, Text: text}
-		taken, terr := r.take(ctx, callbackKey(IMCallback{MsgKey: m.MsgKey}), d)
-		if terr != nil {
-			return n, terr
-		}
-		if taken {
-			n++
-			r.b.metrics.callbacks.WithLabelValues("recovered").Inc()
-			r.b.log.Info("agent reply recovered", "agent", sw.Agent, "msg_time", time.Unix(m.MsgTimeStamp, 0))
+		if text := callbackText(m.MsgBody); text != "" && m.MsgKey != "" {
+			replies = append(replies, Reply{Key: callbackKey(IMCallback{MsgKey: m.MsgKey}),
+				D: Delivery{Kind: deliverWeChat, OpenID: sw.OpenID, IMUser: customer, Agent: sw.Agent, Text: text}})
 		}
 	}
-	for len(sw.held) > 0 {
-		if _, terr := r.take(ctx, sw.held[0].key, sw.held[0].d); terr != nil {
-			return n, terr
-		}
-		sw.held = sw.held[1:]
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	n, terr := r.b.store.TakeHistory(ctx, sw.OpenID, replies, r.b.now())
+	if terr != nil {
+		return 0, terr
+	}
+	r.b.worker.Notify()
+	if n > 0 {
+		r.b.metrics.callbacks.WithLabelValues("recovered").Add(float64(n))
+		r.b.log.Info("agent replies recovered", "agent", sw.Agent, "replies", n)
 	}
 	sw.done = true
 	return n, err
-}
-
-// take accepts a reply as the callback would, and reports whether it was
-// new.
-func (r *replyRecovery) take(ctx context.Context, key string, d Delivery) (bool, error) {
-	dup, err := r.b.store.AcceptReply(ctx, key, d, r.b.now())
-	switch {
-	case errors.Is(err, errUnknownCustomer):
-		return false, nil
-	case err != nil:
-		return false, err
-	case !dup:
-		r.b.worker.Notify()
-	}
-	return !dup, nil
 }
 
 // backoff is the wait before attempt+1.

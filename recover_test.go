@@ -196,9 +196,9 @@ func TestLiveReplyWaitsForItsConversationsRecovery(t *testing.T) {
 	})
 }
 
-// TestHeldReplyFollowsTheHistory: a reply held for its conversation's sweep,
-// and not in the history the sweep read, is queued after the replies of the
-// gap; one that is in the history is queued once.
+// TestHeldReplyFollowsTheHistory: a reply held for its conversation's sweep
+// is committed at once, and queued once: in its place among the history's
+// replies if the sweep read it there, after them if not.
 func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	ctx, now := context.Background(), time.Now()
 	st := openTestStore(t, "sqlite")
@@ -216,7 +216,9 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 		}
 		return m
 	}
-	gap := mustSend("in the gap")
+	mustSend("in the gap")
+	live := mustSend("held, in the history")
+	mustSend("in the history after it") // its callback has not come yet
 	o := im.Options()
 	br := &bridge{cfg: Config{IMUserPrefix: "wx_", IMAgents: []string{"a1"}}, store: st, worker: &Worker{wake: make(chan struct{}, 1)},
 		metrics: newMetrics(st), log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now}
@@ -228,19 +230,35 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	reply := func(text string) Delivery {
 		return Delivery{Kind: deliverWeChat, OpenID: "c1", IMUser: "wx_c1", Agent: "a1", Text: text}
 	}
-	if !r.hold("c1", "im:"+gap.MsgKey, reply("in the gap")) || !r.hold("c1", "im:not-in-the-history", reply("held")) {
+	hold := func(openid, key, text string) bool {
+		t.Helper()
+		held, dup, err := r.hold(ctx, openid, key, reply(text))
+		if err != nil || dup {
+			t.Fatalf("hold %s: duplicate %v, %v", text, dup, err)
+		}
+		return held
+	}
+	if !hold("c1", "im:"+live.MsgKey, "held, in the history") || !hold("c1", "im:not-in-the-history", "held, sent after the read") {
 		t.Fatal("replies not held before the sweep")
 	}
-	if r.hold("c2", "im:x", reply("x")) {
+	if hold("c2", "im:x", "x") {
 		t.Error("a reply to a conversation with nothing to read was held")
+	}
+	var n int
+	if err := st.rdb.QueryRowContext(ctx, `SELECT count(*) FROM held_replies`).Scan(&n); err != nil || n != 2 {
+		t.Fatalf("%d replies committed as held (%v), want 2", n, err)
+	}
+	// One an earlier run held for a conversation not read this time.
+	if _, err := st.HoldReply(ctx, "im:earlier", Delivery{Kind: deliverWeChat, OpenID: "c9", IMUser: "wx_c9", Agent: "a1", Text: "earlier"}, now); err != nil {
+		t.Fatal(err)
 	}
 	if !r.recoverGap(ctx) {
 		t.Fatal("recovery did not end")
 	}
-	if r.hold("c1", "im:later", reply("later")) {
+	if hold("c1", "im:later", "later") {
 		t.Error("a reply was held after recovery")
 	}
-	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane = 'wx:c1' ORDER BY id`)
+	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane IN ('wx:c1', 'wx:c9') ORDER BY id`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +272,8 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 		}
 		texts = append(texts, d.Text)
 	}
-	if got, want := strings.Join(texts, " | "), "in the gap | held"; got != want {
+	if got, want := strings.Join(texts, " | "),
+		"in the gap | held, in the history | in the history after it | held, sent after the read | earlier"; got != want {
 		t.Errorf("queued %q, want %q", got, want)
 	}
 }

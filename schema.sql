@@ -96,3 +96,13 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     name TEXT PRIMARY KEY,
     at   BIGINT NOT NULL
 );
+-- held_replies keeps, committed, a reply that came by callback while its
+-- conversation's history was still to be read back; it goes to the outbox
+-- in its place among the replies of the gap, or after them (recover.go).
+CREATE TABLE IF NOT EXISTS held_replies (
+    id         ID_PRIMARY_KEY,
+    openid     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    delivery   TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);

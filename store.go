@@ -600,6 +600,117 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 	return duplicate, nil
 }
 
+// HoldReply commits a reply as AcceptReply does, key and all, but keeps it
+// in held_replies rather than the outbox, until ReleaseHeld moves it there:
+// it waits for its conversation's replies of a gap (recover.go).
+func (s *Store) HoldReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return false, err
+	}
+	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if _, duplicate, err = s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
+			return err
+		}
+		_, err := s.exec(ctx, tx, `INSERT INTO held_replies (openid, key, delivery, created_at) VALUES (?, ?, ?, ?)`,
+			d.OpenID, key, string(b), now.UnixMilli())
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("hold reply: %w", err)
+	}
+	return duplicate, nil
+}
+
+// Reply is a reply to take: its key (as callbackKey makes it) and what it
+// asks for.
+type Reply struct {
+	Key string
+	D   Delivery
+}
+
+// TakeHistory takes, in one write, the replies read back from a
+// conversation's history, in order: one held since its callback goes to
+// the outbox in its place, one not seen yet goes there as AcceptReply
+// would put it, one seen before is skipped. Then the replies still held for
+// the customer openid follow (for every customer if openid is ""). It
+// returns how many replies not seen before it took.
+func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply, now time.Time) (taken int, err error) {
+	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		taken = 0
+		if openid != "" { // as AcceptReply does
+			var one int
+			if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one); err != nil &&
+				!errors.Is(err, sql.ErrNoRows) {
+				return err
+			}
+		}
+		for _, r := range replies {
+			held, err := s.releaseHeld(ctx, tx, "", r.Key, now)
+			if err != nil {
+				return err
+			}
+			if held > 0 {
+				continue
+			}
+			_, dup, err := s.claimKey(ctx, tx, r.Key, "", now)
+			if err != nil {
+				return err
+			}
+			if !dup {
+				if err := s.enqueue(ctx, tx, r.D, now); err != nil {
+					return err
+				}
+				taken++
+			}
+		}
+		_, err := s.releaseHeld(ctx, tx, openid, "", now)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("take history: %w", err)
+	}
+	return taken, nil
+}
+
+// releaseHeld moves the replies held for openid (any customer's if "")
+// with key (any key if "") to the outbox, in the order they came, and
+// returns how many it moved.
+func (s *Store) releaseHeld(ctx context.Context, tx *sql.Tx, openid, key string, now time.Time) (int, error) {
+	rows, err := s.query(ctx, tx, `DELETE FROM held_replies WHERE (openid = ? OR ? = '') AND (key = ? OR ? = '')
+		RETURNING id, delivery`, openid, openid, key, key)
+	if err != nil {
+		return 0, err
+	}
+	type held struct {
+		id  int64
+		raw string
+	}
+	var all []held
+	for rows.Next() {
+		var h held
+		if err := rows.Scan(&h.id, &h.raw); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		all = append(all, h)
+	}
+	if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
+		return 0, err
+	}
+	slices.SortFunc(all, func(a, b held) int { return cmp.Compare(a.id, b.id) })
+	for _, h := range all {
+		var d Delivery
+		if err := json.Unmarshal([]byte(h.raw), &d); err != nil {
+			return 0, fmt.Errorf("held reply %d: %w", h.id, err)
+		}
+		if err := s.enqueue(ctx, tx, d, now); err != nil {
+			return 0, err
+		}
+	}
+	return len(all), nil
+}
+
 // claimKey records key as seen, bound to sig (the push's signed query; ""
 // for none), in one statement. If key was seen before it returns the value
 // kept with it and dup true; if sig was used by another key it returns
