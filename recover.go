@@ -12,8 +12,8 @@ package main
 //
 // Until its history is read, a conversation's new replies are committed to
 // held_replies rather than the outbox, so that they do not go ahead of the
-// replies of the gap: its sweep moves them to the outbox after the
-// history's, in order.
+// replies of the gap: its sweep moves each to the outbox in its place among
+// the history's replies, or after them (Store.TakeHistory).
 
 import (
 	"context"
@@ -202,8 +202,8 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 // recoverConversation takes the replies sw's agent sent to its customer
 // since the gap's start that were not taken yet, oldest first, each held
 // one in its place, then moves those held for it since the history was
-// read, and returns how many it recovered. On its last attempt it moves the held ones even if the history
-// failed: better out of order than late.
+// read, and returns how many it recovered. On its last attempt it moves
+// the held ones even if the history failed: better out of order than late.
 func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last bool) (int, error) {
 	customer := r.b.cfg.IMUserPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
