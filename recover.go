@@ -156,7 +156,7 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	total, recovered := len(pending), 0
 	var lastErr error
 	for attempt := 1; len(pending) > 0 && attempt <= recoveryAttempts; attempt++ {
-		if attempt > 1 && !sleepCtx(ctx, r.backoff(attempt-1)) {
+		if attempt > 1 && !sleepCtx(ctx, backoff(attempt-2, r.minBackoff, r.maxBackoff)) {
 			return false
 		}
 		var failed []*sweep
@@ -190,7 +190,7 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 			r.b.worker.Notify()
 			break
 		}
-		if ctx.Err() != nil || !sleepCtx(ctx, r.backoff(attempt)) {
+		if ctx.Err() != nil || !sleepCtx(ctx, backoff(attempt-1, r.minBackoff, r.maxBackoff)) {
 			return false
 		}
 		log.Error("reply recovery: held replies not released", "err", err)
@@ -235,16 +235,4 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	}
 	sw.done = true
 	return n, err
-}
-
-// backoff is the wait before attempt+1.
-func (r *replyRecovery) backoff(attempt int) time.Duration {
-	d := r.minBackoff
-	for range attempt - 1 {
-		if d >= r.maxBackoff {
-			break
-		}
-		d *= 2
-	}
-	return min(d, r.maxBackoff)
 }

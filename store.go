@@ -589,15 +589,22 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 		} else if err != nil {
 			return err
 		}
-		if _, duplicate, err = s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
-			return err
-		}
-		return s.enqueue(ctx, tx, d, now)
+		duplicate, err = s.takeReply(ctx, tx, key, d, now)
+		return err
 	})
 	if err != nil {
 		return false, fmt.Errorf("accept reply: %w", err)
 	}
 	return duplicate, nil
+}
+
+// takeReply records a reply's key and queues it, unless the key was seen
+// before.
+func (s *Store) takeReply(ctx context.Context, tx *sql.Tx, key string, d Delivery, now time.Time) (duplicate bool, err error) {
+	if _, duplicate, err = s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
+		return duplicate, err
+	}
+	return false, s.enqueue(ctx, tx, d, now)
 }
 
 // HoldReply commits a reply as AcceptReply does, key and all, but keeps it
@@ -653,14 +660,11 @@ func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply,
 			if held > 0 {
 				continue
 			}
-			_, dup, err := s.claimKey(ctx, tx, r.Key, "", now)
+			dup, err := s.takeReply(ctx, tx, r.Key, r.D, now)
 			if err != nil {
 				return err
 			}
 			if !dup {
-				if err := s.enqueue(ctx, tx, r.D, now); err != nil {
-					return err
-				}
 				taken++
 			}
 		}
