@@ -13,7 +13,6 @@ package main
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 )
 
 // laneChange is what the transaction running did to a lane: the items it
@@ -128,15 +127,13 @@ func (s *Store) settle(committed bool) {
 	clear(s.txLanes)
 }
 
-// nextAsHead makes items the heads of their lanes.
+// nextAsHead makes items the heads of their lanes, a statement each (see
+// outbox.go).
 func (s *Store) nextAsHead(ctx context.Context, tx *sql.Tx, ids []int64) error {
-	if len(ids) == 0 {
-		return nil
+	for _, id := range ids {
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE id = ? AND head = 0`, id); err != nil {
+			return err
+		}
 	}
-	list, err := json.Marshal(ids)
-	if err != nil {
-		return err
-	}
-	_, err = s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE head = 0 AND id IN (SELECT CAST(value AS BIGINT) FROM `+s.jsonList()+`)`, string(list))
-	return err
+	return nil
 }
