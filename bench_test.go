@@ -91,10 +91,9 @@ func BenchmarkWebhook(b *testing.B) {
 // claimed and, once delivered, recorded done, its lane's next item made the
 // head; no vendor is called. Eight goroutines a processor (sixteen on two
 // cores) do this at once, over a thousand customers' queues, so that on
-// SQLite the writer commits their
-// writes together, as it does a busy bridge's (on PostgreSQL their claims
-// meet, and some take nothing and claim again). cpu-µs/op is the process's
-// CPU time an item.
+// SQLite the writer commits their writes together, as it does a busy
+// bridge's (on PostgreSQL their claims meet, and some take nothing and
+// claim again). cpu-µs/op is the process's CPU time an item.
 func BenchmarkDelivery(b *testing.B) {
 	for _, store := range []string{"sqlite", "postgres"} {
 		b.Run(store, func(b *testing.B) {
