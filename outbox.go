@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"time"
@@ -57,28 +58,22 @@ const fenced = `state = 'pending' AND claimed_by = ? AND claimed_until = ?`
 // instance, and holds them for owner until now+lease.
 func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease time.Duration, limit int) ([]OutboxItem, error) {
 	ms, until := now.UnixMilli(), now.Add(lease).UnixMilli()
-	// The limit is written into the statements: SQLite (built with STAT4)
-	// plans with a bound LIMIT's value, and so parses the statement again
-	// each time that value changes; a few statements, one for each limit,
-	// are cached instead.
+	// The limit is written into PostgreSQL's statement, which is
+	// prepared once for each limit.
 	var items []OutboxItem
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if !s.postgres {
-			// The writer alone writes: the heads it reads stay as read
-			// until it takes them, a statement each.
-			rows, err := s.query(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at FROM outbox
-				WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-				ORDER BY next_at, id LIMIT `+strconv.Itoa(max(limit, 0)), ms, ms)
-			if err != nil {
-				return err
-			}
-			if items, err = scanItems(rows); err != nil {
-				return err
-			}
-			for _, it := range items {
-				if _, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE id = ?`, owner, until, it.ID); err != nil {
-					return err
+			// The heads and their claims are in the writer's memory
+			// (heads.go): a claim reads the items it takes, and writes
+			// nothing.
+			items = nil // the writer may run a write again, alone
+			for _, id := range s.takeDue(ms, owner, until, limit) {
+				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at
+					FROM outbox WHERE id = ?`, id))
+				if err != nil {
+					return fmt.Errorf("read head %d: %w", id, err)
 				}
+				items = append(items, it)
 			}
 			return nil
 		}
@@ -138,27 +133,22 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	return nil
 }
 
-// deliveredSQLite is Delivered on SQLite, a statement an item. It returns
-// how many items it marked done.
+// deliveredSQLite is Delivered on SQLite: a statement an item, and the
+// heads in memory. It returns how many items it marked done.
 func (s *Store) deliveredSQLite(ctx context.Context, items []OutboxItem, now time.Time) (int, error) {
 	finished := 0
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		finished = 0 // the writer may run a write again, alone
-		var next []int64
 		for _, it := range slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) }) {
 			held, err := s.setState(ctx, tx, it, "done", "", it.NextAt.UnixMilli(), now)
 			if err != nil {
 				return err
 			}
-			if !held {
-				continue
-			}
-			finished++
-			if id, ok := s.laneFinish(it.Lane, it.ID); ok {
-				next = append(next, id)
+			if held {
+				finished++
 			}
 		}
-		return s.nextAsHead(ctx, tx, next)
+		return nil
 	})
 	return finished, err
 }
@@ -209,8 +199,7 @@ func (s *Store) deliveredPG(ctx context.Context, items []OutboxItem, now time.Ti
 }
 
 // promoteHeads makes the first pending item of each lane in laneList, a
-// JSON array, its head. On SQLite the writer knows those items already
-// (nextAsHead).
+// JSON array, its head (PostgreSQL).
 func (s *Store) promoteHeads(ctx context.Context, tx *sql.Tx, laneList string) error {
 	// MATERIALIZED keeps PostgreSQL from folding the heads into a join that
 	// reads the whole outbox.
@@ -242,6 +231,10 @@ func (s *Store) jsonElem(i int, typ string) string {
 // the next start) takes them at once.
 func (s *Store) Release(ctx context.Context, owner string) error {
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if !s.postgres {
+			s.releaseHeads(owner)
+			return nil
+		}
 		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`, owner)
 		return err
 	})
@@ -254,6 +247,13 @@ func (s *Store) Release(ctx context.Context, owner string) error {
 // NextDue returns when the earliest lane head can next be claimed (due, and
 // not held), and false if nothing is pending.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+	if !s.postgres {
+		// As the writer last committed (heads.go).
+		if first := s.firstReady.Load(); first != math.MaxInt64 {
+			return time.UnixMilli(first), true, nil
+		}
+		return time.Time{}, false, nil
+	}
 	var next sql.NullInt64
 	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(CASE WHEN claimed_until > next_at THEN claimed_until ELSE next_at END)
 		FROM outbox WHERE state = 'pending' AND head = 1`).Scan(&next); err != nil {
@@ -269,14 +269,8 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
 		return false, err
 	}
-	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil {
-		return false, err
-	}
-	if !s.postgres {
-		if next, ok := s.laneFinish(it.Lane, it.ID); ok {
-			return true, s.nextAsHead(ctx, tx, []int64{next})
-		}
-		return true, nil
+	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil || !s.postgres {
+		return ok, err // on SQLite setState moved the head
 	}
 	laneList, err := json.Marshal([]string{it.Lane})
 	if err != nil {
@@ -316,8 +310,24 @@ func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice
 }
 
 // setState writes an attempt's outcome if the claim that took it still
-// holds the item, and reports whether it did.
+// holds the item, and reports whether it did. On SQLite it also lets the
+// head go (pending: due at next) or finishes it (done or failed), in the
+// writer's memory.
 func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next int64, now time.Time) (bool, error) {
+	if !s.postgres {
+		if !s.holds(it) {
+			return false, nil
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+			updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), it.ID); err != nil {
+			return false, fmt.Errorf("outbox set %s: %w", state, err)
+		}
+		if state == "pending" {
+			s.setHead(it.ID, headState{lane: it.Lane, at: next})
+			return true, nil
+		}
+		return true, s.finishHead(ctx, tx, it)
+	}
 	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
 		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
 	if err != nil {
@@ -368,16 +378,26 @@ func scanIDs(rows *sql.Rows) ([]int64, error) {
 	return ids, rows.Err()
 }
 
+// scanItem reads an item's id, lane, delivery, attempts, next_at and
+// created_at.
+func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
+	var it OutboxItem
+	var next, created int64
+	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+		return OutboxItem{}, err
+	}
+	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
+	return it, nil
+}
+
 func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
 	defer rows.Close()
 	var items []OutboxItem
 	for rows.Next() {
-		var it OutboxItem
-		var next, created int64
-		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+		it, err := scanItem(rows)
+		if err != nil {
 			return nil, err
 		}
-		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
 		items = append(items, it)
 	}
 	if err := rows.Err(); err != nil {

@@ -54,7 +54,8 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- letter, with its reason in last_error). head marks the first pending item
 -- of its lane, the only one that may be taken, so finding work reads the
 -- heads alone however long the queues. An instance delivering an item holds
--- it until claimed_until; an instance that dies lets it go then.
+-- it until claimed_until; an instance that dies lets it go then. (On
+-- SQLite the writer keeps heads and claims in memory: see DUE_HEADS.)
 CREATE TABLE IF NOT EXISTS outbox (
     id            ID_PRIMARY_KEY,
     lane          TEXT NOT NULL,
@@ -74,12 +75,15 @@ CREATE TABLE IF NOT EXISTS outbox (
 -- memory (lanes.go) and the index, which each insert changed at a random
 -- place, is dropped.
 PENDING_BY_LANE;
--- outbox_due lists the heads in the order they are claimed. It keeps
--- claimed_until too, so a claim passes over the heads that deliveries in
--- flight hold without reading their rows. (It replaces outbox_heads, which
--- did not.)
+-- DUE_HEADS stands, on PostgreSQL, for outbox_due, which lists the heads
+-- in the order they are claimed. It keeps claimed_until too, so a claim
+-- passes over the heads that deliveries in flight hold without reading
+-- their rows. (It replaces outbox_heads, which did not.) On SQLite the
+-- writer keeps the heads and their claims in memory (heads.go): there
+-- head, claimed_by and claimed_until are not used, and the index is
+-- dropped.
 DROP INDEX IF EXISTS outbox_heads;
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at, id, claimed_until) WHERE state = 'pending' AND head = 1;
+DUE_HEADS;
 
 -- Credentials the instances share: the WeChat access_token and the IM
 -- admin's UserSig, so one instance refreshes them for all.

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -41,8 +42,18 @@ type Store struct {
 	convLog  []convChange
 	// SQLite: the pending items of each lane, in order, as committed, and
 	// the changes the transaction running makes to them (lanes.go).
-	lanes      map[string][]int64
-	txLanes    map[string]*laneChange
+	lanes   map[string][]int64
+	txLanes map[string]*laneChange
+	// SQLite: the head of each lane, as committed, and the changes the
+	// transaction running makes to them (nil: no longer a head); the heap
+	// of heads by when each is ready, with the entries the transaction
+	// adds and takes; and when the first is ready, for NextDue (heads.go).
+	heads      map[int64]headState
+	txHeads    map[int64]*headState
+	due        dueHeap
+	txDue      []dueEntry
+	txTaken    []dueEntry
+	firstReady atomic.Int64
 	recent     *recentPushes // SQLite: the pushes of the push window (recent.go)
 	stopped    chan struct{}
 	writerDone chan struct{}
@@ -93,6 +104,7 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		// sqlite_sequence at each insert, a page more in each commit.
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "INTEGER PRIMARY KEY")
 		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE", "DROP INDEX IF EXISTS outbox_pending")
+		schema = strings.ReplaceAll(schema, "DUE_HEADS", "DROP INDEX IF EXISTS outbox_due")
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
@@ -105,6 +117,8 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		schema = strings.ReplaceAll(schema, "ID_PRIMARY_KEY", "BIGSERIAL PRIMARY KEY")
 		schema = strings.ReplaceAll(schema, "PENDING_BY_LANE",
 			"CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending'")
+		schema = strings.ReplaceAll(schema, "DUE_HEADS",
+			"CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at, id, claimed_until) WHERE state = 'pending' AND head = 1")
 	} else {
 		return nil, perr
 	}
@@ -115,14 +129,11 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		if _, err := tx.ExecContext(ctx, schema); err != nil {
 			return err
 		}
-		// SQLite serves one instance: what a previous run held is free.
-		if _, err := tx.ExecContext(ctx, `UPDATE outbox SET claimed_until = 0 WHERE state = 'pending'`); err != nil {
-			return err
-		}
 		return addPushColumns(ctx, tx)
 	})
 	if err == nil && !s.postgres {
 		s.openConv, s.txLanes = map[string]string{}, map[string]*laneChange{}
+		s.heads, s.txHeads = map[int64]headState{}, map[int64]*headState{}
 		if err = s.loadLanes(ctx); err == nil {
 			err = s.loadRecent(ctx, cmp.Or(opts.PushWindow, defaultPushWindow), cmp.Or(opts.recentMax, maxRecent), time.Now())
 		}
@@ -753,23 +764,21 @@ func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time
 	ms := now.UnixMilli()
 	lane := d.lane()
 	if !s.postgres {
-		_, busy := s.laneItem(lane, 0)
-		head := 1
-		if busy {
-			head = 0
-		}
 		var carried pushRecord
 		if rec != nil {
 			carried = *rec
 		}
-		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head, push_key, push_sig, push_reply)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, head, carried.key, carried.sig, carried.reply)
+		res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, push_key, push_sig, push_reply)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, carried.key, carried.sig, carried.reply)
 		if err != nil {
 			return err
 		}
 		id, err := res.LastInsertId()
 		if err != nil {
 			return err
+		}
+		if _, busy := s.laneItem(lane, 0); !busy {
+			s.setHead(id, headState{lane: lane, at: ms}) // heads.go
 		}
 		s.laneAdd(lane, id)
 		if rec != nil {
@@ -810,9 +819,10 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 			return err
 		}
 		// A safety net: a lane whose first pending item is not marked
-		// head would never be taken.
+		// head would never be taken. (SQLite's writer keeps the heads
+		// in memory.)
 		if !s.postgres {
-			return s.nextAsHead(ctx, tx, s.laneHeads())
+			return nil
 		}
 		_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
 			(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`)
