@@ -7,9 +7,10 @@ package main
 //
 // PostgreSQL claims and records many items in one round trip, with joins on
 // a JSON list, RETURNING and MATERIALIZED. On SQLite, where the writer alone
-// writes, they are plain statements, one an item: there the joins cost a
-// temporary table and a statement journal at every call, and took twice the
-// CPU a delivery that the plain statements take (BenchmarkDelivery).
+// writes, the heads and their claims are in its memory (heads.go): a claim
+// reads the items it takes, and an outcome is one plain statement an item
+// (the joins cost SQLite a temporary table and a statement journal at every
+// call, twice the CPU a delivery: BenchmarkDelivery).
 
 import (
 	"cmp"
