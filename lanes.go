@@ -21,6 +21,20 @@ type laneChange struct {
 	added    []int64
 }
 
+// pendingSnapshot returns how many items are pending and the id of the
+// oldest (0 if none), as the writer last committed, from any goroutine.
+func (s *Store) pendingSnapshot() (n int, oldest int64) {
+	s.lanesMu.RLock()
+	defer s.lanesMu.RUnlock()
+	for _, q := range s.lanes {
+		n += len(q)
+		if oldest == 0 || q[0] < oldest {
+			oldest = q[0]
+		}
+	}
+	return n, oldest
+}
+
 // loadLanes reads the pending items of every lane, in order, and makes the
 // first of each its head, held by no one.
 func (s *Store) loadLanes(ctx context.Context) error {
@@ -101,7 +115,9 @@ func (s *Store) settle(committed bool) {
 	s.settleConversations(committed)
 	s.settleRecent(committed)
 	s.settleHeads(committed)
-	if committed {
+	if committed && len(s.txLanes) > 0 {
+		s.lanesMu.Lock()
+		defer s.lanesMu.Unlock()
 		for lane, c := range s.txLanes {
 			// Items it finished come off the committed queue first,
 			// then off what it added.

@@ -348,10 +348,27 @@ type OutboxStats struct {
 	OldestSince time.Time // when the oldest pending item was accepted; zero if none
 }
 
-// Stats returns the outbox's figures.
+// Stats returns the outbox's figures. The dead letters are counted through
+// their index. On SQLite the pending items are counted in the writer's
+// lanes, and the oldest is the smallest id among them: the outbox holds the
+// day's delivered items too, which a count by state would read at every
+// scrape.
 func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	var st OutboxStats
 	var oldest sql.NullInt64
+	if !s.postgres {
+		var id int64
+		st.Pending, id = s.pendingSnapshot()
+		err := s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
+			(SELECT created_at FROM outbox WHERE id = ?)`, id).Scan(&st.Failed, &oldest)
+		if err != nil {
+			return OutboxStats{}, fmt.Errorf("outbox stats: %w", err)
+		}
+		if oldest.Valid && st.Pending > 0 {
+			st.OldestSince = time.UnixMilli(oldest.Int64)
+		}
+		return st, nil
+	}
 	err := s.rdb.QueryRowContext(ctx, `SELECT
 		(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
 		(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),

@@ -44,6 +44,10 @@ type Store struct {
 	// the changes the transaction running makes to them (lanes.go).
 	lanes   map[string][]int64
 	txLanes map[string]*laneChange
+	// lanesMu guards lanes against Stats, which reads them from another
+	// goroutine, while the writer changes them (settle). The writer's
+	// own reads need no lock.
+	lanesMu sync.RWMutex
 	// SQLite: the head of each lane, as committed, and the changes the
 	// transaction running makes to them (nil: no longer a head); the heap
 	// of heads by when each is ready, with the entries the transaction
