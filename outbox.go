@@ -50,9 +50,9 @@ type OutboxItem struct {
 // nothing was written for it.
 var errNotHeld = errors.New("outcome not recorded: the item is no longer held by the claim that took it")
 
-// fenced is the condition under which an outcome is written: the item is
-// still pending and held by the claim that took it. Its arguments are the
-// claim's owner and claimed_until.
+// fenced is the condition under which an outcome is written on PostgreSQL
+// (on SQLite, holds): the item is still pending and held by the claim that
+// took it. Its arguments are the claim's owner and claimed_until.
 const fenced = `state = 'pending' AND claimed_by = ? AND claimed_until = ?`
 
 // Claim takes up to limit lane heads that are due at now and held by no
@@ -356,27 +356,22 @@ type OutboxStats struct {
 func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	var st OutboxStats
 	var oldest sql.NullInt64
-	if !s.postgres {
+	var err error
+	if s.postgres {
+		err = s.rdb.QueryRowContext(ctx, `SELECT
+			(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
+			(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
+			(SELECT MIN(created_at) FROM outbox WHERE state = 'pending')`).Scan(&st.Pending, &st.Failed, &oldest)
+	} else {
 		var id int64
 		st.Pending, id = s.pendingSnapshot()
-		err := s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
+		err = s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
 			(SELECT created_at FROM outbox WHERE id = ?)`, id).Scan(&st.Failed, &oldest)
-		if err != nil {
-			return OutboxStats{}, fmt.Errorf("outbox stats: %w", err)
-		}
-		if oldest.Valid && st.Pending > 0 {
-			st.OldestSince = time.UnixMilli(oldest.Int64)
-		}
-		return st, nil
 	}
-	err := s.rdb.QueryRowContext(ctx, `SELECT
-		(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
-		(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
-		(SELECT MIN(created_at) FROM outbox WHERE state = 'pending')`).Scan(&st.Pending, &st.Failed, &oldest)
 	if err != nil {
 		return OutboxStats{}, fmt.Errorf("outbox stats: %w", err)
 	}
-	if oldest.Valid {
+	if oldest.Valid && st.Pending > 0 {
 		st.OldestSince = time.UnixMilli(oldest.Int64)
 	}
 	return st, nil
