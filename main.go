@@ -42,6 +42,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case len(args) == 1 && args[0] == "demo":
 		return runDemo(ctx, stdout, stderr)
 	case len(args) > 0 && args[0] == "load":
+		quietCollector(getenv)
 		return runLoad(ctx, args[1:], stdout, stderr)
 	case len(args) > 0:
 		return fmt.Errorf("usage: wechat-im-bridge [demo | load [-duration 10s] [-connections 32] [-customers 1000] [-database URL [-instances N]] [-im-rate N | -chaos] [-replies] [-bridge PROGRAM [-forwards=false]]] (unknown arguments %q)", args)
@@ -51,6 +52,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	log := newLogger(cfg, stderr)
+	collectLessOften(ctx, getenv)
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
