@@ -100,8 +100,8 @@ func TestSecondMessageGetsSuccess(t *testing.T) {
 	if r := h.wx.SendText(ctx, customer, "first"); r.Reply == nil {
 		t.Fatalf("first message got %q, want the connecting text", r.Body)
 	}
-	if r := h.wx.SendText(ctx, customer, "second"); r.Body != "success" {
-		t.Fatalf("second message got %q, want success", r.Body)
+	if r := h.wx.SendText(ctx, customer, "second"); r.Body != "success" || r.ContentType != "text/plain; charset=utf-8" {
+		t.Fatalf("second message got %q (%s), want success (text/plain; charset=utf-8)", r.Body, r.ContentType)
 	}
 	eventually(t, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
 }

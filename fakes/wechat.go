@@ -431,10 +431,12 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 // PushResult is how the developer's URL answered a push.
 type PushResult struct {
-	Status   int    // HTTP status of the last attempt, 0 if none answered
-	Body     string // body of the last attempt
-	Attempts int
-	Reply    *Reply // the passive reply, if the answer was one
+	Status int    // HTTP status of the last attempt, 0 if none answered
+	Body   string // body of the last attempt
+	// ContentType is the last attempt's Content-Type header.
+	ContentType string
+	Attempts    int
+	Reply       *Reply // the passive reply, if the answer was one
 	// Failed is set when the customer was shown WeChat's "service
 	// unavailable" notice: no valid answer within the attempts.
 	Failed bool
@@ -635,7 +637,7 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 		}
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		resp.Body.Close()
-		res.Status, res.Body = resp.StatusCode, string(b)
+		res.Status, res.Body, res.ContentType = resp.StatusCode, string(b), resp.Header.Get("Content-Type")
 		if resp.StatusCode != http.StatusOK {
 			continue
 		}
