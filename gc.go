@@ -9,9 +9,9 @@ import (
 
 // When the garbage collector runs.
 //
-// Under load the bridge keeps a live heap of 5 – 20 MB and allocates about
+// Under load the bridge keeps a live heap of 3 – 20 MB and allocates about
 // 7 KB a push. With Go's default, GOGC=100, the collector runs each time the
-// heap has doubled: 7 – 35 times a second at 10,000 pushes a second. Each run
+// heap has doubled: 7 – 35 times a second at 17,000 pushes a second. Each run
 // takes one of two processors for 1 – 2 ms, and the pushes that arrive then
 // wait longer. So, unless GOGC or GOMEMLIMIT is set, the bridge lets its
 // memory grow to heapFloor before it collects, or to twice its live heap once
