@@ -16,7 +16,8 @@ import (
 // wait longer. So, unless GOGC or GOMEMLIMIT is set, the bridge lets its
 // memory grow to heapFloor before it collects, or to twice its live heap once
 // that is larger: as often as GOGC=100 with a large heap, far less often with
-// a small one. In a 30 s load run its peak memory is 49 MB (52 with GOGC=100).
+// a small one. In the paced load run its peak memory is 48 – 49 MB, against
+// 52 with GOGC=100.
 
 // heapFloor is how far the bridge's memory grows before the collector runs
 // while its live heap is under half of it.
