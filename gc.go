@@ -28,10 +28,16 @@ func gcLimit(live uint64) int64 {
 	return max(heapFloor, 2*int64(live))
 }
 
-// collectLessOften applies the policy above until ctx is done, unless getenv
-// has GOGC or GOMEMLIMIT, which are then the operator's to set.
+// setByOperator reports whether getenv has GOGC or GOMEMLIMIT: the collector
+// is then the operator's to set, and Go has set it so.
+func setByOperator(getenv func(string) string) bool {
+	return getenv("GOGC") != "" || getenv("GOMEMLIMIT") != ""
+}
+
+// collectLessOften applies the policy above until ctx is done, unless the
+// operator set the collector.
 func collectLessOften(ctx context.Context, getenv func(string) string) {
-	if getenv("GOGC") != "" || getenv("GOMEMLIMIT") != "" {
+	if setByOperator(getenv) {
 		return
 	}
 	debug.SetMemoryLimit(heapFloor)
@@ -67,7 +73,7 @@ func followLiveHeap(ctx context.Context, interval time.Duration) {
 // until the process holds 1 GiB, it runs about once in ten seconds at 20,000
 // pushes a second (about 3.5 KB allocated a push).
 func quietCollector(getenv func(string) string) {
-	if getenv("GOGC") != "" || getenv("GOMEMLIMIT") != "" {
+	if setByOperator(getenv) {
 		return
 	}
 	debug.SetMemoryLimit(1 << 30)
