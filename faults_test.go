@@ -301,27 +301,35 @@ func (h *harness) metricsText() string {
 	return string(b)
 }
 
-// A worker whose lease ran out while IM failed, and whose item another
-// claim took meanwhile, leaves the retry to that claim: it writes nothing
-// and says so in its log.
-func TestFailedAttemptOfAnOutrunClaim(t *testing.T) {
+// lonelyWorker returns a worker on a store of its own, not running, whose
+// IM client calls the harness's IM fake with a time-out of 10 s; it logs
+// to logs.
+func lonelyWorker(t *testing.T, logs io.Writer) (*harness, *Store, *Worker) {
 	h := newHarness(t, harnessOptions{external: true})
 	st := openTestStore(t, "sqlite")
 	imo := h.im.Options()
 	im := &IMClient{Base: h.im.URL, SDKAppID: imo.SDKAppID, SecretKey: imo.SecretKey, Admin: imo.Admin,
-		HTTP: &http.Client{Timeout: 5 * time.Second}, SigLifetime: time.Hour, Now: time.Now}
+		HTTP: &http.Client{Timeout: 10 * time.Second}, SigLifetime: time.Hour, Now: time.Now}
+	return h, st, newWorker(st, im, nil, slog.New(slog.NewTextHandler(logs, nil)), newMetrics(st), time.Now)
+}
+
+// A worker whose lease ran out while IM failed, and whose item another
+// claim took meanwhile, leaves the retry to that claim: it writes nothing
+// and says so in its log.
+func TestFailedAttemptOfAnOutrunClaim(t *testing.T) {
 	logs := &syncBuffer{}
-	w := newWorker(st, im, nil, slog.New(slog.NewTextHandler(logs, nil)), newMetrics(st), time.Now)
+	h, st, w := lonelyWorker(t, logs)
+	w.Lease = 2 * time.Second // as a's claim below, so its attempt may begin
 
 	ctx, now := context.Background(), time.Now()
 	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hello"), now); err != nil {
 		t.Fatal(err)
 	}
-	a, err := st.Claim(ctx, "a", now, time.Second, 1)
+	a, err := st.Claim(ctx, "a", now, w.Lease, 1)
 	if err != nil || len(a) != 1 {
 		t.Fatalf("a claimed %+v, %v; want the lane's head", a, err)
 	}
-	if b, err := st.Claim(ctx, "b", now.Add(2*time.Second), time.Minute, 1); err != nil || len(b) != 1 || b[0].ID != a[0].ID {
+	if b, err := st.Claim(ctx, "b", now.Add(3*time.Second), time.Minute, 1); err != nil || len(b) != 1 || b[0].ID != a[0].ID {
 		t.Fatalf("b claimed %+v, %v; want the item a's lease let go", b, err)
 	}
 	h.im.FailNext(1, 91000)
@@ -337,5 +345,42 @@ func TestFailedAttemptOfAnOutrunClaim(t *testing.T) {
 	}
 	if by, _ := claimOf(t, st, a[0].ID); attempts != 0 || by != "b" {
 		t.Errorf("item has %d attempts, held by %q; want 0, held by b", attempts, by)
+	}
+}
+
+// An attempt whose call IM holds unanswered is cut off before its claim
+// runs out, so that no newer claim's call overlaps it, and its outcome, a
+// retry, is written while the claim still holds the item.
+func TestAttemptEndsBeforeItsClaim(t *testing.T) {
+	h, st, w := lonelyWorker(t, io.Discard)
+	w.Lease = 3 * time.Second // the client's time-out, 10 s, is longer
+
+	ctx := context.Background()
+	if _, err := st.AcceptPush(ctx, message("k1", "o1", "hello"), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	items, err := st.Claim(ctx, "a", time.Now(), w.Lease, 1)
+	if err != nil || len(items) != 1 {
+		t.Fatalf("claimed %+v, %v; want the lane's head", items, err)
+	}
+	it := items[0]
+	release := h.im.Hold()
+	defer release()
+	if w.deliverItem(ctx, it) {
+		t.Fatal("the attempt reported a delivery while IM held its call")
+	}
+	if ended, until := time.Now(), time.UnixMilli(it.claimedUntil); !ended.Before(until) {
+		t.Errorf("the attempt ended %s after its claim ran out", ended.Sub(until))
+	}
+	var attempts int
+	var lastError string
+	if err := st.rdb.QueryRowContext(ctx, `SELECT attempts, last_error FROM outbox WHERE id = ?`, it.ID).Scan(&attempts, &lastError); err != nil {
+		t.Fatal(err)
+	}
+	if attempts != 1 || !strings.Contains(lastError, "cut off") {
+		t.Errorf("item has %d attempts, last error %q; want a retry recorded for the cut-off attempt", attempts, lastError)
+	}
+	if by, _ := claimOf(t, st, it.ID); by != "" {
+		t.Errorf("item still held by %q; a retry lets it go", by)
 	}
 }

@@ -199,7 +199,20 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	d := it.Delivery
 	err := it.Unreadable
 	if err == nil {
-		err = w.deliver(ctx, d)
+		// The attempt ends a tenth of a lease before its claim does, so
+		// that no other instance's claim of the item overlaps a call of
+		// this one, and the outcome is written while the claim holds.
+		budget := time.UnixMilli(it.claimedUntil).Sub(w.Now()) - w.Lease/10
+		if budget <= 0 {
+			w.Log.Warn("claim ran out before its attempt began; the item is left to a newer claim", "id", it.ID)
+			return false
+		}
+		attemptCtx, cancel := context.WithTimeout(ctx, budget)
+		err = w.deliver(attemptCtx, d)
+		if err != nil && attemptCtx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("attempt cut off after %s, before its claim ran out: %w", budget.Round(time.Millisecond), err)
+		}
+		cancel()
 	}
 	now := w.Now()
 	tgt := target(d.Kind)
