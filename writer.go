@@ -12,7 +12,7 @@ package main
 // fsync to a second goroutine, so that it could commit the next batch while
 // the disk worked. On the 2-core machines the speed is measured on, that
 // answered no more pushes (one kind) or 4–11% fewer (another) than this one:
-// its batches were smaller, and each handed over twice (README, Speed).
+// its batches were smaller, and each handed over twice (SPEED.md).
 
 import (
 	"context"
