@@ -292,12 +292,21 @@ func (h *harness) deadLetters() []string {
 // metricsText returns GET /metrics.
 func (h *harness) metricsText() string {
 	h.t.Helper()
-	resp, err := http.Get(h.base + "/metrics")
+	return metricsAt(h.t, h.base)
+}
+
+// metricsAt returns GET /metrics of the bridge at base.
+func metricsAt(t testing.TB, base string) string {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return string(b)
 }
 

@@ -78,3 +78,22 @@ func TestFollowLiveHeap(t *testing.T) {
 	eventually(t, "the limit to follow a live heap over the floor", func() bool { return debug.SetMemoryLimit(-1) >= 2*heapFloor })
 	runtime.KeepAlive(live)
 }
+
+// TestSpareProcessor: one processor more than Go's choice, the same however
+// often it is called (each in-process bridge of the tests calls it), and
+// nothing when GOMAXPROCS is set.
+func TestSpareProcessor(t *testing.T) {
+	prev := runtime.GOMAXPROCS(0)
+	t.Cleanup(func() { runtime.GOMAXPROCS(prev) })
+	runtime.SetDefaultGOMAXPROCS()
+	chosen := runtime.GOMAXPROCS(0)
+	for range 2 {
+		if n := spareProcessor(func(string) string { return "" }); n != chosen+1 || runtime.GOMAXPROCS(0) != chosen+1 {
+			t.Errorf("spareProcessor set %d, runtime has %d; want %d", n, runtime.GOMAXPROCS(0), chosen+1)
+		}
+	}
+	runtime.GOMAXPROCS(3)
+	if n := spareProcessor(func(k string) string { return map[string]string{"GOMAXPROCS": "3"}[k] }); n != 0 || runtime.GOMAXPROCS(0) != 3 {
+		t.Errorf("with GOMAXPROCS=3 set: spareProcessor set %d, runtime has %d; want it left at 3", n, runtime.GOMAXPROCS(0))
+	}
+}

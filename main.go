@@ -53,6 +53,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log := newLogger(cfg, stderr)
 	collectLessOften(ctx, getenv)
+	if _, err := sqlitePath(cfg.DatabaseURL); err == nil {
+		spareProcessor(getenv)
+	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
