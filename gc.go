@@ -91,7 +91,7 @@ func quietCollector(getenv func(string) string) {
 // goroutines need one, and when the fsync returns the writer waits again,
 // for a processor. With one to spare the writer keeps its own through the
 // fsync and goes on at once. In the paced load run, in alternating pairs:
-// 10 of 11 pairs gained, median +5%, under the goal machine's emulated
+// 11 of 13 pairs gained, median +5%, under the goal machine's emulated
 // capacity, and median +4.7% at full speed (SPEED.md). Called again, it
 // sets the same. It returns the processors set, or 0 when it left them
 // alone.
