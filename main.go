@@ -9,7 +9,7 @@
 //
 // "wechat-im-bridge" serves with its configuration from the environment;
 // "wechat-im-bridge demo" plays the whole flow offline against fake WeChat and
-// IM servers; "wechat-im-bridge load" measures it under load, on loopback.
+// IM servers. The load generator is a command of its own (cmd/loadgen).
 package main
 
 import (
@@ -35,27 +35,20 @@ func main() {
 	}
 }
 
-// run is the whole program: "demo" plays the offline demo, "load" runs the
-// load generator, no argument serves until ctx is done.
+// run is the whole program: "demo" plays the offline demo, no argument
+// serves until ctx is done.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	switch {
 	case len(args) == 1 && args[0] == "demo":
 		return runDemo(ctx, stdout, stderr)
-	case len(args) > 0 && args[0] == "load":
-		quietCollector(getenv)
-		return runLoad(ctx, args[1:], stdout, stderr)
 	case len(args) > 0:
-		return fmt.Errorf("usage: wechat-im-bridge [demo | load [-duration 10s] [-connections 32] [-customers 1000] [-database URL [-instances N]] [-im-rate N | -chaos] [-replies] [-bridge PROGRAM [-forwards=false]]] (unknown arguments %q)", args)
+		return fmt.Errorf("usage: wechat-im-bridge [demo] (unknown arguments %q)", args)
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
 	}
 	log := newLogger(cfg, stderr)
-	collectLessOften(ctx, getenv)
-	if _, err := sqlitePath(cfg.DatabaseURL); err == nil {
-		spareProcessor(getenv)
-	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)

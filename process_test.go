@@ -8,8 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -160,48 +158,4 @@ func TestSIGTERMDrains(t *testing.T) {
 	if got := h.textsTo("agent_kim", " "); got != "one two three four" {
 		t.Errorf("agent got %q, want each message once, in order", got)
 	}
-}
-
-// TestProcessorsOfTheBridge: on SQLite the bridge process runs with one
-// processor more than Go chose (spareProcessor), on PostgreSQL with Go's
-// choice, and a GOMAXPROCS the operator set stands. Read from its /metrics.
-func TestProcessorsOfTheBridge(t *testing.T) {
-	if os.Getenv("GOMAXPROCS") != "" {
-		t.Skip("GOMAXPROCS is set for the tests, so Go's own choice is unknown here")
-	}
-	// Go's choice for this machine, where the bridge process runs too (the
-	// bridges the other tests run in this process spare a processor here).
-	prev := runtime.GOMAXPROCS(0)
-	runtime.SetDefaultGOMAXPROCS()
-	chosen := runtime.GOMAXPROCS(prev)
-	bin := buildBridge(t)
-	forStores(t, func(t *testing.T, pg bool) {
-		h := newHarness(t, harnessOptions{postgres: pg, external: true})
-		want := chosen + 1
-		if pg {
-			want = chosen
-		}
-		if got := processorsOf(t, h.startProcess(bin)); got != want {
-			t.Errorf("the bridge runs with %d processors, want %d (Go chose %d)", got, want, chosen)
-		}
-	})
-	t.Run("set by the operator", func(t *testing.T) {
-		h := newHarness(t, harnessOptions{external: true, env: map[string]string{"GOMAXPROCS": "1"}})
-		if got := processorsOf(t, h.startProcess(bin)); got != 1 {
-			t.Errorf("the bridge runs with %d processors, want the operator's 1", got)
-		}
-	})
-}
-
-// processorsOf reads the processors a bridge process runs with from its
-// /metrics (go_sched_gomaxprocs_threads).
-func processorsOf(t *testing.T, p *bridgeProcess) int {
-	t.Helper()
-	body := metricsAt(t, p.base)
-	m := regexp.MustCompile(`(?m)^go_sched_gomaxprocs_threads (\d+)$`).FindStringSubmatch(body)
-	if m == nil {
-		t.Fatalf("no go_sched_gomaxprocs_threads in /metrics:\n%s", body)
-	}
-	n, _ := strconv.Atoi(m[1])
-	return n
 }

@@ -6,10 +6,10 @@
 //
 // It reads the bridge's own environment (LISTEN_ADDR, WECHAT_TOKEN,
 // WECHAT_APPID, WECHAT_APPSECRET, IM_SDKAPPID, IM_SECRET_KEY, IM_API_BASE,
-// IM_ADMIN, IM_AGENTS, IM_USER_PREFIX), so the bridge's load generator can
+// IM_ADMIN, IM_AGENTS, IM_USER_PREFIX), so the load generator (cmd/loadgen) can
 // run it in the bridge's place:
 //
-//	cd loadref && go build -o /tmp/loadref . && cd .. && go run . load -bridge /tmp/loadref
+//	(cd cmd/loadref && go build -o /tmp/loadref .) && go run ./cmd/loadgen -bridge /tmp/loadref
 //
 // It is tuned as the SDK's users tune it: the SDK's debug logging off and a
 // connection pool sized for the load. LOADREF_UNTUNED=1 leaves the SDK's
@@ -19,13 +19,13 @@
 // answers "success" and does nothing else, which tells how fast the machine
 // and the generator are:
 //
-//	LOADREF_EMPTY=1 go run . load -bridge /tmp/loadref -forwards=false
+//	LOADREF_EMPTY=1 go run ./cmd/loadgen -bridge /tmp/loadref -forwards=false
 //
 // LOADREF_JOURNAL=PATH makes it the floor of a durable answer: the empty
 // handler, but each push's body is appended to the file at PATH and answered
 // only once an fsync covers it, many pushes to an fsync (journal.go):
 //
-//	LOADREF_JOURNAL=/tmp/loadref.journal go run . load -bridge /tmp/loadref -forwards=false
+//	LOADREF_JOURNAL=/tmp/loadref.journal go run ./cmd/loadgen -bridge /tmp/loadref -forwards=false
 //
 // LOADREF_SQLITE=PATH does the same in an SQLite database at PATH, on the
 // bridge's driver: the pushes that wait are inserted in one transaction, a
@@ -33,7 +33,7 @@
 // fsynced. It is the floor of a durable answer on SQLite, whatever a
 // handler does besides:
 //
-//	LOADREF_SQLITE=/tmp/loadref.db go run . load -bridge /tmp/loadref -forwards=false
+//	LOADREF_SQLITE=/tmp/loadref.db go run ./cmd/loadgen -bridge /tmp/loadref -forwards=false
 //
 // It is a module of its own so that the bridge does not depend on the SDK.
 package main

@@ -1,4 +1,4 @@
-module wechat-im-bridge/loadref
+module wechat-im-bridge/cmd/loadref
 
 go 1.26.0
 

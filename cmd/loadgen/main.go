@@ -1,0 +1,147 @@
+// Command loadgen measures the bridge under load, on loopback only: it
+// starts fake WeChat and IM servers in this process, runs the bridge as a
+// separate process (built from this module, or the binary -exe names),
+// pushes signed text messages from many customers at it over several
+// connections for a fixed time, waits for every accepted message to reach
+// IM, and reports throughput, WeChat's wait, delivery latency, lost
+// forwards and the bridge's peak memory.
+//
+//	go run ./cmd/loadgen -im-rate 200
+//
+// With -im-rate N the bridge paces its IM calls at N a second, as it must
+// against the real IM (200 by default), so the messages pile up in the
+// outbox while the pushes run. Then the bridge is stopped, and a new one on
+// the same database, unpaced, delivers the backlog: a forward is lost only
+// if neither delivers it.
+//
+// With -chaos the run is a trial of the promise to lose nothing: the bridge
+// is killed (SIGKILL) and restarted on the same database three times while
+// the pushes run, IM fails on purpose by turns (HTTP 502, busy codes, calls
+// held past the bridge's time-out and then carried out), and a push left
+// without an answer is sent again, as WeChat does, until it gets one. Every
+// answered message must reach IM exactly once.
+//
+// With -replies the agents answer every message, and every answer must
+// reach WeChat (replies.go). With -bridge PROGRAM another program stands in
+// the bridge's place: the speed reference in cmd/loadref, or an empty
+// handler.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := runLoad(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+// options are the generator's flags.
+type options struct {
+	duration   time.Duration
+	conns      int
+	customers  int
+	database   string
+	imRate     int
+	exe        string // the bridge's binary ("" : build it)
+	other      string // a program in the bridge's place
+	forwards   bool
+	instances  int
+	chaos      bool
+	replies    bool
+	itselfRuns bool // the bridge runs, not another program
+}
+
+// parseOptions reads the flags and refuses the combinations no run can
+// honour.
+func parseOptions(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("loadgen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long to push")
+	fs.IntVar(&o.conns, "connections", 32, "concurrent connections pushing")
+	fs.IntVar(&o.customers, "customers", 1000, "distinct customers writing")
+	fs.StringVar(&o.database, "database", "", "DATABASE_URL for the bridge (default: SQLite in a temporary folder)")
+	fs.IntVar(&o.imRate, "im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
+	fs.StringVar(&o.exe, "exe", "", "the bridge's binary (default: built from this module with go build)")
+	fs.StringVar(&o.other, "bridge", "", "a program to run in the bridge's place, with its environment (the reference in cmd/loadref)")
+	fs.BoolVar(&o.forwards, "forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
+	fs.IntVar(&o.instances, "instances", 1, "bridges on one PostgreSQL database (-database postgres://…), the connections spread over them")
+	fs.BoolVar(&o.chaos, "chaos", false, "kill and restart the bridge while the pushes run, make IM fail by turns, and send unanswered pushes again")
+	fs.BoolVar(&o.replies, "replies", false, "agents answer each message that reaches IM, from IM clients, and every answer must reach WeChat")
+	if err := fs.Parse(args); err != nil {
+		return options{}, err
+	}
+	o.itselfRuns = o.other == ""
+	postgres := strings.HasPrefix(o.database, "postgres://") || strings.HasPrefix(o.database, "postgresql://")
+	switch {
+	case o.duration <= 0 || o.duration > 10*time.Minute || o.conns < 1 || o.conns > 1024 || o.customers < 1 || o.imRate < 0:
+		return options{}, errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1, -im-rate at least 0")
+	case !o.itselfRuns && o.imRate > 0:
+		return options{}, errors.New("load: -im-rate needs the bridge itself, which can stop and hand its backlog to a restarted one")
+	case !o.forwards && o.itselfRuns:
+		return options{}, errors.New("load: -forwards=false is for a program run with -bridge: the bridge itself forwards every message")
+	case o.instances < 1 || o.instances > 8:
+		return options{}, errors.New("load: -instances must be in [1, 8]")
+	case o.instances > 1 && (!o.itselfRuns || !postgres):
+		return options{}, errors.New("load: -instances runs several bridges, which share one PostgreSQL: it needs -database postgres://… and not -bridge")
+	case o.replies && !o.itselfRuns:
+		return options{}, errors.New("load: -replies needs the bridge itself, which takes IM's callbacks")
+	case o.chaos && (o.imRate > 0 || !o.forwards):
+		return options{}, errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
+	}
+	return o, nil
+}
+
+// fakeT lets the fakes report to the generator instead of a test.
+type fakeT struct {
+	mu       sync.Mutex
+	errs     []string
+	cleanups []func()
+}
+
+func (d *fakeT) Helper() {}
+func (d *fakeT) Errorf(format string, args ...any) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.errs = append(d.errs, fmt.Sprintf(format, args...))
+}
+func (d *fakeT) Cleanup(f func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.cleanups = append(d.cleanups, f)
+}
+func (d *fakeT) close() {
+	for _, f := range slices.Backward(d.cleanups) {
+		f()
+	}
+}
+
+// waitFor polls cond until it holds or ctx ends.
+func waitFor(ctx context.Context, what string, cond func() bool) error {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+	return nil
+}
