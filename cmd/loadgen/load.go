@@ -157,14 +157,12 @@ func (t *trial) env() []string {
 		// Calls held past a second time out, and retries come soon.
 		env = append(env, "VENDOR_TIMEOUT=1s", "RETRY_MIN_DELAY=50ms", "RETRY_MAX_DELAY=1s")
 	}
-	// The Go runtime's settings and the reference's reach the program.
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "LOADREF_") || strings.HasPrefix(kv, "GOGC=") ||
-			strings.HasPrefix(kv, "GOMEMLIMIT=") || strings.HasPrefix(kv, "GOMAXPROCS=") {
+		if strings.HasPrefix(kv, "LOADREF_") {
 			env = append(env, kv)
 		}
 	}
-	return env
+	return append(env, t.o.env...)
 }
 
 // describe names the store and pacing, or the program in the bridge's place.

@@ -231,6 +231,7 @@ func TestLoadRefusals(t *testing.T) {
 		{[]string{"-instances", "9", "-database", "postgres://x/y"}, "-instances must be in [1, 8]"},
 		{[]string{"-bridge", "/bin/false", "-duration", "1s"}, "/bin/false exited before it was ready (exit status 1)"},
 		{[]string{"-replies", "-bridge", "/bin/true"}, "-replies needs the bridge itself"},
+		{[]string{"-env", "GOGC"}, `want KEY=VALUE, got "GOGC"`},
 	} {
 		err := runLoad(t.Context(), c.args, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
