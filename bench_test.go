@@ -99,7 +99,7 @@ func BenchmarkDelivery(b *testing.B) {
 		b.Run(store, func(b *testing.B) {
 			st := openTestStore(b, store)
 			ctx, now := context.Background(), time.Now()
-			err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
 				for i := range b.N + 64 {
 					d := Delivery{Kind: deliverIMSend, OpenID: fmt.Sprint("o", i%1000), IMUser: fmt.Sprint("wx_o", i%1000),
 						Agent: "agent_kim", Text: "hello, I would like to ask about my order", MsgSeq: uint32(i), MsgRandom: 7}

@@ -4,6 +4,8 @@ package main
 // C2C.CallbackAfterSendMsg and is queued for WeChat's custom/send.
 
 import (
+	"cmp"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
@@ -11,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -127,86 +130,98 @@ func callbackText(body []MsgElem) string {
 
 // handleIMCallback takes IM's callbacks. An agent's message to a customer is
 // committed to the outbox, then IM gets its answer; everything else is
-// answered and left alone. Messages from customer accounts are the bridge's
-// own sends and are never sent back to WeChat.
+// answered and left alone.
 func (b *bridge) handleIMCallback() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
-		if q.Get("SdkAppid") != strconv.FormatUint(b.cfg.IMSDKAppID, 10) {
-			b.refuseCallback(w, http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID")
+		cb, refused := b.openCallback(r, q)
+		if refused != nil {
+			b.refuseCallback(w, refused.status, refused.reason)
 			return
 		}
-		if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now(), b.cfg.IMCallbackMaxSkew) {
-			b.refuseCallback(w, http.StatusForbidden, "Sign or RequestTime is wrong")
-			return
-		}
-		body, err := readLimited(r.Body, maxCallbackBytes)
-		if errors.Is(err, errTooLarge) {
-			b.refuseCallback(w, http.StatusRequestEntityTooLarge, "callback too large")
-			return
-		} else if err != nil {
-			b.refuseCallback(w, http.StatusBadRequest, "cannot read body")
-			return
-		}
-		cb, err := decodeCallback(body)
-		if err != nil {
-			b.refuseCallback(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		command := q.Get("CallbackCommand")
-		if command == "" {
-			command = cb.CallbackCommand
-		}
+		command := cmp.Or(q.Get("CallbackCommand"), cb.CallbackCommand)
 		if command != cbAfterSendMsg {
 			b.metrics.callbacks.WithLabelValues("ignored").Inc()
 			writeIMAnswer(w, http.StatusOK, 0, "") // Before: allow; others: nothing to do
 			return
 		}
-		outcome := "ignored"
-
-		openid, isCustomer := strings.CutPrefix(cb.To_Account, b.cfg.IMUserPrefix)
-		switch {
-		case strings.HasPrefix(cb.From_Account, b.cfg.IMUserPrefix):
-			// The bridge's own send, or a customer's account used elsewhere.
-			b.log.Debug("im callback ignored", "reason", "sender is a customer account")
-		case !slices.Contains(b.cfg.IMAgents, cb.From_Account) || !isCustomer || openid == "":
-			b.log.Info("im callback ignored", "reason", "not an agent writing to a customer")
-		case cb.SendMsgResult != 0:
-			b.log.Info("im callback ignored", "reason", "message was not delivered in IM", "result", cb.SendMsgResult)
-		default:
-			text := callbackText(cb.MsgBody)
-			if text == "" {
-				b.log.Info("im callback ignored", "reason", "message has no content")
-				break
-			}
-			d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
-			// While its conversation's replies of a gap are still to be
-			// read back, it is held, to go after them (recover.go).
-			held, dup, err := b.recovery.hold(r.Context(), openid, callbackKey(cb), d)
-			if !held && err == nil {
-				dup, err = b.store.AcceptReply(r.Context(), callbackKey(cb), d, b.now())
-			}
-			switch {
-			case errors.Is(err, errUnknownCustomer):
-				b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
-			case err != nil:
-				b.metrics.callbacks.WithLabelValues("failed").Inc()
-				b.log.Error("callback not accepted", "err", err)
-				writeIMAnswer(w, http.StatusInternalServerError, 1, "internal error")
-				return
-			case dup:
-				outcome = "duplicate"
-			case held:
-				outcome = "held"
-			default:
-				outcome = "forwarded"
-				b.worker.Notify()
-				b.log.Debug("agent reply accepted", "agent", cb.From_Account)
-			}
+		outcome, err := b.takeReply(r.Context(), cb)
+		if err != nil {
+			b.metrics.callbacks.WithLabelValues("failed").Inc()
+			b.log.Error("callback not accepted", "err", err)
+			writeIMAnswer(w, http.StatusInternalServerError, 1, "internal error")
+			return
 		}
 		b.metrics.callbacks.WithLabelValues(outcome).Inc()
 		writeIMAnswer(w, http.StatusOK, 0, "")
 	})
+}
+
+// openCallback checks a callback's SdkAppid and Sign, reads its body and
+// decodes it, or returns why it is refused.
+func (b *bridge) openCallback(r *http.Request, q url.Values) (IMCallback, *refusal) {
+	if q.Get("SdkAppid") != strconv.FormatUint(b.cfg.IMSDKAppID, 10) {
+		return IMCallback{}, &refusal{http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID"}
+	}
+	if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now(), b.cfg.IMCallbackMaxSkew) {
+		return IMCallback{}, &refusal{http.StatusForbidden, "Sign or RequestTime is wrong"}
+	}
+	body, err := readLimited(r.Body, maxCallbackBytes)
+	if errors.Is(err, errTooLarge) {
+		return IMCallback{}, &refusal{http.StatusRequestEntityTooLarge, "callback too large"}
+	} else if err != nil {
+		return IMCallback{}, &refusal{http.StatusBadRequest, "cannot read body"}
+	}
+	cb, err := decodeCallback(body)
+	if err != nil {
+		return IMCallback{}, &refusal{http.StatusBadRequest, err.Error()}
+	}
+	return cb, nil
+}
+
+// takeReply commits an agent's message to a customer, and returns the
+// callback's outcome for the metrics. Messages from customer accounts are
+// the bridge's own sends and are never sent back to WeChat.
+func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, err error) {
+	openid, isCustomer := strings.CutPrefix(cb.To_Account, b.cfg.IMUserPrefix)
+	switch {
+	case strings.HasPrefix(cb.From_Account, b.cfg.IMUserPrefix):
+		// The bridge's own send, or a customer's account used elsewhere.
+		b.log.Debug("im callback ignored", "reason", "sender is a customer account")
+		return "ignored", nil
+	case !slices.Contains(b.cfg.IMAgents, cb.From_Account) || !isCustomer || openid == "":
+		b.log.Info("im callback ignored", "reason", "not an agent writing to a customer")
+		return "ignored", nil
+	case cb.SendMsgResult != 0:
+		b.log.Info("im callback ignored", "reason", "message was not delivered in IM", "result", cb.SendMsgResult)
+		return "ignored", nil
+	}
+	text := callbackText(cb.MsgBody)
+	if text == "" {
+		b.log.Info("im callback ignored", "reason", "message has no content")
+		return "ignored", nil
+	}
+	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
+	// While its conversation's replies of a gap are still to be read back,
+	// it is held, to go after them (recover.go).
+	held, dup, err := b.recovery.hold(ctx, openid, callbackKey(cb), d)
+	if !held && err == nil {
+		dup, err = b.store.AcceptReply(ctx, callbackKey(cb), d, b.now())
+	}
+	switch {
+	case errors.Is(err, errUnknownCustomer):
+		b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
+		return "ignored", nil
+	case err != nil:
+		return "", err
+	case dup:
+		return "duplicate", nil
+	case held:
+		return "held", nil
+	}
+	b.worker.Notify()
+	b.log.Debug("agent reply accepted", "agent", cb.From_Account)
+	return "forwarded", nil
 }
 
 // refuseCallback answers a callback the bridge will not take, and logs why.

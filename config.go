@@ -72,119 +72,156 @@ var aesKeyPattern = regexp.MustCompile(`^[A-Za-z0-9]{43}$`)
 // wechatTokenPattern is the rule the WeChat console applies to the Token.
 var wechatTokenPattern = regexp.MustCompile(`^[A-Za-z0-9]{3,32}$`)
 
+// env reads the environment and gathers what is wrong with it.
+type env struct {
+	getenv   func(string) string
+	problems []string
+}
+
+// bad records a problem.
+func (e *env) bad(format string, args ...any) {
+	e.problems = append(e.problems, fmt.Sprintf(format, args...))
+}
+
+// get returns name's value, trimmed, or def when it is empty.
+func (e *env) get(name, def string) string {
+	if v := strings.TrimSpace(e.getenv(name)); v != "" {
+		return v
+	}
+	return def
+}
+
+// required returns name's value, and records a problem when it is empty.
+func (e *env) required(name string) string {
+	v := e.get(name, "")
+	if v == "" {
+		e.bad("%s is required", name)
+	}
+	return v
+}
+
+// duration returns name's value as a positive duration, or def.
+func (e *env) duration(name string, def time.Duration) time.Duration {
+	v := e.get(name, "")
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		e.bad("%s must be a positive duration such as 1m or 90s, got %q", name, v)
+	}
+	return d
+}
+
+// count returns name's value as a whole number of at least least, or def.
+func (e *env) count(name string, def, least int, what string) int {
+	v := e.get(name, "")
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < least {
+		e.bad("%s must be %s, got %q", name, what, v)
+	}
+	return n
+}
+
 // loadConfig reads and validates the configuration. Its error names every
 // missing or malformed variable at once, and never includes a secret's value.
 func loadConfig(getenv func(string) string) (Config, error) {
-	var problems []string
-	bad := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
-	get := func(name, def string) string {
-		if v := strings.TrimSpace(getenv(name)); v != "" {
-			return v
-		}
-		return def
-	}
-	required := func(name string) string {
-		v := get(name, "")
-		if v == "" {
-			bad("%s is required", name)
-		}
-		return v
-	}
-
+	e := &env{getenv: getenv}
 	c := Config{
-		ListenAddr:           get("LISTEN_ADDR", ":8080"),
-		WeChatToken:          required("WECHAT_TOKEN"),
-		WeChatAppID:          required("WECHAT_APPID"),
-		WeChatAppSecret:      required("WECHAT_APPSECRET"),
-		WeChatAESKey:         get("WECHAT_AES_KEY", ""),
-		WeChatAESKeyPrevious: get("WECHAT_AES_KEY_PREVIOUS", ""),
-		WeChatAPIBase:        strings.TrimRight(get("WECHAT_API_BASE", "https://api.weixin.qq.com"), "/"),
-		IMSecretKey:          required("IM_SECRET_KEY"),
-		IMAdmin:              get("IM_ADMIN", "administrator"),
-		IMAPIBase:            strings.TrimRight(get("IM_API_BASE", "https://console.tim.qq.com"), "/"),
-		IMCallbackToken:      get("IM_CALLBACK_TOKEN", ""),
-		IMUserPrefix:         get("IM_USER_PREFIX", "wx_"),
-		DatabaseURL:          get("DATABASE_URL", "sqlite:bridge.db"),
-		WelcomeText:          get("WELCOME_TEXT", defaultWelcomeText),
-		ConnectingText:       get("CONNECTING_TEXT", defaultConnectingText),
-		LogFormat:            get("LOG_FORMAT", "text"),
+		ListenAddr:           e.get("LISTEN_ADDR", ":8080"),
+		WeChatToken:          e.required("WECHAT_TOKEN"),
+		WeChatAppID:          e.required("WECHAT_APPID"),
+		WeChatAppSecret:      e.required("WECHAT_APPSECRET"),
+		WeChatAESKey:         e.get("WECHAT_AES_KEY", ""),
+		WeChatAESKeyPrevious: e.get("WECHAT_AES_KEY_PREVIOUS", ""),
+		WeChatAPIBase:        strings.TrimRight(e.get("WECHAT_API_BASE", "https://api.weixin.qq.com"), "/"),
+		WeChatPushMaxSkew:    e.duration("WECHAT_PUSH_MAX_SKEW", 5*time.Minute),
+		IMSecretKey:          e.required("IM_SECRET_KEY"),
+		IMAdmin:              e.get("IM_ADMIN", "administrator"),
+		IMAPIBase:            strings.TrimRight(e.get("IM_API_BASE", "https://console.tim.qq.com"), "/"),
+		IMCallbackToken:      e.get("IM_CALLBACK_TOKEN", ""),
+		IMCallbackMaxSkew:    e.duration("IM_CALLBACK_MAX_SKEW", time.Minute),
+		IMUserPrefix:         e.get("IM_USER_PREFIX", "wx_"),
+		IMRateLimit:          e.count("IM_RATE_LIMIT", 200, 0, "a whole number of calls per second (0: no limit)"),
+		IMDeliveryWindow:     e.duration("IM_DELIVERY_WINDOW", 24*time.Hour),
+		DatabaseURL:          e.get("DATABASE_URL", "sqlite:bridge.db"),
+		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
+		RetryMinDelay:        e.duration("RETRY_MIN_DELAY", time.Second),
+		RetryMaxDelay:        e.duration("RETRY_MAX_DELAY", 5*time.Minute),
+		VendorTimeout:        e.duration("VENDOR_TIMEOUT", 10*time.Second),
+		ShutdownGrace:        e.duration("SHUTDOWN_GRACE", 10*time.Second),
+		WelcomeText:          e.get("WELCOME_TEXT", defaultWelcomeText),
+		ConnectingText:       e.get("CONNECTING_TEXT", defaultConnectingText),
+		LogFormat:            e.get("LOG_FORMAT", "text"),
 	}
-	duration := func(name string, def time.Duration) time.Duration {
-		v := get(name, "")
-		if v == "" {
-			return def
-		}
-		d, err := time.ParseDuration(v)
-		if err != nil || d <= 0 {
-			bad("%s must be a positive duration such as 1m or 90s, got %q", name, v)
-		}
-		return d
+	checkGeneral(e, &c)
+	checkWeChat(e, &c)
+	checkIM(e, &c)
+	if len(e.problems) > 0 {
+		slices.Sort(e.problems)
+		return Config{}, errors.New("bad configuration:\n  " + strings.Join(e.problems, "\n  "))
 	}
-	c.WeChatPushMaxSkew = duration("WECHAT_PUSH_MAX_SKEW", 5*time.Minute)
-	c.IMCallbackMaxSkew = duration("IM_CALLBACK_MAX_SKEW", time.Minute)
-	c.IMDeliveryWindow = duration("IM_DELIVERY_WINDOW", 24*time.Hour)
-	c.RetryMinDelay = duration("RETRY_MIN_DELAY", time.Second)
-	c.RetryMaxDelay = duration("RETRY_MAX_DELAY", 5*time.Minute)
-	c.VendorTimeout = duration("VENDOR_TIMEOUT", 10*time.Second)
-	c.ShutdownGrace = duration("SHUTDOWN_GRACE", 10*time.Second)
+	return c, nil
+}
+
+// checkGeneral checks the store, the retries and the logs.
+func checkGeneral(e *env, c *Config) {
 	if c.RetryMaxDelay < c.RetryMinDelay {
-		bad("RETRY_MAX_DELAY must not be shorter than RETRY_MIN_DELAY")
+		e.bad("RETRY_MAX_DELAY must not be shorter than RETRY_MIN_DELAY")
 	}
-	c.IMRateLimit = 200
-	if v := get("IM_RATE_LIMIT", ""); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			bad("IM_RATE_LIMIT must be a whole number of calls per second (0: no limit), got %q", v)
-		}
-		c.IMRateLimit = n
+	if e.get("DATABASE_MAX_CONNS", "") != "" && !isPostgresURL(c.DatabaseURL) {
+		e.bad("DATABASE_MAX_CONNS applies to PostgreSQL only: on SQLite one writer does every write")
 	}
-	c.DatabaseMaxConns = defaultPGConns
-	if v := get("DATABASE_MAX_CONNS", ""); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			bad("DATABASE_MAX_CONNS must be a whole number of connections, at least 1, got %q", v)
-		}
-		if !isPostgresURL(c.DatabaseURL) {
-			bad("DATABASE_MAX_CONNS applies to PostgreSQL only: on SQLite one writer does every write")
-		}
-		c.DatabaseMaxConns = n
+	if _, err := sqlitePath(c.DatabaseURL); err != nil && !isPostgresURL(c.DatabaseURL) {
+		e.bad("DATABASE_URL: want sqlite:PATH or postgres://…, got %q", redactDSN(c.DatabaseURL))
 	}
-	if err := c.LogLevel.UnmarshalText([]byte(get("LOG_LEVEL", "info"))); err != nil {
-		bad("LOG_LEVEL must be debug, info, warn or error, got %q", getenv("LOG_LEVEL"))
+	if err := c.LogLevel.UnmarshalText([]byte(e.get("LOG_LEVEL", "info"))); err != nil {
+		e.bad("LOG_LEVEL must be debug, info, warn or error, got %q", e.getenv("LOG_LEVEL"))
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
-		bad("LOG_FORMAT must be text or json, got %q", c.LogFormat)
+		e.bad("LOG_FORMAT must be text or json, got %q", c.LogFormat)
 	}
+}
 
+// checkWeChat checks the WeChat side's token, keys and API base.
+func checkWeChat(e *env, c *Config) {
 	if c.WeChatToken != "" && !wechatTokenPattern.MatchString(c.WeChatToken) {
-		bad("WECHAT_TOKEN must be 3 to 32 letters or digits, as the WeChat console requires")
+		e.bad("WECHAT_TOKEN must be 3 to 32 letters or digits, as the WeChat console requires")
 	}
 	for _, k := range []struct{ name, value string }{{"WECHAT_AES_KEY", c.WeChatAESKey}, {"WECHAT_AES_KEY_PREVIOUS", c.WeChatAESKeyPrevious}} {
 		if _, err := parseEncodingAESKey(k.value); k.value != "" && (err != nil || !aesKeyPattern.MatchString(k.value)) {
-			bad("%s must be the 43-character EncodingAESKey from the WeChat console", k.name)
+			e.bad("%s must be the 43-character EncodingAESKey from the WeChat console", k.name)
 		}
 	}
 	if c.WeChatAESKeyPrevious != "" && c.WeChatAESKey == "" {
-		bad("WECHAT_AES_KEY_PREVIOUS is set without WECHAT_AES_KEY")
+		e.bad("WECHAT_AES_KEY_PREVIOUS is set without WECHAT_AES_KEY")
 	}
-	if v := required("IM_SDKAPPID"); v != "" {
+	checkBase(e, "WECHAT_API_BASE", c.WeChatAPIBase)
+}
+
+// checkIM reads and checks the IM side's app, accounts and API base.
+func checkIM(e *env, c *Config) {
+	if v := e.required("IM_SDKAPPID"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil || n == 0 {
-			bad("IM_SDKAPPID must be a positive integer, got %q", v)
+			e.bad("IM_SDKAPPID must be a positive integer, got %q", v)
 		}
 		c.IMSDKAppID = n
 	}
-	if v := required("IM_AGENTS"); v != "" {
+	if v := e.required("IM_AGENTS"); v != "" {
 		seen := map[string]bool{}
 		for _, a := range strings.Split(v, ",") {
 			a = strings.TrimSpace(a)
 			switch {
 			case a == "":
-				bad("IM_AGENTS has an empty entry")
+				e.bad("IM_AGENTS has an empty entry")
 			case !imUserIDPattern.MatchString(a):
-				bad("IM_AGENTS entry %q is not a valid IM UserID", a)
+				e.bad("IM_AGENTS entry %q is not a valid IM UserID", a)
 			case seen[a]:
-				bad("IM_AGENTS lists %q twice", a)
+				e.bad("IM_AGENTS lists %q twice", a)
 			default:
 				seen[a] = true
 				c.IMAgents = append(c.IMAgents, a)
@@ -192,30 +229,24 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 	if !imUserIDPattern.MatchString(c.IMAdmin) {
-		bad("IM_ADMIN %q is not a valid IM UserID", c.IMAdmin)
+		e.bad("IM_ADMIN %q is not a valid IM UserID", c.IMAdmin)
 	}
 	if !regexp.MustCompile(`^[A-Za-z0-9_\-]{1,4}$`).MatchString(c.IMUserPrefix) {
-		bad("IM_USER_PREFIX must be 1 to 4 of [A-Za-z0-9_-], so that prefix + a 28-character openid fits IM's 32 bytes")
+		e.bad("IM_USER_PREFIX must be 1 to 4 of [A-Za-z0-9_-], so that prefix + a 28-character openid fits IM's 32 bytes")
 	}
 	for _, a := range c.IMAgents {
 		if strings.HasPrefix(a, c.IMUserPrefix) || a == c.IMAdmin {
-			bad("IM_AGENTS entry %q must not be IM_ADMIN nor start with IM_USER_PREFIX %q", a, c.IMUserPrefix)
+			e.bad("IM_AGENTS entry %q must not be IM_ADMIN nor start with IM_USER_PREFIX %q", a, c.IMUserPrefix)
 		}
 	}
-	for name, v := range map[string]string{"WECHAT_API_BASE": c.WeChatAPIBase, "IM_API_BASE": c.IMAPIBase} {
-		if u, err := url.Parse(v); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			bad("%s must be an http or https URL, got %q", name, v)
-		}
-	}
-	if _, err := sqlitePath(c.DatabaseURL); err != nil && !isPostgresURL(c.DatabaseURL) {
-		bad("DATABASE_URL: want sqlite:PATH or postgres://…, got %q", redactDSN(c.DatabaseURL))
-	}
+	checkBase(e, "IM_API_BASE", c.IMAPIBase)
+}
 
-	if len(problems) > 0 {
-		slices.Sort(problems)
-		return Config{}, errors.New("bad configuration:\n  " + strings.Join(problems, "\n  "))
+// checkBase checks that an API base is an http or https URL.
+func checkBase(e *env, name, v string) {
+	if u, err := url.Parse(v); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		e.bad("%s must be an http or https URL, got %q", name, v)
 	}
-	return c, nil
 }
 
 // sqlitePath returns the file path of a DATABASE_URL of the form sqlite:PATH.

@@ -63,7 +63,6 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 		defer outMu.Unlock()
 		fmt.Fprintln(stdout, line)
 	}
-
 	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{Trace: say})
 	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Trace: say})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
@@ -71,19 +70,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-
-	wopts, iopts := wx.Options(), im.Options()
-	env := map[string]string{
-		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
-		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
-		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
-		"DATABASE_URL": "sqlite:" + filepath.Join(dir, "bridge.db"),
-	}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		return err
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	cfg, ln, err := demoConfig(wx, im, dir)
 	if err != nil {
 		return err
 	}
@@ -97,10 +84,8 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	exited := make(chan struct{})
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	go func() { served <- serve(bridgeCtx, cfg, ln, log); close(exited) }()
-
 	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
 	say("")
-	step := func(title string) { say(""); say("── " + title) }
 	if err := waitReady(ctx, exited, base); err != nil {
 		select {
 		case err := <-served:
@@ -109,32 +94,9 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-
-	step("1. The customer follows the Official Account")
-	if r := wx.Follow(ctx, demoCustomer); r.Reply == nil {
-		return fmt.Errorf("demo: follow got no welcome (status %d %q)", r.Status, r.Body)
-	}
-	customerIM := cfg.IMUserPrefix + demoCustomer
-	if err := waitFor(ctx, "the customer's IM account", func() bool { return im.Imported(customerIM) }); err != nil {
+	if err := playExchange(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
 		return err
 	}
-
-	step("2. The customer asks a question")
-	if r := wx.SendText(ctx, demoCustomer, demoQuestion); r.Reply == nil {
-		return fmt.Errorf("demo: message got no passive reply (status %d %q)", r.Status, r.Body)
-	}
-	if err := waitFor(ctx, "the question to reach the agent", func() bool { return len(im.Messages()) == 1 }); err != nil {
-		return err
-	}
-
-	step("3. The agent answers from an IM client")
-	if _, err := im.SendAsAgent(ctx, demoAgent, customerIM, demoAnswer); err != nil {
-		return err
-	}
-	if err := waitFor(ctx, "the answer to reach the customer", func() bool { return len(wx.Sent()) == 1 }); err != nil {
-		return err
-	}
-
 	stopBridge()
 	if err := <-served; err != nil {
 		return fmt.Errorf("demo: bridge: %w", err)
@@ -146,6 +108,49 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	say(fmt.Sprintf("Done: the customer asked %q in WeChat, agent %s answered in IM, and the customer read %q.",
 		demoQuestion, demoAgent, wx.Sent()[0].Text))
 	return nil
+}
+
+// demoConfig is the bridge's configuration for the fakes, on SQLite in
+// dir, and a loopback listener for it.
+func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listener, error) {
+	wopts, iopts := wx.Options(), im.Options()
+	env := map[string]string{
+		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
+		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
+		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
+		"DATABASE_URL": "sqlite:" + filepath.Join(dir, "bridge.db"),
+	}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		return Config{}, nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return cfg, ln, err
+}
+
+// playExchange plays the tutorial's exchange: a follow, a question, the
+// agent's answer, each waited for where it lands.
+func playExchange(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM string, say func(string)) error {
+	step := func(title string) { say(""); say("── " + title) }
+	step("1. The customer follows the Official Account")
+	if r := wx.Follow(ctx, demoCustomer); r.Reply == nil {
+		return fmt.Errorf("demo: follow got no welcome (status %d %q)", r.Status, r.Body)
+	}
+	if err := waitFor(ctx, "the customer's IM account", func() bool { return im.Imported(customerIM) }); err != nil {
+		return err
+	}
+	step("2. The customer asks a question")
+	if r := wx.SendText(ctx, demoCustomer, demoQuestion); r.Reply == nil {
+		return fmt.Errorf("demo: message got no passive reply (status %d %q)", r.Status, r.Body)
+	}
+	if err := waitFor(ctx, "the question to reach the agent", func() bool { return len(im.Messages()) == 1 }); err != nil {
+		return err
+	}
+	step("3. The agent answers from an IM client")
+	if _, err := im.SendAsAgent(ctx, demoAgent, customerIM, demoAnswer); err != nil {
+		return err
+	}
+	return waitFor(ctx, "the answer to reach the customer", func() bool { return len(wx.Sent()) == 1 })
 }
 
 // waitReady waits until the bridge at base answers /readyz with 200. It

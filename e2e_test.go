@@ -84,6 +84,16 @@ func TestTutorialExchange(t *testing.T) {
 		}
 		goldenJSON(t, "wechat_stable_token.json", st[0].Body)
 
+		var after []fakes.CallbackResult
+		for _, cb := range h.im.Callbacks() {
+			if cb.Command == "C2C.CallbackAfterSendMsg" {
+				after = append(after, cb)
+			}
+		}
+		if len(after) != 1 {
+			t.Fatalf("got %d C2C.CallbackAfterSendMsg, want the agent's one", len(after))
+		}
+		goldenJSON(t, "im_callback_after_send.json", after[0].Body, "MsgSeq", "MsgRandom", "MsgTime", "MsgKey")
 		for _, cb := range h.im.Callbacks() {
 			if cb.Err != nil || cb.Answer != `{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}` {
 				t.Errorf("%s answered %d %q (%v), want the OK envelope", cb.Command, cb.Status, cb.Answer, cb.Err)

@@ -389,7 +389,7 @@ func TestAttemptEndsBeforeItsClaim(t *testing.T) {
 	if attempts != 1 || !strings.Contains(lastError, "cut off") {
 		t.Errorf("item has %d attempts, last error %q; want a retry recorded for the cut-off attempt", attempts, lastError)
 	}
-	if by, _ := claimOf(t, st, it.ID); by != "" {
-		t.Errorf("item still held by %q; a retry lets it go", by)
+	if by, until := claimOf(t, st, it.ID); until != 0 {
+		t.Errorf("item still held by %q until %d; a retry lets it go", by, until)
 	}
 }

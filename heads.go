@@ -7,8 +7,7 @@ package main
 // row, the item's own. With the heads in the outbox, a delivery changed
 // four old rows or index entries (its claim, its outcome, the next head,
 // the index of due heads), each a page written whole in the commit that
-// followed: the pushes' commits grew, and their fsyncs took longer
-// (SPEED.md). A claim need not outlive the process: no other instance
+// followed (docs/SPEED.md). A claim need not outlive the process: no other instance
 // shares the database, and one that stopped holds nothing. PostgreSQL, which
 // several instances share, keeps heads and claims in the outbox (outbox.go).
 //

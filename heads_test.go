@@ -33,7 +33,7 @@ func TestNextDue(t *testing.T) {
 			t.Fatal(err)
 		}
 		want("with the head retried in an hour", now.Add(time.Hour), true)
-		if err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
 			return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o2", Text: "other"}, now.Add(time.Second))
 		}); err != nil {
 			t.Fatal(err)
@@ -76,7 +76,7 @@ func TestStaleHeadsDoNotPileUp(t *testing.T) {
 		}
 	}
 	var entries, heads int
-	if err := st.write(ctx, func(context.Context, *sql.Tx) error {
+	if err := st.writeTx(ctx, func(context.Context, *sql.Tx) error {
 		entries, heads = len(st.due), len(st.heads)
 		return nil
 	}); err != nil {

@@ -1,18 +1,17 @@
 package main
 
-// The lanes in memory. On SQLite, which one instance owns, the writer keeps
-// the pending items of each lane, in order, rather than finding them
-// through an index by lane: each insert changed that index at a random
-// place, which cost the writer more than any statement it saves
-// (SPEED.md). The lanes are read from the outbox when the store opens;
-// after that only the writer changes them (Stats reads them too, under
-// lanesMu), and a transaction's changes are kept once it commits. Each
-// pending item takes 8 bytes and its slice's slack: a backlog of a
-// million, about 16 MB. The head of each lane, when it is due and who
-// holds it, is kept too (heads.go). PostgreSQL, shared by several
-// instances, finds a lane's items through its index.
+// The lanes in memory, on SQLite: the writer keeps the pending items of
+// each lane, in order, instead of an index by lane, which each insert
+// changed at a random place (docs/SPEED.md). They are read from the outbox
+// when the store opens; after that only the writer changes them (Stats
+// reads them under lanesMu), and a transaction's changes are kept once it
+// commits. A pending item takes 8 bytes and its slice's slack: a backlog of
+// a million, about 16 MB. Each lane's head, when it is due and who holds
+// it, is kept too (heads.go). PostgreSQL finds a lane's items by its index.
 
-import "context"
+import (
+	"context"
+)
 
 // laneChange is what the transaction running did to a lane: the items it
 // finished off the front of the lane's queue as committed, and the items it

@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -65,9 +66,10 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-// serve runs the bridge on ln until ctx is done: it opens the store, starts
-// the delivery worker and the HTTP server, and on the way out stops taking
-// requests, lets the worker finish its in-flight calls, and closes the store.
+// serve runs the bridge on ln until ctx is done: it opens the store, reads
+// back the replies of a gap (recover.go), starts the delivery worker and the
+// HTTP server, and on the way out stops taking requests, lets the worker
+// finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
 	st, err := openStore(ctx, cfg.DatabaseURL, storeOptions{PGConns: cfg.DatabaseMaxConns, PushWindow: pushWindow(cfg.WeChatPushMaxSkew)})
@@ -75,49 +77,20 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 	defer st.Close()
-
-	now := time.Now
-	httpc := &http.Client{
-		Timeout:   cfg.VendorTimeout, // IM's backend gives up after 3 s; WeChat's API is as quick
-		Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second},
+	b, recovery, err := newBridge(cfg, st, log)
+	if err != nil {
+		return err
 	}
-	im := &IMClient{Base: cfg.IMAPIBase, SDKAppID: cfg.IMSDKAppID, SecretKey: cfg.IMSecretKey, Admin: cfg.IMAdmin,
-		HTTP: httpc, SigLifetime: 24 * time.Hour, Now: now, Shared: st.SharedCredential, RatePerAPI: cfg.IMRateLimit}
-	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now,
-		Shared: st.SharedCredential}
-	m := newMetrics(st)
-	worker := newWorker(st, im, wx, log, m, now)
-	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
-	worker.StopGrace = cfg.ShutdownGrace
-	// A claimed item is held long enough for the calls one delivery may make
-	// (a token or account fetched first, then the call, then once more).
-	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second
-	b := &bridge{cfg: cfg, store: st, worker: worker, metrics: m, log: log, now: now}
-	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
-		if k != "" {
-			key, err := parseEncodingAESKey(k)
-			if err != nil {
-				return fmt.Errorf("WECHAT_AES_KEY: %w", err) // loadConfig checked it; never reached
-			}
-			b.aesKeys = append(b.aesKeys, key)
-		}
-	}
-
-	// Replies agents sent while no bridge took callbacks are read back from
-	// IM's history, then the heartbeat is kept (recover.go). What is to be
-	// read is known before the first callback is taken.
-	recovery := &replyRecovery{b: b, im: im, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
+	// What is to be read back is known before the first callback is taken.
 	if err := recovery.prepare(ctx); err != nil {
 		return fmt.Errorf("reply recovery: %w", err)
 	}
-	b.recovery = recovery
 
+	// The worker and recovery outlive ctx: they stop after the server.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	workerDone := make(chan struct{})
-	go func() {
-		defer close(workerDone)
-		worker.Run(workCtx)
-	}()
+	var work sync.WaitGroup
+	work.Go(func() { b.worker.Run(workCtx) })
+	work.Go(func() { recovery.Run(workCtx) })
 
 	srv := &http.Server{
 		Handler:           b.routes(),
@@ -128,11 +101,6 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	recoveryDone := make(chan struct{})
-	go func() {
-		defer close(recoveryDone)
-		recovery.Run(workCtx)
-	}()
 	if cfg.IMCallbackToken == "" {
 		log.Warn("IM callbacks are not authenticated: set IM_CALLBACK_TOKEN and enable callback authentication in the IM console")
 	}
@@ -151,11 +119,44 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		err = serr
 	}
 	stopWork()
-	<-workerDone
-	<-recoveryDone
+	work.Wait()
 	log.Info("stopped")
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
 	return err
+}
+
+// newBridge wires the bridge on st: the vendor clients, the worker, the
+// handlers, and the recovery of replies a gap left.
+func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery, error) {
+	now := time.Now
+	httpc := &http.Client{
+		Timeout:   cfg.VendorTimeout, // IM's backend gives up after 3 s; WeChat's API is as quick
+		Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second},
+	}
+	im := &IMClient{Base: cfg.IMAPIBase, SDKAppID: cfg.IMSDKAppID, SecretKey: cfg.IMSecretKey, Admin: cfg.IMAdmin,
+		HTTP: httpc, SigLifetime: 24 * time.Hour, Now: now, Shared: st.SharedCredential, RatePerAPI: cfg.IMRateLimit}
+	wx := &WeChatClient{Base: cfg.WeChatAPIBase, AppID: cfg.WeChatAppID, AppSecret: cfg.WeChatAppSecret, HTTP: httpc, Now: now,
+		Shared: st.SharedCredential}
+	m := newMetrics(st)
+	worker := newWorker(st, im, wx, log, m, now)
+	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
+	worker.StopGrace = cfg.ShutdownGrace
+	// A claimed item is held long enough for the calls one delivery may make
+	// (a token or account fetched first, then the call, then once more).
+	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second
+	recovery := &replyRecovery{store: st, im: im, worker: worker, metrics: m, log: log, now: now,
+		agents: cfg.IMAgents, userPrefix: cfg.IMUserPrefix, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
+	b := &bridge{cfg: cfg, store: st, worker: worker, recovery: recovery, metrics: m, log: log, now: now}
+	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
+		if k != "" {
+			key, err := parseEncodingAESKey(k)
+			if err != nil {
+				return nil, nil, fmt.Errorf("WECHAT_AES_KEY: %w", err) // loadConfig checked it; never reached
+			}
+			b.aesKeys = append(b.aesKeys, key)
+		}
+	}
+	return b, recovery, nil
 }

@@ -86,7 +86,7 @@ func TestOutboxGauges(t *testing.T) {
 			openid, text string
 			at           time.Time
 		}{{"o1", "one", then}, {"o1", "two", then}, {"o1", "three", then}, {"o2", "later", then.Add(30 * time.Second)}} {
-			if err := st.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			if err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
 				return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: q.openid, Text: q.text}, q.at)
 			}); err != nil {
 				t.Fatal(err)
@@ -131,8 +131,8 @@ func TestOutboxGauges(t *testing.T) {
 	})
 }
 
-// Stats reads the writer's lanes while it changes them: the race detector
-// watches a scrape loop beside a stream of pushes.
+// Stats reads the outbox while the writer commits: a scrape loop beside a
+// stream of pushes, under the race detector, and the count right at the end.
 func TestStatsWhileWriting(t *testing.T) {
 	st, _ := newTestStore(t)
 	ctx, now := context.Background(), time.Now()

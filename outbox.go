@@ -1,16 +1,14 @@
 package main
 
-// The outbox: the calls the bridge owes the vendors. Only a lane's first
-// pending item can be taken, and only by one instance at a time (it holds it
-// until claimed_until), so each lane leaves in order even with several
-// instances on one PostgreSQL database.
-//
-// PostgreSQL claims and records many items in one round trip, with joins on
-// a JSON list, RETURNING and MATERIALIZED. On SQLite, where the writer alone
-// writes, the heads and their claims are in its memory (heads.go): a claim
-// reads the items it takes, and an outcome is one plain statement an item
-// (the joins cost SQLite a temporary table and a statement journal at every
-// call, twice the CPU a delivery: BenchmarkDelivery).
+// The outbox: the calls the bridge owes the vendors, one lane per customer
+// and direction. Only a lane's first pending item, its head, can be taken,
+// and only by one claim at a time (it holds the item until claimed_until),
+// so each lane leaves in order even with several instances on one
+// PostgreSQL database. An outcome is written only while the claim that took
+// the item still holds it (fenced). SQLite and PostgreSQL run the same
+// statements but where SQLite's writer keeps what PostgreSQL reads through
+// its indexes: each lane's pending items (lanes.go), each lane's head and
+// the claim that holds it (heads.go).
 
 import (
 	"cmp"
@@ -24,6 +22,41 @@ import (
 	"strconv"
 	"time"
 )
+
+// Delivery kinds: what an outbox item asks a vendor to do.
+const (
+	deliverIMImport = "im_import" // account_import of a customer's IM account
+	deliverIMDelete = "im_delete" // account_delete of a customer's IM account
+	deliverIMSend   = "im_send"   // openim/sendmsg from a customer to their agent
+	deliverWeChat   = "wx_send"   // custom/send of an agent's reply to a customer
+	deliverNotice   = "im_notice" // openim/sendmsg from the admin to an agent: a dead letter's notice
+)
+
+// Delivery is one call the bridge owes a vendor, as kept in the outbox.
+// MsgSeq and MsgRandom are chosen once, so every retry of a sendmsg is the
+// same message to IM, which drops repeats within 120 s.
+type Delivery struct {
+	Kind      string `json:"kind"`
+	OpenID    string `json:"openid"`
+	IMUser    string `json:"im_user"`
+	Agent     string `json:"agent,omitempty"`
+	Text      string `json:"text,omitempty"`
+	MsgSeq    uint32 `json:"msg_seq,omitempty"`
+	MsgRandom uint32 `json:"msg_random,omitempty"`
+}
+
+// lane is the outbox lane of d: one per customer and direction, so that a
+// customer's messages and an agent's replies each keep their order, and a
+// slow vendor on one side never holds up the other.
+func (d Delivery) lane() string {
+	switch d.Kind {
+	case deliverWeChat:
+		return "wx:" + d.OpenID
+	case deliverNotice:
+		return "notice:" + d.Agent
+	}
+	return "im:" + d.OpenID
+}
 
 // OutboxItem is one pending delivery.
 type OutboxItem struct {
@@ -55,47 +88,109 @@ var errNotHeld = errors.New("outcome not recorded: the item is no longer held by
 // took it. Its arguments are the claim's owner and claimed_until.
 const fenced = `state = 'pending' AND claimed_by = ? AND claimed_until = ?`
 
+// markHeads marks each lane's first pending item its head, where it is not.
+const markHeads = `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
+	(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`
+
+// enqueue adds d to the outbox, due now.
+func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
+	return s.enqueueFor(ctx, tx, d, now, nil)
+}
+
+// enqueueFor adds d to the outbox, due now, as the head of its lane if the
+// lane has no pending item. On SQLite the row carries rec, the push that
+// added it, if rec is not nil (recent.go), and the lane is known in memory
+// (lanes.go).
+func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) error {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return err
+	}
+	ms := now.UnixMilli()
+	lane := d.lane()
+	if s.postgres {
+		if err := s.lockLane(ctx, tx, lane); err != nil {
+			return err
+		}
+		_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
+			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)`,
+			lane, string(b), ms, ms, ms, lane)
+		return err
+	}
+	var carried pushRecord
+	if rec != nil {
+		carried = *rec
+	}
+	res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, push_key, push_sig, push_reply)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, carried.key, carried.sig, carried.reply)
+	if err != nil {
+		return err
+	}
+	id, err := res.LastInsertId()
+	if err != nil {
+		return err
+	}
+	if _, busy := s.laneItem(lane, 0); !busy {
+		s.setHead(id, headState{lane: lane, at: ms}) // heads.go
+	}
+	s.laneAdd(lane, id)
+	if rec != nil {
+		s.remember(rec, id)
+	}
+	return nil
+}
+
+// lockLane serializes, on PostgreSQL, the transactions that change which
+// item heads a lane (adding to it, finishing its head), until the
+// transaction ends. SQLite's transactions are serial already.
+func (s *Store) lockLane(ctx context.Context, tx *sql.Tx, lane string) error {
+	if !s.postgres {
+		return nil
+	}
+	_, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, lane)
+	return err
+}
+
 // Claim takes up to limit lane heads that are due at now and held by no
-// instance, and holds them for owner until now+lease.
+// claim, and holds them for owner until now+lease, oldest first.
 func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease time.Duration, limit int) ([]OutboxItem, error) {
 	ms, until := now.UnixMilli(), now.Add(lease).UnixMilli()
-	// The limit is written into PostgreSQL's statement, which is
-	// prepared once for each limit.
-	var items []OutboxItem
-	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+	// The limit is written into PostgreSQL's statement, which is prepared
+	// once for each limit.
+	lim := strconv.Itoa(max(limit, 0))
+	items, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]OutboxItem, error) {
 		if !s.postgres {
 			// The heads and their claims are in the writer's memory
 			// (heads.go): a claim reads the items it takes, and writes
 			// nothing.
-			items = nil // the writer may run a write again, alone
+			var items []OutboxItem
 			for _, id := range s.takeDue(ms, owner, until, limit) {
 				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at
 					FROM outbox WHERE id = ?`, id))
 				if err != nil {
-					return fmt.Errorf("read head %d: %w", id, err)
+					return nil, fmt.Errorf("read head %d: %w", id, err)
 				}
 				items = append(items, it)
 			}
-			return nil
+			return items, nil
 		}
 		// The due heads are chosen first (MATERIALIZED: PostgreSQL must
 		// not fold them into a join, which plans badly on a table that
-		// grew since its statistics were taken). The conditions stand on
-		// the UPDATE too: an instance that waited for another's claim to
-		// commit re-checks them on the row as the other left it, and
-		// skips it.
+		// grew since its statistics were taken). The
+		// conditions stand on the UPDATE too: an instance that waited for
+		// another's claim to commit re-checks them on the row as the other
+		// left it, and skips it.
 		rows, err := s.query(ctx, tx, `
 		WITH due AS MATERIALIZED (SELECT id FROM outbox
 			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-			ORDER BY next_at, id LIMIT `+strconv.Itoa(max(limit, 0))+`)
+			ORDER BY next_at, id LIMIT `+lim+`)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ? FROM due
 		WHERE outbox.id = due.id AND state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
 		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at`, ms, ms, owner, until, ms, ms)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		items, err = scanItems(rows)
-		return err
+		return scanItems(rows)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("claim: %w", err)
@@ -118,13 +213,21 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 // since is left to it: then Delivered returns errNotHeld, having recorded
 // the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
-	var finished int
-	var err error
-	if s.postgres {
-		finished, err = s.deliveredPG(ctx, items, now)
-	} else {
-		finished, err = s.deliveredSQLite(ctx, items, now)
-	}
+	// In id order, so that two instances lock their lanes in one order.
+	sorted := slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
+	finished, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
+		finished := 0
+		for _, it := range sorted {
+			ended, err := s.finish(ctx, tx, it, "done", "", now)
+			if err != nil {
+				return 0, err
+			}
+			if ended {
+				finished++
+			}
+		}
+		return finished, nil
+	})
 	if err != nil {
 		return fmt.Errorf("outbox set done: %w", err)
 	}
@@ -134,104 +237,87 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	return nil
 }
 
-// deliveredSQLite is Delivered on SQLite: a statement an item, and the
-// heads in memory. It returns how many items it marked done.
-func (s *Store) deliveredSQLite(ctx context.Context, items []OutboxItem, now time.Time) (int, error) {
-	finished := 0
-	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		finished = 0 // the writer may run a write again, alone
-		for _, it := range slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) }) {
-			held, err := s.setState(ctx, tx, it, "done", "", it.NextAt.UnixMilli(), now)
-			if err != nil {
-				return err
-			}
-			if held {
-				finished++
-			}
+// RetryLater records a failed attempt and makes the item due again at next.
+// If another claim has taken the item since, it returns errNotHeld.
+func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, next, now time.Time) error {
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
+		if err == nil && !held {
+			err = errNotHeld
 		}
-		return nil
+		return err
 	})
-	return finished, err
 }
 
-// deliveredPG is Delivered on PostgreSQL, in three round trips however
-// many the items. It returns how many items it marked done.
-func (s *Store) deliveredPG(ctx context.Context, items []OutboxItem, now time.Time) (int, error) {
-	claims := make([][3]any, len(items)) // id, owner, claimed_until
-	var lanes []string
-	for i, it := range items {
-		claims[i] = [3]any{it.ID, it.claimedBy, it.claimedUntil}
-		lanes = append(lanes, it.Lane)
-	}
-	slices.Sort(lanes) // locked in one order, so that two writes cannot deadlock
-	lanes = slices.Compact(lanes)
-	claimList, err := json.Marshal(claims)
-	if err != nil {
-		return 0, err
-	}
-	laneList, err := json.Marshal(lanes)
-	if err != nil {
-		return 0, err
-	}
-	finished := 0
-	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		// lockLane for every lane, in one round trip
-		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext(value))
-			FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY ORDER BY ordinality`, string(laneList)); err != nil {
+// GiveUp makes an item a dead letter, keeping the reason, and queues
+// notice (if not nil) in the same transaction, so whoever must be told is.
+// If another claim has taken the item since, it returns errNotHeld, and no
+// one is told.
+func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		switch ended, err := s.finish(ctx, tx, it, "failed", reason, now); {
+		case err != nil:
 			return err
+		case !ended:
+			return errNotHeld
+		case notice == nil:
+			return nil
 		}
-		rows, err := s.query(ctx, tx, `UPDATE outbox SET state = 'done', attempts = attempts + 1, last_error = '', claimed_until = 0,
-			updated_at = ? FROM (SELECT `+s.jsonElem(0, "BIGINT")+` AS id, `+s.jsonElem(1, "TEXT")+` AS claimed_by,
-				`+s.jsonElem(2, "BIGINT")+` AS claimed_until FROM `+s.jsonList()+`) claim
-			WHERE outbox.id = claim.id AND outbox.state = 'pending' AND outbox.claimed_by = claim.claimed_by
-				AND outbox.claimed_until = claim.claimed_until
-			RETURNING outbox.id`, now.UnixMilli(), string(claimList))
-		if err != nil {
-			return err
-		}
-		done, err := scanIDs(rows)
-		if err != nil {
-			return err
-		}
-		finished = len(done)
-		return s.promoteHeads(ctx, tx, string(laneList))
+		return s.enqueue(ctx, tx, *notice, now)
 	})
-	return finished, err
 }
 
-// promoteHeads makes the first pending item of each lane in laneList, a
-// JSON array, its head (PostgreSQL).
-func (s *Store) promoteHeads(ctx context.Context, tx *sql.Tx, laneList string) error {
-	// MATERIALIZED keeps PostgreSQL from folding the heads into a join that
-	// reads the whole outbox.
-	_, err := s.exec(ctx, tx, `WITH heads AS MATERIALIZED (SELECT
-		(SELECT MIN(o.id) FROM outbox o WHERE o.lane = l.value AND o.state = 'pending') AS id FROM `+s.jsonList()+` l)
-		UPDATE outbox SET head = 1 FROM heads WHERE outbox.id = heads.id`, laneList)
-	return err
-}
-
-// jsonList is a table of the values of a JSON array passed as one
-// argument, in a column named value: many ids or lanes in one statement.
-func (s *Store) jsonList() string {
-	if s.postgres {
-		return "jsonb_array_elements_text(?::jsonb)"
+// finish ends an item, done or failed, and makes the next pending item of
+// its lane the head. It reports false, and changes nothing, if another
+// claim has taken the item since.
+func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, now time.Time) (bool, error) {
+	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
+		return false, err
 	}
-	return "json_each(?)"
+	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil || !s.postgres {
+		return ok, err // on SQLite setState moved the head
+	}
+	// The lane's next pending item, if any, heads it now.
+	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1
+		WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending') AND head = 0`, it.Lane)
+	return err == nil, err
 }
 
-// jsonElem is element i of jsonList's value when that is itself an array,
-// as the type given.
-func (s *Store) jsonElem(i int, typ string) string {
-	if s.postgres {
-		return fmt.Sprintf("CAST(value::jsonb->>%d AS %s)", i, typ)
+// setState writes an attempt's outcome if the claim that took the item
+// still holds it, and reports whether it did.
+func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next int64, now time.Time) (bool, error) {
+	if !s.postgres {
+		// In the writer's memory (heads.go): the head is let go (pending:
+		// due at next), or finished and its lane's next item heads it.
+		if !s.holds(it) {
+			return false, nil
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+			updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), it.ID); err != nil {
+			return false, fmt.Errorf("outbox set %s: %w", state, err)
+		}
+		if state == "pending" {
+			s.setHead(it.ID, headState{lane: it.Lane, at: next})
+			return true, nil
+		}
+		return true, s.finishHead(ctx, tx, it)
 	}
-	return fmt.Sprintf("CAST(value->>%d AS %s)", i, typ)
+	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
+		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
+	if err != nil {
+		return false, fmt.Errorf("outbox set %s: %w", state, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("outbox set %s: %w", state, err)
+	}
+	return n == 1, nil
 }
 
 // Release lets go of the pending items owner holds, so another instance (or
 // the next start) takes them at once.
 func (s *Store) Release(ctx context.Context, owner string) error {
-	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if !s.postgres {
 			s.releaseHeads(owner)
 			return nil
@@ -263,82 +349,38 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	return time.UnixMilli(next.Int64), next.Valid, nil
 }
 
-// finish ends an item, done or failed, and makes the next pending item of
-// its lane the head. It reports false, and changes nothing, if another
-// claim has taken the item since it.
-func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, now time.Time) (bool, error) {
-	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
-		return false, err
+// scanItem reads an item's id, lane, delivery, attempts, next_at and
+// created_at.
+func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
+	var it OutboxItem
+	var next, created int64
+	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+		return OutboxItem{}, err
 	}
-	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil || !s.postgres {
-		return ok, err // on SQLite setState moved the head
-	}
-	laneList, err := json.Marshal([]string{it.Lane})
-	if err != nil {
-		return false, err
-	}
-	return true, s.promoteHeads(ctx, tx, string(laneList))
+	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
+	return it, nil
 }
 
-// RetryLater records a failed attempt and makes the item due again at next.
-// If another claim has taken the item since, it returns errNotHeld.
-func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, next, now time.Time) error {
-	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
-		if err == nil && !held {
-			err = errNotHeld
+// scanItems reads items' id, lane, delivery, attempts, next_at and
+// created_at, oldest first.
+func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
+	defer rows.Close()
+	var items []OutboxItem
+	for rows.Next() {
+		var it OutboxItem
+		var next, created int64
+		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+			return nil, err
 		}
-		return err
-	})
-}
-
-// GiveUp makes an item a dead letter, keeping the reason, and queues
-// notice (if not nil) in the same transaction, so whoever must be told is.
-// If another claim has taken the item since, it returns errNotHeld, and no
-// one is told.
-func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
-	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		switch ended, err := s.finish(ctx, tx, it, "failed", reason, now); {
-		case err != nil:
-			return err
-		case !ended:
-			return errNotHeld
-		case notice == nil:
-			return nil
-		}
-		return s.enqueue(ctx, tx, *notice, now)
-	})
-}
-
-// setState writes an attempt's outcome if the claim that took it still
-// holds the item, and reports whether it did. On SQLite it also lets the
-// head go (pending: due at next) or finishes it (done or failed), in the
-// writer's memory.
-func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next int64, now time.Time) (bool, error) {
-	if !s.postgres {
-		if !s.holds(it) {
-			return false, nil
-		}
-		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-			updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), it.ID); err != nil {
-			return false, fmt.Errorf("outbox set %s: %w", state, err)
-		}
-		if state == "pending" {
-			s.setHead(it.ID, headState{lane: it.Lane, at: next})
-			return true, nil
-		}
-		return true, s.finishHead(ctx, tx, it)
+		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
+		items = append(items, it)
 	}
-	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
-	if err != nil {
-		return false, fmt.Errorf("outbox set %s: %w", state, err)
+	if err := rows.Err(); err != nil {
+		return nil, err
 	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return false, fmt.Errorf("outbox set %s: %w", state, err)
-	}
-	return n == 1, nil
+	// RETURNING gives no order; deliver the oldest first.
+	slices.SortFunc(items, func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
+	return items, nil
 }
 
 // OutboxStats are the outbox's figures for /metrics.
@@ -348,11 +390,9 @@ type OutboxStats struct {
 	OldestSince time.Time // when the oldest pending item was accepted; zero if none
 }
 
-// Stats returns the outbox's figures. The dead letters are counted through
-// their index. On SQLite the pending items are counted in the writer's
-// lanes, and the oldest is the smallest id among them: the outbox holds the
-// day's delivered items too, which a count by state would read at every
-// scrape.
+// Stats returns the outbox's figures without reading the day's delivered
+// items: the dead letters through their index; the pending items through
+// theirs on PostgreSQL, from the writer's lanes on SQLite.
 func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	var st OutboxStats
 	var oldest sql.NullInt64
@@ -375,48 +415,4 @@ func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 		st.OldestSince = time.UnixMilli(oldest.Int64)
 	}
 	return st, nil
-}
-
-// scanIDs reads a column of ids.
-func scanIDs(rows *sql.Rows) ([]int64, error) {
-	defer rows.Close()
-	var ids []int64
-	for rows.Next() {
-		var id int64
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
-		}
-		ids = append(ids, id)
-	}
-	return ids, rows.Err()
-}
-
-// scanItem reads an item's id, lane, delivery, attempts, next_at and
-// created_at.
-func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
-	var it OutboxItem
-	var next, created int64
-	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
-		return OutboxItem{}, err
-	}
-	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
-	return it, nil
-}
-
-func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
-	defer rows.Close()
-	var items []OutboxItem
-	for rows.Next() {
-		it, err := scanItem(rows)
-		if err != nil {
-			return nil, err
-		}
-		items = append(items, it)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	// RETURNING gives no order; deliver the oldest first.
-	slices.SortFunc(items, func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
-	return items, nil
 }

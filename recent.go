@@ -7,7 +7,8 @@ package main
 // seen_keys. On SQLite, which one instance owns, the push's own outbox row
 // carries them (push_key, push_sig, push_reply), and the writer finds them
 // again through a map of their digests to that row: a row written anyway,
-// in place of a second statement and its four b-trees a push (SPEED.md).
+// in place of a second statement and its four b-trees a push
+// (docs/SPEED.md).
 //
 // The map remembers each push for at least the push window, and at most
 // twice that: WeChat retries a push within 15 seconds, and a signed query
@@ -23,10 +24,8 @@ import (
 	"time"
 )
 
-// maxRecent bounds the digests the writer keeps, two a push. 320,000
-// take about 9 MB, and up to twice that with the garbage collector's
-// headroom: the bridge's peak memory went from 33 to 52 MB in the load
-// run, which fills them (SPEED.md).
+// maxRecent bounds the digests the writer keeps, two a push: 320,000 take
+// about 9 MB, and up to twice that with the garbage collector's headroom.
 const maxRecent = 320_000
 
 // defaultPushWindow is the push window for WECHAT_PUSH_MAX_SKEW's default

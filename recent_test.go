@@ -261,7 +261,7 @@ func TestRetryInThePushsTransaction(t *testing.T) {
 	var retry, replay error
 	var prev string
 	var dup bool
-	err := st.write(context.Background(), func(ctx context.Context, tx *sql.Tx) error {
+	err := st.writeTx(context.Background(), func(ctx context.Context, tx *sql.Tx) error {
 		rec, _, _, err := st.claimPush(ctx, tx, signed("k1", "s1"), now)
 		if err != nil {
 			return err

@@ -17,6 +17,7 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"sync"
 	"time"
@@ -45,8 +46,14 @@ const (
 // replyRecovery recovers the replies sent while no bridge took callbacks,
 // then records the heartbeat while the bridge runs.
 type replyRecovery struct {
-	b          *bridge
+	store      *Store
 	im         *IMClient
+	worker     *Worker // woken when replies reach the outbox
+	metrics    *metrics
+	log        *slog.Logger
+	now        func() time.Time
+	agents     []string      // IM_AGENTS: replies are taken only from them
+	userPrefix string        // IM_USER_PREFIX
 	minBackoff time.Duration // the first wait before another pass
 	maxBackoff time.Duration
 
@@ -67,24 +74,24 @@ type sweep struct {
 // whose history is to be read. It runs before the bridge takes callbacks,
 // so that none goes ahead of its conversation's sweep.
 func (r *replyRecovery) prepare(ctx context.Context) error {
-	last, found, err := r.b.store.LastHeartbeat(ctx, callbacksHeartbeat)
+	last, found, err := r.store.LastHeartbeat(ctx, callbacksHeartbeat)
 	if err != nil || !found {
 		return err
 	}
-	convs, err := r.b.store.OpenConversations(ctx)
+	convs, err := r.store.OpenConversations(ctx)
 	if err != nil {
 		return err
 	}
 	r.gap, r.from = true, last.Add(-recoveryMargin)
-	if earliest := r.b.now().Add(-recoveryReach); r.from.Before(earliest) {
-		r.b.log.Error("reply recovery: the bridge was away too long; replies sent before this are not recovered",
+	if earliest := r.now().Add(-recoveryReach); r.from.Before(earliest) {
+		r.log.Error("reply recovery: the bridge was away too long; replies sent before this are not recovered",
 			"not_recovered_from", r.from, "until", earliest)
 		r.from = earliest
 	}
 	r.sweeps = map[string]*sweep{}
 	for _, c := range convs {
 		// Replies are taken only from configured agents, as callbacks are.
-		if slices.Contains(r.b.cfg.IMAgents, c.Agent) {
+		if slices.Contains(r.agents, c.Agent) {
 			r.sweeps[c.OpenID] = &sweep{Conversation: c}
 		}
 	}
@@ -109,7 +116,7 @@ func (r *replyRecovery) hold(ctx context.Context, openid, key string, d Delivery
 	if sw.done || sw.Agent != d.Agent {
 		return false, false, nil
 	}
-	duplicate, err = r.b.store.HoldReply(ctx, key, d, r.b.now())
+	duplicate, err = r.store.HoldReply(ctx, key, d, r.now())
 	return err == nil, duplicate, err
 }
 
@@ -122,8 +129,8 @@ func (r *replyRecovery) Run(ctx context.Context) {
 		return
 	}
 	beat := func(ctx context.Context) {
-		if err := r.b.store.Heartbeat(ctx, callbacksHeartbeat, r.b.now()); err != nil && ctx.Err() == nil {
-			r.b.log.Error("heartbeat not recorded", "err", err)
+		if err := r.store.Heartbeat(ctx, callbacksHeartbeat, r.now()); err != nil && ctx.Err() == nil {
+			r.log.Error("heartbeat not recorded", "err", err)
 		}
 	}
 	beat(ctx)
@@ -148,7 +155,7 @@ func (r *replyRecovery) Run(ctx context.Context) {
 // held for it; it reads the histories IM did not give again, a few times.
 // It reports false if ctx ended first.
 func (r *replyRecovery) recoverGap(ctx context.Context) bool {
-	log := r.b.log
+	log := r.log
 	var pending []*sweep
 	for _, sw := range r.sweeps {
 		pending = append(pending, sw)
@@ -175,7 +182,7 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	if len(pending) > 0 {
 		// Told, not hidden: these conversations' replies of the gap may be
 		// lost, and the agents can read them in IM.
-		r.b.metrics.callbacks.WithLabelValues("unrecovered").Add(float64(len(pending)))
+		r.metrics.callbacks.WithLabelValues("unrecovered").Add(float64(len(pending)))
 		log.Error("reply recovery gave up: replies agents sent in these conversations while no bridge answered may not reach the customers",
 			"conversations", len(pending), "from", r.from, "err", lastErr)
 	}
@@ -185,9 +192,9 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	// Replies an earlier run held for conversations not read this time
 	// (closed since, or their agent gone from IM_AGENTS) go now.
 	for attempt := 1; ; attempt++ {
-		_, err := r.b.store.TakeHistory(ctx, "", nil, r.b.now())
+		_, err := r.store.TakeHistory(ctx, "", nil, r.now())
 		if err == nil {
-			r.b.worker.Notify()
+			r.worker.Notify()
 			break
 		}
 		if ctx.Err() != nil || !sleepCtx(ctx, backoff(attempt-1, r.minBackoff, r.maxBackoff)) {
@@ -205,10 +212,10 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 // read, and returns how many it recovered. On its last attempt it moves
 // the held ones even if the history failed: better out of order than late.
 func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last bool) (int, error) {
-	customer := r.b.cfg.IMUserPrefix + sw.OpenID
+	customer := r.userPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
 	// callbacks that come meanwhile are held, not kept waiting on IM.
-	msgs, err := r.im.History(ctx, sw.Agent, customer, r.from.Unix(), r.b.now().Unix()+1)
+	msgs, err := r.im.History(ctx, sw.Agent, customer, r.from.Unix(), r.now().Unix()+1)
 	if err != nil && !last {
 		return 0, err
 	}
@@ -224,14 +231,14 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	}
 	sw.mu.Lock()
 	defer sw.mu.Unlock()
-	n, terr := r.b.store.TakeHistory(ctx, sw.OpenID, replies, r.b.now())
+	n, terr := r.store.TakeHistory(ctx, sw.OpenID, replies, r.now())
 	if terr != nil {
 		return 0, terr
 	}
-	r.b.worker.Notify()
+	r.worker.Notify()
 	if n > 0 {
-		r.b.metrics.callbacks.WithLabelValues("recovered").Add(float64(n))
-		r.b.log.Info("agent replies recovered", "agent", sw.Agent, "replies", n)
+		r.metrics.callbacks.WithLabelValues("recovered").Add(float64(n))
+		r.log.Info("agent replies recovered", "agent", sw.Agent, "replies", n)
 	}
 	sw.done = true
 	return n, err

@@ -220,10 +220,10 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	live := mustSend("held, in the history")
 	mustSend("in the history after it") // its callback has not come yet
 	o := im.Options()
-	br := &bridge{cfg: Config{IMUserPrefix: "wx_", IMAgents: []string{"a1"}}, store: st, worker: &Worker{wake: make(chan struct{}, 1)},
-		metrics: newMetrics(st), log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now}
-	r := &replyRecovery{b: br, im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
-		HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	r := &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st),
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
+		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
+			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
 	if err := r.prepare(ctx); err != nil || !r.gap || len(r.sweeps) != 1 {
 		t.Fatalf("prepare: %v, gap %v, %d sweeps; want one conversation to read", err, r.gap, len(r.sweeps))
 	}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -57,66 +58,25 @@ func (b *bridge) handleVerify() http.Handler {
 	})
 }
 
-// handlePush takes a message or event from WeChat: it checks the signature
-// and its timestamp, decrypts the push in safe or compatible mode, decodes
-// it, commits what it asks for, and answers at once with a passive reply
-// (encrypted if the push was) or "success". The worker forwards it to IM
-// afterwards.
+// handlePush takes a message or event from WeChat: it opens the push
+// (signature, freshness, size, decryption, XML), commits what it asks for,
+// and answers at once with a passive reply (encrypted if the push was) or
+// "success". The worker forwards it to IM afterwards.
 func (b *bridge) handlePush() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
-		timestamp, nonce := q.Get("timestamp"), q.Get("nonce")
-		if !validWeChatSignature(b.cfg.WeChatToken, timestamp, nonce, q.Get("signature")) {
-			b.refusePush(w, http.StatusForbidden, "invalid signature")
+		push, key, refused := b.openPush(r, q)
+		if refused != nil {
+			b.refusePush(w, refused.status, refused.reason)
 			return
 		}
-		if !b.fresh(timestamp) {
-			b.refusePush(w, http.StatusForbidden, "timestamp too far from now: a replay, or a clock out of sync")
-			return
-		}
-		body, err := readLimited(r.Body, maxPushBytes)
-		if errors.Is(err, errTooLarge) {
-			b.refusePush(w, http.StatusRequestEntityTooLarge, "push too large")
-			return
-		} else if err != nil {
-			b.refusePush(w, http.StatusBadRequest, "cannot read body")
-			return
-		}
-
-		var key []byte // the AES key the push was encrypted with; nil for plaintext
-		switch et := q.Get("encrypt_type"); et {
-		case "", "raw":
-		case "aes":
-			env, err := decodeEncryptedPush(body)
-			if err != nil {
-				b.refusePush(w, http.StatusBadRequest, err.Error())
-				return
-			}
-			if !validMsgSignature(b.cfg.WeChatToken, timestamp, nonce, env.Encrypt, q.Get("msg_signature")) {
-				b.refusePush(w, http.StatusForbidden, "invalid msg_signature")
-				return
-			}
-			if body, key, err = b.decrypt(env.Encrypt); err != nil {
-				b.refusePush(w, http.StatusBadRequest, err.Error())
-				return
-			}
-		default:
-			b.refusePush(w, http.StatusBadRequest, "unknown encrypt_type")
-			return
-		}
-		push, err := decodePush(body)
-		if err != nil {
-			b.refusePush(w, http.StatusBadRequest, err.Error())
-			return
-		}
-
 		in := b.inbound(push)
 		if in.Action == actNone {
 			b.metrics.pushes.WithLabelValues(pushType(push), "ignored").Inc()
 			writeSuccess(w) // nothing to do, nothing stored
 			return
 		}
-		in.SigKey = "sig:" + timestamp + ":" + nonce + ":" + strings.ToLower(q.Get("signature")) + ":" + q.Get("msg_signature")
+		in.SigKey = "sig:" + q.Get("timestamp") + ":" + q.Get("nonce") + ":" + strings.ToLower(q.Get("signature")) + ":" + q.Get("msg_signature")
 		acc, err := b.store.AcceptPush(r.Context(), in, b.now())
 		if errors.Is(err, errReplay) {
 			b.refusePush(w, http.StatusForbidden, "signed query already used for another push")
@@ -138,26 +98,81 @@ func (b *bridge) handlePush() http.Handler {
 		if b.log.Enabled(r.Context(), slog.LevelDebug) { // its arguments would cost every push
 			b.log.Debug("push accepted", "type", push.MsgType, "event", push.Event, "duplicate", acc.Duplicate, "encrypted", key != nil)
 		}
-		text := ""
-		switch acc.Reply {
-		case replyWelcome:
-			text = b.cfg.WelcomeText
-		case replyConnecting:
-			text = b.cfg.ConnectingText
-		default:
-			writeSuccess(w)
+		b.answerPush(w, push, acc.Reply, key, q.Get("nonce"))
+	})
+}
+
+// refusal is why a push or callback is refused, and the status it gets.
+type refusal struct {
+	status int
+	reason string
+}
+
+// openPush checks a push's signature and timestamp, reads its body,
+// decrypts it in safe or compatible mode, and decodes it. It returns the
+// AES key the push was encrypted with (nil for plaintext), or why the push
+// is refused.
+func (b *bridge) openPush(r *http.Request, q url.Values) (Push, []byte, *refusal) {
+	timestamp, nonce := q.Get("timestamp"), q.Get("nonce")
+	if !validWeChatSignature(b.cfg.WeChatToken, timestamp, nonce, q.Get("signature")) {
+		return Push{}, nil, &refusal{http.StatusForbidden, "invalid signature"}
+	}
+	if !b.fresh(timestamp) {
+		return Push{}, nil, &refusal{http.StatusForbidden, "timestamp too far from now: a replay, or a clock out of sync"}
+	}
+	body, err := readLimited(r.Body, maxPushBytes)
+	if errors.Is(err, errTooLarge) {
+		return Push{}, nil, &refusal{http.StatusRequestEntityTooLarge, "push too large"}
+	} else if err != nil {
+		return Push{}, nil, &refusal{http.StatusBadRequest, "cannot read body"}
+	}
+	var key []byte
+	switch q.Get("encrypt_type") {
+	case "", "raw":
+	case "aes":
+		env, err := decodeEncryptedPush(body)
+		if err != nil {
+			return Push{}, nil, &refusal{http.StatusBadRequest, err.Error()}
+		}
+		if !validMsgSignature(b.cfg.WeChatToken, timestamp, nonce, env.Encrypt, q.Get("msg_signature")) {
+			return Push{}, nil, &refusal{http.StatusForbidden, "invalid msg_signature"}
+		}
+		if body, key, err = b.decrypt(env.Encrypt); err != nil {
+			return Push{}, nil, &refusal{http.StatusBadRequest, err.Error()}
+		}
+	default:
+		return Push{}, nil, &refusal{http.StatusBadRequest, "unknown encrypt_type"}
+	}
+	push, err := decodePush(body)
+	if err != nil {
+		return Push{}, nil, &refusal{http.StatusBadRequest, err.Error()}
+	}
+	return push, key, nil
+}
+
+// answerPush answers a push with the passive reply its outcome asks for,
+// encrypted with key if the push was, or "success".
+func (b *bridge) answerPush(w http.ResponseWriter, push Push, reply string, key []byte, nonce string) {
+	text := ""
+	switch reply {
+	case replyWelcome:
+		text = b.cfg.WelcomeText
+	case replyConnecting:
+		text = b.cfg.ConnectingText
+	default:
+		writeSuccess(w)
+		return
+	}
+	out := encodeTextReply(push, text, b.now().Unix())
+	if key != nil {
+		var err error
+		if out, err = encryptReply(key, b.cfg.WeChatAppID, b.cfg.WeChatToken, out, b.now().Unix(), nonce); err != nil {
+			b.log.Error("reply not encrypted", "err", err)
+			writeSuccess(w) // the work is committed: answer without the text
 			return
 		}
-		reply := encodeTextReply(push, text, b.now().Unix())
-		if key != nil {
-			if reply, err = encryptReply(key, b.cfg.WeChatAppID, b.cfg.WeChatToken, reply, b.now().Unix(), nonce); err != nil {
-				b.log.Error("reply not encrypted", "err", err)
-				writeSuccess(w) // the work is committed: answer without the text
-				return
-			}
-		}
-		writeXML(w, reply)
-	})
+	}
+	writeXML(w, out)
 }
 
 // fresh reports whether a push's signed timestamp is within

@@ -126,21 +126,7 @@ func (w *Worker) Run(ctx context.Context) {
 				}()
 			}
 		}
-		wait := time.Second // other instances add work too: look again now and then
-		if len(items) < free {
-			// Nothing more is due now: sleep until the next item is.
-			if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
-				wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
-			}
-		}
-		timer := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-		case <-done:
-		case <-w.wake:
-		case <-timer.C:
-		}
-		timer.Stop()
+		w.sleep(ctx, len(items) < free, done)
 	}
 
 	finished := make(chan struct{})
@@ -152,9 +138,34 @@ func (w *Worker) Run(ctx context.Context) {
 		cancelDeliveries()
 		<-finished
 	}
-	releaseCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	w.release()
+}
+
+// sleep waits until ctx is done, an outcome is recorded (done), the
+// handlers add work (wake), or, when nothing more is due now (idle), the
+// next item is due; a second at most, as other instances add work too.
+func (w *Worker) sleep(ctx context.Context, idle bool, done <-chan struct{}) {
+	wait := time.Second
+	if idle {
+		if next, ok, err := w.Store.NextDue(ctx); err == nil && ok {
+			wait = min(max(next.Sub(w.Now()), 5*time.Millisecond), wait)
+		}
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+	case <-done:
+	case <-w.wake:
+	case <-timer.C:
+	}
+}
+
+// release hands back the items the worker still holds.
+func (w *Worker) release() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := w.Store.Release(releaseCtx, w.owner); err != nil {
+	if err := w.Store.Release(ctx, w.owner); err != nil {
 		w.Log.Error("outbox release failed", "err", err)
 	}
 }
@@ -167,7 +178,7 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 		batch := gather(it, delivered, maxBatch)
 		// Should the write fail, the items stay held until their lease
 		// ends and are delivered again: IM drops a repeated sendmsg within
-		// 120 s, WeChat may show a reply twice (README: at least once).
+		// 120 s, WeChat may show a reply twice (docs/DELIVERY.md: at least once).
 		switch err := w.Store.Delivered(ctx, batch, w.Now()); {
 		case errors.Is(err, errNotHeld):
 			// Their leases ran out before this: the newer claims deliver

@@ -1,11 +1,8 @@
--- The bridge's state, for SQLite and PostgreSQL alike. Applied at every open
--- (on PostgreSQL under an advisory lock, so instances may start together,
--- and only if it changed since it was last applied: store.go keeps its
--- digest in schema_applied); each statement is idempotent. ID_PRIMARY_KEY stands for the dialect's
--- auto-assigned key. On SQLite it is the rowid, one more than the largest
--- id in the table: an id comes again only once the newest rows are pruned
--- (delivered a day before), and what looks a row up by id then finds it
--- gone or checks what it reads (recent.go). Times are Unix milliseconds.
+-- The bridge's state on PostgreSQL, shared by one or several instances. psql
+-- runs this file as it is; the bridge applies it at start, under an advisory
+-- lock, and only if it changed since it was last applied (schema.go), so
+-- each statement is idempotent. How a change reaches a database made before
+-- it: docs/SCHEMA.md. Times are Unix milliseconds.
 
 -- A customer is a WeChat user (openid) who has followed or written to the
 -- Official Account. agent is the IM agent the customer keeps.
@@ -19,7 +16,7 @@ CREATE TABLE IF NOT EXISTS customers (
 -- A conversation runs from a customer's first message until they unfollow.
 -- A customer has at most one open conversation (closed_at IS NULL).
 CREATE TABLE IF NOT EXISTS conversations (
-    id        ID_PRIMARY_KEY,
+    id        BIGSERIAL PRIMARY KEY,
     openid    TEXT NOT NULL,
     agent     TEXT NOT NULL,
     opened_at BIGINT NOT NULL,
@@ -37,10 +34,6 @@ CREATE TABLE IF NOT EXISTS agent_load (
 -- seen_keys holds the key of every push and callback accepted, so that a
 -- vendor's retry commits nothing new. For a push, value is the passive reply
 -- it was given and sig its signed query: a signed query serves one push only.
--- On SQLite a push is recorded instead in the outbox row it adds, in the
--- columns push_key, push_sig and push_reply, which the store adds to the
--- outbox at open (recent.go); only what does not fit in the writer's memory
--- comes here.
 CREATE TABLE IF NOT EXISTS seen_keys (
     key         TEXT PRIMARY KEY,
     sig         TEXT UNIQUE,
@@ -54,10 +47,9 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- letter, with its reason in last_error). head marks the first pending item
 -- of its lane, the only one that may be taken, so finding work reads the
 -- heads alone however long the queues. An instance delivering an item holds
--- it until claimed_until; an instance that dies lets it go then. (On
--- SQLite the writer keeps heads and claims in memory: see DUE_HEADS.)
+-- it until claimed_until; an instance that dies lets it go then.
 CREATE TABLE IF NOT EXISTS outbox (
-    id            ID_PRIMARY_KEY,
+    id            BIGSERIAL PRIMARY KEY,
     lane          TEXT NOT NULL,
     delivery      TEXT NOT NULL,
     state         TEXT NOT NULL DEFAULT 'pending',
@@ -70,20 +62,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at    BIGINT NOT NULL,
     updated_at    BIGINT NOT NULL
 );
--- PENDING_BY_LANE stands for the index of each lane's pending items on
--- PostgreSQL. On SQLite, which one instance owns, the writer keeps them in
--- memory (lanes.go) and the index, which each insert changed at a random
--- place, is dropped.
-PENDING_BY_LANE;
--- DUE_HEADS stands, on PostgreSQL, for outbox_due, which lists the heads
--- in the order they are claimed. It keeps claimed_until too, so a claim
+-- outbox_pending finds a lane's pending items in order; outbox_due lists
+-- the heads in the order they are claimed, with claimed_until, so a claim
 -- passes over the heads that deliveries in flight hold without reading
--- their rows. (It replaces outbox_heads, which did not.) On SQLite the
--- writer keeps the heads and their claims in memory (heads.go): there
--- head, claimed_by and claimed_until are not used, and the index is
--- dropped.
-DROP INDEX IF EXISTS outbox_heads;
-DUE_HEADS;
+-- their rows.
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at, id, claimed_until) WHERE state = 'pending' AND head = 1;
 -- outbox_failed lists the dead letters, which are few, so /metrics counts
 -- them without reading the day's delivered items.
 CREATE INDEX IF NOT EXISTS outbox_failed ON outbox (id) WHERE state = 'failed';
@@ -107,9 +91,13 @@ CREATE TABLE IF NOT EXISTS heartbeats (
 -- conversation's history was still to be read back; it goes to the outbox
 -- in its place among the replies of the gap, or after them (recover.go).
 CREATE TABLE IF NOT EXISTS held_replies (
-    id         ID_PRIMARY_KEY,
+    id         BIGSERIAL PRIMARY KEY,
     openid     TEXT NOT NULL,
     key        TEXT NOT NULL,
     delivery   TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
+
+-- Changes to databases made before this file (docs/SCHEMA.md): outbox_due
+-- replaced outbox_heads.
+DROP INDEX IF EXISTS outbox_heads;

@@ -1,0 +1,147 @@
+package main
+
+// How the store talks to its database: SQL written once with ? placeholders
+// for both dialects, SQLite's statements prepared once, and every write in
+// a transaction that may run again.
+
+import (
+	"context"
+	"database/sql"
+	_ "embed"
+	"errors"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
+	_ "modernc.org/sqlite"             // registers the pure-Go "sqlite" driver
+)
+
+// isPostgresURL reports whether u names a PostgreSQL database.
+func isPostgresURL(u string) bool {
+	return strings.HasPrefix(u, "postgres://") || strings.HasPrefix(u, "postgresql://")
+}
+
+// q adapts a query written with ? placeholders to the dialect.
+func (s *Store) q(query string) string {
+	if !s.postgres {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// exec runs a statement, written with ? placeholders, in tx; on SQLite,
+// prepared once (prepared.go).
+func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
+	if st, err := s.prepared(ctx, query); err != nil {
+		return nil, err
+	} else if st != nil {
+		return tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+	}
+	return tx.ExecContext(ctx, s.q(query), args...)
+}
+
+// query runs a query, as exec does.
+func (s *Store) query(ctx context.Context, tx *sql.Tx, query string, args ...any) (*sql.Rows, error) {
+	if st, err := s.prepared(ctx, query); err != nil {
+		return nil, err
+	} else if st != nil {
+		return tx.StmtContext(ctx, st).QueryContext(ctx, args...)
+	}
+	return tx.QueryContext(ctx, s.q(query), args...)
+}
+
+// queryRow runs a query for one row, as exec does.
+func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) *sql.Row {
+	if st, err := s.prepared(ctx, query); err == nil && st != nil {
+		return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+	}
+	return tx.QueryRowContext(ctx, s.q(query), args...)
+}
+
+// lockRow is the clause that locks the rows a SELECT reads (of the named
+// tables, if any) until the transaction ends. SQLite needs none: its
+// transactions take the whole database for writing from their start.
+func (s *Store) lockRow(tables ...string) string {
+	switch {
+	case !s.postgres:
+		return ""
+	case len(tables) > 0:
+		return " FOR UPDATE OF " + strings.Join(tables, ", ")
+	}
+	return " FOR UPDATE"
+}
+
+// write runs fn in a transaction and returns what it produced, once the
+// transaction is committed and durable. On SQLite the group commit shares
+// the transaction with other writes (commit.go); on PostgreSQL it is fn's
+// own, run again if it lost a race with another instance (inTx). Either
+// way fn may run more than once, and only its last run's return counts:
+// fn keeps nothing outside it. fn returns an error only if it failed in the
+// database, or one of harmless's, having written nothing.
+func write[T any](ctx context.Context, s *Store, fn func(ctx context.Context, tx *sql.Tx) (T, error)) (T, error) {
+	if s.commit == nil {
+		var v T
+		err := s.inTx(ctx, func(tx *sql.Tx) error {
+			var err error
+			v, err = fn(ctx, tx)
+			return err
+		})
+		return v, err
+	}
+	v, err := s.commit.write(ctx, func(ctx context.Context, tx *sql.Tx) (any, error) { return fn(ctx, tx) })
+	t, _ := v.(T) // nil when the store closed first
+	return t, err
+}
+
+// writeTx is write for fn that produces nothing but its error.
+func (s *Store) writeTx(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx) error) error {
+	_, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (struct{}, error) { return struct{}{}, fn(ctx, tx) })
+	return err
+}
+
+// harmless reports whether err is one a write returns having written
+// nothing, so that its batch can still commit.
+func harmless(err error) bool {
+	return errors.Is(err, errReplay) || errors.Is(err, errUnknownCustomer) || errors.Is(err, errNotHeld)
+}
+
+// errStoreClosed is returned for a write after Close.
+var errStoreClosed = errors.New("store closed")
+
+// inTx runs fn in a transaction and commits it if fn returns nil. On
+// PostgreSQL a transaction that lost a race with another instance (a
+// unique key taken, a serialization failure, a deadlock) is run again.
+func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	for attempt := 1; ; attempt++ {
+		err := runTx(ctx, s.db, fn)
+		var pe *pgconn.PgError
+		if attempt < 4 && errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01") {
+			continue
+		}
+		return err
+	}
+}
+
+// runTx runs fn in a transaction on db and commits it if fn returns nil.
+func runTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}

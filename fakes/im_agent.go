@@ -1,0 +1,150 @@
+package fakes
+
+// The agents' side of the fake IM: an agent's client sending a message, and
+// the callbacks IM makes for it.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+)
+
+// SendAsAgent sends text from agent to the account to, as an IM client
+// (OptPlatform Web) would: the Before callback may refuse it, then it is
+// delivered and the After callback fires. Both callbacks are made before it
+// returns.
+func (im *IM) SendAsAgent(ctx context.Context, agent, to, text string) (Message, error) {
+	im.mu.Lock()
+	okFrom, okTo := im.accounts[agent], im.accounts[to]
+	im.mu.Unlock()
+	switch {
+	case !okFrom:
+		return Message{}, fmt.Errorf("im: agent %s is not imported (70107)", agent)
+	case !okTo:
+		return Message{}, fmt.Errorf("im: recipient %s is not imported (20003)", to)
+	}
+	body, _ := json.Marshal([]map[string]any{{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": text}}})
+	now := im.opts.Now()
+	// A client numbers its messages: IM orders those of one second by MsgSeq.
+	im.mu.Lock()
+	if im.clientSeq == 0 {
+		im.clientSeq = randUint32() >> 1
+	}
+	im.clientSeq++
+	seq := im.clientSeq
+	im.mu.Unlock()
+	m := Message{From: agent, To: to, Text: text, Body: body, MsgSeq: seq, MsgRandom: randUint32(), MsgTime: now.Unix(), Platform: "Web"}
+	m.MsgKey = fmt.Sprintf("%d_%d_%d", m.MsgSeq, m.MsgRandom, m.MsgTime)
+	hop(im.opts.Trace, "agent", "IM", "%s writes to %s: %q", agent, to, text)
+	if err := im.deliver(ctx, m, true, true); err != nil {
+		return Message{}, err
+	}
+	return m, nil
+}
+
+// deliver fires the Before callback (whose answer may refuse the message),
+// stores the message, then fires the After callback.
+func (im *IM) deliver(ctx context.Context, m Message, before, after bool) error {
+	base := map[string]any{
+		"From_Account": m.From, "To_Account": m.To, "MsgSeq": m.MsgSeq, "MsgRandom": m.MsgRandom,
+		"MsgTime": m.MsgTime, "MsgKey": m.MsgKey, "OnlineOnlyFlag": 0, "MsgBody": m.Body, "CloudCustomData": "",
+	}
+	if before {
+		base["CallbackCommand"] = "C2C.CallbackBeforeSendMsg"
+		res := im.callback(ctx, "C2C.CallbackBeforeSendMsg", m.Platform, base)
+		var ans struct{ ErrorCode int }
+		if res.Err == nil && json.Unmarshal([]byte(res.Answer), &ans) == nil {
+			switch {
+			case ans.ErrorCode == 1:
+				return errors.New("message refused by C2C.CallbackBeforeSendMsg")
+			case ans.ErrorCode == 2:
+				return nil // dropped silently: the sender sees success
+			case ans.ErrorCode >= 120001 && ans.ErrorCode <= 130000:
+				return fmt.Errorf("message refused by C2C.CallbackBeforeSendMsg with %d", ans.ErrorCode)
+			}
+		}
+		// On a failed or timed-out Before callback IM delivers by default.
+	}
+	im.mu.Lock()
+	m.Received = time.Now()
+	im.messages = append(im.messages, m)
+	im.unread[m.To]++
+	unread := im.unread[m.To]
+	im.mu.Unlock()
+	if im.opts.OnMessage != nil {
+		im.opts.OnMessage(m)
+	}
+	hop(im.opts.Trace, "IM", "inbox", "%s receives from %s: %q", m.To, m.From, m.Text)
+	if after {
+		base["CallbackCommand"] = "C2C.CallbackAfterSendMsg"
+		base["SendMsgResult"], base["ErrorInfo"], base["UnreadMsgNum"] = 0, "send msg succeed", unread
+		im.callback(ctx, "C2C.CallbackAfterSendMsg", m.Platform, base)
+	}
+	return nil
+}
+
+// callback posts one callback to the callback URL, as IM does: command and
+// app in the query, signed when a token is set, 2 s to answer.
+func (im *IM) callback(ctx context.Context, command, platform string, body map[string]any) CallbackResult {
+	im.mu.Lock()
+	target := im.callbackURL
+	im.mu.Unlock()
+	if target == "" {
+		return CallbackResult{Command: command, Err: errors.New("no callback URL")}
+	}
+	q := url.Values{
+		"SdkAppid": {strconv.FormatUint(im.opts.SDKAppID, 10)}, "CallbackCommand": {command},
+		"contenttype": {"json"}, "ClientIP": {"127.0.0.1"}, "OptPlatform": {platform},
+	}
+	if im.opts.CallbackToken != "" {
+		rt := strconv.FormatInt(im.opts.Now().Unix(), 10)
+		q.Set("RequestTime", rt)
+		q.Set("Sign", CallbackSign(im.opts.CallbackToken, rt))
+	}
+	b, _ := json.Marshal(body)
+	res := CallbackResult{Command: command, Body: b}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target+"?"+q.Encode(), bytes.NewReader(b))
+	if err == nil {
+		req.Header.Set("Content-Type", "application/json")
+		var resp *http.Response
+		if resp, err = im.cbHTTP.Do(req); err == nil {
+			ans, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+			resp.Body.Close()
+			res.Status, res.Answer = resp.StatusCode, string(ans)
+			var env struct{ ActionStatus *string }
+			if resp.StatusCode != http.StatusOK || json.Unmarshal(ans, &env) != nil || env.ActionStatus == nil {
+				err = fmt.Errorf("callback answered %d %q: IM counts it as failed", resp.StatusCode, ans)
+			}
+		}
+	}
+	res.Err = err
+	hop(im.opts.Trace, "IM", "bridge", "%s (%s → %s), answered %d", command, body["From_Account"], body["To_Account"], res.Status)
+	im.mu.Lock()
+	im.callbacks = append(im.callbacks, res)
+	im.mu.Unlock()
+	return res
+}
+
+// CallbackSign is the Sign of an authenticated callback:
+// lowercase hex of sha256(token + RequestTime).
+func CallbackSign(token, requestTime string) string {
+	sum := sha256.Sum256([]byte(token + requestTime))
+	return hex.EncodeToString(sum[:])
+}
+
+func randUint32() uint32 {
+	var b [4]byte
+	rand.Read(b[:])
+	return binary.BigEndian.Uint32(b[:])
+}

@@ -1,0 +1,211 @@
+package fakes
+
+// The WeChat API the bridge calls: access tokens and customer-service
+// messages.
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+)
+
+// handleStableToken serves POST /cgi-bin/stable_token: JSON only; the same
+// token while it has more than 5 minutes to live, a new one after that (the
+// old one good until it expires); force_refresh revokes the old one.
+func (wx *WeChat) handleStableToken(w http.ResponseWriter, r *http.Request) {
+	now := wx.opts.Now()
+	body := wx.record(r, now)
+	if r.Method != http.MethodPost {
+		wx.t.Errorf("fake wechat: stable_token is POST only, got %s", r.Method)
+		writeWeChatError(w, 43002, "require POST method")
+		return
+	}
+	if wx.injected(w, r) {
+		return
+	}
+	var req struct {
+		GrantType    string `json:"grant_type"`
+		AppID        string `json:"appid"`
+		Secret       string `json:"secret"`
+		ForceRefresh bool   `json:"force_refresh"`
+	}
+	if err := json.Unmarshal(body, &req); err != nil {
+		writeWeChatError(w, 47001, "data format error")
+		return
+	}
+	switch {
+	case req.GrantType != "client_credential":
+		writeWeChatError(w, 40002, "invalid grant_type")
+		return
+	case req.AppID != wx.opts.AppID:
+		writeWeChatError(w, 40013, "invalid appid")
+		return
+	case req.Secret != wx.opts.AppSecret:
+		writeWeChatError(w, 40125, "invalid appsecret")
+		return
+	}
+	wx.mu.Lock()
+	if req.ForceRefresh && wx.stable.token != "" {
+		wx.revoked[wx.stable.token] = true
+		wx.stable = issued{}
+	}
+	if wx.stable.token == "" || !now.Before(wx.stable.expires.Add(-5*time.Minute)) {
+		wx.stable = issued{token: newToken(), expires: now.Add(wx.opts.TokenTTL)}
+		wx.tokens[wx.stable.token] = wx.stable
+	}
+	tok := wx.stable
+	wx.mu.Unlock()
+	writeJSON(w, map[string]any{"access_token": tok.token, "expires_in": int64(tok.expires.Sub(now) / time.Second)})
+}
+
+// handleToken serves GET /cgi-bin/token: a new token every call; the
+// previous one stays good for 5 minutes.
+func (wx *WeChat) handleToken(w http.ResponseWriter, r *http.Request) {
+	now := wx.opts.Now()
+	wx.record(r, now)
+	if r.Method != http.MethodGet {
+		wx.t.Errorf("fake wechat: token is GET only, got %s", r.Method)
+		writeWeChatError(w, 43001, "require GET method")
+		return
+	}
+	if wx.injected(w, r) {
+		return
+	}
+	q := r.URL.Query()
+	switch {
+	case q.Get("grant_type") != "client_credential":
+		writeWeChatError(w, 40002, "invalid grant_type")
+		return
+	case q.Get("appid") != wx.opts.AppID:
+		writeWeChatError(w, 40013, "invalid appid")
+		return
+	case q.Get("secret") != wx.opts.AppSecret:
+		writeWeChatError(w, 40125, "invalid appsecret")
+		return
+	}
+	wx.mu.Lock()
+	for k, v := range wx.tokens {
+		if k != wx.stable.token && v.expires.After(now.Add(5*time.Minute)) {
+			v.expires = now.Add(5 * time.Minute)
+			wx.tokens[k] = v
+		}
+	}
+	tok := issued{token: newToken(), expires: now.Add(wx.opts.TokenTTL)}
+	wx.tokens[tok.token] = tok
+	wx.mu.Unlock()
+	writeJSON(w, map[string]any{"access_token": tok.token, "expires_in": int64(wx.opts.TokenTTL / time.Second)})
+}
+
+// checkToken returns the errcode an access_token earns, 0 if it is good.
+// The caller holds wx.mu.
+func (wx *WeChat) checkToken(token string, now time.Time) (int, string) {
+	tok, ok := wx.tokens[token]
+	switch {
+	case token == "":
+		return 41001, "access_token missing"
+	case wx.revoked[token] || !ok:
+		return 40001, "invalid credential, access_token is invalid or not latest"
+	case !now.Before(tok.expires):
+		return 42001, "access_token expired"
+	}
+	return 0, ""
+}
+
+// handleCustomSend serves POST /cgi-bin/message/custom/send for text
+// messages, enforcing the token, the customer's 48-hour window and its
+// quota.
+func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
+	now := wx.opts.Now()
+	body := wx.record(r, now)
+	if r.Method != http.MethodPost {
+		wx.t.Errorf("fake wechat: custom/send is POST only, got %s", r.Method)
+		writeWeChatError(w, 43002, "require POST method")
+		return
+	}
+	wx.mu.Lock()
+	code, msg := wx.checkToken(r.URL.Query().Get("access_token"), now)
+	wx.mu.Unlock()
+	if code != 0 {
+		writeWeChatError(w, code, msg)
+		return
+	}
+	if wx.injected(w, r) {
+		return
+	}
+	var m struct {
+		ToUser  string `json:"touser"`
+		MsgType string `json:"msgtype"`
+		Text    *struct {
+			Content string `json:"content"`
+		} `json:"text"`
+	}
+	if len(body) == 0 {
+		writeWeChatError(w, 44002, "empty post data")
+		return
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		writeWeChatError(w, 47001, "data format error")
+		return
+	}
+	if m.MsgType != "text" {
+		wx.t.Errorf("fake wechat: custom/send msgtype %q is not modelled", m.MsgType)
+		writeWeChatError(w, 40008, "invalid message type")
+		return
+	}
+	if m.Text == nil || m.Text.Content == "" {
+		writeWeChatError(w, 44003, "empty news data")
+		return
+	}
+
+	wx.mu.Lock()
+	u, ok := wx.users[m.ToUser]
+	code, msg = 0, "ok"
+	switch {
+	case !ok:
+		code, msg = 40003, "invalid openid"
+	case !u.followed || !now.Before(u.windowUntil):
+		code, msg = 45015, "response out of time limit or subscription is canceled"
+	case u.quota <= 0:
+		code, msg = 45047, "out of response count limit"
+	}
+	if code != 0 {
+		wx.mu.Unlock()
+		writeWeChatError(w, code, msg)
+		return
+	}
+	u.quota--
+	cm := CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: m.Text.Content, Body: body, At: now}
+	wx.sent = append(wx.sent, cm)
+	wx.mu.Unlock()
+	if wx.opts.OnSend != nil {
+		wx.opts.OnSend(cm)
+	}
+	hop(wx.opts.Trace, "bridge", "WeChat", "custom/send to %s", m.ToUser)
+	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, m.Text.Content)
+	writeWeChatError(w, 0, "ok")
+}
+
+// injected answers r with an injected fault, if one is due.
+func (wx *WeChat) injected(w http.ResponseWriter, r *http.Request) bool {
+	status, code, ok := wx.fault(r)
+	switch {
+	case !ok:
+		return false
+	case status != 0:
+		http.Error(w, http.StatusText(status), status)
+	default:
+		writeWeChatError(w, code, "injected fault")
+	}
+	return true
+}
+
+func writeWeChatError(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, map[string]any{"errcode": code, "errmsg": msg})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json; encoding=utf-8")
+	json.NewEncoder(w).Encode(v)
+}
+
+// PushResult is how the developer's URL answered a push.

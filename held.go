@@ -1,0 +1,179 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
+	_ "modernc.org/sqlite"             // registers the pure-Go "sqlite" driver
+)
+
+// HoldReply commits a reply as AcceptReply does, key and all, but keeps it
+// in held_replies rather than the outbox, until ReleaseHeld moves it there:
+// it waits for its conversation's replies of a gap (recover.go).
+func (s *Store) HoldReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return false, err
+	}
+	duplicate, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (bool, error) {
+		if _, dup, err := s.claimKey(ctx, tx, key, "", now); err != nil || dup {
+			return dup, err
+		}
+		_, err := s.exec(ctx, tx, `INSERT INTO held_replies (openid, key, delivery, created_at) VALUES (?, ?, ?, ?)`,
+			d.OpenID, key, string(b), now.UnixMilli())
+		return false, err
+	})
+	if err != nil {
+		return false, fmt.Errorf("hold reply: %w", err)
+	}
+	return duplicate, nil
+}
+
+// Reply is a reply to take: its key (as callbackKey makes it) and what it
+// asks for.
+type Reply struct {
+	Key string
+	D   Delivery
+}
+
+// TakeHistory takes, in one write, the replies read back from a
+// conversation's history, in order: one held since its callback goes to
+// the outbox in its place, one not seen yet goes there as AcceptReply
+// would put it, one seen before is skipped. Then the replies still held for
+// the customer openid follow (for every customer if openid is ""). It
+// returns how many replies not seen before it took.
+func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply, now time.Time) (taken int, err error) {
+	taken, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
+		if openid != "" { // as AcceptReply does
+			var one int
+			if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one); err != nil &&
+				!errors.Is(err, sql.ErrNoRows) {
+				return 0, err
+			}
+		}
+		taken := 0
+		for _, r := range replies {
+			held, err := s.releaseHeld(ctx, tx, "", r.Key, now)
+			if err != nil {
+				return 0, err
+			}
+			if held > 0 {
+				continue
+			}
+			dup, err := s.takeReply(ctx, tx, r.Key, r.D, now)
+			if err != nil {
+				return 0, err
+			}
+			if !dup {
+				taken++
+			}
+		}
+		_, err := s.releaseHeld(ctx, tx, openid, "", now)
+		return taken, err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("take history: %w", err)
+	}
+	return taken, nil
+}
+
+// releaseHeld moves the replies held for openid (any customer's if "")
+// with key (any key if "") to the outbox, in the order they came, and
+// returns how many it moved.
+func (s *Store) releaseHeld(ctx context.Context, tx *sql.Tx, openid, key string, now time.Time) (int, error) {
+	rows, err := s.query(ctx, tx, `DELETE FROM held_replies WHERE (openid = ? OR ? = '') AND (key = ? OR ? = '')
+		RETURNING id, delivery`, openid, openid, key, key)
+	if err != nil {
+		return 0, err
+	}
+	type held struct {
+		id  int64
+		raw string
+	}
+	var all []held
+	for rows.Next() {
+		var h held
+		if err := rows.Scan(&h.id, &h.raw); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		all = append(all, h)
+	}
+	if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
+		return 0, err
+	}
+	slices.SortFunc(all, func(a, b held) int { return cmp.Compare(a.id, b.id) })
+	for _, h := range all {
+		var d Delivery
+		if err := json.Unmarshal([]byte(h.raw), &d); err != nil {
+			return 0, fmt.Errorf("held reply %d: %w", h.id, err)
+		}
+		if err := s.enqueue(ctx, tx, d, now); err != nil {
+			return 0, err
+		}
+	}
+	return len(all), nil
+}
+
+// Conversation is a customer's open conversation.
+type Conversation struct {
+	OpenID string
+	Agent  string
+}
+
+// OpenConversations lists the open conversations, oldest first.
+func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("open conversations: %w", err)
+	}
+	defer rows.Close()
+	var out []Conversation
+	for rows.Next() {
+		var c Conversation
+		if err := rows.Scan(&c.OpenID, &c.Agent); err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// Heartbeat records name's heartbeat at now, unless it holds a later one:
+// with several instances, the latest of them stands.
+func (s *Store) Heartbeat(ctx context.Context, name string, now time.Time) error {
+	later := "max(heartbeats.at, excluded.at)"
+	if s.postgres {
+		later = "GREATEST(heartbeats.at, excluded.at)"
+	}
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := s.exec(ctx, tx, `INSERT INTO heartbeats (name, at) VALUES (?, ?)
+			ON CONFLICT (name) DO UPDATE SET at = `+later, name, now.UnixMilli())
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("heartbeat %s: %w", name, err)
+	}
+	return nil
+}
+
+// LastHeartbeat returns name's heartbeat; found is false if there has been
+// none.
+func (s *Store) LastHeartbeat(ctx context.Context, name string) (at time.Time, found bool, err error) {
+	var ms int64
+	switch err := s.rdb.QueryRowContext(ctx, s.q(`SELECT at FROM heartbeats WHERE name = ?`), name).Scan(&ms); {
+	case errors.Is(err, sql.ErrNoRows):
+		return time.Time{}, false, nil
+	case err != nil:
+		return time.Time{}, false, fmt.Errorf("heartbeat %s: %w", name, err)
+	}
+	return time.UnixMilli(ms), true, nil
+}

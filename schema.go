@@ -1,0 +1,73 @@
+package main
+
+// The schema, one plain SQL file per database, applied when the store opens.
+// How a change reaches a database made before it: docs/SCHEMA.md.
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	_ "embed"
+	"fmt"
+)
+
+var (
+	//go:embed schema_sqlite.sql
+	sqliteSchema string
+	//go:embed schema_postgres.sql
+	postgresSchema string
+)
+
+// schemaLock is the PostgreSQL advisory lock held while the schema is
+// applied, so instances starting together do not race on CREATE.
+const schemaLock = 7_261_948_305
+
+// applySQLiteSchema applies the schema on SQLite, then adds the columns in
+// which an outbox made before them carries its pushes (recent.go): SQLite
+// cannot add a column only if it is absent.
+func applySQLiteSchema(ctx context.Context, tx *sql.Tx) error {
+	if _, err := tx.ExecContext(ctx, sqliteSchema); err != nil {
+		return err
+	}
+	for _, col := range []string{"push_key", "push_sig", "push_reply"} {
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('outbox') WHERE name = ?`, col).Scan(&n); err != nil {
+			return err
+		}
+		if n == 0 {
+			if _, err := tx.ExecContext(ctx, `ALTER TABLE outbox ADD COLUMN `+col+` TEXT NOT NULL DEFAULT ''`); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// applyPostgresSchema applies the schema on PostgreSQL under an advisory
+// lock, unless the database has it already: schema_applied keeps the digest
+// of the schema last applied. Applying it again would take a SHARE lock on
+// each table with an index (CREATE INDEX IF NOT EXISTS locks the table
+// before it finds the index), one after the other, while the instances
+// already running lock those tables in other orders: an instance starting
+// under load could deadlock with them.
+func applyPostgresSchema(ctx context.Context, tx *sql.Tx) error {
+	digest := fmt.Sprintf("%x", sha256.Sum256([]byte(postgresSchema)))
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLock)); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_applied (digest TEXT NOT NULL)`); err != nil {
+		return err
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM schema_applied WHERE digest = $1`, digest).Scan(&n); err != nil || n > 0 {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, postgresSchema); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM schema_applied`); err != nil {
+		return err
+	}
+	_, err := tx.ExecContext(ctx, `INSERT INTO schema_applied (digest) VALUES ($1)`, digest)
+	return err
+}

@@ -1,0 +1,107 @@
+-- The bridge's state on SQLite, one instance. sqlite3 runs this file as it
+-- is; the bridge applies it at every open, so each statement is idempotent.
+-- How a change reaches a database made before it: docs/SCHEMA.md.
+-- Ids are SQLite's rowid: one more than the largest in the table.
+-- Times are Unix milliseconds.
+
+-- A customer is a WeChat user (openid) who has followed or written to the
+-- Official Account. agent is the IM agent the customer keeps.
+CREATE TABLE IF NOT EXISTS customers (
+    openid     TEXT PRIMARY KEY,
+    agent      TEXT NOT NULL DEFAULT '',
+    followed   INTEGER NOT NULL DEFAULT 1,
+    created_at BIGINT NOT NULL
+);
+
+-- A conversation runs from a customer's first message until they unfollow.
+-- A customer has at most one open conversation (closed_at IS NULL).
+CREATE TABLE IF NOT EXISTS conversations (
+    id        INTEGER PRIMARY KEY,
+    openid    TEXT NOT NULL,
+    agent     TEXT NOT NULL,
+    opened_at BIGINT NOT NULL,
+    closed_at BIGINT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
+
+-- agent_load counts each agent's open conversations, kept with them, so a
+-- new customer's assignment reads one small row an agent.
+CREATE TABLE IF NOT EXISTS agent_load (
+    agent TEXT PRIMARY KEY,
+    open  INTEGER NOT NULL DEFAULT 0
+);
+
+-- seen_keys holds the key of every callback accepted, so that IM's repeated
+-- callback commits nothing new, and of the pushes the writer's memory of the
+-- recent pushes could not hold: a push is recorded in the outbox row it
+-- adds (push_key, push_sig, push_reply; recent.go). For a push, value is the
+-- passive reply it was given and sig its signed query: a signed query serves
+-- one push only.
+CREATE TABLE IF NOT EXISTS seen_keys (
+    key         TEXT PRIMARY KEY,
+    sig         TEXT UNIQUE,
+    value       TEXT NOT NULL DEFAULT '',
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
+
+-- The outbox holds every call to a vendor that the bridge owes. A lane is
+-- delivered strictly in id order; state is pending, done or failed (a dead
+-- letter, with its reason in last_error). Only a lane's first pending item,
+-- its head, may be taken. The writer keeps each lane's pending items, its
+-- head and the claim that holds it in memory (lanes.go, heads.go): head,
+-- claimed_by and claimed_until are PostgreSQL's, and no index by lane or by
+-- head is kept.
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY,
+    lane          TEXT NOT NULL,
+    delivery      TEXT NOT NULL,
+    state         TEXT NOT NULL DEFAULT 'pending',
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at       BIGINT NOT NULL,
+    claimed_by    TEXT NOT NULL DEFAULT '',
+    head          INTEGER NOT NULL DEFAULT 0,
+    claimed_until BIGINT NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    created_at    BIGINT NOT NULL,
+    updated_at    BIGINT NOT NULL,
+    push_key      TEXT NOT NULL DEFAULT '',
+    push_sig      TEXT NOT NULL DEFAULT '',
+    push_reply    TEXT NOT NULL DEFAULT ''
+);
+-- outbox_failed lists the dead letters, which are few, so /metrics counts
+-- them without reading the day's delivered items.
+CREATE INDEX IF NOT EXISTS outbox_failed ON outbox (id) WHERE state = 'failed';
+
+-- Credentials the instances share: the WeChat access_token and the IM
+-- admin's UserSig, so one instance refreshes them for all.
+CREATE TABLE IF NOT EXISTS credentials (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL DEFAULT '',
+    refresh_at BIGINT NOT NULL DEFAULT 0
+);
+-- heartbeats: name im_callbacks holds when a bridge was last known to take
+-- IM's callbacks, every gap before that having been recovered. IM makes a
+-- callback once: the replies agents sent while no bridge answered are read
+-- back from IM's message history at the next start (recover.go).
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name TEXT PRIMARY KEY,
+    at   BIGINT NOT NULL
+);
+-- held_replies keeps, committed, a reply that came by callback while its
+-- conversation's history was still to be read back; it goes to the outbox
+-- in its place among the replies of the gap, or after them (recover.go).
+CREATE TABLE IF NOT EXISTS held_replies (
+    id         INTEGER PRIMARY KEY,
+    openid     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    delivery   TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
+-- Changes to databases made before this file (docs/SCHEMA.md): the writer's
+-- memory replaced the indexes by lane and by head; the outbox's push columns
+-- are added by schema.go when missing.
+DROP INDEX IF EXISTS outbox_heads;
+DROP INDEX IF EXISTS outbox_pending;
+DROP INDEX IF EXISTS outbox_due;

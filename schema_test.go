@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// TestSchemaFilesRunAsTheyAre: each schema file runs in its database's own
+// client on an empty database, twice (every statement is idempotent), and
+// the bridge's store then opens on the result.
+func TestSchemaFilesRunAsTheyAre(t *testing.T) {
+	t.Run("sqlite3", func(t *testing.T) {
+		client := lookClient(t, "sqlite3")
+		path := filepath.Join(t.TempDir(), "bridge.db")
+		for range 2 {
+			runClient(t, exec.Command(client, "-bail", path, ".read schema_sqlite.sql"))
+		}
+		openAndClose(t, "sqlite:"+path)
+	})
+	t.Run("psql", func(t *testing.T) {
+		client := lookClient(t, "psql")
+		dsn := testPostgres(t)
+		u, err := url.Parse(dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		q := u.Query()
+		schema := q.Get("search_path")
+		q.Del("search_path")
+		u.RawQuery = q.Encode()
+		for range 2 {
+			cmd := exec.Command(client, "-v", "ON_ERROR_STOP=1", "-q", "-f", "schema_postgres.sql", u.String())
+			cmd.Env = append(os.Environ(), "PGOPTIONS=-c search_path="+schema+" -c client_min_messages=warning")
+			runClient(t, cmd)
+		}
+		openAndClose(t, dsn)
+	})
+}
+
+// lookClient returns the path of a database's command-line client; CI
+// installs both, elsewhere the test skips without one.
+func lookClient(t *testing.T, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s is not installed: .ci/run installs it", name)
+		}
+		t.Skipf("%s is not installed here", name)
+	}
+	return path
+}
+
+func runClient(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
+		t.Fatalf("%s: %v\n%s", cmd.Args, err, out)
+	}
+}
+
+func openAndClose(t *testing.T, dsn string) {
+	t.Helper()
+	st, err := openStore(context.Background(), dsn, storeOptions{})
+	if err != nil {
+		t.Fatalf("open the store on the schema the client made: %v", err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
