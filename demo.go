@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -26,37 +25,13 @@ const (
 	demoAnswer   = "5월에 출시될 예정이오니, 많은 관심 부탁드립니다!"
 )
 
-// demoT lets the fakes report to the demo instead of a test.
-type demoT struct {
-	mu       sync.Mutex
-	errs     []string
-	cleanups []func()
-}
-
-func (d *demoT) Helper() {}
-func (d *demoT) Errorf(format string, args ...any) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.errs = append(d.errs, fmt.Sprintf(format, args...))
-}
-func (d *demoT) Cleanup(f func()) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.cleanups = append(d.cleanups, f)
-}
-func (d *demoT) close() {
-	for _, f := range slices.Backward(d.cleanups) {
-		f()
-	}
-}
-
 // runDemo starts fake WeChat and IM servers and the bridge in this process,
 // and plays the tutorial's exchange through them, printing each hop.
 func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	dt := &demoT{}
-	defer dt.close()
+	dt := &fakes.Standalone{}
+	defer dt.Close()
 	var outMu sync.Mutex
 	say := func(line string) {
 		outMu.Lock()
@@ -101,8 +76,8 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := <-served; err != nil {
 		return fmt.Errorf("demo: bridge: %w", err)
 	}
-	if len(dt.errs) > 0 {
-		return errors.New("demo: the fakes saw a problem:\n  " + strings.Join(dt.errs, "\n  "))
+	if errs := dt.Errors(); len(errs) > 0 {
+		return errors.New("demo: the fakes saw a problem:\n  " + strings.Join(errs, "\n  "))
 	}
 	say("")
 	say(fmt.Sprintf("Done: the customer asked %q in WeChat, agent %s answered in IM, and the customer read %q.",

@@ -24,6 +24,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"sync"
 	"time"
 )
@@ -33,6 +34,48 @@ type T interface {
 	Helper()
 	Errorf(format string, args ...any)
 	Cleanup(func())
+}
+
+// Standalone is a T for the fakes outside a test (the demo, the load
+// generator): it keeps what they report, and runs their cleanups at Close.
+type Standalone struct {
+	mu       sync.Mutex
+	errs     []string
+	cleanups []func()
+}
+
+func (s *Standalone) Helper() {}
+
+// Errorf keeps a problem the fakes report.
+func (s *Standalone) Errorf(format string, args ...any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.errs = append(s.errs, fmt.Sprintf(format, args...))
+}
+
+// Cleanup registers f to run at Close.
+func (s *Standalone) Cleanup(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cleanups = append(s.cleanups, f)
+}
+
+// Errors returns the problems reported so far.
+func (s *Standalone) Errors() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.errs)
+}
+
+// Close runs the cleanups, the last registered first: the fakes stop.
+func (s *Standalone) Close() {
+	s.mu.Lock()
+	cleanups := s.cleanups
+	s.cleanups = nil
+	s.mu.Unlock()
+	for _, f := range slices.Backward(cleanups) {
+		f()
+	}
 }
 
 // Request is one request a fake received.

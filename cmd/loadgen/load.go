@@ -27,7 +27,7 @@ var loadAgents = []string{"agent_1", "agent_2", "agent_3", "agent_4"}
 // trial is one load run: the fakes, the bridges, and what reached IM.
 type trial struct {
 	o     options
-	ft    *fakeT
+	ft    *fakes.Standalone
 	wx    *fakes.WeChat
 	im    *fakes.IM
 	dir   string
@@ -83,7 +83,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // newTrial starts the fakes and the bridges. The trial it returns, even
 // with an error, must be closed.
 func newTrial(ctx context.Context, o options, stderr io.Writer) (*trial, error) {
-	t := &trial{o: o, ft: &fakeT{}, answered: map[int64]time.Time{}, arrived: map[int64]arrival{}}
+	t := &trial{o: o, ft: &fakes.Standalone{}, answered: map[int64]time.Time{}, arrived: map[int64]arrival{}}
 	t.im = fakes.NewIM(t.ft, fakes.IMOptions{Accounts: loadAgents, RateLimit: -1, CallbackToken: loadCallbackToken,
 		OnMessage: t.inIM})
 	t.wx = fakes.NewWeChat(t.ft, fakes.WeChatOptions{
@@ -207,7 +207,7 @@ func (t *trial) close() {
 		t.stopReplies()
 		t.rt.close()
 	}
-	t.ft.close()
+	t.ft.Close()
 	if t.dir != "" {
 		os.RemoveAll(t.dir)
 	}

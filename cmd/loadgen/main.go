@@ -36,9 +36,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -133,30 +131,6 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return options{}, errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}
 	return o, nil
-}
-
-// fakeT lets the fakes report to the generator instead of a test.
-type fakeT struct {
-	mu       sync.Mutex
-	errs     []string
-	cleanups []func()
-}
-
-func (d *fakeT) Helper() {}
-func (d *fakeT) Errorf(format string, args ...any) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.errs = append(d.errs, fmt.Sprintf(format, args...))
-}
-func (d *fakeT) Cleanup(f func()) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.cleanups = append(d.cleanups, f)
-}
-func (d *fakeT) close() {
-	for _, f := range slices.Backward(d.cleanups) {
-		f()
-	}
 }
 
 // waitFor polls cond until it holds or ctx ends.
