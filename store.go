@@ -49,7 +49,7 @@ type Store struct {
 	firstReady atomic.Int64
 	// SQLite: the agent of each open conversation the writer has met, by
 	// customer, as committed, and the changes the transaction running
-	// makes to it (conv.go).
+	// makes to it (openopenconv.go).
 	openConv map[string]string
 	convLog  []convChange
 }
@@ -271,91 +271,6 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, now time.Ti
 		MsgSeq: in.NewRandom(), MsgRandom: in.NewRandom()}, opened, err
 }
 
-// openConversation returns the agent of the customer's open conversation,
-// opening one if there is none. On PostgreSQL it holds the customer's row
-// until the transaction ends, so two instances taking two messages of one
-// customer commit them one after the other, in the outbox's order. A
-// customer the bridge has never seen (one who followed before it existed) is
-// recorded and their IM account imported first. A new conversation goes to
-// the customer's own agent while that agent is still configured, else to
-// the agent with the fewest open conversations.
-func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
-	if agent, ok := s.openConv[in.OpenID]; ok { // nil, and never found, on PostgreSQL
-		return agent, false, nil
-	}
-	ms := now.UnixMilli()
-	var kept, open sql.NullString
-	err = s.queryRow(ctx, tx, `SELECT c.agent, v.agent FROM customers c
-		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
-		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&kept, &open)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		// A new customer. Two instances racing here: one insert fails on
-		// the key and its transaction runs again (inTx).
-		if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, ms); err != nil {
-			return "", false, err
-		}
-		if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
-			return "", false, err
-		}
-	case err != nil:
-		return "", false, err
-	case open.Valid:
-		s.noteConversation(in.OpenID, open.String)
-		return open.String, false, nil
-	}
-	agent = kept.String
-	if !slices.Contains(in.Agents, agent) {
-		if agent, err = s.leastLoadedAgent(ctx, tx, in.Agents); err != nil {
-			return "", false, err
-		}
-	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, in.OpenID); err != nil {
-		return "", false, err
-	}
-	if _, err := s.exec(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`, in.OpenID, agent, ms); err != nil {
-		return "", false, err
-	}
-	if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open) VALUES (?, 1)
-		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1`, agent); err != nil {
-		return "", false, err
-	}
-	s.noteConversation(in.OpenID, agent)
-	return agent, true, nil
-}
-
-// leastLoadedAgent returns the agent with the fewest open conversations; a
-// tie goes to the agent listed first.
-func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []string) (string, error) {
-	if len(agents) == 0 {
-		return "", errors.New("no agents configured")
-	}
-	rows, err := s.query(ctx, tx, `SELECT agent, open FROM agent_load`)
-	if err != nil {
-		return "", err
-	}
-	defer rows.Close()
-	load := map[string]int{}
-	for rows.Next() {
-		var a string
-		var n int
-		if err := rows.Scan(&a, &n); err != nil {
-			return "", err
-		}
-		load[a] = n
-	}
-	if err := rows.Err(); err != nil {
-		return "", err
-	}
-	best := agents[0]
-	for _, a := range agents[1:] {
-		if load[a] < load[best] {
-			best = a
-		}
-	}
-	return best, nil
-}
-
 // errUnknownCustomer is returned for a reply to an IM account the bridge has
 // no customer for.
 var errUnknownCustomer = errors.New("unknown customer")
@@ -441,37 +356,87 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 	return nil
 }
 
-// SharedCredential returns the credential name as the instances share it on
-// PostgreSQL: the stored value while it is not due for refresh and is not
-// stale (a value the vendor refused), else a new one from fetch, stored for
-// the others. The row is locked while fetch runs, so one instance refreshes
-// at a time and the others take its result. On SQLite, with one instance,
-// it calls fetch.
-func (s *Store) SharedCredential(ctx context.Context, name, stale string, now time.Time,
-	fetch func() (string, time.Time, error)) (value string, refreshAt time.Time, err error) {
-	if !s.postgres {
-		return fetch()
+// openConversation returns the agent of the customer's open conversation,
+// opening one if there is none. On PostgreSQL it holds the customer's row
+// until the transaction ends, so two instances taking two messages of one
+// customer commit them one after the other, in the outbox's order. A
+// customer the bridge has never seen (one who followed before it existed) is
+// recorded and their IM account imported first. A new conversation goes to
+// the customer's own agent while that agent is still configured, else to
+// the agent with the fewest open conversations.
+func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
+	if agent, ok := s.openConv[in.OpenID]; ok { // nil, and never found, on PostgreSQL
+		return agent, false, nil
 	}
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		if _, err := s.exec(ctx, tx, `INSERT INTO credentials (name) VALUES (?) ON CONFLICT (name) DO NOTHING`, name); err != nil {
-			return err
+	ms := now.UnixMilli()
+	var kept, open sql.NullString
+	err = s.queryRow(ctx, tx, `SELECT c.agent, v.agent FROM customers c
+		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
+		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&kept, &open)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		// A new customer. Two instances racing here: one insert fails on
+		// the key and its transaction runs again (inTx).
+		if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, ms); err != nil {
+			return "", false, err
 		}
-		var at int64
-		if err := s.queryRow(ctx, tx, `SELECT value, refresh_at FROM credentials WHERE name = ?`+s.lockRow(), name).Scan(&value, &at); err != nil {
-			return err
+		if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+			return "", false, err
 		}
-		refreshAt = time.UnixMilli(at)
-		if value != "" && value != stale && now.Before(refreshAt) {
-			return nil
+	case err != nil:
+		return "", false, err
+	case open.Valid:
+		s.noteConversation(in.OpenID, open.String)
+		return open.String, false, nil
+	}
+	agent = kept.String
+	if !slices.Contains(in.Agents, agent) {
+		if agent, err = s.leastLoadedAgent(ctx, tx, in.Agents); err != nil {
+			return "", false, err
 		}
-		if value, refreshAt, err = fetch(); err != nil {
-			return err
-		}
-		_, err := s.exec(ctx, tx, `UPDATE credentials SET value = ?, refresh_at = ? WHERE name = ?`, value, refreshAt.UnixMilli(), name)
-		return err
-	})
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, in.OpenID); err != nil {
+		return "", false, err
+	}
+	if _, err := s.exec(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`, in.OpenID, agent, ms); err != nil {
+		return "", false, err
+	}
+	if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open) VALUES (?, 1)
+		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1`, agent); err != nil {
+		return "", false, err
+	}
+	s.noteConversation(in.OpenID, agent)
+	return agent, true, nil
+}
+
+// leastLoadedAgent returns the agent with the fewest open conversations; a
+// tie goes to the agent listed first.
+func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []string) (string, error) {
+	if len(agents) == 0 {
+		return "", errors.New("no agents configured")
+	}
+	rows, err := s.query(ctx, tx, `SELECT agent, open FROM agent_load`)
 	if err != nil {
-		return "", time.Time{}, fmt.Errorf("shared credential %s: %w", name, err)
+		return "", err
 	}
-	return value, refreshAt, nil
+	defer rows.Close()
+	load := map[string]int{}
+	for rows.Next() {
+		var a string
+		var n int
+		if err := rows.Scan(&a, &n); err != nil {
+			return "", err
+		}
+		load[a] = n
+	}
+	if err := rows.Err(); err != nil {
+		return "", err
+	}
+	best := agents[0]
+	for _, a := range agents[1:] {
+		if load[a] < load[best] {
+			best = a
+		}
+	}
+	return best, nil
 }

@@ -1,0 +1,46 @@
+package main
+
+// The credentials the instances share on PostgreSQL: WeChat's access_token
+// and IM's UserSig, refreshed by one instance at a time.
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// SharedCredential returns the credential name as the instances share it on
+// PostgreSQL: the stored value while it is not due for refresh and is not
+// stale (a value the vendor refused), else a new one from fetch, stored for
+// the others. The row is locked while fetch runs, so one instance refreshes
+// at a time and the others take its result. On SQLite, with one instance,
+// it calls fetch.
+func (s *Store) SharedCredential(ctx context.Context, name, stale string, now time.Time,
+	fetch func() (string, time.Time, error)) (value string, refreshAt time.Time, err error) {
+	if !s.postgres {
+		return fetch()
+	}
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if _, err := s.exec(ctx, tx, `INSERT INTO credentials (name) VALUES (?) ON CONFLICT (name) DO NOTHING`, name); err != nil {
+			return err
+		}
+		var at int64
+		if err := s.queryRow(ctx, tx, `SELECT value, refresh_at FROM credentials WHERE name = ?`+s.lockRow(), name).Scan(&value, &at); err != nil {
+			return err
+		}
+		refreshAt = time.UnixMilli(at)
+		if value != "" && value != stale && now.Before(refreshAt) {
+			return nil
+		}
+		if value, refreshAt, err = fetch(); err != nil {
+			return err
+		}
+		_, err := s.exec(ctx, tx, `UPDATE credentials SET value = ?, refresh_at = ? WHERE name = ?`, value, refreshAt.UnixMilli(), name)
+		return err
+	})
+	if err != nil {
+		return "", time.Time{}, fmt.Errorf("shared credential %s: %w", name, err)
+	}
+	return value, refreshAt, nil
+}
