@@ -382,7 +382,7 @@ func (t *trial) report(w io.Writer, out outcome) error {
 		return fmt.Errorf("load: %d forwards lost, %d pushes failed", lost, out.failures)
 	}
 	// WeChat keeps no key of the messages it is sent: killed after a send and
-	// before recording it, the bridge sends it again (README: at least once).
+	// before recording it, the bridge sends it again (docs/DELIVERY.md: at least once).
 	if answersLost > 0 || answersDisordered > 0 || answersDuplicated > 0 && !t.o.chaos {
 		return fmt.Errorf("load: %d answers lost, %d duplicated, %d customers' answers out of order", answersLost, answersDuplicated, answersDisordered)
 	}
