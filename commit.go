@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 )
 
 // maxBatch bounds the writes committed together.
@@ -160,4 +161,20 @@ func gather[T any](first T, ch <-chan T, limit int) []T {
 		}
 	}
 	return batch
+}
+
+// errStoreClosed is returned for a write after Close.
+var errStoreClosed = errors.New("store closed")
+
+// runTx runs fn in a transaction on db and commits it if fn returns nil.
+func runTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
 }

@@ -10,11 +10,9 @@ import (
 	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/rand"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/binary"
-	"encoding/xml"
 	"errors"
 	"fmt"
 )
@@ -100,57 +98,4 @@ func wechatDecrypt(key []byte, appID, encrypt string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: message is for another appid", errDecrypt)
 	}
 	return msg, nil
-}
-
-// validMsgSignature reports, in constant time, whether sig is the
-// msg_signature of an encrypted push or reply.
-func validMsgSignature(token, timestamp, nonce, encrypt, sig string) bool {
-	return signatureMatches(sig, token, timestamp, nonce, encrypt)
-}
-
-// encryptedPush is the envelope of an encrypted push. In compatible mode the
-// plaintext fields are there too; the bridge reads only what is encrypted,
-// since only that is signed.
-type encryptedPush struct {
-	ToUserName string `xml:"ToUserName"`
-	Encrypt    string `xml:"Encrypt"`
-}
-
-// decodeEncryptedPush parses the envelope of an encrypted push.
-func decodeEncryptedPush(body []byte) (encryptedPush, error) {
-	var e encryptedPush
-	if err := decodeXML(body, &e); err != nil {
-		return encryptedPush{}, err
-	}
-	if e.Encrypt == "" {
-		return encryptedPush{}, fmt.Errorf("%w: Encrypt is missing", errBadPush)
-	}
-	return e, nil
-}
-
-// encryptedReply is a passive reply in safe mode.
-type encryptedReply struct {
-	XMLName      xml.Name `xml:"xml"`
-	Encrypt      cdata    `xml:"Encrypt"`
-	MsgSignature cdata    `xml:"MsgSignature"`
-	TimeStamp    int64    `xml:"TimeStamp"`
-	Nonce        cdata    `xml:"Nonce"`
-}
-
-// encryptReply wraps a plaintext passive reply in the encrypted envelope,
-// signed with token; timestamp (seconds) and nonce are the reply's own.
-func encryptReply(key []byte, appID, token string, reply []byte, timestamp int64, nonce string) ([]byte, error) {
-	random := make([]byte, 16)
-	rand.Read(random)
-	enc, err := wechatEncrypt(key, appID, random, reply)
-	if err != nil {
-		return nil, err
-	}
-	ts := fmt.Sprint(timestamp)
-	return xml.Marshal(encryptedReply{
-		Encrypt:      cdata{enc},
-		MsgSignature: cdata{wechatSignature(token, ts, nonce, enc)},
-		TimeStamp:    timestamp,
-		Nonce:        cdata{nonce},
-	})
 }

@@ -110,15 +110,6 @@ func (s *Store) writeTx(ctx context.Context, fn func(ctx context.Context, tx *sq
 	return err
 }
 
-// harmless reports whether err is one a write returns having written
-// nothing, so that its batch can still commit.
-func harmless(err error) bool {
-	return errors.Is(err, errReplay) || errors.Is(err, errUnknownCustomer) || errors.Is(err, errNotHeld)
-}
-
-// errStoreClosed is returned for a write after Close.
-var errStoreClosed = errors.New("store closed")
-
 // inTx runs fn in a transaction and commits it if fn returns nil. On
 // PostgreSQL a transaction that lost a race with another instance (a
 // unique key taken, a serialization failure, a deadlock) is run again.
@@ -131,17 +122,4 @@ func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
 		}
 		return err
 	}
-}
-
-// runTx runs fn in a transaction on db and commits it if fn returns nil.
-func runTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	if err := fn(tx); err != nil {
-		tx.Rollback()
-		return err
-	}
-	return tx.Commit()
 }

@@ -100,10 +100,10 @@ func (s *Store) takeDue(now int64, owner string, until int64, limit int) []int64
 }
 
 // finishHead records that head it is finished, done or failed, and makes
-// the next pending item of its lane the head, due from its own next_at.
-func (s *Store) finishHead(ctx context.Context, tx *sql.Tx, it OutboxItem) error {
+// next, the next pending item of its lane if ok, the head, due from its own
+// next_at.
+func (s *Store) finishHead(ctx context.Context, tx *sql.Tx, it OutboxItem, next int64, ok bool) error {
 	s.txHeads[it.ID] = nil
-	next, ok := s.laneFinish(it.Lane, it.ID)
 	if !ok {
 		return nil
 	}

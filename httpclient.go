@@ -1,7 +1,7 @@
 package main
 
-// What both vendor clients share: posting JSON, and keeping credentials out
-// of errors.
+// What both vendor clients share: posting JSON, keeping credentials out of
+// errors, and sharing a credential between instances.
 
 import (
 	"bytes"
@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"time"
 )
 
 // maxAnswerBytes bounds a vendor's answer.
@@ -79,3 +80,7 @@ func marshalJSON(v any) ([]byte, error) {
 	}
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
+
+// sharedCredential fetches a credential through the store, so that one
+// instance refreshes it for all; see Store.SharedCredential.
+type sharedCredential func(ctx context.Context, name, stale string, now time.Time, fetch func() (string, time.Time, error)) (string, time.Time, error)

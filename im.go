@@ -71,10 +71,6 @@ type IMClient struct {
 	limiters  map[string]*rateLimiter
 }
 
-// sharedCredential fetches a credential through the store, so that one
-// instance refreshes it for all; see Store.SharedCredential.
-type sharedCredential func(ctx context.Context, name, stale string, now time.Time, fetch func() (string, time.Time, error)) (string, time.Time, error)
-
 // userSig returns the cached admin UserSig, making a new one when the cache
 // is empty, past 80% of its lifetime, or equal to stale (one IM refused).
 func (c *IMClient) userSig(ctx context.Context, stale string) (string, error) {

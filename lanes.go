@@ -108,13 +108,9 @@ func (s *Store) laneFinish(lane string, id int64) (next int64, ok bool) {
 	return s.laneItem(lane, 0)
 }
 
-// settle keeps what the transaction the writer ran last did to the open
-// conversations, the lanes, their heads and the recent pushes, if it
-// committed, and forgets it either way.
-func (s *Store) settle(committed bool) {
-	s.settleConversations(committed)
-	s.settleRecent(committed)
-	s.settleHeads(committed)
+// settleLanes keeps what the transaction the writer ran last did to the
+// lanes, if it committed, and forgets it either way.
+func (s *Store) settleLanes(committed bool) {
 	if committed && len(s.txLanes) > 0 {
 		s.lanesMu.Lock()
 		defer s.lanesMu.Unlock()

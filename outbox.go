@@ -94,28 +94,37 @@ const markHeads = `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head =
 
 // enqueue adds d to the outbox, due now.
 func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {
-	return s.enqueueFor(ctx, tx, d, now, nil)
+	_, err := s.enqueueFor(ctx, tx, d, now, nil)
+	return err
+}
+
+// pushRecord is a push's record, carried by its outbox row on SQLite, and
+// the digests of its key and signed query by which the writer finds it.
+type pushRecord struct {
+	key, sig, reply string
+	digests         [2]uint64
+	ndigests        int // 1 for a push without a signed query (in tests)
 }
 
 // enqueueFor adds d to the outbox, due now, as the head of its lane if the
 // lane has no pending item. On SQLite the row carries rec, the push that
 // added it, if rec is not nil (recent.go), and the lane is known in memory
-// (lanes.go).
-func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) error {
+// (lanes.go). It returns the row's id on SQLite, 0 on PostgreSQL.
+func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
 	b, err := json.Marshal(d)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	ms := now.UnixMilli()
 	lane := d.lane()
 	if s.postgres {
 		if err := s.lockLane(ctx, tx, lane); err != nil {
-			return err
+			return 0, err
 		}
 		_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
 			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)`,
 			lane, string(b), ms, ms, ms, lane)
-		return err
+		return 0, err
 	}
 	var carried pushRecord
 	if rec != nil {
@@ -124,20 +133,17 @@ func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time
 	res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, push_key, push_sig, push_reply)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, carried.key, carried.sig, carried.reply)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	id, err := res.LastInsertId()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if _, busy := s.laneItem(lane, 0); !busy {
 		s.setHead(id, headState{lane: lane, at: ms}) // heads.go
 	}
 	s.laneAdd(lane, id)
-	if rec != nil {
-		s.remember(rec, id)
-	}
-	return nil
+	return id, nil
 }
 
 // lockLane serializes, on PostgreSQL, the transactions that change which
@@ -300,7 +306,8 @@ func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, 
 			s.setHead(it.ID, headState{lane: it.Lane, at: next})
 			return true, nil
 		}
-		return true, s.finishHead(ctx, tx, it)
+		next, ok := s.laneFinish(it.Lane, it.ID) // lanes.go
+		return true, s.finishHead(ctx, tx, it, next, ok)
 	}
 	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
 		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
@@ -416,3 +423,8 @@ func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	}
 	return st, nil
 }
+
+// permanentError marks an error a retry cannot fix.
+type permanentError struct{ error }
+
+func (e permanentError) Unwrap() error { return e.error }

@@ -1,6 +1,6 @@
 package main
 
-// A fast path for reading pushes. WeChat's pushes are flat: an <xml> root
+// A push, and a fast path for reading it. WeChat's pushes are flat: an <xml> root
 // whose children each hold text or CDATA, nothing more. scanFlatPush reads
 // exactly that shape, several times faster than encoding/xml; whatever else
 // it meets (a declaration, attributes, entities, comments, nested or
@@ -13,6 +13,38 @@ import (
 	"strconv"
 	"unicode/utf8"
 )
+
+// Push is one message or event WeChat pushes to the webhook. Field names are
+// WeChat's; a field absent from a push is left empty.
+type Push struct {
+	ToUserName   string `xml:"ToUserName"`
+	FromUserName string `xml:"FromUserName"`
+	CreateTime   int64  `xml:"CreateTime"`
+	MsgType      string `xml:"MsgType"`
+	MsgID        string `xml:"MsgId"`
+
+	Content      string `xml:"Content"`      // text
+	PicURL       string `xml:"PicUrl"`       // image
+	MediaID      string `xml:"MediaId"`      // image, voice, video, shortvideo
+	Format       string `xml:"Format"`       // voice
+	Recognition  string `xml:"Recognition"`  // voice
+	ThumbMediaID string `xml:"ThumbMediaId"` // video, shortvideo
+	LocationX    string `xml:"Location_X"`   // location: latitude
+	LocationY    string `xml:"Location_Y"`   // location: longitude
+	Scale        string `xml:"Scale"`        // location
+	Label        string `xml:"Label"`        // location
+	Title        string `xml:"Title"`        // link
+	Description  string `xml:"Description"`  // link
+	URL          string `xml:"Url"`          // link
+
+	Event     string `xml:"Event"`
+	EventKey  string `xml:"EventKey"`  // subscribe (qrscene_…), SCAN, CLICK, VIEW
+	Ticket    string `xml:"Ticket"`    // subscribe via QR code, SCAN
+	Latitude  string `xml:"Latitude"`  // LOCATION
+	Longitude string `xml:"Longitude"` // LOCATION
+	Precision string `xml:"Precision"` // LOCATION
+	MenuID    string `xml:"MenuId"`    // VIEW
+}
 
 // scanFlatPush fills p from a flat push and reports true, or reports false,
 // with p in any state, when body is not one it reads.

@@ -14,7 +14,8 @@ import (
 )
 
 // TestFollowOneMessage keeps the README's "Follow one message" true: every
-// file and function its hops name exists in the bridge's package, and every
+// file and function its hops name exists in the bridge's package (and every
+// Go file the README names anywhere exists), and every
 // payload it quotes is its golden file in testdata/, byte for byte.
 func TestFollowOneMessage(t *testing.T) {
 	readme, err := os.ReadFile("README.md")
@@ -38,6 +39,13 @@ func TestFollowOneMessage(t *testing.T) {
 		file, fn := h[1], h[2]
 		if !slices.Contains(funcs[file], fn) {
 			t.Errorf("Follow one message names %s in %s, which does not declare it", fn, file)
+		}
+	}
+
+	// The leaves in parentheses, and the layout table's files, exist too.
+	for _, m := range regexp.MustCompile("`([a-z_]+\\.go)`").FindAllStringSubmatch(string(readme), -1) {
+		if _, err := os.Stat(m[1]); err != nil {
+			t.Errorf("README.md names %s, which does not exist", m[1])
 		}
 	}
 

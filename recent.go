@@ -68,14 +68,6 @@ func fnv64a(s string) uint64 {
 	return h
 }
 
-// pushRecord is a push's record, carried by its outbox row on SQLite, and
-// the digests of its key and signed query by which the writer finds it.
-type pushRecord struct {
-	key, sig, reply string
-	digests         [2]uint64
-	ndigests        int // 1 for a push without a signed query (in tests)
-}
-
 // loadRecent reads the pushes of the push window back at open: the newest
 // that half the memory holds, from the outbox rows that carry them, and
 // when the last of the others was recorded in seen_keys. Those that do not

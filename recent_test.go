@@ -122,7 +122,9 @@ func TestRolledBackPushIsForgotten(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		return st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec)
+		id, err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec)
+		st.remember(rec, id)
+		return err
 	})
 	queueReply(t, st, "takes the id", now)
 	if acc := accept(t, st, in, now); acc.Duplicate {
@@ -267,9 +269,11 @@ func TestRetryInThePushsTransaction(t *testing.T) {
 			return err
 		}
 		rec.reply = replyConnecting
-		if err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec); err != nil {
+		id, err := st.enqueueFor(ctx, tx, Delivery{Kind: deliverIMSend, OpenID: "o1"}, now, rec)
+		if err != nil {
 			return err
 		}
+		st.remember(rec, id)
 		_, prev, dup, retry = st.claimPush(ctx, tx, signed("k1", "s2"), now)
 		_, _, _, replay = st.claimPush(ctx, tx, signed("k2", "s1"), now)
 		return nil

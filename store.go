@@ -230,8 +230,12 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 	if rec != nil {
 		rec.reply = acc.Reply
 	}
-	if err := s.enqueueFor(ctx, tx, d, now, rec); err != nil {
+	id, err := s.enqueueFor(ctx, tx, d, now, rec)
+	if err != nil {
 		return Accepted{}, err
+	}
+	if rec != nil {
+		s.remember(rec, id) // recent.go
 	}
 	if rec == nil && acc.Reply != replyNone {
 		_, err = s.exec(ctx, tx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
@@ -304,56 +308,6 @@ func (s *Store) takeReply(ctx context.Context, tx *sql.Tx, key string, d Deliver
 		return duplicate, err
 	}
 	return false, s.enqueue(ctx, tx, d, now)
-}
-
-// claimKey records key as seen, bound to sig (the push's signed query; ""
-// for none), in one statement. If key was seen before it returns the value
-// kept with it and dup true; if sig was used by another key it returns
-// errReplay. Either way it writes nothing.
-func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, sig string, now time.Time) (prev string, dup bool, err error) {
-	var sigArg any
-	if sig != "" {
-		sigArg = sig
-	}
-	res, err := s.exec(ctx, tx, `INSERT INTO seen_keys (key, sig, received_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING`, key, sigArg, now.UnixMilli())
-	if err != nil {
-		return "", false, err
-	}
-	if n, err := res.RowsAffected(); err != nil || n == 1 {
-		return "", false, err
-	}
-	err = s.queryRow(ctx, tx, `SELECT value FROM seen_keys WHERE key = ?`, key).Scan(&prev)
-	if errors.Is(err, sql.ErrNoRows) {
-		return "", false, errReplay
-	}
-	return prev, err == nil, err
-}
-
-// PruneKeys forgets push and callback keys received before cutoff, and
-// items delivered before it; vendors retry within seconds, so old keys only
-// cost space.
-func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
-	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if _, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
-			return err
-		}
-		// Delivered items are history; dead letters stay.
-		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state = 'done' AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
-			return err
-		}
-		// A safety net: a lane whose first pending item is not marked
-		// head would never be taken.
-		// (SQLite's writer keeps the heads in memory.)
-		if !s.postgres {
-			return nil
-		}
-		_, err := s.exec(ctx, tx, markHeads)
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("prune: %w", err)
-	}
-	return nil
 }
 
 // openConversation returns the agent of the customer's open conversation,
@@ -439,4 +393,21 @@ func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []strin
 		}
 	}
 	return best, nil
+}
+
+// harmless reports whether err is one a write returns having written
+// nothing, so that its batch can still commit.
+func harmless(err error) bool {
+	return errors.Is(err, errReplay) || errors.Is(err, errUnknownCustomer) || errors.Is(err, errNotHeld)
+}
+
+// settle keeps what the transaction the writer ran last did to the open
+// conversations, the recent pushes, the lanes and their heads, if it
+// committed, and forgets it either way: the group commit calls it after
+// each transaction.
+func (s *Store) settle(committed bool) {
+	s.settleConversations(committed)
+	s.settleRecent(committed)
+	s.settleHeads(committed)
+	s.settleLanes(committed)
 }

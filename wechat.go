@@ -5,6 +5,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/rand"
 	"crypto/sha1"
 	"encoding/hex"
 	"encoding/xml"
@@ -60,38 +61,6 @@ func signatureMatches(sig string, parts ...string) bool {
 // timestamp and nonce with token.
 func validWeChatSignature(token, timestamp, nonce, signature string) bool {
 	return signatureMatches(signature, token, timestamp, nonce)
-}
-
-// Push is one message or event WeChat pushes to the webhook. Field names are
-// WeChat's; a field absent from a push is left empty.
-type Push struct {
-	ToUserName   string `xml:"ToUserName"`
-	FromUserName string `xml:"FromUserName"`
-	CreateTime   int64  `xml:"CreateTime"`
-	MsgType      string `xml:"MsgType"`
-	MsgID        string `xml:"MsgId"`
-
-	Content      string `xml:"Content"`      // text
-	PicURL       string `xml:"PicUrl"`       // image
-	MediaID      string `xml:"MediaId"`      // image, voice, video, shortvideo
-	Format       string `xml:"Format"`       // voice
-	Recognition  string `xml:"Recognition"`  // voice
-	ThumbMediaID string `xml:"ThumbMediaId"` // video, shortvideo
-	LocationX    string `xml:"Location_X"`   // location: latitude
-	LocationY    string `xml:"Location_Y"`   // location: longitude
-	Scale        string `xml:"Scale"`        // location
-	Label        string `xml:"Label"`        // location
-	Title        string `xml:"Title"`        // link
-	Description  string `xml:"Description"`  // link
-	URL          string `xml:"Url"`          // link
-
-	Event     string `xml:"Event"`
-	EventKey  string `xml:"EventKey"`  // subscribe (qrscene_…), SCAN, CLICK, VIEW
-	Ticket    string `xml:"Ticket"`    // subscribe via QR code, SCAN
-	Latitude  string `xml:"Latitude"`  // LOCATION
-	Longitude string `xml:"Longitude"` // LOCATION
-	Precision string `xml:"Precision"` // LOCATION
-	MenuID    string `xml:"MenuId"`    // VIEW
 }
 
 // Message types and events the bridge knows by name.
@@ -261,3 +230,56 @@ func readLimited(r io.Reader, limit int64) ([]byte, error) {
 
 // errTooLarge is returned by readLimited for a body over its limit.
 var errTooLarge = errors.New("body too large")
+
+// validMsgSignature reports, in constant time, whether sig is the
+// msg_signature of an encrypted push or reply.
+func validMsgSignature(token, timestamp, nonce, encrypt, sig string) bool {
+	return signatureMatches(sig, token, timestamp, nonce, encrypt)
+}
+
+// encryptedPush is the envelope of an encrypted push. In compatible mode the
+// plaintext fields are there too; the bridge reads only what is encrypted,
+// since only that is signed.
+type encryptedPush struct {
+	ToUserName string `xml:"ToUserName"`
+	Encrypt    string `xml:"Encrypt"`
+}
+
+// decodeEncryptedPush parses the envelope of an encrypted push.
+func decodeEncryptedPush(body []byte) (encryptedPush, error) {
+	var e encryptedPush
+	if err := decodeXML(body, &e); err != nil {
+		return encryptedPush{}, err
+	}
+	if e.Encrypt == "" {
+		return encryptedPush{}, fmt.Errorf("%w: Encrypt is missing", errBadPush)
+	}
+	return e, nil
+}
+
+// encryptedReply is a passive reply in safe mode.
+type encryptedReply struct {
+	XMLName      xml.Name `xml:"xml"`
+	Encrypt      cdata    `xml:"Encrypt"`
+	MsgSignature cdata    `xml:"MsgSignature"`
+	TimeStamp    int64    `xml:"TimeStamp"`
+	Nonce        cdata    `xml:"Nonce"`
+}
+
+// encryptReply wraps a plaintext passive reply in the encrypted envelope,
+// signed with token; timestamp (seconds) and nonce are the reply's own.
+func encryptReply(key []byte, appID, token string, reply []byte, timestamp int64, nonce string) ([]byte, error) {
+	random := make([]byte, 16)
+	rand.Read(random)
+	enc, err := wechatEncrypt(key, appID, random, reply)
+	if err != nil {
+		return nil, err
+	}
+	ts := fmt.Sprint(timestamp)
+	return xml.Marshal(encryptedReply{
+		Encrypt:      cdata{enc},
+		MsgSignature: cdata{wechatSignature(token, ts, nonce, enc)},
+		TimeStamp:    timestamp,
+		Nonce:        cdata{nonce},
+	})
+}

@@ -317,11 +317,6 @@ func (w *Worker) deliver(ctx context.Context, d Delivery) error {
 	return permanentError{fmt.Errorf("unknown delivery kind %q", d.Kind)}
 }
 
-// permanentError marks an error a retry cannot fix.
-type permanentError struct{ error }
-
-func (e permanentError) Unwrap() error { return e.error }
-
 // permanent reports whether err is one no retry can fix.
 func permanent(err error) bool {
 	var pe permanentError
