@@ -163,7 +163,7 @@ func (b *bridge) openCallback(r *http.Request, q url.Values) (IMCallback, *refus
 	if q.Get("SdkAppid") != strconv.FormatUint(b.cfg.IMSDKAppID, 10) {
 		return IMCallback{}, &refusal{http.StatusForbidden, "SdkAppid does not match IM_SDKAPPID"}
 	}
-	if b.cfg.IMCallbackToken != "" && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now(), b.cfg.IMCallbackMaxSkew) {
+	if b.cfg.IMCallbackAuth && !validCallbackSign(b.cfg.IMCallbackToken, q.Get("RequestTime"), q.Get("Sign"), b.now(), b.cfg.IMCallbackMaxSkew) {
 		return IMCallback{}, &refusal{http.StatusForbidden, "Sign or RequestTime is wrong"}
 	}
 	body, err := readLimited(r.Body, maxCallbackBytes)

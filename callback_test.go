@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -42,9 +44,20 @@ func TestCallbackText(t *testing.T) {
 	}
 }
 
-// postCallback posts a callback to the bridge and returns its status and
+// postCallback posts a callback to the bridge, signed with the bridge's
+// IM_CALLBACK_TOKEN as IM's console signs it, and returns its status and
 // answer.
 func (h *harness) postCallback(query, body string) (int, string) {
+	h.t.Helper()
+	if tok := h.env["IM_CALLBACK_TOKEN"]; tok != "" {
+		rt := strconv.FormatInt(time.Now().Unix(), 10)
+		query += "&RequestTime=" + rt + "&Sign=" + fakes.CallbackSign(tok, rt)
+	}
+	return h.postRawCallback(query, body)
+}
+
+// postRawCallback posts a callback with query as it is, signed or not.
+func (h *harness) postRawCallback(query, body string) (int, string) {
 	h.t.Helper()
 	resp, err := http.Post(h.base+"/imcallback?"+query, "application/json", strings.NewReader(body))
 	if err != nil {
@@ -149,7 +162,7 @@ func TestSignedCallbacks(t *testing.T) {
 	eventually(t, "the answer in WeChat", func() bool { return len(h.wx.Sent()) == 1 })
 
 	cb := h.im.Callbacks()[1]
-	status, _ := h.postCallback("SdkAppid=1400000001&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json", strings.Replace(string(cb.Body), "_", "_9", 1))
+	status, _ := h.postRawCallback("SdkAppid=1400000001&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json", strings.Replace(string(cb.Body), "_", "_9", 1))
 	if status != http.StatusForbidden {
 		t.Errorf("unsigned callback got %d, want 403", status)
 	}
@@ -159,14 +172,31 @@ func TestSignedCallbacks(t *testing.T) {
 }
 
 // TestUnauthenticatedCallbacksWarned: without IM_CALLBACK_TOKEN the bridge
-// says once, at start-up, that callbacks are not authenticated.
+// refuses to start, unless IM_CALLBACK_AUTH=off says so; then it says
+// once, at start-up, that callbacks are not authenticated, and takes them
+// unsigned.
 func TestUnauthenticatedCallbacksWarned(t *testing.T) {
-	h := newHarness(t, harnessOptions{})
-	const warning = "IM callbacks are not authenticated"
-	if n := strings.Count(h.logs.String(), warning); n != 1 {
-		t.Errorf("the warning appears %d times, want once:\n%s", n, h.logs.String())
+	h := newHarness(t, harnessOptions{external: true})
+	delete(h.env, "IM_CALLBACK_TOKEN")
+	env := maps.Clone(h.env)
+	err := run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "IM_CALLBACK_TOKEN is required") {
+		t.Fatalf("without IM_CALLBACK_TOKEN run returned %v, want the token required", err)
 	}
-	signed := newHarness(t, harnessOptions{im: fakes.IMOptions{CallbackToken: "tok"}, env: map[string]string{"IM_CALLBACK_TOKEN": "tok"}})
+
+	off := newHarness(t, harnessOptions{env: map[string]string{"IM_CALLBACK_AUTH": "off"}})
+	const warning = "IM callbacks are not authenticated"
+	if n := strings.Count(off.logs.String(), warning); n != 1 {
+		t.Errorf("the warning appears %d times, want once:\n%s", n, off.logs.String())
+	}
+	off.wx.Follow(context.Background(), "o_unsigned")
+	eventually(t, "the customer's IM account", func() bool { return off.im.Imported("wx_o_unsigned") })
+	if _, err := off.im.SendAsAgent(context.Background(), "agent_kim", "wx_o_unsigned", "unsigned, taken"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the unsigned reply in WeChat", func() bool { return len(off.sentTo("o_unsigned")) == 1 })
+
+	signed := newHarness(t, harnessOptions{})
 	if strings.Contains(signed.logs.String(), warning) {
 		t.Error("the warning appears with IM_CALLBACK_TOKEN set")
 	}

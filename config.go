@@ -34,6 +34,9 @@ type Config struct {
 	IMAdmin         string   // IM_ADMIN
 	IMAPIBase       string   // IM_API_BASE
 	IMCallbackToken string   // IM_CALLBACK_TOKEN (secret)
+	// IM_CALLBACK_AUTH: on (the default) requires IM_CALLBACK_TOKEN and a
+	// valid Sign on every callback; off takes unsigned callbacks.
+	IMCallbackAuth bool
 	IMUserPrefix    string   // IM_USER_PREFIX: a customer's UserID is prefix + openid
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
@@ -238,6 +241,16 @@ func checkIM(e *env, c *Config) {
 		if strings.HasPrefix(a, c.IMUserPrefix) || a == c.IMAdmin {
 			e.bad("IM_AGENTS entry %q must not be IM_ADMIN nor start with IM_USER_PREFIX %q", a, c.IMUserPrefix)
 		}
+	}
+	switch e.get("IM_CALLBACK_AUTH", "on") {
+	case "on":
+		c.IMCallbackAuth = true
+		if c.IMCallbackToken == "" {
+			e.bad("IM_CALLBACK_TOKEN is required: the token of callback authentication in the IM console (or IM_CALLBACK_AUTH=off to take unsigned callbacks)")
+		}
+	case "off":
+	default:
+		e.bad("IM_CALLBACK_AUTH must be on or off, got %q", e.getenv("IM_CALLBACK_AUTH"))
 	}
 	checkBase(e, "IM_API_BASE", c.IMAPIBase)
 }

@@ -9,6 +9,7 @@ func validEnv() map[string]string {
 	return map[string]string{
 		"WECHAT_TOKEN": "token123", "WECHAT_APPID": "wx0123", "WECHAT_APPSECRET": "app-secret-value",
 		"IM_SDKAPPID": "1400000001", "IM_SECRET_KEY": "im-secret-value", "IM_AGENTS": "agent_kim, agent_lee",
+		"IM_CALLBACK_TOKEN": "callback-token-value",
 	}
 }
 
@@ -22,6 +23,9 @@ func TestLoadConfigDefaults(t *testing.T) {
 		c.IMAdmin != "administrator" || c.IMUserPrefix != "wx_" || c.DatabaseURL != "sqlite:bridge.db" ||
 		c.WelcomeText != defaultWelcomeText || c.ConnectingText != defaultConnectingText || c.DatabaseMaxConns != defaultPGConns {
 		t.Errorf("defaults: got %+v", c)
+	}
+	if !c.IMCallbackAuth {
+		t.Error("callback authentication is off by default")
 	}
 	if strings.Join(c.IMAgents, ",") != "agent_kim,agent_lee" || c.IMSDKAppID != 1400000001 {
 		t.Errorf("got agents %v, sdkappid %d", c.IMAgents, c.IMSDKAppID)
@@ -48,6 +52,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"bad rate", map[string]string{"IM_RATE_LIMIT": "-1"}, "IM_RATE_LIMIT must be"},
 		{"bad AES key", map[string]string{"WECHAT_AES_KEY": "short"}, "WECHAT_AES_KEY must be the 43-character"},
 		{"no connections", map[string]string{"DATABASE_URL": "postgres://h/db", "DATABASE_MAX_CONNS": "0"}, "DATABASE_MAX_CONNS must be a whole number"},
+		{"no callback token", map[string]string{"IM_CALLBACK_TOKEN": ""}, "IM_CALLBACK_TOKEN is required"},
+		{"bad callback auth", map[string]string{"IM_CALLBACK_AUTH": "maybe"}, "IM_CALLBACK_AUTH must be on or off"},
 		{"connections on sqlite", map[string]string{"DATABASE_MAX_CONNS": "4"}, "DATABASE_MAX_CONNS applies to PostgreSQL only"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -59,7 +65,7 @@ func TestLoadConfigProblems(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.want)
 			}
-			for _, secret := range []string{"app-secret-value", "im-secret-value", "short"} {
+			for _, secret := range []string{"app-secret-value", "im-secret-value", "callback-token-value", "short"} {
 				if strings.Contains(err.Error(), secret) {
 					t.Errorf("error echoes a secret value: %v", err)
 				}

@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -39,7 +43,11 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, line)
 	}
 	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{Trace: say})
-	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Trace: say})
+	// IM signs each callback with the token of its console's callback
+	// authentication; the bridge takes no other (IM_CALLBACK_TOKEN).
+	token := make([]byte, 16)
+	rand.Read(token)
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Trace: say, CallbackToken: hex.EncodeToString(token)})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
 	if err != nil {
 		return err
@@ -72,6 +80,9 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := playExchange(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
 		return err
 	}
+	if err := playForgery(ctx, base, cfg, say); err != nil {
+		return err
+	}
 	stopBridge()
 	if err := <-served; err != nil {
 		return fmt.Errorf("demo: bridge: %w", err)
@@ -93,7 +104,8 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
 		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
 		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
-		"DATABASE_URL": "sqlite:" + filepath.Join(dir, "bridge.db"),
+		"IM_CALLBACK_TOKEN": iopts.CallbackToken,
+		"DATABASE_URL":      "sqlite:" + filepath.Join(dir, "bridge.db"),
 	}
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
@@ -161,5 +173,30 @@ func waitFor(ctx context.Context, what string, cond func() bool) error {
 		case <-tick.C:
 		}
 	}
+	return nil
+}
+
+// playForgery posts an agent's reply as IM would, but without IM's
+// signature, and shows that the bridge refuses it.
+func playForgery(ctx context.Context, base string, cfg Config, say func(string)) error {
+	say("")
+	say("── 4. Someone else posts a reply to the callback URL, without IM's signature")
+	q := url.Values{"SdkAppid": {strconv.FormatUint(cfg.IMSDKAppID, 10)}, "CallbackCommand": {cbAfterSendMsg}, "contenttype": {"json"}}
+	body := fmt.Sprintf(`{"CallbackCommand":%q,"From_Account":%q,"To_Account":%q,"MsgKey":"forged","MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"forged"}}]}`,
+		cbAfterSendMsg, demoAgent, cfg.IMUserPrefix+demoCustomer)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/imcallback?"+q.Encode(), strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	answer, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		return fmt.Errorf("demo: an unsigned callback got %d %s, want 403", resp.StatusCode, answer)
+	}
+	say(fmt.Sprintf("   bridge → %d %s", resp.StatusCode, answer))
 	return nil
 }

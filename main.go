@@ -101,8 +101,8 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	if cfg.IMCallbackToken == "" {
-		log.Warn("IM callbacks are not authenticated: set IM_CALLBACK_TOKEN and enable callback authentication in the IM console")
+	if !cfg.IMCallbackAuth {
+		log.Warn("IM callbacks are not authenticated (IM_CALLBACK_AUTH=off): anyone who can reach /imcallback can send customers messages")
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "agents", len(cfg.IMAgents))
 

@@ -58,6 +58,9 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 		db = testPostgres(t)
 	}
 	h.wx = fakes.NewWeChat(t, o.wechat)
+	if o.im.CallbackToken == "" && o.env["IM_CALLBACK_AUTH"] != "off" {
+		o.im.CallbackToken = "harnesscbtoken" // callbacks are signed, as the bridge requires by default
+	}
 	o.im.Accounts = append(o.im.Accounts, o.agents...)
 	h.im = fakes.NewIM(t, o.im)
 	wo, imo := h.wx.Options(), h.im.Options()
@@ -67,6 +70,7 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 		"WECHAT_API_BASE": h.wx.URL,
 		"IM_SDKAPPID":     fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY": imo.SecretKey, "IM_ADMIN": imo.Admin,
 		"IM_API_BASE": h.im.URL, "IM_AGENTS": strings.Join(o.agents, ","),
+		"IM_CALLBACK_TOKEN": o.im.CallbackToken,
 		"DATABASE_URL": db,
 	}
 	for k, v := range o.env {

@@ -129,7 +129,11 @@ func (im *IM) callback(ctx context.Context, command, platform string, body map[s
 		}
 	}
 	res.Err = err
-	hop(im.opts.Trace, "IM", "bridge", "%s (%s → %s), answered %d", command, body["From_Account"], body["To_Account"], res.Status)
+	signed := "unsigned"
+	if im.opts.CallbackToken != "" {
+		signed = "signed"
+	}
+	hop(im.opts.Trace, "IM", "bridge", "%s (%s → %s, %s), answered %d", command, body["From_Account"], body["To_Account"], signed, res.Status)
 	im.mu.Lock()
 	im.callbacks = append(im.callbacks, res)
 	im.mu.Unlock()
