@@ -37,7 +37,7 @@ type Config struct {
 	// IM_CALLBACK_AUTH: on (the default) requires IM_CALLBACK_TOKEN and a
 	// valid Sign on every callback; off takes unsigned callbacks.
 	IMCallbackAuth bool
-	IMUserPrefix    string   // IM_USER_PREFIX: a customer's UserID is prefix + openid
+	IMUserPrefix   string // IM_USER_PREFIX: a customer's UserID is prefix + openid
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
 

@@ -71,7 +71,7 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 		"IM_SDKAPPID":     fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY": imo.SecretKey, "IM_ADMIN": imo.Admin,
 		"IM_API_BASE": h.im.URL, "IM_AGENTS": strings.Join(o.agents, ","),
 		"IM_CALLBACK_TOKEN": o.im.CallbackToken,
-		"DATABASE_URL": db,
+		"DATABASE_URL":      db,
 	}
 	for k, v := range o.env {
 		h.env[k] = v
