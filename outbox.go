@@ -33,8 +33,12 @@ const (
 )
 
 // Delivery is one call the bridge owes a vendor, as kept in the outbox.
-// MsgSeq and MsgRandom are chosen once, so every retry of a sendmsg is the
-// same message to IM, which drops repeats within 120 s.
+// MsgRandom is chosen once, and MsgSeq is the item's id (set when it is
+// claimed), so every retry of a sendmsg is the same message to IM, which
+// drops a repeat of (sender, MsgSeq, MsgRandom, content) within 120 s; and
+// since a lane leaves in id order, MsgSeq increases within a conversation,
+// which is how IM orders the messages of one second. Items queued with a
+// MsgSeq of their own keep it.
 type Delivery struct {
 	Kind      string `json:"kind"`
 	OpenID    string `json:"openid"`
@@ -208,6 +212,9 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 		if err := json.Unmarshal([]byte(it.raw), &it.Delivery); err != nil {
 			it.Delivery = Delivery{}
 			it.Unreadable = permanentError{fmt.Errorf("decode delivery %d: %w", it.ID, err)}
+		}
+		if it.Delivery.MsgSeq == 0 {
+			it.Delivery.MsgSeq = uint32(it.ID)
 		}
 		it.raw = ""
 	}

@@ -169,7 +169,7 @@ type Inbound struct {
 	IMUser string   // the customer's IM UserID
 	Text   string   // for actMessage: what the agent reads
 	Agents []string // the agents a new conversation may go to, in order
-	// NewRandom returns a fresh uint32 for MsgSeq and MsgRandom.
+	// NewRandom returns a fresh uint32 for MsgRandom.
 	NewRandom func() uint32
 }
 
@@ -267,12 +267,12 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.T
 }
 
 // message finds or opens the customer's conversation, and returns the
-// message to their agent, with the MsgSeq and MsgRandom every attempt
-// reuses. opened is true for a conversation's first message.
+// message to their agent, with the MsgRandom every attempt reuses. opened
+// is true for a conversation's first message.
 func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (d Delivery, opened bool, err error) {
 	agent, opened, err := s.openConversation(ctx, tx, in, now)
 	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text,
-		MsgSeq: in.NewRandom(), MsgRandom: in.NewRandom()}, opened, err
+		MsgRandom: in.NewRandom()}, opened, err
 }
 
 // errUnknownCustomer is returned for a reply to an IM account the bridge has

@@ -285,7 +285,7 @@ func (w *Worker) notice(d Delivery, reason string) *Delivery {
 		return nil
 	}
 	return &Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: d.Agent, Text: text,
-		MsgSeq: mrand.Uint32(), MsgRandom: mrand.Uint32()}
+		MsgRandom: mrand.Uint32()}
 }
 
 // deliver makes the vendor call d asks for.

@@ -2,6 +2,7 @@ package fakes
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -151,6 +152,22 @@ func (im *IM) Messages() []Message {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	return slices.Clone(im.messages)
+}
+
+// Conversation returns the messages between accounts a and b as IM's
+// clients and history show them: by time, and the messages of one second
+// by MsgSeq (IM's documentation of sendmsg and importmsg).
+func (im *IM) Conversation(a, b string) []Message {
+	var out []Message
+	for _, m := range im.Messages() {
+		if m.From == a && m.To == b || m.From == b && m.To == a {
+			out = append(out, m)
+		}
+	}
+	slices.SortStableFunc(out, func(x, y Message) int {
+		return cmp.Or(cmp.Compare(x.MsgTime, y.MsgTime), cmp.Compare(x.MsgSeq, y.MsgSeq))
+	})
+	return out
 }
 
 // Callbacks returns the callbacks made so far, in order.
