@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/url"
 	"regexp"
 	"slices"
@@ -38,6 +39,9 @@ type Config struct {
 	// valid Sign on every callback; off takes unsigned callbacks.
 	IMCallbackAuth bool
 	IMUserPrefix   string // IM_USER_PREFIX: a customer's UserID is prefix + openid
+	// IM_UNFOLLOW: what an unfollow does to the customer's IM account,
+	// unfollowKeep (the default) or unfollowDelete.
+	IMUnfollow string
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
 
@@ -45,7 +49,9 @@ type Config struct {
 	// DATABASE_MAX_CONNS: the connections this instance opens to PostgreSQL.
 	DatabaseMaxConns int
 
-	IMRateLimit      int           // IM_RATE_LIMIT: calls per second to each IM API, per instance
+	// IM_RATE_LIMIT: at most this many calls a second to each IM API from
+	// this instance, never above the API's documented limit; 0: no pacing.
+	IMRateLimit      int
 	IMDeliveryWindow time.Duration // IM_DELIVERY_WINDOW: how long a delivery to IM is retried
 	RetryMinDelay    time.Duration // RETRY_MIN_DELAY: the first wait before a retry
 	RetryMaxDelay    time.Duration // RETRY_MAX_DELAY: the longest wait before a retry
@@ -129,6 +135,15 @@ func (e *env) count(name string, def, least int, what string) int {
 	return n
 }
 
+// What an unfollow does to the customer's IM account. keep works on every
+// app: a paid app refuses to import a deleted UserID for three months
+// (70399). delete frees the account, which a trial app, capped at 100
+// accounts (70398), may need, and which it may import again at once.
+const (
+	unfollowKeep   = "keep"
+	unfollowDelete = "delete"
+)
+
 // loadConfig reads and validates the configuration. Its error names every
 // missing or malformed variable at once, and never includes a secret's value.
 func loadConfig(getenv func(string) string) (Config, error) {
@@ -148,7 +163,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		IMCallbackToken:      e.get("IM_CALLBACK_TOKEN", ""),
 		IMCallbackMaxSkew:    e.duration("IM_CALLBACK_MAX_SKEW", time.Minute),
 		IMUserPrefix:         e.get("IM_USER_PREFIX", "wx_"),
-		IMRateLimit:          e.count("IM_RATE_LIMIT", 200, 0, "a whole number of calls per second (0: no limit)"),
+		IMUnfollow:           e.get("IM_UNFOLLOW", unfollowKeep),
+		IMRateLimit:          e.count("IM_RATE_LIMIT", math.MaxInt32, 0, "a whole number of calls per second (0: no pacing)"),
 		IMDeliveryWindow:     e.duration("IM_DELIVERY_WINDOW", 24*time.Hour),
 		DatabaseURL:          e.get("DATABASE_URL", "sqlite:bridge.db"),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
@@ -241,6 +257,9 @@ func checkIM(e *env, c *Config) {
 		if strings.HasPrefix(a, c.IMUserPrefix) || a == c.IMAdmin {
 			e.bad("IM_AGENTS entry %q must not be IM_ADMIN nor start with IM_USER_PREFIX %q", a, c.IMUserPrefix)
 		}
+	}
+	if c.IMUnfollow != unfollowKeep && c.IMUnfollow != unfollowDelete {
+		e.bad("IM_UNFOLLOW must be keep or delete, got %q", c.IMUnfollow)
 	}
 	switch e.get("IM_CALLBACK_AUTH", "on") {
 	case "on":

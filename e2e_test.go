@@ -132,35 +132,6 @@ func TestFollowerFromBeforeTheBridge(t *testing.T) {
 	}
 }
 
-// TestUnfollowDeletesAccountAndClosesConversation: unfollow deletes the IM
-// account; following and writing again opens a new conversation.
-func TestUnfollowDeletesAccountAndClosesConversation(t *testing.T) {
-	clock := &fakeClock{now: time.Now()}
-	h := newHarness(t, harnessOptions{wechat: fakes.WeChatOptions{Now: clock.Now}})
-	ctx := context.Background()
-	h.wx.Follow(ctx, customer)
-	h.wx.SendText(ctx, customer, question)
-	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
-
-	if r := h.wx.Unfollow(ctx, customer); r.Body != "success" {
-		t.Errorf("unfollow got %q, want success", r.Body)
-	}
-	eventually(t, "the account deleted", func() bool { return !h.im.Imported(customerIM(customer)) })
-	del := h.im.RequestsTo("/v4/im_open_login_svc/account_delete")
-	if len(del) != 1 {
-		t.Fatalf("got %d account_delete calls, want 1", len(del))
-	}
-	goldenJSON(t, "im_account_delete.json", del[0].Body)
-
-	clock.Advance(time.Minute) // events are keyed by sender, time and event
-	h.wx.Follow(ctx, customer)
-	eventually(t, "the account imported again", func() bool { return h.im.Imported(customerIM(customer)) })
-	if r := h.wx.SendText(ctx, customer, "again"); r.Reply == nil || !strings.Contains(r.Reply.Content, "connecting") {
-		t.Errorf("first message after re-follow got %q, want the connecting text of a new conversation", r.Body)
-	}
-	eventually(t, "the new message in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
-}
-
 // TestRetriedPushForwardsOnce: WeChat's retries of one push (same MsgId, or
 // for events the same sender, time and event) forward once and get the
 // first answer again.

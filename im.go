@@ -38,16 +38,34 @@ const (
 	imErrNotImported     = 20003 // sender or recipient not imported
 	imErrFromNotFound    = 90008 // From_Account missing or not imported
 	imErrAccountNotFound = 70107 // account_delete of an account that does not exist
+	imErrContentSecurity = 80001 // the text hit IM's content security
 )
 
-// imPermanent lists IM codes a retry cannot fix: requests IM cannot parse
-// and accounts that cannot be created. 20003 and 90008 are permanent only
-// after an import (see Worker.deliver); credential errors are not, since an
-// operator can fix the configuration while the item waits.
-var imPermanent = map[int]bool{
-	90001: true, 90003: true, 90005: true, 90007: true, 90010: true, 90026: true,
-	70398: true, 70399: true, 70402: true,
+// imPermanent lists IM codes a retry cannot fix, each with what it means
+// for the agent who is told (the error-code table, 269/1671; sendmsg,
+// 269/2282; account_import, 269/1608). 20003 and 90008 are permanent only
+// after an import (see Worker.deliver); credential and permission errors
+// are not, since an operator can fix the configuration while the item waits.
+var imPermanent = map[int]string{
+	90001: "IM could not parse the request",
+	90003: "the recipient is not a valid UserID",
+	90005: "MsgRandom is missing",
+	90007: "the message body is not an array",
+	90010: "the message does not match IM's message format",
+	90026: "the message's lifetime is invalid",
+	93000: "the message is longer than IM takes (12 KB)",
+	80001: "IM's content security refused the text",
+	20006: "the app's before-send callback refused the message",
+	90012: "the agent's account does not exist in IM",
+	90048: "the agent's account does not exist in IM",
+	70398: "the IM app holds as many accounts as it may (a trial app: 100): upgrade it, or set IM_UNFOLLOW=delete so that unfollowers free theirs",
+	70399: "IM does not import a UserID deleted in the last three months on a paid app: set IM_UNFOLLOW=keep",
+	70402: "IM refused the account's parameters",
 }
+
+// imAgentGone lists the codes that say the agent's account is gone: their
+// notice goes to another agent.
+var imAgentGone = map[int]bool{90012: true, 90048: true}
 
 // IMClient calls the Tencent IM REST API as the admin account. It owns the
 // admin's UserSig and never lets it out of its requests.
@@ -62,7 +80,8 @@ type IMClient struct {
 	Now         func() time.Time
 	// Shared, if set, shares the UserSig among instances (Store.SharedCredential).
 	Shared sharedCredential
-	// RatePerAPI caps the calls per second to each API; 0 means no cap.
+	// RatePerAPI caps the calls per second to each API, below its
+	// documented limit (imAPILimits); 0 means no pacing at all.
 	RatePerAPI int
 
 	mu        sync.Mutex
@@ -103,8 +122,26 @@ func (c *IMClient) userSig(ctx context.Context, stale string) (string, error) {
 	return c.sig, nil
 }
 
+// imAPILimits are the calls a second IM takes from an app, by API, by
+// default (a paid package raises them; IM_RATE_LIMIT lowers them): each
+// API's documentation, "最高调用频率" / "请求频率限制": sendmsg 269/2282,
+// account_import 269/1608, account_delete 269/36443, account_check
+// 269/38417, admin_getroammsg 269/42794. An API not listed is paced at
+// the lowest of them.
+var imAPILimits = map[string]int{
+	"openim/sendmsg":                   200,
+	"openim/admin_getroammsg":          200,
+	"im_open_login_svc/account_import": 200,
+	"im_open_login_svc/account_delete": 100,
+	"im_open_login_svc/account_check":  100,
+	"openim/query_online_status":       200,
+}
+
+// minIMAPILimit paces the APIs imAPILimits does not list.
+const minIMAPILimit = 100
+
 // limiter returns the rate limiter of an API, or nil when calls are not
-// capped.
+// paced.
 func (c *IMClient) limiter(command string) *rateLimiter {
 	if c.RatePerAPI <= 0 {
 		return nil
@@ -116,7 +153,7 @@ func (c *IMClient) limiter(command string) *rateLimiter {
 	}
 	l, ok := c.limiters[command]
 	if !ok {
-		l = newRateLimiter(c.RatePerAPI)
+		l = newRateLimiter(min(cmp.Or(imAPILimits[command], minIMAPILimit), c.RatePerAPI))
 		c.limiters[command] = l
 	}
 	return l

@@ -110,11 +110,28 @@ type pushRecord struct {
 	ndigests        int // 1 for a push without a signed query (in tests)
 }
 
-// enqueueFor adds d to the outbox, due now, as the head of its lane if the
-// lane has no pending item. On SQLite the row carries rec, the push that
-// added it, if rec is not nil (recent.go), and the lane is known in memory
-// (lanes.go). It returns the row's id on SQLite, 0 on PostgreSQL.
+// enqueueFor adds d to the outbox, due now: as several items in a row if
+// its text is longer than its vendor takes in one message (split.go). On
+// SQLite the first row carries rec, the push that added it, if rec is not
+// nil (recent.go). It returns that row's id on SQLite, 0 on PostgreSQL.
 func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
+	parts := d.parts()
+	if parts == nil {
+		return s.insertItem(ctx, tx, d, now, rec)
+	}
+	first, err := s.insertItem(ctx, tx, parts[0], now, rec)
+	for _, p := range parts[1:] {
+		if err == nil {
+			_, err = s.insertItem(ctx, tx, p, now, nil)
+		}
+	}
+	return first, err
+}
+
+// insertItem adds d to the outbox, due now, as the head of its lane if the
+// lane has no pending item. On SQLite the row carries rec if it is not nil,
+// and the lane is known in memory (lanes.go).
+func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return 0, err

@@ -211,6 +211,9 @@ func (b *bridge) inbound(p Push) Inbound {
 		IMUser:    b.cfg.IMUserPrefix + p.FromUserName,
 		Agents:    b.cfg.IMAgents,
 		NewRandom: rand.Uint32,
+		// An account deleted on a paid app cannot be imported again for
+		// three months (70399), so by default it is kept.
+		DeleteAccount: b.cfg.IMUnfollow == unfollowDelete,
 	}
 	switch {
 	case p.MsgType == msgEvent && p.Event == eventSubscribe:

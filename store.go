@@ -169,6 +169,9 @@ type Inbound struct {
 	IMUser string   // the customer's IM UserID
 	Text   string   // for actMessage: what the agent reads
 	Agents []string // the agents a new conversation may go to, in order
+	// DeleteAccount: an unfollow deletes the customer's IM account
+	// (IM_UNFOLLOW=delete) rather than keep it.
+	DeleteAccount bool
 	// NewRandom returns a fresh uint32 for MsgRandom.
 	NewRandom func() uint32
 }
@@ -185,7 +188,7 @@ var errReplay = errors.New("signed query already used for another push")
 
 // AcceptPush commits what in asks for together with its key, in one
 // transaction: a follow imports the customer's IM account, an unfollow closes
-// the conversation and deletes it, and a message opens a conversation if
+// the conversation (and deletes the account, if in says so), and a message opens a conversation if
 // none is open (assigning an agent) and queues the message to IM. A key seen
 // before commits nothing and returns Duplicate with the first answer's reply.
 // The push's signed query is bound to its key: the same query carrying
@@ -227,6 +230,14 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 	if err != nil {
 		return Accepted{}, err
 	}
+	if d.Kind == "" {
+		// Nothing is owed to a vendor, so no outbox row carries the push:
+		// its key goes to seen_keys.
+		if rec != nil {
+			_, _, err = s.claimKey(ctx, tx, in.Key, in.SigKey, now)
+		}
+		return acc, err
+	}
 	if rec != nil {
 		rec.reply = acc.Reply
 	}
@@ -252,7 +263,7 @@ func (s *Store) follow(ctx context.Context, tx *sql.Tx, in Inbound, now time.Tim
 }
 
 // unfollow closes the customer's conversation, and returns the deletion of
-// their IM account.
+// their IM account if in asks for it, else nothing.
 func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (Delivery, error) {
 	s.noteConversation(in.OpenID, "")
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET followed = 0 WHERE openid = ?`, in.OpenID); err != nil {
@@ -263,6 +274,9 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.T
 		return Delivery{}, err
 	}
 	_, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, now.UnixMilli(), in.OpenID)
+	if !in.DeleteAccount {
+		return Delivery{}, err
+	}
 	return Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, err
 }
 

@@ -29,13 +29,19 @@ func (e *WeChatError) Error() string {
 // 40001 invalid or superseded, 40014 malformed, 42001 expired.
 var tokenErrors = map[int]bool{40001: true, 40014: true, 42001: true}
 
-// wechatPermanent are errcodes a retry cannot fix: 40003 unknown openid,
-// 45015 outside the 48-hour window or unfollowed, 45047 reply quota used up,
-// 45087 account blocked from customer-service messages, 44002, 40008 and
-// 45008 a malformed message. Credential and permission errors are retried
-// within the window, since an operator can fix them.
-var wechatPermanent = map[int]bool{
-	40003: true, 45015: true, 45047: true, 45087: true, 44002: true, 40008: true, 45008: true,
+// wechatPermanent are the errcodes of custom/send a retry cannot fix, each
+// with what it means for the agent who is told (WeChat's global return
+// codes and the customer-service message page). Credential and permission
+// errors are retried within the window, since an operator can fix them.
+var wechatPermanent = map[int]string{
+	40003: "WeChat does not know the customer's openid",
+	45015: "the customer last wrote more than 48 hours ago, or unfollowed",
+	45047: "the customer's reply quota is used up until they write again",
+	45087: "WeChat blocks customer-service messages from this account",
+	45002: "the text is longer than WeChat takes (2,048 bytes)",
+	44002: "the message is empty",
+	40008: "the message type is not valid",
+	45008: "the message is malformed",
 }
 
 // WeChatClient calls the WeChat Official Account API. It owns the

@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,7 +28,8 @@ type Worker struct {
 	Log     *slog.Logger
 	Metrics *metrics
 	Now     func() time.Time
-	Admin   string // IM_ADMIN, the sender of dead-letter notices
+	Admin   string   // IM_ADMIN, the sender of dead-letter notices
+	Agents  []string // IM_AGENTS: who is told when an agent's account is gone
 
 	Lanes          int           // lanes delivered at once
 	Lease          time.Duration // how long a claimed item is held
@@ -242,11 +245,11 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	case ctx.Err() != nil:
 		return false // stopping: the item is handed back as it was
 	case permanent(err) || now.Sub(it.CreatedAt) >= window:
-		reason := err.Error()
+		reason := explain(err)
 		if !permanent(err) {
 			reason = fmt.Sprintf("still failing %s after it was accepted: %v", window, err)
 		}
-		if rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason), now); rerr == nil {
+		if rerr = w.Store.GiveUp(ctx, it, reason, w.notice(d, reason, err), now); rerr == nil {
 			w.Metrics.deliveries.WithLabelValues(tgt, "dead").Inc()
 			w.Metrics.deadLetters.WithLabelValues(tgt).Inc()
 			log.Error("delivery failed for good", "err", reason)
@@ -270,21 +273,34 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 }
 
 // notice is the IM message that tells the agent of a conversation that a
-// delivery in it was given up, or nil when there is no one to tell.
-func (w *Worker) notice(d Delivery, reason string) *Delivery {
-	var text string
+// delivery in it was given up because of err, or nil when there is no one
+// to tell. When the agent's own account is gone, another agent is told.
+func (w *Worker) notice(d Delivery, reason string, err error) *Delivery {
+	to, text := d.Agent, ""
 	switch d.Kind {
 	case deliverWeChat:
 		text = fmt.Sprintf("Not delivered to WeChat customer %s: %q\nReason: %s", d.IMUser, d.Text, reason)
 	case deliverIMSend:
-		text = fmt.Sprintf("A message of WeChat customer %s could not reach you: %q\nReason: %s", d.IMUser, d.Text, reason)
+		quoted := strconv.Quote(d.Text)
+		var ie *IMError
+		if errors.As(err, &ie) && ie.Code == imErrContentSecurity {
+			quoted = "(not quoted: IM would refuse it again)"
+		}
+		text = fmt.Sprintf("A message of WeChat customer %s could not reach you: %s\nReason: %s", d.IMUser, quoted, reason)
+		if errors.As(err, &ie) && imAgentGone[ie.Code] {
+			to = ""
+			if i := slices.IndexFunc(w.Agents, func(a string) bool { return a != d.Agent }); i >= 0 {
+				to = w.Agents[i]
+			}
+			text = fmt.Sprintf("A message of WeChat customer %s could not reach agent %s: %q\nReason: %s", d.IMUser, d.Agent, d.Text, reason)
+		}
 	default:
 		return nil // imports, deletions and notices themselves: logged and counted only
 	}
-	if d.Agent == "" {
+	if to == "" {
 		return nil
 	}
-	return &Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: d.Agent, Text: text,
+	return &Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: to, Text: text,
 		MsgRandom: mrand.Uint32()}
 }
 
@@ -326,11 +342,25 @@ func permanent(err error) bool {
 	case errors.As(err, &pe):
 		return true
 	case errors.As(err, &ie):
-		return imPermanent[ie.Code]
+		return imPermanent[ie.Code] != ""
 	case errors.As(err, &we):
-		return wechatPermanent[we.Code]
+		return wechatPermanent[we.Code] != ""
 	}
 	return false
+}
+
+// explain is err's text, and what its vendor code means for the agent if
+// it is a code no retry can fix.
+func explain(err error) string {
+	var ie *IMError
+	var we *WeChatError
+	switch {
+	case errors.As(err, &ie) && imPermanent[ie.Code] != "":
+		return err.Error() + ": " + imPermanent[ie.Code]
+	case errors.As(err, &we) && wechatPermanent[we.Code] != "":
+		return err.Error() + ": " + wechatPermanent[we.Code]
+	}
+	return err.Error()
 }
 
 // isIMCode reports whether err is an IM answer with one of codes.

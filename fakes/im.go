@@ -27,8 +27,15 @@ type IMOptions struct {
 	// CallbackToken, if set, signs callbacks as the console's
 	// authentication switch does: Sign=hex(sha256(token+RequestTime)).
 	CallbackToken string
-	// RateLimit is the calls per second each API takes before it answers
-	// 60007, as IM's default frequency limit; default 200, negative: none.
+	// Trial makes the app a trial (体验版) app: it holds at most 100
+	// accounts, the admin's included (account_import answers 70398), and
+	// takes a deleted UserID again at once. Otherwise it is a paid app,
+	// which refuses to import a UserID deleted in the last three months
+	// (70399). Both: the error-code table, 269/1671; account_delete, 269/36443.
+	Trial bool
+	// RateLimit is the calls per second every API takes before it answers
+	// 60007; default: each API's own documented limit (apiLimits);
+	// negative: none.
 	RateLimit int
 	Now       func() time.Time
 	Trace     func(string) // narration for the demo
@@ -47,6 +54,8 @@ type IM struct {
 
 	mu          sync.Mutex
 	accounts    map[string]bool
+	deleted     map[string]time.Time // when each deleted account was deleted
+	sensitive   []string             // words content security refuses (80001)
 	messages    []Message
 	recent      map[string]recentSend // sendmsg dedup: key → first send
 	callbackURL string
@@ -109,10 +118,8 @@ func NewIM(t T, opts IMOptions) *IM {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	if opts.RateLimit == 0 {
-		opts.RateLimit = 200
-	}
 	im := &IM{
+		deleted: map[string]time.Time{},
 		buckets: map[string]*bucket{},
 		unread:  map[string]int{},
 		t:       t, opts: opts,
@@ -152,6 +159,22 @@ func (im *IM) Messages() []Message {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	return slices.Clone(im.messages)
+}
+
+// SetSensitive makes IM's content security refuse texts holding any of
+// words: sendmsg answers 80001.
+func (im *IM) SetSensitive(words ...string) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.sensitive = words
+}
+
+// Remove deletes account userID as an administrator does in IM's console.
+func (im *IM) Remove(userID string) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	delete(im.accounts, userID)
+	im.deleted[userID] = im.opts.Now()
 }
 
 // Conversation returns the messages between accounts a and b as IM's
@@ -244,6 +267,18 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, a)
 }
 
+// apiLimits are the calls a second IM takes from an app by default, by API,
+// as each API's documentation gives them ("最高调用频率"): sendmsg 269/2282,
+// admin_getroammsg 269/42794, account_import 269/1608, account_delete
+// 269/36443, account_check 269/38417. Past it IM answers 60007.
+var apiLimits = map[string]int{
+	"openim/sendmsg":                   200,
+	"openim/admin_getroammsg":          200,
+	"im_open_login_svc/account_import": 200,
+	"im_open_login_svc/account_delete": 100,
+	"im_open_login_svc/account_check":  100,
+}
+
 // allow takes a token from command's bucket, counting a refusal.
 func (im *IM) allow(command string) bool {
 	if im.opts.RateLimit < 0 {
@@ -252,12 +287,13 @@ func (im *IM) allow(command string) bool {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	now := time.Now() // rate limits are about real time, whatever the fake's clock
+	limit := float64(cmp.Or(im.opts.RateLimit, apiLimits[command], 100))
 	b, ok := im.buckets[command]
 	if !ok {
-		b = &bucket{tokens: float64(im.opts.RateLimit), last: now}
+		b = &bucket{tokens: limit, last: now}
 		im.buckets[command] = b
 	}
-	b.tokens = min(float64(im.opts.RateLimit), b.tokens+now.Sub(b.last).Seconds()*float64(im.opts.RateLimit))
+	b.tokens = min(limit, b.tokens+now.Sub(b.last).Seconds()*limit)
 	b.last = now
 	if b.tokens < 1 {
 		im.limited++
@@ -334,11 +370,27 @@ func (im *IM) accountImport(req map[string]json.RawMessage) imAnswer {
 	if json.Unmarshal(raw, &id) != nil || !validUserID(id) {
 		return imFail(70402, "invalid parameters: UserID")
 	}
+	now := im.opts.Now()
 	im.mu.Lock()
+	defer im.mu.Unlock()
+	switch at, deleted := im.deleted[id]; {
+	case im.accounts[id]:
+		return imOK() // importing again changes nothing
+	case !im.opts.Trial && deleted && now.Sub(at) < reimportBar:
+		return imFail(70399, "the account was deleted; it cannot be imported again for three months")
+	case im.opts.Trial && len(im.accounts) >= trialAccounts:
+		return imFail(70398, "the number of accounts exceeds the limit of a trial app")
+	}
 	im.accounts[id] = true
-	im.mu.Unlock()
 	return imOK()
 }
+
+// A trial app's cap on accounts, and how long a paid app bars a deleted
+// UserID.
+const (
+	trialAccounts = 100
+	reimportBar   = 90 * 24 * time.Hour
+)
 
 func (im *IM) accountDelete(req map[string]json.RawMessage) imAnswer {
 	var items []struct{ UserID string }
@@ -354,6 +406,7 @@ func (im *IM) accountDelete(req map[string]json.RawMessage) imAnswer {
 			continue
 		}
 		delete(im.accounts, it.UserID)
+		im.deleted[it.UserID] = im.opts.Now()
 		results = append(results, map[string]any{"ResultCode": 0, "ResultInfo": "", "UserID": it.UserID})
 	}
 	a := imOK()

@@ -15,6 +15,11 @@ import (
 	"time"
 )
 
+// MaxMsgBody is the most bytes of MsgBody, as JSON, IM takes in one
+// message: 12 KB (the message-length limit in IM's documentation,
+// tencentyun/qcloud-documents #14824); past it, 93000.
+const MaxMsgBody = 12 << 10
+
 // sendMsg serves openim/sendmsg: it validates the message as IM does, drops
 // a repeat of the same (sender, MsgSeq, MsgRandom, content) within 120 s,
 // delivers it and fires the callbacks the message does not forbid.
@@ -31,9 +36,20 @@ func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now t
 	if json.Unmarshal(req["MsgBody"], &body) != nil || len(body) == 0 {
 		return imFail(90007, "MsgBody is not an array")
 	}
+	if len(req["MsgBody"]) > MaxMsgBody {
+		return imFail(93000, "JSON data packet is too long")
+	}
 	text, err := checkBody(body)
 	if err != nil {
 		return imFail(90010, err.Error())
+	}
+	im.mu.Lock()
+	sensitive := im.sensitive
+	im.mu.Unlock()
+	for _, w := range sensitive {
+		if strings.Contains(text, w) {
+			return imFail(80001, "the text hit content security")
+		}
 	}
 	var seq uint32
 	if raw, ok := req["MsgSeq"]; ok && json.Unmarshal(raw, &seq) != nil {
@@ -64,6 +80,9 @@ func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now t
 	case !im.accounts[from]:
 		im.mu.Unlock()
 		return imFail(90008, "From_Account is not imported")
+	case !im.accounts[to] && !im.deleted[to].IsZero():
+		im.mu.Unlock()
+		return imFail(90012, "To_Account does not exist")
 	case !im.accounts[to]:
 		im.mu.Unlock()
 		return imFail(20003, "To_Account is invalid or not imported")
