@@ -41,6 +41,7 @@ type IMCallback struct {
 	MsgKey          string
 	MsgBody         []MsgElem
 	SendMsgResult   int
+	OnlineOnlyFlag  int // 1: sent to clients online only, such as TUIKit's typing indicator
 }
 
 // validCallbackSign reports whether sign is hex(sha256(token+requestTime)),
@@ -109,10 +110,7 @@ func elemText(e MsgElem) string {
 	case "TIMVideoFileElem":
 		return strings.TrimSpace("[video] " + str("VideoUrl"))
 	case "TIMCustomElem":
-		if d := str("Desc"); d != "" {
-			return d
-		}
-		return str("Data")
+		return str("Desc") // Data is for the app that made it: no text form
 	}
 	return "[" + strings.TrimPrefix(e.MsgType, "TIM") + "]"
 }
@@ -196,9 +194,17 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		b.log.Info("im callback ignored", "reason", "message was not delivered in IM", "result", cb.SendMsgResult)
 		return "ignored", nil
 	}
+	if on, ok := typingState(cb.MsgBody); ok {
+		b.showTyping(openid, on) // typing.go
+		return "typing", nil
+	}
 	text := callbackText(cb.MsgBody)
-	if text == "" {
-		b.log.Info("im callback ignored", "reason", "message has no content")
+	switch {
+	case cb.OnlineOnlyFlag == 1:
+		b.log.Debug("im callback ignored", "reason", "online-only message")
+		return "ignored", nil
+	case text == "":
+		b.log.Info("im callback ignored", "reason", "message has no text form")
 		return "ignored", nil
 	}
 	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}

@@ -242,3 +242,45 @@ func TestEachIMAPIPacedAtItsLimit(t *testing.T) {
 		t.Errorf("IM answered %d calls 60007, want none", l)
 	}
 }
+
+// TestTypingIndicator: TUIKit's typing indicator never reaches the customer
+// as a message; it shows WeChat's typing state instead, sent once while it
+// shows. Online-only messages and custom messages with no text form are
+// never sent to a customer, and use none of their replies.
+func TestTypingIndicator(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	im := customerIM(customer)
+
+	for range 2 { // the second while the first shows: not sent again (45081)
+		if _, err := h.im.SendTypingAsAgent(ctx, "agent_kim", im, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the typing state", func() bool { return len(h.wx.Typings()) == 1 })
+	h.im.SendTypingAsAgent(ctx, "agent_kim", im, false)
+	eventually(t, "the typing state cancelled", func() bool { return len(h.wx.Typings()) == 2 })
+	if ty := h.wx.Typings(); ty[0].Command != "Typing" || ty[1].Command != "CancelTyping" || ty[0].ToUser != customer {
+		t.Errorf("typing commands %+v, want Typing then CancelTyping to the customer", ty)
+	}
+	if n := len(h.wx.RequestsTo("/cgi-bin/message/custom/typing")); n != 2 {
+		t.Errorf("got %d custom/typing calls, want 2", n)
+	}
+
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, true, map[string]any{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": "online only"}})
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, map[string]any{"MsgType": "TIMCustomElem", "MsgContent": map[string]any{"Data": `{"businessID":"order_card"}`}})
+	for i := range 5 { // the customer's five replies, all left for the agent's texts
+		h.im.SendAsAgent(ctx, "agent_kim", im, fmt.Sprintf("%s %d", answer, i))
+	}
+	eventually(t, "the five answers in WeChat", func() bool { return len(h.sentTo(customer)) == 5 })
+	for _, m := range h.sentTo(customer) {
+		if !strings.HasPrefix(m.Text, answer) {
+			t.Errorf("the customer received %q", m.Text)
+		}
+	}
+	if d := h.deadLetters(); len(d) != 0 {
+		t.Errorf("dead letters: %q", d)
+	}
+}

@@ -21,6 +21,8 @@ type bridge struct {
 	cfg     Config
 	store   *Store
 	worker  *Worker
+	wechat  *WeChatClient // for the typing state only: replies go through the worker
+	typing  typingStates
 	metrics *metrics
 	// aesKeys are the current and previous EncodingAESKeys, decoded.
 	aesKeys [][]byte

@@ -169,3 +169,16 @@ func (c *WeChatClient) SendText(ctx context.Context, openid, text string) error 
 	m.Text.Content = text
 	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
 }
+
+// Typing shows the customer that someone is typing (on), or stops showing
+// it, with /cgi-bin/message/custom/typing.
+func (c *WeChatClient) Typing(ctx context.Context, openid string, on bool) error {
+	m := struct {
+		ToUser  string `json:"touser"`
+		Command string `json:"command"`
+	}{openid, "CancelTyping"}
+	if on {
+		m.Command = "Typing"
+	}
+	return c.callWithToken(ctx, "custom/typing", "/cgi-bin/message/custom/typing", m)
+}

@@ -86,6 +86,9 @@ type Message struct {
 	Platform  string // RESTAPI for sendmsg, Web for an agent's client
 	Received  time.Time
 	Recalled  bool // withdrawn since: MsgFlagBits 8 in the history
+	// OnlineOnly: sent to clients online only (OnlineOnlyFlag 1), kept in
+	// no history.
+	OnlineOnly bool
 }
 
 type recentSend struct {

@@ -25,6 +25,27 @@ import (
 // delivered and the After callback fires. Both callbacks are made before it
 // returns.
 func (im *IM) SendAsAgent(ctx context.Context, agent, to, text string) (Message, error) {
+	hop(im.opts.Trace, "agent", "IM", "%s writes to %s: %q", agent, to, text)
+	return im.SendElemsAsAgent(ctx, agent, to, false, map[string]any{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": text}})
+}
+
+// SendTypingAsAgent sends what TUIKit sends while an agent types (typing
+// true) or stops: an online-only custom message, businessID
+// user_typing_status.
+func (im *IM) SendTypingAsAgent(ctx context.Context, agent, to string, typing bool) (Message, error) {
+	status := 0
+	if typing {
+		status = 1
+	}
+	data := fmt.Sprintf(`{"businessID":"user_typing_status","typingStatus":%d,"version":1,"userAction":14,"actionParam":"EIMAMSG_InputStatus_%s"}`,
+		status, map[bool]string{true: "Ing", false: "End"}[typing])
+	return im.SendElemsAsAgent(ctx, agent, to, true, map[string]any{"MsgType": "TIMCustomElem", "MsgContent": map[string]any{"Data": data}})
+}
+
+// SendElemsAsAgent sends a message of the given elements from agent to the
+// account to, as SendAsAgent does; an online-only message (onlineOnly) is
+// delivered to clients online and kept in no history.
+func (im *IM) SendElemsAsAgent(ctx context.Context, agent, to string, onlineOnly bool, elems ...map[string]any) (Message, error) {
 	im.mu.Lock()
 	okFrom, okTo := im.accounts[agent], im.accounts[to]
 	im.mu.Unlock()
@@ -34,7 +55,13 @@ func (im *IM) SendAsAgent(ctx context.Context, agent, to, text string) (Message,
 	case !okTo:
 		return Message{}, fmt.Errorf("im: recipient %s is not imported (20003)", to)
 	}
-	body, _ := json.Marshal([]map[string]any{{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": text}}})
+	body, _ := json.Marshal(elems)
+	var raw []json.RawMessage
+	json.Unmarshal(body, &raw)
+	text, err := checkBody(raw)
+	if err != nil {
+		return Message{}, fmt.Errorf("im: %v (90010)", err)
+	}
 	now := im.opts.Now()
 	// A client numbers its messages: IM orders those of one second by MsgSeq.
 	im.mu.Lock()
@@ -44,9 +71,9 @@ func (im *IM) SendAsAgent(ctx context.Context, agent, to, text string) (Message,
 	im.clientSeq++
 	seq := im.clientSeq
 	im.mu.Unlock()
-	m := Message{From: agent, To: to, Text: text, Body: body, MsgSeq: seq, MsgRandom: randUint32(), MsgTime: now.Unix(), Platform: "Web"}
+	m := Message{From: agent, To: to, Text: text, Body: body, MsgSeq: seq, MsgRandom: randUint32(), MsgTime: now.Unix(), Platform: "Web",
+		OnlineOnly: onlineOnly}
 	m.MsgKey = fmt.Sprintf("%d_%d_%d", m.MsgSeq, m.MsgRandom, m.MsgTime)
-	hop(im.opts.Trace, "agent", "IM", "%s writes to %s: %q", agent, to, text)
 	if err := im.deliver(ctx, m, true, true); err != nil {
 		return Message{}, err
 	}
@@ -59,6 +86,9 @@ func (im *IM) deliver(ctx context.Context, m Message, before, after bool) error 
 	base := map[string]any{
 		"From_Account": m.From, "To_Account": m.To, "MsgSeq": m.MsgSeq, "MsgRandom": m.MsgRandom,
 		"MsgTime": m.MsgTime, "MsgKey": m.MsgKey, "OnlineOnlyFlag": 0, "MsgBody": m.Body, "CloudCustomData": "",
+	}
+	if m.OnlineOnly {
+		base["OnlineOnlyFlag"] = 1
 	}
 	if before {
 		base["CallbackCommand"] = "C2C.CallbackBeforeSendMsg"

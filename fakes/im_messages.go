@@ -160,7 +160,7 @@ func (im *IM) getRoamMsg(req map[string]json.RawMessage, now time.Time) imAnswer
 	for i := len(im.messages) - 1; i >= 0; i-- {
 		m := im.messages[i]
 		between := m.From == operator && m.To == peer || m.From == peer && m.To == operator
-		if between && m.MsgTime >= minTime && m.MsgTime <= maxTime && now.Sub(time.Unix(m.MsgTime, 0)) <= roamKeep {
+		if between && !m.OnlineOnly && m.MsgTime >= minTime && m.MsgTime <= maxTime && now.Sub(time.Unix(m.MsgTime, 0)) <= roamKeep {
 			history = append(history, m)
 		}
 	}

@@ -50,6 +50,7 @@ type WeChat struct {
 	revoked  map[string]bool      // tokens superseded by force_refresh or a newer /cgi-bin/token
 	users    map[string]*customer // by openid
 	sent     []CustomMessage
+	typings  []Typing
 	notices  []string // what customers were shown instead of a reply
 	nextMsg  int64
 	target   string
@@ -68,6 +69,8 @@ type customer struct {
 	followed    bool
 	windowUntil time.Time
 	quota       int
+	lastWrote   time.Time // the customer's last message or follow
+	typingUntil time.Time // the typing state shown, until then
 }
 
 // CustomMessage is a customer-service message WeChat accepted.
@@ -128,6 +131,7 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 	mux.HandleFunc("/cgi-bin/stable_token", wx.handleStableToken)
 	mux.HandleFunc("/cgi-bin/token", wx.handleToken)
 	mux.HandleFunc("/cgi-bin/message/custom/send", wx.handleCustomSend)
+	mux.HandleFunc("/cgi-bin/message/custom/typing", wx.handleTyping)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		wx.record(r, wx.opts.Now())
 		wx.t.Errorf("fake wechat: unmodelled request %s %s", r.Method, r.URL.Path)

@@ -117,25 +117,33 @@ func (wx *WeChat) checkToken(token string, now time.Time) (int, string) {
 // public reports of 45002 give.
 const MaxCustomText = 2048
 
-// handleCustomSend serves POST /cgi-bin/message/custom/send for text
-// messages, enforcing the token, the customer's 48-hour window and its
-// quota.
-func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
-	now := wx.opts.Now()
-	body := wx.record(r, now)
+// openAPICall records a call to a message API and checks its method and
+// access_token, then applies any injected fault. It reports false when it
+// has answered the call.
+func (wx *WeChat) openAPICall(w http.ResponseWriter, r *http.Request) (now time.Time, body []byte, ok bool) {
+	now = wx.opts.Now()
+	body = wx.record(r, now)
 	if r.Method != http.MethodPost {
-		wx.t.Errorf("fake wechat: custom/send is POST only, got %s", r.Method)
+		wx.t.Errorf("fake wechat: %s is POST only, got %s", r.URL.Path, r.Method)
 		writeWeChatError(w, 43002, "require POST method")
-		return
+		return now, nil, false
 	}
 	wx.mu.Lock()
 	code, msg := wx.checkToken(r.URL.Query().Get("access_token"), now)
 	wx.mu.Unlock()
 	if code != 0 {
 		writeWeChatError(w, code, msg)
-		return
+		return now, nil, false
 	}
-	if wx.injected(w, r) {
+	return now, body, !wx.injected(w, r)
+}
+
+// handleCustomSend serves POST /cgi-bin/message/custom/send for text
+// messages, enforcing the token, the customer's 48-hour window and its
+// quota.
+func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
+	now, body, ok := wx.openAPICall(w, r)
+	if !ok {
 		return
 	}
 	var m struct {
@@ -169,7 +177,7 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 
 	wx.mu.Lock()
 	u, ok := wx.users[m.ToUser]
-	code, msg = 0, "ok"
+	code, msg := 0, "ok"
 	switch {
 	case !ok:
 		code, msg = 40003, "invalid openid"
@@ -184,6 +192,7 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	u.quota--
+	u.typingUntil = time.Time{} // a message ends the typing state
 	cm := CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: m.Text.Content, Body: body, At: now}
 	wx.sent = append(wx.sent, cm)
 	wx.mu.Unlock()
@@ -219,3 +228,59 @@ func writeJSON(w http.ResponseWriter, v any) {
 }
 
 // PushResult is how the developer's URL answered a push.
+
+// Typing is a typing state WeChat showed a customer, or took away.
+type Typing struct {
+	ToUser  string
+	Command string // Typing or CancelTyping
+	At      time.Time
+}
+
+// Typings returns the typing commands WeChat accepted, in order.
+func (wx *WeChat) Typings() []Typing {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	return append([]Typing(nil), wx.typings...)
+}
+
+// handleTyping serves POST /cgi-bin/message/custom/typing with WeChat's
+// rules: only within 30 s of the customer's last message (45080); a typing
+// state lasts 15 s and is not sent again while it shows (45081); a command
+// other than Typing or CancelTyping is 45072.
+func (wx *WeChat) handleTyping(w http.ResponseWriter, r *http.Request) {
+	now, body, ok := wx.openAPICall(w, r)
+	if !ok {
+		return
+	}
+	var m struct {
+		ToUser  string `json:"touser"`
+		Command string `json:"command"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		writeWeChatError(w, 47001, "data format error")
+		return
+	}
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	u, ok := wx.users[m.ToUser]
+	switch {
+	case m.Command != "Typing" && m.Command != "CancelTyping":
+		writeWeChatError(w, 45072, "command invalid")
+		return
+	case !ok:
+		writeWeChatError(w, 40003, "invalid openid")
+		return
+	case now.Sub(u.lastWrote) > 30*time.Second:
+		writeWeChatError(w, 45080, "has not sent message to user in 30 seconds")
+		return
+	case m.Command == "Typing" && now.Before(u.typingUntil):
+		writeWeChatError(w, 45081, "already typing")
+		return
+	case m.Command == "Typing":
+		u.typingUntil = now.Add(15 * time.Second)
+	default:
+		u.typingUntil = time.Time{}
+	}
+	wx.typings = append(wx.typings, Typing{ToUser: m.ToUser, Command: m.Command, At: now})
+	writeWeChatError(w, 0, "ok")
+}

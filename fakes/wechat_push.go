@@ -48,6 +48,7 @@ func (wx *WeChat) Follow(ctx context.Context, openid string) PushResult {
 	u := wx.user(openid)
 	u.followed = true
 	now := wx.opts.Now()
+	u.lastWrote = now
 	if u.windowUntil.Before(now.Add(time.Minute)) {
 		u.windowUntil, u.quota = now.Add(time.Minute), 3
 	}
@@ -117,6 +118,7 @@ func (wx *WeChat) wrote(openid string) {
 	u := wx.user(openid)
 	u.followed = true
 	u.windowUntil, u.quota = wx.opts.Now().Add(48*time.Hour), wx.opts.QuotaPerMessage
+	u.lastWrote = wx.opts.Now()
 }
 
 // EventXML builds an event push. eventKey may be empty.
