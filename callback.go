@@ -219,6 +219,9 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
 		return "ignored", nil
 	case err != nil:
+		// IM will not make this callback again: the reply is read back
+		// from its history once the store works (recover.go).
+		b.recovery.retake(openid, cb.From_Account, time.Unix(cb.MsgTime, 0))
 		return "", err
 	case dup:
 		return "duplicate", nil

@@ -14,6 +14,10 @@ package main
 // held_replies rather than the outbox, so that they do not go ahead of the
 // replies of the gap: its sweep moves each to the outbox in its place among
 // the history's replies, or after them (Store.TakeHistory).
+//
+// A callback the bridge could not commit (the store failed) is answered 500,
+// and IM does not make it again either: its conversation is read back the
+// same way once the store works again (retake).
 
 import (
 	"context"
@@ -60,14 +64,17 @@ type replyRecovery struct {
 	gap    bool      // a heartbeat was found: there is a gap to read back
 	from   time.Time // where the gap starts
 	mu     sync.Mutex
-	sweeps map[string]*sweep // by openid: the conversations still to read, while recovery runs
+	sweeps map[string]*sweep // by openid: the conversations still to read
+	wake   chan struct{}     // a retake was asked for
 }
 
 // sweep is the recovery of one conversation.
 type sweep struct {
 	Conversation
-	mu   sync.Mutex // held while a reply is held, and while what was read of its history is taken
-	done bool
+	from   time.Time  // its history is read from then
+	retake bool       // asked for by a callback that failed, not by a gap
+	mu     sync.Mutex // held while a reply is held, and while what was read of its history is taken
+	done   bool
 }
 
 // prepare reads the last heartbeat and, after a gap, the open conversations
@@ -92,7 +99,7 @@ func (r *replyRecovery) prepare(ctx context.Context) error {
 	for _, c := range convs {
 		// Replies are taken only from configured agents, as callbacks are.
 		if slices.Contains(r.agents, c.Agent) {
-			r.sweeps[c.OpenID] = &sweep{Conversation: c}
+			r.sweeps[c.OpenID] = &sweep{Conversation: c, from: r.from}
 		}
 	}
 	return nil
@@ -120,15 +127,89 @@ func (r *replyRecovery) hold(ctx context.Context, openid, key string, d Delivery
 	return err == nil, duplicate, err
 }
 
+// retake asks for the conversation's replies since a little before msgTime
+// to be read back from IM's history: the callback of the agent's reply sent
+// then could not be committed. Until that has run, the conversation's new
+// replies are held behind it, and no heartbeat is recorded, so that if this
+// bridge stops first the next start reads the gap that holds the reply.
+func (r *replyRecovery) retake(openid, agent string, msgTime time.Time) {
+	if r == nil {
+		return
+	}
+	from := r.now()
+	if msgTime.Before(from) && msgTime.After(from.Add(-recoveryReach)) {
+		from = msgTime // IM's clock, a little apart from this one: the margin covers it
+	}
+	from = from.Add(-recoveryMargin)
+	r.mu.Lock()
+	if r.sweeps == nil {
+		r.sweeps = map[string]*sweep{}
+	}
+	if sw := r.sweeps[openid]; sw == nil || sw.done || sw.Agent != agent {
+		r.sweeps[openid] = &sweep{Conversation: Conversation{OpenID: openid, Agent: agent}, from: from, retake: true}
+	} else if sw.retake && from.Before(sw.from) {
+		sw.from = from
+	} // else the gap's sweep, still to run, reads from before
+	r.mu.Unlock()
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// retakeAll reads back the conversations retake asked for, and reports
+// whether some could not be read yet.
+func (r *replyRecovery) retakeAll(ctx context.Context) (pending bool) {
+	r.mu.Lock()
+	var todo []*sweep
+	for _, sw := range r.sweeps {
+		if sw.retake && !sw.done {
+			todo = append(todo, sw)
+		}
+	}
+	r.mu.Unlock()
+	for _, sw := range todo {
+		if _, err := r.recoverConversation(ctx, sw, false); err != nil {
+			if ctx.Err() == nil {
+				r.log.Error("replies not read back yet", "agent", sw.Agent, "err", err)
+			}
+			pending = true
+			continue
+		}
+		r.mu.Lock()
+		if r.sweeps[sw.OpenID] == sw {
+			delete(r.sweeps, sw.OpenID)
+		}
+		r.mu.Unlock()
+	}
+	return pending
+}
+
+// retaking reports whether a retake is still to run.
+func (r *replyRecovery) retaking() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, sw := range r.sweeps {
+		if sw.retake {
+			return true
+		}
+	}
+	return false
+}
+
 // Run recovers the replies of the gap, if there was one, then records the
 // heartbeat every heartbeatEvery until ctx is done, and once more then,
 // unless recovery was still under way: the next start reads that gap
-// again.
+// again. Meanwhile it runs the retakes asked for, again after a backoff
+// while they fail.
 func (r *replyRecovery) Run(ctx context.Context) {
 	if r.gap && !r.recoverGap(ctx) {
 		return
 	}
 	beat := func(ctx context.Context) {
+		if r.retaking() {
+			return // the gap since the last heartbeat holds a reply still to read back
+		}
 		if err := r.store.Heartbeat(ctx, callbacksHeartbeat, r.now()); err != nil && ctx.Err() == nil {
 			r.log.Error("heartbeat not recorded", "err", err)
 		}
@@ -136,8 +217,18 @@ func (r *replyRecovery) Run(ctx context.Context) {
 	beat(ctx)
 	ticker := time.NewTicker(heartbeatEvery)
 	defer ticker.Stop()
+	var retry <-chan time.Time // when to run the failed retakes again
+	failures := 0
 	for {
 		select {
+		case <-r.wake:
+			failures, retry = 0, time.After(0)
+		case <-retry:
+			retry = nil
+			if r.retakeAll(ctx) {
+				retry = time.After(backoff(failures, r.minBackoff, r.maxBackoff))
+				failures++
+			}
 		case <-ticker.C:
 			beat(ctx)
 		case <-ctx.Done():
@@ -187,7 +278,11 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 			"conversations", len(pending), "from", r.from, "err", lastErr)
 	}
 	r.mu.Lock()
-	r.sweeps = nil
+	for id, sw := range r.sweeps {
+		if !sw.retake {
+			delete(r.sweeps, id)
+		}
+	}
 	r.mu.Unlock()
 	// Replies an earlier run held for conversations not read this time
 	// (closed since, or their agent gone from IM_AGENTS) go now.
@@ -215,7 +310,7 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	customer := r.userPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
 	// callbacks that come meanwhile are held, not kept waiting on IM.
-	msgs, err := r.im.History(ctx, sw.Agent, customer, r.from.Unix(), r.now().Unix()+1)
+	msgs, err := r.im.History(ctx, sw.Agent, customer, sw.from.Unix(), r.now().Unix()+1)
 	if err != nil && !last {
 		return 0, err
 	}

@@ -277,3 +277,39 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 		t.Errorf("queued %q, want %q", got, want)
 	}
 }
+
+// TestReplyWhoseCallbackFailedIsReadBack: when the store fails, /imcallback
+// answers 500 and IM does not make the callback again; once the store works,
+// the bridge reads the conversation back from IM's history, and the reply
+// reaches the customer once, before the replies sent after it.
+func TestReplyWhoseCallbackFailedIsReadBack(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "50ms", "RETRY_MAX_DELAY": "200ms"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+
+	db := h.openStoreDB(true)
+	defer db.Close()
+	if _, err := db.Exec(`ALTER TABLE seen_keys RENAME TO seen_keys_away`); err != nil { // the store fails
+		t.Fatal(err)
+	}
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "sent while the store failed")
+	cbs := h.im.Callbacks()
+	if last := cbs[len(cbs)-1]; last.Command != "C2C.CallbackAfterSendMsg" || last.Status != 500 {
+		t.Fatalf("the callback was answered %d, want 500", last.Status)
+	}
+	if _, err := db.Exec(`ALTER TABLE seen_keys_away RENAME TO seen_keys`); err != nil { // the store works again
+		t.Fatal(err)
+	}
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "sent after")
+	eventually(t, "both replies in WeChat", func() bool { return len(h.sentTo(customer)) == 2 })
+	if s := h.sentTo(customer); s[0].Text != "sent while the store failed" || s[1].Text != "sent after" {
+		t.Errorf("the customer read %q then %q", s[0].Text, s[1].Text)
+	}
+	h.restart() // a later start finds nothing more to read back
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "last")
+	eventually(t, "the last reply", func() bool { return len(h.sentTo(customer)) == 3 })
+	if s := h.sentTo(customer); s[2].Text != "last" {
+		t.Errorf("the customer read %q last", s[2].Text)
+	}
+}
