@@ -5,16 +5,41 @@
 // They are as strict as the real services as far as ../shared/protocol/
 // documents them: they check credentials and signatures, answer with the
 // vendors' envelopes and error codes, keep the state the real services keep
-// (accounts, tokens, the 48-hour reply window and its quota, IM's 120-second
-// duplicate window, its message history), and call back and push the way the vendors do. Every
-// request is recorded, faults can be switched on, and any request they do
-// not model fails the test.
+// (accounts, tokens, the reply window and quota, IM's duplicate window and
+// history), and call back and push the way the vendors do. Every request is
+// recorded, faults can be switched on, and any request they do not model
+// fails the test. The rules, each with its source:
+//
+// WeChat (developers.weixin.qq.com, Official Account docs)
+//   - custom/send: only within 48 h of the customer's last message (45015),
+//     five replies a message, three after a follow (45047); a text of at
+//     most 2,048 UTF-8 bytes (45002: WeChat gives no figure for custom/send;
+//     2,048 is WeCom's documented limit and what reports of 45002 give).
+//   - custom/typing: within 30 s of the customer's last message (45080); the
+//     state lasts 15 s and is not sent again while it shows (45081); a bad
+//     command is 45072; a message ends it.
+//
+// Tencent IM (cloud.tencent.com/document/product/269)
+//   - sendmsg (2282): a repeat of (sender, MsgSeq, MsgRandom, CRC32 of the
+//     content) within 120 s is dropped and answered as the first; a body of
+//     at most 12 KB (93000; the message-length page); content security
+//     (80001, words set by SetSensitive); a recipient deleted is 90012, one
+//     never imported 20003; history ordered by time, then MsgSeq within a
+//     second; online-only messages kept in no history.
+//   - Frequency (each API's page): sendmsg, admin_getroammsg and
+//     account_import 200 calls a second, account_delete and account_check
+//     100; past it 60007.
+//   - Accounts (1608, 36443, error codes 1671): a trial app holds at most 100
+//     accounts (70398) and takes a deleted UserID again; a paid app refuses
+//     a UserID deleted in the last three months (70399).
+//   - Callbacks (1522): signed with the console's token, 2 s to answer,
+//     After not made again.
 //
 // Not modelled: WeChat's media upload and download, the multi-agent (kf)
 // APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
-// IM's groups, profiles, offline push, deleting messages from a history, the three-month bar
-// on importing a deleted account again on paid apps (70399), and console
-// switches other than the callback token.
+// IM's groups, profiles, offline push, deleting messages from a history, a
+// trial app's 1,000 messages a day, and console switches other than the
+// callback token.
 package fakes
 
 import (
