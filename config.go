@@ -53,10 +53,14 @@ type Config struct {
 	// this instance, never above the API's documented limit; 0: no pacing.
 	IMRateLimit      int
 	IMDeliveryWindow time.Duration // IM_DELIVERY_WINDOW: how long a delivery to IM is retried
-	RetryMinDelay    time.Duration // RETRY_MIN_DELAY: the first wait before a retry
-	RetryMaxDelay    time.Duration // RETRY_MAX_DELAY: the longest wait before a retry
-	VendorTimeout    time.Duration // VENDOR_TIMEOUT: how long one call to WeChat or IM may take
-	ShutdownGrace    time.Duration // SHUTDOWN_GRACE: how long in-flight work may finish after SIGTERM
+	// IM_DEDUP_WINDOW: how long IM drops a repeated sendmsg (120 s, sendmsg's
+	// documentation); an attempt after an unanswered one older than this
+	// looks in IM's history first.
+	IMDedupWindow time.Duration
+	RetryMinDelay time.Duration // RETRY_MIN_DELAY: the first wait before a retry
+	RetryMaxDelay time.Duration // RETRY_MAX_DELAY: the longest wait before a retry
+	VendorTimeout time.Duration // VENDOR_TIMEOUT: how long one call to WeChat or IM may take
+	ShutdownGrace time.Duration // SHUTDOWN_GRACE: how long in-flight work may finish after SIGTERM
 
 	WelcomeText    string // WELCOME_TEXT: passive reply to a follow
 	ConnectingText string // CONNECTING_TEXT: passive reply to a conversation's first message
@@ -166,6 +170,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		IMUnfollow:           e.get("IM_UNFOLLOW", unfollowKeep),
 		IMRateLimit:          e.count("IM_RATE_LIMIT", math.MaxInt32, 0, "a whole number of calls per second (0: no pacing)"),
 		IMDeliveryWindow:     e.duration("IM_DELIVERY_WINDOW", 24*time.Hour),
+		IMDedupWindow:        e.duration("IM_DEDUP_WINDOW", imDedupWindow),
 		DatabaseURL:          e.get("DATABASE_URL", "sqlite:bridge.db"),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
 		RetryMinDelay:        e.duration("RETRY_MIN_DELAY", time.Second),

@@ -29,7 +29,7 @@ func TestNextDue(t *testing.T) {
 			t.Fatalf("claimed %d, %v; want the lane's head", len(items), err)
 		}
 		want("with the head held", now.Add(time.Minute), true)
-		if err := st.RetryLater(ctx, items[0], "busy", now.Add(time.Hour), now); err != nil {
+		if err := st.RetryLater(ctx, items[0], "busy", false, now.Add(time.Hour), now); err != nil {
 			t.Fatal(err)
 		}
 		want("with the head retried in an hour", now.Add(time.Hour), true)
@@ -71,7 +71,7 @@ func TestStaleHeadsDoNotPileUp(t *testing.T) {
 		if err != nil || len(items) != 1 {
 			t.Fatalf("round %d: claimed %d, %v; want the lane's head", i, len(items), err)
 		}
-		if err := st.RetryLater(ctx, items[0], "busy", now.Add(time.Duration(i%7)*time.Millisecond), now); err != nil {
+		if err := st.RetryLater(ctx, items[0], "busy", false, now.Add(time.Duration(i%7)*time.Millisecond), now); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -84,3 +84,9 @@ func marshalJSON(v any) ([]byte, error) {
 // sharedCredential fetches a credential through the store, so that one
 // instance refreshes it for all; see Store.SharedCredential.
 type sharedCredential func(ctx context.Context, name, stale string, now time.Time, fetch func() (string, time.Time, error)) (string, time.Time, error)
+
+// notCalled marks an error met before the vendor's API was called (its
+// credential could not be had): the vendor did nothing.
+type notCalled struct{ error }
+
+func (e notCalled) Unwrap() error { return e.error }

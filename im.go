@@ -63,6 +63,14 @@ var imPermanent = map[int]string{
 	70402: "IM refused the account's parameters",
 }
 
+// imDedupWindow is how long IM drops a repeat of a sendmsg with the same
+// sender, MsgSeq, MsgRandom and content (sendmsg's documentation, 269/2282).
+const imDedupWindow = 120 * time.Second
+
+// imMaybeDone lists the codes with which IM says it failed inside, after
+// the request reached it: the message may have been delivered all the same.
+var imMaybeDone = map[int]bool{91000: true, 70169: true, 60008: true}
+
 // imAgentGone lists the codes that say the agent's account is gone: their
 // notice goes to another agent.
 var imAgentGone = map[int]bool{90012: true, 90048: true}

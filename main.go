@@ -142,7 +142,7 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	m := newMetrics(st)
 	worker := newWorker(st, im, wx, log, m, now)
 	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
-	worker.StopGrace, worker.Agents = cfg.ShutdownGrace, cfg.IMAgents
+	worker.StopGrace, worker.Agents, worker.IMDedup = cfg.ShutdownGrace, cfg.IMAgents, cfg.IMDedupWindow
 	// A claimed item is held long enough for the calls one delivery may make
 	// (a token or account fetched first, then the call, then once more).
 	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second

@@ -19,6 +19,7 @@ type metrics struct {
 	deliveries      *prometheus.CounterVec   // by target and outcome
 	retries         *prometheus.CounterVec   // by target
 	deadLetters     *prometheus.CounterVec   // by target
+	uncertain       *prometheus.CounterVec   // attempts after one of unknown outcome, by target and outcome
 	webhookLatency  *prometheus.HistogramVec // by endpoint
 	deliveryLatency *prometheus.HistogramVec // accepted to delivered, by target
 }
@@ -39,6 +40,9 @@ func newMetrics(st *Store) *metrics {
 			Help: "Failed delivery attempts that will be retried, by target."}, []string{"target"}),
 		deadLetters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_dead_letters_total",
 			Help: "Deliveries given up on and kept as dead letters, by target."}, []string{"target"}),
+		uncertain: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_uncertain_attempts_total",
+			Help: "Attempts after an earlier one whose outcome was not known, past IM's deduplication: im found (IM had the message: recorded delivered, not sent again), im absent (sent again), wechat resent (sent again: the customer may read it twice)."},
+			[]string{"target", "outcome"}),
 		webhookLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "bridge_webhook_duration_seconds",
 			Help:    "Time to answer a WeChat push or IM callback.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}}, []string{"endpoint"}),
@@ -46,7 +50,7 @@ func newMetrics(st *Store) *metrics {
 			Help:    "Time from a message's acceptance to its delivery, by target.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200}}, []string{"target"}),
 	}
-	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.webhookLatency, m.deliveryLatency,
+	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.uncertain, m.webhookLatency, m.deliveryLatency,
 		outboxCollector{st: st,
 			depth:  prometheus.NewDesc("bridge_outbox_depth", "Deliveries not yet made.", nil, nil),
 			oldest: prometheus.NewDesc("bridge_outbox_oldest_age_seconds", "Age of the oldest delivery not yet made; 0 when there is none.", nil, nil),

@@ -74,6 +74,11 @@ type OutboxItem struct {
 	// not be decoded: the item can only become a dead letter.
 	Unreadable error
 	raw        string // the stored delivery, until decoded
+	// triedAt is when an earlier attempt whose outcome is not known was
+	// first made (Unix ms), 0 if none: the vendor may have acted on it.
+	// triedNow is the same after this claim: this attempt's claim time if
+	// there was none, since its outcome is not known until recorded.
+	triedAt, triedNow int64
 	// The claim that took the item: its owner and claimed_until. An
 	// outcome is written only while the item is held by that same claim,
 	// so a claimant whose lease ran out, and whose item another claim took
@@ -192,10 +197,17 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 			// nothing.
 			var items []OutboxItem
 			for _, id := range s.takeDue(ms, owner, until, limit) {
-				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at
+				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at, tried_at
 					FROM outbox WHERE id = ?`, id))
 				if err != nil {
 					return nil, fmt.Errorf("read head %d: %w", id, err)
+				}
+				if it.triedAt == 0 {
+					// Recorded before the attempt: if this instance dies
+					// during it, the next attempt knows.
+					if _, err := s.exec(ctx, tx, `UPDATE outbox SET tried_at = ? WHERE id = ?`, ms, id); err != nil {
+						return nil, err
+					}
 				}
 				items = append(items, it)
 			}
@@ -206,14 +218,16 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 		// grew since its statistics were taken). The
 		// conditions stand on the UPDATE too: an instance that waited for
 		// another's claim to commit re-checks them on the row as the other
-		// left it, and skips it.
+		// left it, and skips it. tried_at is recorded before the attempt,
+		// and returned as it was.
 		rows, err := s.query(ctx, tx, `
-		WITH due AS MATERIALIZED (SELECT id FROM outbox
+		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
 			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
 			ORDER BY next_at, id LIMIT `+lim+`)
-		UPDATE outbox SET claimed_by = ?, claimed_until = ? FROM due
+		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
+			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
 		WHERE outbox.id = due.id AND state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
-		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at`, ms, ms, owner, until, ms, ms)
+		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at`, ms, ms, owner, until, ms, ms, ms)
 		if err != nil {
 			return nil, err
 		}
@@ -226,6 +240,7 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	for i := range items {
 		it := &items[i]
 		it.claimedBy, it.claimedUntil = owner, until
+		it.triedNow = cmp.Or(it.triedAt, ms)
 		if err := json.Unmarshal([]byte(it.raw), &it.Delivery); err != nil {
 			it.Delivery = Delivery{}
 			it.Unreadable = permanentError{fmt.Errorf("decode delivery %d: %w", it.ID, err)}
@@ -267,11 +282,16 @@ func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time
 	return nil
 }
 
-// RetryLater records a failed attempt and makes the item due again at next.
-// If another claim has taken the item since, it returns errNotHeld.
-func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, next, now time.Time) error {
+// RetryLater records a failed attempt and makes the item due again at next;
+// uncertain says the vendor may have acted on it (no answer). If another
+// claim has taken the item since, it returns errNotHeld.
+func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, uncertain bool, next, now time.Time) error {
+	tried := it.triedAt // the vendor refused this attempt: it did not act on it
+	if uncertain {
+		tried = it.triedNow
+	}
 	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), now)
+		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), tried, now)
 		if err == nil && !held {
 			err = errNotHeld
 		}
@@ -304,7 +324,7 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
 		return false, err
 	}
-	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), now); !ok || err != nil || !s.postgres {
+	if ok, err := s.setState(ctx, tx, it, state, reason, now.UnixMilli(), it.triedNow, now); !ok || err != nil || !s.postgres {
 		return ok, err // on SQLite setState moved the head
 	}
 	// The lane's next pending item, if any, heads it now.
@@ -315,7 +335,7 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 
 // setState writes an attempt's outcome if the claim that took the item
 // still holds it, and reports whether it did.
-func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next int64, now time.Time) (bool, error) {
+func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next, tried int64, now time.Time) (bool, error) {
 	if !s.postgres {
 		// In the writer's memory (heads.go): the head is let go (pending:
 		// due at next), or finished and its lane's next item heads it.
@@ -323,7 +343,7 @@ func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, 
 			return false, nil
 		}
 		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-			updated_at = ? WHERE id = ?`, state, reason, next, now.UnixMilli(), it.ID); err != nil {
+			tried_at = ?, updated_at = ? WHERE id = ?`, state, reason, next, tried, now.UnixMilli(), it.ID); err != nil {
 			return false, fmt.Errorf("outbox set %s: %w", state, err)
 		}
 		if state == "pending" {
@@ -334,7 +354,7 @@ func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, 
 		return true, s.finishHead(ctx, tx, it, next, ok)
 	}
 	res, err := s.exec(ctx, tx, `UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, next_at = ?,
-		claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
+		tried_at = ?, claimed_until = 0, updated_at = ? WHERE id = ? AND `+fenced, state, reason, next, tried, now.UnixMilli(), it.ID, it.claimedBy, it.claimedUntil)
 	if err != nil {
 		return false, fmt.Errorf("outbox set %s: %w", state, err)
 	}
@@ -380,27 +400,27 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	return time.UnixMilli(next.Int64), next.Valid, nil
 }
 
-// scanItem reads an item's id, lane, delivery, attempts, next_at and
-// created_at.
+// scanItem reads an item's id, lane, delivery, attempts, next_at,
+// created_at and tried_at.
 func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
 	var it OutboxItem
 	var next, created int64
-	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created, &it.triedAt); err != nil {
 		return OutboxItem{}, err
 	}
 	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
 	return it, nil
 }
 
-// scanItems reads items' id, lane, delivery, attempts, next_at and
-// created_at, oldest first.
+// scanItems reads items' id, lane, delivery, attempts, next_at, created_at
+// and tried_at, oldest first.
 func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
 	defer rows.Close()
 	var items []OutboxItem
 	for rows.Next() {
 		var it OutboxItem
 		var next, created int64
-		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created); err != nil {
+		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created, &it.triedAt); err != nil {
 			return nil, err
 		}
 		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)

@@ -9,6 +9,7 @@ import (
 	"database/sql"
 	_ "embed"
 	"fmt"
+	"strings"
 )
 
 var (
@@ -22,20 +23,22 @@ var (
 // applied, so instances starting together do not race on CREATE.
 const schemaLock = 7_261_948_305
 
-// applySQLiteSchema applies the schema on SQLite, then adds the columns in
-// which an outbox made before them carries its pushes (recent.go): SQLite
-// cannot add a column only if it is absent.
+// applySQLiteSchema applies the schema on SQLite, then adds the outbox
+// columns a database made before them lacks (the pushes it carries,
+// recent.go; tried_at): SQLite cannot add a column only if it is absent.
 func applySQLiteSchema(ctx context.Context, tx *sql.Tx) error {
 	if _, err := tx.ExecContext(ctx, sqliteSchema); err != nil {
 		return err
 	}
-	for _, col := range []string{"push_key", "push_sig", "push_reply"} {
+	for _, col := range []string{"push_key TEXT NOT NULL DEFAULT ''", "push_sig TEXT NOT NULL DEFAULT ''",
+		"push_reply TEXT NOT NULL DEFAULT ''", "tried_at BIGINT NOT NULL DEFAULT 0"} {
+		name, _, _ := strings.Cut(col, " ")
 		var n int
-		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('outbox') WHERE name = ?`, col).Scan(&n); err != nil {
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('outbox') WHERE name = ?`, name).Scan(&n); err != nil {
 			return err
 		}
 		if n == 0 {
-			if _, err := tx.ExecContext(ctx, `ALTER TABLE outbox ADD COLUMN `+col+` TEXT NOT NULL DEFAULT ''`); err != nil {
+			if _, err := tx.ExecContext(ctx, `ALTER TABLE outbox ADD COLUMN `+col); err != nil {
 				return err
 			}
 		}

@@ -47,7 +47,10 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- letter, with its reason in last_error). head marks the first pending item
 -- of its lane, the only one that may be taken, so finding work reads the
 -- heads alone however long the queues. An instance delivering an item holds
--- it until claimed_until; an instance that dies lets it go then.
+-- it until claimed_until; an instance that dies lets it go then. tried_at is
+-- when an attempt whose outcome is not known (no answer, or the instance
+-- died before recording it) was first made, 0 if none: a later attempt may
+-- find the vendor acted on it (worker.go).
 CREATE TABLE IF NOT EXISTS outbox (
     id            BIGSERIAL PRIMARY KEY,
     lane          TEXT NOT NULL,
@@ -60,7 +63,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     claimed_until BIGINT NOT NULL DEFAULT 0,
     last_error    TEXT NOT NULL DEFAULT '',
     created_at    BIGINT NOT NULL,
-    updated_at    BIGINT NOT NULL
+    updated_at    BIGINT NOT NULL,
+    tried_at      BIGINT NOT NULL DEFAULT 0
 );
 -- outbox_pending finds a lane's pending items in order; outbox_due lists
 -- the heads in the order they are claimed, with claimed_until, so a claim
@@ -101,3 +105,4 @@ CREATE TABLE IF NOT EXISTS held_replies (
 -- Changes to databases made before this file (docs/SCHEMA.md): outbox_due
 -- replaced outbox_heads.
 DROP INDEX IF EXISTS outbox_heads;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS tried_at BIGINT NOT NULL DEFAULT 0;

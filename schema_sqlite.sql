@@ -51,7 +51,9 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- its head, may be taken. The writer keeps each lane's pending items, its
 -- head and the claim that holds it in memory (lanes.go, heads.go): head,
 -- claimed_by and claimed_until are PostgreSQL's, and no index by lane or by
--- head is kept.
+-- head is kept. tried_at is when an attempt whose outcome is not known (no
+-- answer, or the bridge stopped before recording it) was first made, 0 if
+-- none: a later attempt may find the vendor acted on it (worker.go).
 CREATE TABLE IF NOT EXISTS outbox (
     id            INTEGER PRIMARY KEY,
     lane          TEXT NOT NULL,
@@ -67,7 +69,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at    BIGINT NOT NULL,
     push_key      TEXT NOT NULL DEFAULT '',
     push_sig      TEXT NOT NULL DEFAULT '',
-    push_reply    TEXT NOT NULL DEFAULT ''
+    push_reply    TEXT NOT NULL DEFAULT '',
+    tried_at      BIGINT NOT NULL DEFAULT 0
 );
 -- outbox_failed lists the dead letters, which are few, so /metrics counts
 -- them without reading the day's delivered items.

@@ -93,7 +93,7 @@ func TestClaimTakesLaneHeadsOnce(t *testing.T) {
 		t.Fatalf("a second claim got %+v, %v; want nothing", again, err)
 	}
 	// A head waiting for a retry holds its lane back; the other lane goes on.
-	if err := st.RetryLater(ctx, heads[0], "busy", now.Add(time.Hour), later); err != nil {
+	if err := st.RetryLater(ctx, heads[0], "busy", false, now.Add(time.Hour), later); err != nil {
 		t.Fatal(err)
 	}
 	// Delivering a head makes the next item of its lane the head.
@@ -539,7 +539,7 @@ func TestOutcomeOfAnOutrunClaimChangesNothing(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := st.RetryLater(ctx, a, "busy", later.Add(time.Hour), later); !errors.Is(err, errNotHeld) {
+		if err := st.RetryLater(ctx, a, "busy", false, later.Add(time.Hour), later); !errors.Is(err, errNotHeld) {
 			t.Fatalf("a's retry: %v, want %v", err, errNotHeld)
 		}
 		held("a's retry")

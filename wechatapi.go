@@ -109,12 +109,12 @@ func (c *WeChatClient) accessToken(ctx context.Context, stale string) (string, e
 func (c *WeChatClient) callWithToken(ctx context.Context, api, path string, body any) error {
 	token, err := c.accessToken(ctx, "")
 	if err != nil {
-		return err
+		return notCalled{err}
 	}
 	err = c.post(ctx, api, path, url.Values{"access_token": {token}}, body, nil)
 	if e := (*WeChatError)(nil); errors.As(err, &e) && tokenErrors[e.Code] {
 		if token, err = c.accessToken(ctx, token); err != nil {
-			return err
+			return err // the first call was refused: nothing was done
 		}
 		err = c.post(ctx, api, path, url.Values{"access_token": {token}}, body, nil)
 	}

@@ -30,6 +30,8 @@ type Worker struct {
 	Now     func() time.Time
 	Admin   string   // IM_ADMIN, the sender of dead-letter notices
 	Agents  []string // IM_AGENTS: who is told when an agent's account is gone
+	// IMDedup is how long IM drops a repeated sendmsg (IM_DEDUP_WINDOW).
+	IMDedup time.Duration
 
 	Lanes          int           // lanes delivered at once
 	Lease          time.Duration // how long a claimed item is held
@@ -49,7 +51,7 @@ func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, m *m
 	id := make([]byte, 8)
 	rand.Read(id)
 	return &Worker{
-		Store: st, IM: im, WeChat: wx, Log: log, Metrics: m, Now: now, Admin: im.Admin,
+		Store: st, IM: im, WeChat: wx, Log: log, Metrics: m, Now: now, Admin: im.Admin, IMDedup: imDedupWindow,
 		Lanes:        32,
 		Lease:        45 * time.Second,
 		WeChatWindow: 48 * time.Hour,
@@ -222,7 +224,7 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 			return false
 		}
 		attemptCtx, cancel := context.WithTimeout(ctx, budget)
-		err = w.deliver(attemptCtx, d)
+		err = w.deliver(attemptCtx, it)
 		if err != nil && attemptCtx.Err() != nil && ctx.Err() == nil {
 			err = fmt.Errorf("attempt cut off after %s, before its claim ran out: %w", budget.Round(time.Millisecond), err)
 		}
@@ -256,7 +258,7 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 		}
 	default:
 		retryAt := now.Add(backoff(it.Attempts, w.MinBackoff, w.MaxBackoff))
-		if rerr = w.Store.RetryLater(ctx, it, err.Error(), retryAt, now); rerr == nil {
+		if rerr = w.Store.RetryLater(ctx, it, err.Error(), uncertain(err), retryAt, now); rerr == nil {
 			w.Metrics.deliveries.WithLabelValues(tgt, "retry").Inc()
 			w.Metrics.retries.WithLabelValues(tgt).Inc()
 			log.Warn("delivery failed, will retry", "err", err, "retry_at", retryAt)
@@ -304,8 +306,9 @@ func (w *Worker) notice(d Delivery, reason string, err error) *Delivery {
 		MsgRandom: mrand.Uint32()}
 }
 
-// deliver makes the vendor call d asks for.
-func (w *Worker) deliver(ctx context.Context, d Delivery) error {
+// deliver makes the vendor call the item asks for.
+func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
+	d := it.Delivery
 	switch d.Kind {
 	case deliverIMImport:
 		return w.IM.ImportAccount(ctx, d.IMUser)
@@ -313,6 +316,9 @@ func (w *Worker) deliver(ctx context.Context, d Delivery) error {
 		return w.IM.DeleteAccount(ctx, d.IMUser)
 	case deliverIMSend:
 		msg := textMessage(d.IMUser, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
+		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
+			return err
+		}
 		err := w.IM.Send(ctx, msg)
 		if isIMCode(err, imErrNotImported, imErrFromNotFound) {
 			// The customer's account is missing (deleted, or never imported):
@@ -326,11 +332,61 @@ func (w *Worker) deliver(ctx context.Context, d Delivery) error {
 		}
 		return err
 	case deliverNotice:
-		return w.IM.Send(ctx, textMessage(w.Admin, d.Agent, d.Text, d.MsgSeq, d.MsgRandom))
+		msg := textMessage(w.Admin, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
+		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
+			return err
+		}
+		return w.IM.Send(ctx, msg)
 	case deliverWeChat:
+		if it.triedAt != 0 {
+			// custom/send has no key to drop a repeat by, nor a history to
+			// ask: an earlier attempt may have reached the customer.
+			w.Metrics.uncertain.WithLabelValues("wechat", "resent").Inc()
+		}
 		return w.WeChat.SendText(ctx, d.OpenID, d.Text)
 	}
 	return permanentError{fmt.Errorf("unknown delivery kind %q", d.Kind)}
+}
+
+// sentBefore reports whether IM already has msg, when an earlier attempt at
+// it had no known outcome and was made so long ago that IM would no longer
+// drop a repeat: it looks for the message's MsgSeq and MsgRandom in the
+// conversation's history. Within IM's deduplication it asks nothing.
+func (w *Worker) sentBefore(ctx context.Context, it OutboxItem, msg SendMsg) (bool, error) {
+	if it.triedAt == 0 || w.Now().Sub(time.UnixMilli(it.triedAt)) < w.IMDedup*3/4 {
+		return false, nil
+	}
+	// A minute either side: IM's clock and this one a little apart.
+	msgs, err := w.IM.History(ctx, msg.From_Account, msg.To_Account, it.triedAt/1000-60, w.Now().Unix()+60)
+	if err != nil {
+		return false, fmt.Errorf("looking for an earlier attempt in IM's history: %w", err)
+	}
+	for _, m := range msgs {
+		if m.From_Account == msg.From_Account && m.MsgSeq == msg.MsgSeq && m.MsgRandom == msg.MsgRandom {
+			w.Metrics.uncertain.WithLabelValues("im", "found").Inc()
+			return true, nil
+		}
+	}
+	w.Metrics.uncertain.WithLabelValues("im", "absent").Inc()
+	return false, nil
+}
+
+// uncertain reports whether the vendor may have acted on an attempt that
+// failed with err: it did not answer, or answered that it failed inside.
+func uncertain(err error) bool {
+	var ie *IMError
+	var we *WeChatError
+	var pe permanentError
+	var nc notCalled
+	switch {
+	case errors.As(err, &pe), errors.As(err, &nc):
+		return false
+	case errors.As(err, &ie):
+		return imMaybeDone[ie.Code]
+	case errors.As(err, &we):
+		return we.Code == -1 // system busy: the call may have gone through
+	}
+	return true // no answer: a time-out, a refused or broken connection, an HTTP error
 }
 
 // permanent reports whether err is one no retry can fix.

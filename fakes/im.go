@@ -33,6 +33,9 @@ type IMOptions struct {
 	// which refuses to import a UserID deleted in the last three months
 	// (70399). Both: the error-code table, 269/1671; account_delete, 269/36443.
 	Trial bool
+	// DedupWindow is how long a repeated sendmsg is dropped; default 120 s,
+	// IM's. Tests shorten it to stand for minutes.
+	DedupWindow time.Duration
 	// RateLimit is the calls per second every API takes before it answers
 	// 60007; default: each API's own documented limit (apiLimits);
 	// negative: none.
@@ -120,6 +123,9 @@ func NewIM(t T, opts IMOptions) *IM {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.DedupWindow == 0 {
+		opts.DedupWindow = 120 * time.Second
 	}
 	im := &IM{
 		deleted: map[string]time.Time{},

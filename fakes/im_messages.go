@@ -21,7 +21,8 @@ import (
 const MaxMsgBody = 12 << 10
 
 // sendMsg serves openim/sendmsg: it validates the message as IM does, drops
-// a repeat of the same (sender, MsgSeq, MsgRandom, content) within 120 s,
+// a repeat of the same (sender, MsgSeq, MsgRandom, content) within 120 s
+// (DedupWindow),
 // delivers it and fires the callbacks the message does not forbid.
 func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now time.Time) imAnswer {
 	var to, from string
@@ -90,13 +91,13 @@ func (im *IM) sendMsg(ctx context.Context, req map[string]json.RawMessage, now t
 	key := fmt.Sprintf("%s|%d|%d|%08x", from, seq, random, crc32.ChecksumIEEE(req["MsgBody"]))
 	if now.Sub(im.lastSweep) > 10*time.Second {
 		for k, v := range im.recent {
-			if now.Sub(v.at) > 120*time.Second {
+			if now.Sub(v.at) > im.opts.DedupWindow {
 				delete(im.recent, k)
 			}
 		}
 		im.lastSweep = now
 	}
-	if prev, dup := im.recent[key]; dup && now.Sub(prev.at) <= 120*time.Second {
+	if prev, dup := im.recent[key]; dup && now.Sub(prev.at) <= im.opts.DedupWindow {
 		im.mu.Unlock()
 		a := imOK()
 		a["MsgTime"], a["MsgKey"] = prev.time, prev.msgKey

@@ -85,7 +85,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 func newTrial(ctx context.Context, o options, stderr io.Writer) (*trial, error) {
 	t := &trial{o: o, ft: &fakes.Standalone{}, answered: map[int64]time.Time{}, arrived: map[int64]arrival{}}
 	t.im = fakes.NewIM(t.ft, fakes.IMOptions{Accounts: loadAgents, RateLimit: -1, CallbackToken: loadCallbackToken,
-		OnMessage: t.inIM})
+		DedupWindow: o.imDedup, OnMessage: t.inIM})
 	t.wx = fakes.NewWeChat(t.ft, fakes.WeChatOptions{
 		// Every message is answered, and the answers may trail their
 		// messages: WeChat's five replies a message is not what is measured.
@@ -152,6 +152,7 @@ func (t *trial) env() []string {
 		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + t.wx.URL,
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + t.im.URL,
 		"IM_AGENTS=" + strings.Join(loadAgents, ","), "IM_CALLBACK_TOKEN=" + loadCallbackToken,
+		"IM_DEDUP_WINDOW=" + t.o.imDedup.String(),
 	}
 	if t.o.chaos {
 		// Calls held past a second time out, and retries come soon.

@@ -81,6 +81,7 @@ type options struct {
 	customers  int
 	database   string
 	imRate     int
+	imDedup    time.Duration
 	exe        string // the bridge's binary ("" : build it)
 	other      string // a program in the bridge's place
 	forwards   bool
@@ -102,6 +103,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.customers, "customers", 1000, "distinct customers writing")
 	fs.StringVar(&o.database, "database", "", "DATABASE_URL for the bridge (default: SQLite in a temporary folder)")
 	fs.IntVar(&o.imRate, "im-rate", 0, "IM calls a second the bridge makes while the pushes run (IM_RATE_LIMIT; 0: unpaced)")
+	fs.DurationVar(&o.imDedup, "im-dedup", 120*time.Second, "how long IM drops a repeated sendmsg (IM_DEDUP_WINDOW; IM's is 120s): shorter stands for a longer run")
 	fs.StringVar(&o.exe, "exe", "", "the bridge's binary (default: built from this module with go build)")
 	fs.StringVar(&o.other, "bridge", "", "a program to run in the bridge's place, with its environment (the reference in cmd/loadref)")
 	fs.BoolVar(&o.forwards, "forwards", true, "with -bridge: the program forwards each message to IM (false for an empty handler, whose pushes reach no one)")
@@ -115,8 +117,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	o.itselfRuns = o.other == ""
 	postgres := strings.HasPrefix(o.database, "postgres://") || strings.HasPrefix(o.database, "postgresql://")
 	switch {
-	case o.duration <= 0 || o.duration > 10*time.Minute || o.conns < 1 || o.conns > 1024 || o.customers < 1 || o.imRate < 0:
-		return options{}, errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1, -im-rate at least 0")
+	case o.duration <= 0 || o.duration > 10*time.Minute || o.conns < 1 || o.conns > 1024 || o.customers < 1 || o.imRate < 0 || o.imDedup <= 0:
+		return options{}, errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1, -im-rate at least 0, -im-dedup positive")
 	case !o.itselfRuns && o.imRate > 0:
 		return options{}, errors.New("load: -im-rate needs the bridge itself, which can stop and hand its backlog to a restarted one")
 	case !o.forwards && o.itselfRuns:
