@@ -69,7 +69,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	go func() { served <- serve(bridgeCtx, cfg, ln, log); close(exited) }()
 	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
 	say("")
-	if err := waitReady(ctx, exited, base); err != nil {
+	if err := fakes.WaitReady(ctx, exited, base); err != nil {
 		select {
 		case err := <-served:
 			return fmt.Errorf("demo: the bridge stopped: %w", err)
@@ -123,57 +123,21 @@ func playExchange(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerI
 	if r := wx.Follow(ctx, demoCustomer); r.Reply == nil {
 		return fmt.Errorf("demo: follow got no welcome (status %d %q)", r.Status, r.Body)
 	}
-	if err := waitFor(ctx, "the customer's IM account", func() bool { return im.Imported(customerIM) }); err != nil {
+	if err := fakes.WaitFor(ctx, "the customer's IM account", func() bool { return im.Imported(customerIM) }); err != nil {
 		return err
 	}
 	step("2. The customer asks a question")
 	if r := wx.SendText(ctx, demoCustomer, demoQuestion); r.Reply == nil {
 		return fmt.Errorf("demo: message got no passive reply (status %d %q)", r.Status, r.Body)
 	}
-	if err := waitFor(ctx, "the question to reach the agent", func() bool { return len(im.Messages()) == 1 }); err != nil {
+	if err := fakes.WaitFor(ctx, "the question to reach the agent", func() bool { return len(im.Messages()) == 1 }); err != nil {
 		return err
 	}
 	step("3. The agent answers from an IM client")
 	if _, err := im.SendAsAgent(ctx, demoAgent, customerIM, demoAnswer); err != nil {
 		return err
 	}
-	return waitFor(ctx, "the answer to reach the customer", func() bool { return len(wx.Sent()) == 1 })
-}
-
-// waitReady waits until the bridge at base answers /readyz with 200. It
-// gives up when ctx ends or exited is closed: the bridge is gone.
-func waitReady(ctx context.Context, exited <-chan struct{}, base string) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-exited:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return waitFor(ctx, "the bridge at "+base+" to be ready", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
-}
-
-// waitFor polls cond until it holds or ctx ends.
-func waitFor(ctx context.Context, what string, cond func() bool) error {
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-	return nil
+	return fakes.WaitFor(ctx, "the answer to reach the customer", func() bool { return len(wx.Sent()) == 1 })
 }
 
 // playForgery posts an agent's reply as IM would, but without IM's

@@ -44,6 +44,7 @@ package fakes
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -238,4 +239,41 @@ func compactJSON(b []byte) string {
 		return string(b)
 	}
 	return buf.String()
+}
+
+// WaitReady waits until the bridge at base answers /readyz with 200, for
+// the demo and the load generator. It gives up when ctx ends or exited is
+// closed: the bridge is gone.
+func WaitReady(ctx context.Context, exited <-chan struct{}, base string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return WaitFor(ctx, "the bridge at "+base+" to be ready", func() bool {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+// WaitFor polls cond until it holds or ctx ends.
+func WaitFor(ctx context.Context, what string, cond func() bool) error {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"slices"
@@ -14,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"wechat-im-bridge/fakes"
 )
 
 // fleet is the bridge processes of a load run, each on a loopback address
@@ -60,7 +60,7 @@ func (f *fleet) start(ctx context.Context, i, rate int) error {
 	f.procs[i] = p
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := waitReady(ctx, p.exited, "http://"+f.addrs[i]); err != nil {
+	if err := fakes.WaitReady(ctx, p.exited, "http://"+f.addrs[i]); err != nil {
 		select {
 		case <-p.exited:
 			f.procs[i] = nil
@@ -193,26 +193,4 @@ func peakKB(pid int) int {
 		}
 	}
 	return -1
-}
-
-// waitReady waits until the bridge at base answers /readyz with 200. It
-// gives up when ctx ends or exited is closed: the bridge is gone.
-func waitReady(ctx context.Context, exited <-chan struct{}, base string) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-exited:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return waitFor(ctx, "the bridge at "+base+" to be ready", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
 }

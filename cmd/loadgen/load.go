@@ -317,7 +317,7 @@ func (t *trial) drain(ctx context.Context, out *outcome) error {
 	// drains slowly.
 	ctx, cancel := context.WithTimeout(ctx, max(2*time.Minute, t.o.duration*6))
 	defer cancel()
-	waitFor(ctx, "every message in IM", func() bool {
+	fakes.WaitFor(ctx, "every message in IM", func() bool {
 		t.mu.Lock()
 		defer t.mu.Unlock()
 		for n := range t.answered {
@@ -329,7 +329,7 @@ func (t *trial) drain(ctx context.Context, out *outcome) error {
 	})
 	if t.rt != nil {
 		t.rt.close() // the answers to every message are sent
-		waitFor(ctx, "every answer in WeChat", t.rt.allDelivered)
+		fakes.WaitFor(ctx, "every answer in WeChat", t.rt.allDelivered)
 	}
 	return nil
 }

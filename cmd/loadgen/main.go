@@ -134,17 +134,3 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	return o, nil
 }
-
-// waitFor polls cond until it holds or ctx ends.
-func waitFor(ctx context.Context, what string, cond func() bool) error {
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-	return nil
-}
