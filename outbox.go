@@ -39,6 +39,9 @@ type Delivery struct {
 	Text      string `json:"text,omitempty"`
 	MsgSeq    uint32 `json:"msg_seq,omitempty"`
 	MsgRandom uint32 `json:"msg_random,omitempty"`
+	// Elems, if set, are the IM elements sent in Text's place, which stays
+	// the message's readable form (for notices and logs).
+	Elems []MsgElem `json:"elems,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

@@ -223,7 +223,7 @@ func (b *bridge) inbound(p Push) Inbound {
 	case p.MsgType == msgEvent && p.Event == eventUnsubscribe:
 		in.Action = actUnfollow
 	case isMessageType(p.MsgType):
-		in.Action, in.Text = actMessage, readableText(p)
+		in.Action, in.Text, in.Elems = actMessage, readableText(p), pushElems(p)
 	}
 	return in
 }

@@ -30,7 +30,7 @@ func (d Delivery) parts() []Delivery {
 	switch {
 	case d.Kind == deliverWeChat && len(d.Text) > maxWeChatText:
 		texts = splitText(d.Text, maxWeChatText, utf8.RuneLen)
-	case (d.Kind == deliverIMSend || d.Kind == deliverNotice) && len(d.Text)*6 > maxIMText: // 6: a rune's most, as JSON
+	case (d.Kind == deliverIMSend || d.Kind == deliverNotice) && len(d.Elems) == 0 && len(d.Text)*6 > maxIMText: // 6: a rune's most, as JSON
 		texts = splitText(d.Text, maxIMText, jsonLen)
 	}
 	if len(texts) <= 1 {

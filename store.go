@@ -166,9 +166,10 @@ type Inbound struct {
 	SigKey string     // the push's signed query (timestamp, nonce, signature)
 	Action pushAction // what it asks for
 	OpenID string
-	IMUser string   // the customer's IM UserID
-	Text   string   // for actMessage: what the agent reads
-	Agents []string // the agents a new conversation may go to, in order
+	IMUser string    // the customer's IM UserID
+	Text   string    // for actMessage: what the agent reads
+	Elems  []MsgElem // for actMessage: the IM elements that carry it, if not Text
+	Agents []string  // the agents a new conversation may go to, in order
 	// DeleteAccount: an unfollow deletes the customer's IM account
 	// (IM_UNFOLLOW=delete) rather than keep it.
 	DeleteAccount bool
@@ -285,7 +286,7 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.T
 // is true for a conversation's first message.
 func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (d Delivery, opened bool, err error) {
 	agent, opened, err := s.openConversation(ctx, tx, in, now)
-	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text,
+	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text, Elems: in.Elems,
 		MsgRandom: in.NewRandom()}, opened, err
 }
 

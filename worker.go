@@ -281,6 +281,9 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		return w.IM.DeleteAccount(ctx, d.IMUser)
 	case deliverIMSend:
 		msg := textMessage(d.IMUser, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
+		if len(d.Elems) > 0 {
+			msg.MsgBody = d.Elems
+		}
 		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
 			return err
 		}

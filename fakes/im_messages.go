@@ -250,8 +250,9 @@ func checkBody(body []json.RawMessage) (string, error) {
 		case "TIMLocationElem":
 			_, okLat := e.MsgContent["Latitude"].(float64)
 			_, okLng := e.MsgContent["Longitude"].(float64)
-			if !okLat || !okLng {
-				return "", fmt.Errorf("MsgBody[%d]: TIMLocationElem needs numeric Latitude and Longitude", i)
+			desc, okDesc := e.MsgContent["Desc"]
+			if _, isString := desc.(string); !okLat || !okLng || okDesc && !isString {
+				return "", fmt.Errorf("MsgBody[%d]: TIMLocationElem needs numeric Latitude and Longitude, and Desc a string", i)
 			}
 		case "TIMFaceElem":
 			if _, ok := e.MsgContent["Index"].(float64); !ok {
