@@ -76,56 +76,6 @@ func callbackKey(cb IMCallback) string {
 	return fmt.Sprintf("im:%s:%d_%d_%d", cb.From_Account, cb.MsgSeq, cb.MsgRandom, cb.MsgTime)
 }
 
-// elemText renders one IM message element as text a WeChat customer reads.
-func elemText(e MsgElem) string {
-	str := func(k string) string {
-		switch v := e.MsgContent[k].(type) {
-		case string:
-			return v
-		case float64:
-			return strconv.FormatFloat(v, 'f', -1, 64)
-		}
-		return ""
-	}
-	switch e.MsgType {
-	case "TIMTextElem":
-		return str("Text")
-	case "TIMLocationElem":
-		return fmt.Sprintf("[location] %s (%s, %s)", str("Desc"), str("Latitude"), str("Longitude"))
-	case "TIMFaceElem":
-		return "[sticker]"
-	case "TIMImageElem":
-		if arr, ok := e.MsgContent["ImageInfoArray"].([]any); ok && len(arr) > 0 {
-			if info, ok := arr[0].(map[string]any); ok {
-				if u, ok := info["URL"].(string); ok {
-					return "[image] " + u
-				}
-			}
-		}
-		return "[image]"
-	case "TIMSoundElem":
-		return strings.TrimSpace("[voice message] " + str("Url"))
-	case "TIMFileElem":
-		return strings.TrimSpace(fmt.Sprintf("[file] %s %s", str("FileName"), str("Url")))
-	case "TIMVideoFileElem":
-		return strings.TrimSpace("[video] " + str("VideoUrl"))
-	case "TIMCustomElem":
-		return str("Desc") // Data is for the app that made it: no text form
-	}
-	return "[" + strings.TrimPrefix(e.MsgType, "TIM") + "]"
-}
-
-// callbackText is the text of a whole message, one line an element.
-func callbackText(body []MsgElem) string {
-	var parts []string
-	for _, e := range body {
-		if t := elemText(e); t != "" {
-			parts = append(parts, t)
-		}
-	}
-	return strings.Join(parts, "\n")
-}
-
 // handleIMCallback takes IM's callbacks. An agent's message to a customer is
 // committed to the outbox, then IM gets its answer; everything else is
 // answered and left alone.

@@ -22,7 +22,7 @@ func TestCallbackText(t *testing.T) {
 	}{
 		{"text", `[{"MsgType":"TIMTextElem","MsgContent":{"Text":"hello"}}]`, "hello"},
 		{"two texts", `[{"MsgType":"TIMTextElem","MsgContent":{"Text":"a"}},{"MsgType":"TIMTextElem","MsgContent":{"Text":"b"}}]`, "a\nb"},
-		{"location", `[{"MsgType":"TIMLocationElem","MsgContent":{"Desc":"Store","Latitude":37.5,"Longitude":127}}]`, "[location] Store (37.5, 127)"},
+		{"location", `[{"MsgType":"TIMLocationElem","MsgContent":{"Desc":"Store","Latitude":37.5,"Longitude":127}}]`, "Store\nhttps://uri.amap.com/marker?name=Store&position=127%2C37.5"},
 		{"image", `[{"MsgType":"TIMImageElem","MsgContent":{"UUID":"u","ImageFormat":1,"ImageInfoArray":[{"Type":1,"Size":1,"Width":1,"Height":1,"URL":"https://img.example/1.jpg"}]}}]`, "[image] https://img.example/1.jpg"},
 		{"file", `[{"MsgType":"TIMFileElem","MsgContent":{"Url":"https://f.example/a.pdf","FileName":"a.pdf","UUID":"u","FileSize":1,"Download_Flag":2}}]`, "[file] a.pdf https://f.example/a.pdf"},
 		{"sound", `[{"MsgType":"TIMSoundElem","MsgContent":{"Url":"https://s.example/a.mp3","UUID":"u","Size":1,"Second":3,"Download_Flag":2}}]`, "[voice message] https://s.example/a.mp3"},

@@ -1,9 +1,15 @@
 package main
 
 // A WeChat message as IM message elements, where IM has an element of its
-// own for it; the others cross as their readable text (readableText).
+// own for it (the others cross as their readable text, readableText); and an
+// IM message as the text a WeChat customer reads.
 
-import "strconv"
+import (
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+)
 
 // pushElems returns the IM elements that carry p natively, or nil when it
 // crosses as text. A location becomes a TIMLocationElem with WeChat's label
@@ -18,4 +24,64 @@ func pushElems(p Push) []MsgElem {
 		return nil // not coordinates: the text says what came
 	}
 	return []MsgElem{{MsgType: "TIMLocationElem", MsgContent: map[string]any{"Desc": p.Label, "Latitude": lat, "Longitude": lng}}}
+}
+
+// elemText renders one IM message element as text a WeChat customer reads.
+func elemText(e MsgElem) string {
+	str := func(k string) string {
+		switch v := e.MsgContent[k].(type) {
+		case string:
+			return v
+		case float64:
+			return strconv.FormatFloat(v, 'f', -1, 64)
+		}
+		return ""
+	}
+	switch e.MsgType {
+	case "TIMTextElem":
+		return str("Text")
+	case "TIMLocationElem":
+		lat, lng := str("Latitude"), str("Longitude")
+		return strings.TrimSpace(str("Desc") + "\n" + mapLink(lat, lng, str("Desc")))
+	case "TIMFaceElem":
+		return "[sticker]"
+	case "TIMImageElem":
+		if arr, ok := e.MsgContent["ImageInfoArray"].([]any); ok && len(arr) > 0 {
+			if info, ok := arr[0].(map[string]any); ok {
+				if u, ok := info["URL"].(string); ok {
+					return "[image] " + u
+				}
+			}
+		}
+		return "[image]"
+	case "TIMSoundElem":
+		return strings.TrimSpace("[voice message] " + str("Url"))
+	case "TIMFileElem":
+		return strings.TrimSpace(fmt.Sprintf("[file] %s %s", str("FileName"), str("Url")))
+	case "TIMVideoFileElem":
+		return strings.TrimSpace("[video] " + str("VideoUrl"))
+	case "TIMCustomElem":
+		return str("Desc") // Data is for the app that made it: no text form
+	}
+	return "[" + strings.TrimPrefix(e.MsgType, "TIM") + "]"
+}
+
+// callbackText is the text of a whole message, one line an element.
+func callbackText(body []MsgElem) string {
+	var parts []string
+	for _, e := range body {
+		if t := elemText(e); t != "" {
+			parts = append(parts, t)
+		}
+	}
+	return strings.Join(parts, "\n")
+}
+
+// mapLink is a link that opens a map marked at lat, lng with name, in
+// WeChat's browser: Amap's marker URI (lbs.amap.com/api/uri-api, position
+// as longitude,latitude; GCJ-02, the coordinates of China's maps and of
+// WeChat's own locations).
+func mapLink(lat, lng, name string) string {
+	q := url.Values{"position": {lng + "," + lat}, "name": {name}}
+	return "https://uri.amap.com/marker?" + q.Encode()
 }

@@ -28,3 +28,19 @@ func TestLocationCrossesNatively(t *testing.T) {
 		t.Errorf("IM got %+v, want the label and coordinates exactly", m.MsgBody)
 	}
 }
+
+// TestAgentLocationReachesCustomerAsMapLink: an agent's location reaches the
+// customer as the place's name and a link that opens a map marked there.
+func TestAgentLocationReachesCustomerAsMapLink(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, map[string]any{"MsgType": "TIMLocationElem",
+		"MsgContent": map[string]any{"Desc": "上海市人民广场", "Latitude": 31.230416, "Longitude": 121.473701}})
+	eventually(t, "the place in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
+	want := "上海市人民广场\nhttps://uri.amap.com/marker?name=%E4%B8%8A%E6%B5%B7%E5%B8%82%E4%BA%BA%E6%B0%91%E5%B9%BF%E5%9C%BA&position=121.473701%2C31.230416"
+	if got := h.sentTo(customer)[0].Text; got != want {
+		t.Errorf("the customer read %q, want %q", got, want)
+	}
+}
