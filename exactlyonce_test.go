@@ -90,3 +90,30 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestUnansweredNoticeFoundInHistory: a notice to an agent is looked for in
+// IM's history as a customer's message is, when its attempt went
+// unanswered and the retry comes past IM's deduplication.
+func TestUnansweredNoticeFoundInHistory(t *testing.T) {
+	h := exactlyOnceHarness(t)
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	release := h.im.Hold()                                           // the notice's sendmsg will go unanswered
+	h.wx.FailNext(1, 45047)                                          // the reply ends as a dead letter: the agent is told
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), answer) // callbacks are not held
+	eventually(t, "the notice's attempt timed out", func() bool { return strings.Contains(h.logs.String(), "kind=im_notice") })
+	release()
+	eventually(t, "the notice found in IM's history", func() bool {
+		return strings.Contains(h.metricsText(), `bridge_uncertain_attempts_total{outcome="found",target="im"} 1`)
+	})
+	var notices int
+	for _, m := range h.messagesTo("agent_kim") {
+		if m.From == "administrator" {
+			notices++
+		}
+	}
+	if notices != 1 {
+		t.Errorf("the agent was told %d times, want once", notices)
+	}
+}
