@@ -45,6 +45,13 @@ type Config struct {
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
 
+	// PUBLIC_URL: the bridge's public base URL, under which IM clients
+	// download media (GET /media/{id}); unset, media crosses as text.
+	PublicURL string
+	MediaDir  string // MEDIA_DIR: SQLite: where media is kept (default: "media" beside the database)
+	// MEDIA_RETENTION: how long media is served, then removed.
+	MediaRetention time.Duration
+
 	DatabaseURL string // DATABASE_URL: sqlite:PATH or postgres://…
 	// DATABASE_MAX_CONNS: the connections this instance opens to PostgreSQL.
 	DatabaseMaxConns int
@@ -172,6 +179,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		IMDeliveryWindow:     e.duration("IM_DELIVERY_WINDOW", 24*time.Hour),
 		IMDedupWindow:        e.duration("IM_DEDUP_WINDOW", imDedupWindow),
 		DatabaseURL:          e.get("DATABASE_URL", "sqlite:bridge.db"),
+		PublicURL:            strings.TrimRight(e.get("PUBLIC_URL", ""), "/"),
+		MediaDir:             e.get("MEDIA_DIR", ""),
+		MediaRetention:       e.duration("MEDIA_RETENTION", 7*24*time.Hour),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
 		RetryMinDelay:        e.duration("RETRY_MIN_DELAY", time.Second),
 		RetryMaxDelay:        e.duration("RETRY_MAX_DELAY", 5*time.Minute),
@@ -204,6 +214,9 @@ func checkGeneral(e *env, c *Config) {
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(e.get("LOG_LEVEL", "info"))); err != nil {
 		e.bad("LOG_LEVEL must be debug, info, warn or error, got %q", e.getenv("LOG_LEVEL"))
+	}
+	if c.PublicURL != "" {
+		checkBase(e, "PUBLIC_URL", c.PublicURL)
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		e.bad("LOG_FORMAT must be text or json, got %q", c.LogFormat)

@@ -1,8 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"image"
+	"image/color"
+	"image/png"
+	"io"
+	"net/http"
+	"strings"
 	"testing"
 )
 
@@ -43,4 +50,103 @@ func TestAgentLocationReachesCustomerAsMapLink(t *testing.T) {
 	if got := h.sentTo(customer)[0].Text; got != want {
 		t.Errorf("the customer read %q, want %q", got, want)
 	}
+}
+
+// testPNG is a small PNG, w by h.
+func testPNG(t *testing.T, w, h int) []byte {
+	t.Helper()
+	img := image.NewRGBA(image.Rect(0, 0, w, h))
+	for x := range w {
+		img.Set(x, 0, color.RGBA{R: uint8(40 * x), G: 90, B: 200, A: 255})
+	}
+	var b bytes.Buffer
+	if err := png.Encode(&b, img); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// TestImageCrossesAsImage: with PUBLIC_URL, a customer's photo reaches the
+// agent as a TIMImageElem with its real size, width and height, whose URL
+// serves the very bytes WeChat had, with their type and by ranges; an id
+// guessed or altered, or any other path under /media/, is 404.
+func TestImageCrossesAsImage(t *testing.T) {
+	forStores(t, testImageCrossesAsImage)
+}
+
+func testImageCrossesAsImage(t *testing.T, pg bool) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"PUBLIC_URL": public}})
+	ctx := context.Background()
+	photo := testPNG(t, 3, 2)
+	mediaID, picURL := h.wx.AddMedia(photo, "image/png")
+	if r := h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}); r.Status != 200 {
+		t.Fatalf("push answered %d", r.Status)
+	}
+	eventually(t, "the photo in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	sends := h.im.RequestsTo("/v4/openim/sendmsg")
+	goldenJSON(t, "im_sendmsg_image.json", sends[0].Body, "MsgSeq", "MsgRandom")
+	var m SendMsg
+	json.Unmarshal(sends[0].Body, &m)
+	infos, _ := m.MsgBody[0].MsgContent["ImageInfoArray"].([]any)
+	if m.MsgBody[0].MsgType != "TIMImageElem" || len(infos) != 3 {
+		t.Fatalf("IM got %+v, want a TIMImageElem", m.MsgBody)
+	}
+	info := infos[0].(map[string]any)
+	if info["Width"] != 3.0 || info["Height"] != 2.0 || info["Size"] != float64(len(photo)) {
+		t.Errorf("image info %v, want 3×2 and %d bytes", info, len(photo))
+	}
+	u, _ := info["URL"].(string)
+	path, ok := strings.CutPrefix(u, public)
+	if !ok || !strings.HasPrefix(path, "/media/") {
+		t.Fatalf("URL %q is not under PUBLIC_URL's /media/", u)
+	}
+
+	get := func(path, rng string) (int, string, []byte) {
+		req, _ := http.NewRequest(http.MethodGet, h.base+path, nil)
+		if rng != "" {
+			req.Header.Set("Range", rng)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header.Get("Content-Type"), b
+	}
+	if status, ct, b := get(path, ""); status != 200 || ct != "image/png" || !bytes.Equal(b, photo) {
+		t.Errorf("GET %s: %d %s, %d bytes; want 200 image/png and the photo", path, status, ct, len(b))
+	}
+	if status, _, b := get(path, "bytes=0-3"); status != http.StatusPartialContent || !bytes.Equal(b, photo[:4]) {
+		t.Errorf("a range: %d, %q", status, b)
+	}
+	id := strings.TrimPrefix(path, "/media/")
+	altered := id[:len(id)-1] + string("0123456789abcdef"[(strings.IndexByte("0123456789abcdef", id[len(id)-1])+1)%16])
+	for _, p := range []string{"/media/" + altered, "/media/0123456789abcdef0123456789abcdef", "/media/", "/media/" + id + "/x", "/media/../bridge.db"} {
+		if status, _, _ := get(p, ""); status != http.StatusNotFound {
+			t.Errorf("GET %s: %d, want 404", p, status)
+		}
+	}
+}
+
+// TestMediaExpires: media is served until MEDIA_RETENTION ends, then 404.
+func TestMediaExpires(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com", "MEDIA_RETENTION": "300ms"}})
+	ctx := context.Background()
+	mediaID, picURL := h.wx.AddMedia(testPNG(t, 1, 1), "image/png")
+	h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
+	eventually(t, "the photo in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	var m SendMsg
+	json.Unmarshal(h.im.RequestsTo("/v4/openim/sendmsg")[0].Body, &m)
+	u := m.MsgBody[0].MsgContent["ImageInfoArray"].([]any)[0].(map[string]any)["URL"].(string)
+	path := strings.TrimPrefix(u, "https://bridge.example.com")
+	eventually(t, "the media expired", func() bool {
+		resp, err := http.Get(h.base + path)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusNotFound
+	})
 }

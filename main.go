@@ -72,7 +72,8 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 // finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
-	st, err := openStore(ctx, cfg.DatabaseURL, storeOptions{PGConns: cfg.DatabaseMaxConns, PushWindow: pushWindow(cfg.WeChatPushMaxSkew)})
+	st, err := openStore(ctx, cfg.DatabaseURL, storeOptions{PGConns: cfg.DatabaseMaxConns, PushWindow: pushWindow(cfg.WeChatPushMaxSkew),
+		MediaDir: cfg.MediaDir})
 	if err != nil {
 		return err
 	}
@@ -103,6 +104,9 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	go func() { serveErr <- srv.Serve(ln) }()
 	if !cfg.IMCallbackAuth {
 		log.Warn("IM callbacks are not authenticated (IM_CALLBACK_AUTH=off): anyone who can reach /imcallback can send customers messages")
+	}
+	if cfg.PublicURL == "" {
+		log.Info("media crosses as text: set PUBLIC_URL for images to reach IM as images")
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "agents", len(cfg.IMAgents))
 
@@ -143,6 +147,7 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	worker := newWorker(st, im, wx, log, m, now)
 	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
 	worker.StopGrace, worker.Agents, worker.IMDedup = cfg.ShutdownGrace, cfg.IMAgents, cfg.IMDedupWindow
+	worker.PublicURL, worker.MediaKey, worker.MediaRetention = cfg.PublicURL, mediaKey(cfg.IMSecretKey), cfg.MediaRetention
 	// A claimed item is held long enough for the calls one delivery may make
 	// (a token or account fetched first, then the call, then once more).
 	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second

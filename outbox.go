@@ -42,6 +42,16 @@ type Delivery struct {
 	// Elems, if set, are the IM elements sent in Text's place, which stays
 	// the message's readable form (for notices and logs).
 	Elems []MsgElem `json:"elems,omitempty"`
+	// Media, if set, is an image the worker fetches from WeChat and sends
+	// as a TIMImageElem (media.go).
+	Media *PushMedia `json:"media,omitempty"`
+}
+
+// PushMedia is where WeChat keeps a pushed image: its media_id
+// (/cgi-bin/media/get, for three days) and its PicUrl.
+type PushMedia struct {
+	MediaID string `json:"media_id,omitempty"`
+	PicURL  string `json:"pic_url,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

@@ -102,6 +102,16 @@ CREATE TABLE IF NOT EXISTS held_replies (
     created_at BIGINT NOT NULL
 );
 
+-- media keeps what customers send (images), for IM clients to download at
+-- GET /media/{id} from any instance until MEDIA_RETENTION ends.
+CREATE TABLE IF NOT EXISTS media (
+    id           TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    size         BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    data         BYTEA NOT NULL
+);
+
 -- Changes to databases made before this file (docs/SCHEMA.md): outbox_due
 -- replaced outbox_heads.
 DROP INDEX IF EXISTS outbox_heads;

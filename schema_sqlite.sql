@@ -102,6 +102,16 @@ CREATE TABLE IF NOT EXISTS held_replies (
     created_at BIGINT NOT NULL
 );
 
+-- media keeps what customers send (images), for IM clients to download at
+-- GET /media/{id} until MEDIA_RETENTION ends; the bytes are files named by
+-- id in MEDIA_DIR, beside the database.
+CREATE TABLE IF NOT EXISTS media (
+    id           TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    size         BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL
+);
+
 -- Changes to databases made before this file (docs/SCHEMA.md): the writer's
 -- memory replaced the indexes by lane and by head; the outbox's push columns
 -- are added by schema.go when missing.

@@ -39,6 +39,7 @@ func (b *bridge) routes() http.Handler {
 	mux.Handle("GET /wechat", b.handleVerify())
 	mux.Handle("POST /wechat", b.metrics.timed("wechat", b.handlePush()))
 	mux.Handle("POST /imcallback", b.metrics.timed("imcallback", b.handleIMCallback()))
+	mux.Handle("GET /media/{id}", b.handleMedia())
 	mux.Handle("GET /healthz", b.handleHealth())
 	mux.Handle("GET /readyz", b.handleReady())
 	mux.Handle("GET /metrics", b.metrics.handler())
@@ -224,6 +225,9 @@ func (b *bridge) inbound(p Push) Inbound {
 		in.Action = actUnfollow
 	case isMessageType(p.MsgType):
 		in.Action, in.Text, in.Elems = actMessage, readableText(p), pushElems(p)
+		if p.MsgType == msgImage && b.cfg.PublicURL != "" {
+			in.Media = &PushMedia{MediaID: p.MediaID, PicURL: p.PicURL} // fetched by the worker
+		}
 	}
 	return in
 }

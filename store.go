@@ -7,6 +7,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -49,9 +50,10 @@ type Store struct {
 	firstReady atomic.Int64
 	// SQLite: the agent of each open conversation the writer has met, by
 	// customer, as committed, and the changes the transaction running
-	// makes to it (openopenconv.go).
+	// makes to it (openconv.go).
 	openConv map[string]string
 	convLog  []convChange
+	mediaDir string // SQLite: where media's bytes are kept (media.go)
 }
 
 // defaultPGConns is how many connections an instance opens to PostgreSQL
@@ -65,6 +67,7 @@ type storeOptions struct {
 	PGConns    int           // connections to PostgreSQL at most (0: defaultPGConns)
 	PushWindow time.Duration // how long a push is remembered at least (0: defaultPushWindow)
 	recentMax  int           // digests SQLite's writer keeps at most (0: maxRecent); tests set it
+	MediaDir   string        // SQLite: where media's bytes are kept (default: "media" beside the database)
 }
 
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
@@ -87,6 +90,7 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 			return nil, fmt.Errorf("open store: %w", err)
 		}
 		s.rdb.SetMaxOpenConns(4)
+		s.mediaDir = cmp.Or(opts.MediaDir, filepath.Join(filepath.Dir(path), "media"))
 	} else if isPostgresURL(databaseURL) {
 		if s.db, err = sql.Open("pgx", databaseURL); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
@@ -166,10 +170,11 @@ type Inbound struct {
 	SigKey string     // the push's signed query (timestamp, nonce, signature)
 	Action pushAction // what it asks for
 	OpenID string
-	IMUser string    // the customer's IM UserID
-	Text   string    // for actMessage: what the agent reads
-	Elems  []MsgElem // for actMessage: the IM elements that carry it, if not Text
-	Agents []string  // the agents a new conversation may go to, in order
+	IMUser string     // the customer's IM UserID
+	Text   string     // for actMessage: what the agent reads
+	Elems  []MsgElem  // for actMessage: the IM elements that carry it, if not Text
+	Media  *PushMedia // for an image: where its bytes are, to cross as an image
+	Agents []string   // the agents a new conversation may go to, in order
 	// DeleteAccount: an unfollow deletes the customer's IM account
 	// (IM_UNFOLLOW=delete) rather than keep it.
 	DeleteAccount bool
@@ -286,7 +291,7 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.T
 // is true for a conversation's first message.
 func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (d Delivery, opened bool, err error) {
 	agent, opened, err := s.openConversation(ctx, tx, in, now)
-	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text, Elems: in.Elems,
+	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text, Elems: in.Elems, Media: in.Media,
 		MsgRandom: in.NewRandom()}, opened, err
 }
 

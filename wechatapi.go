@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 )
@@ -42,6 +43,7 @@ var wechatPermanent = map[int]string{
 	44002: "the message is empty",
 	40008: "the message type is not valid",
 	45008: "the message is malformed",
+	40007: "the media is gone (WeChat keeps a customer's media three days)",
 }
 
 // WeChatClient calls the WeChat Official Account API. It owns the
@@ -168,6 +170,44 @@ func (c *WeChatClient) SendText(ctx context.Context, openid, text string) error 
 	m := customText{ToUser: openid, MsgType: "text"}
 	m.Text.Content = text
 	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
+}
+
+// maxMediaBytes bounds what the bridge fetches of a customer's media: WeChat
+// takes images of 10 MB at most.
+const maxMediaBytes = 10 << 20
+
+// FetchMedia returns the bytes and type of a pushed image: from
+// /cgi-bin/media/get by its media_id, or from its PicUrl.
+func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, string, error) {
+	if m.MediaID == "" {
+		return getBytes(ctx, c.HTTP, "wechat PicUrl", m.PicURL, maxMediaBytes)
+	}
+	get := func(token string) ([]byte, string, error) {
+		q := url.Values{"access_token": {token}, "media_id": {m.MediaID}}
+		data, ct, err := getBytes(ctx, c.HTTP, "wechat media/get", c.Base+"/cgi-bin/media/get?"+q.Encode(), maxMediaBytes)
+		if err == nil && (strings.HasPrefix(ct, "application/json") || strings.HasPrefix(ct, "text/plain")) {
+			var env struct {
+				ErrCode int    `json:"errcode"`
+				ErrMsg  string `json:"errmsg"`
+			}
+			if json.Unmarshal(data, &env) == nil && env.ErrCode != 0 {
+				return nil, "", &WeChatError{API: "media/get", Code: env.ErrCode, Msg: env.ErrMsg}
+			}
+		}
+		return data, ct, err
+	}
+	token, err := c.accessToken(ctx, "")
+	if err != nil {
+		return nil, "", notCalled{err}
+	}
+	data, ct, err := get(token)
+	if e := (*WeChatError)(nil); errors.As(err, &e) && tokenErrors[e.Code] {
+		if token, err = c.accessToken(ctx, token); err != nil {
+			return nil, "", err
+		}
+		data, ct, err = get(token)
+	}
+	return data, ct, err
 }
 
 // Typing shows the customer that someone is typing (on), or stops showing

@@ -29,6 +29,12 @@ type Worker struct {
 	Agents  []string // IM_AGENTS: who is told when an agent's account is gone
 	// IMDedup is how long IM drops a repeated sendmsg (IM_DEDUP_WINDOW).
 	IMDedup time.Duration
+	// PublicURL (PUBLIC_URL), if set, is where IM clients download the
+	// media the worker fetches (media.go); MediaKey makes their ids, and
+	// MediaRetention says how long they are kept.
+	PublicURL      string
+	MediaKey       []byte
+	MediaRetention time.Duration
 
 	Lanes          int           // lanes delivered at once
 	Lease          time.Duration // how long a claimed item is held
@@ -203,6 +209,9 @@ func (w *Worker) pruneKeys(ctx context.Context) {
 	if err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour)); err != nil && ctx.Err() == nil {
 		w.Log.Error("prune keys failed", "err", err)
 	}
+	if err := w.Store.PruneMedia(ctx, now.Add(-w.MediaRetention)); err != nil && ctx.Err() == nil {
+		w.Log.Error("prune media failed", "err", err)
+	}
 }
 
 // deliverItem makes one attempt at it. It reports true when it was
@@ -283,6 +292,15 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		msg := textMessage(d.IMUser, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
 		if len(d.Elems) > 0 {
 			msg.MsgBody = d.Elems
+		}
+		if d.Media != nil && w.PublicURL != "" {
+			elems, err := w.imageElems(ctx, it) // media.go
+			if err != nil {
+				return err
+			}
+			if elems != nil {
+				msg.MsgBody = elems
+			}
 		}
 		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
 			return err

@@ -254,6 +254,10 @@ func checkBody(body []json.RawMessage) (string, error) {
 			if _, isString := desc.(string); !okLat || !okLng || okDesc && !isString {
 				return "", fmt.Errorf("MsgBody[%d]: TIMLocationElem needs numeric Latitude and Longitude, and Desc a string", i)
 			}
+		case "TIMImageElem":
+			if err := checkImage(e.MsgContent); err != nil {
+				return "", fmt.Errorf("MsgBody[%d]: TIMImageElem %v", i, err)
+			}
 		case "TIMFaceElem":
 			if _, ok := e.MsgContent["Index"].(float64); !ok {
 				return "", fmt.Errorf("MsgBody[%d]: TIMFaceElem needs Index", i)
@@ -269,3 +273,35 @@ func checkBody(body []json.RawMessage) (string, error) {
 // (OptPlatform Web) would: the Before callback may refuse it, then it is
 // delivered and the After callback fires. Both callbacks are made before it
 // returns.
+
+// checkImage checks a TIMImageElem's content as IM's message formats page
+// (1047/33527) gives it: UUID, ImageFormat, and ImageInfoArray of the
+// original (Type 1), large (2) and thumbnail (3), each with Size, Width,
+// Height and URL.
+func checkImage(c map[string]any) error {
+	if _, ok := c["UUID"].(string); !ok {
+		return errors.New("needs UUID")
+	}
+	if _, ok := c["ImageFormat"].(float64); !ok {
+		return errors.New("needs a numeric ImageFormat")
+	}
+	infos, ok := c["ImageInfoArray"].([]any)
+	if !ok || len(infos) != 3 {
+		return errors.New("needs ImageInfoArray of three sizes")
+	}
+	for k, x := range infos {
+		info, ok := x.(map[string]any)
+		if !ok {
+			return fmt.Errorf("ImageInfoArray[%d] is not an object", k)
+		}
+		for _, f := range []string{"Type", "Size", "Width", "Height"} {
+			if _, ok := info[f].(float64); !ok {
+				return fmt.Errorf("ImageInfoArray[%d] needs a numeric %s", k, f)
+			}
+		}
+		if u, ok := info["URL"].(string); !ok || !strings.HasPrefix(u, "http") {
+			return fmt.Errorf("ImageInfoArray[%d] needs a URL", k)
+		}
+	}
+	return nil
+}

@@ -51,7 +51,8 @@ type WeChat struct {
 	users    map[string]*customer // by openid
 	sent     []CustomMessage
 	typings  []Typing
-	notices  []string // what customers were shown instead of a reply
+	media    map[string]media // by media_id: what customers sent
+	notices  []string         // what customers were shown instead of a reply
 	nextMsg  int64
 	target   string
 	key      []byte // the AES key of the current EncodingAESKey
@@ -124,6 +125,7 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 		tokens:   map[string]issued{},
 		revoked:  map[string]bool{},
 		users:    map[string]*customer{},
+		media:    map[string]media{},
 		nextMsg:  24000000000000000,
 		pushHTTP: &http.Client{Timeout: opts.PushTimeout},
 	}
@@ -132,6 +134,8 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 	mux.HandleFunc("/cgi-bin/token", wx.handleToken)
 	mux.HandleFunc("/cgi-bin/message/custom/send", wx.handleCustomSend)
 	mux.HandleFunc("/cgi-bin/message/custom/typing", wx.handleTyping)
+	mux.HandleFunc("GET /cgi-bin/media/get", wx.handleMediaGet)
+	mux.HandleFunc("GET /mmbiz/{id}", wx.handlePicURL)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		wx.record(r, wx.opts.Now())
 		wx.t.Errorf("fake wechat: unmodelled request %s %s", r.Method, r.URL.Path)

@@ -5,6 +5,7 @@ package fakes
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"time"
 )
@@ -283,4 +284,61 @@ func (wx *WeChat) handleTyping(w http.ResponseWriter, r *http.Request) {
 	}
 	wx.typings = append(wx.typings, Typing{ToUser: m.ToUser, Command: m.Command, At: now})
 	writeWeChatError(w, 0, "ok")
+}
+
+// media is a customer's upload as WeChat keeps it.
+type media struct {
+	data        []byte
+	contentType string
+	at          time.Time
+}
+
+// mediaLife is how long WeChat keeps a customer's media for media/get.
+const mediaLife = 3 * 24 * time.Hour
+
+// AddMedia keeps data as a customer's upload, as WeChat does before it
+// pushes an image, and returns its media_id and its PicUrl.
+func (wx *WeChat) AddMedia(data []byte, contentType string) (mediaID, picURL string) {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	wx.nextMsg++
+	mediaID = fmt.Sprintf("media_%d", wx.nextMsg)
+	wx.media[mediaID] = media{data: data, contentType: contentType, at: wx.opts.Now()}
+	return mediaID, wx.URL + "/mmbiz/" + mediaID
+}
+
+// handleMediaGet serves GET /cgi-bin/media/get: the media's bytes with its
+// Content-Type, for three days; an unknown or expired media_id is 40007, in
+// a JSON body as WeChat answers errors.
+func (wx *WeChat) handleMediaGet(w http.ResponseWriter, r *http.Request) {
+	now := wx.opts.Now()
+	wx.record(r, now)
+	wx.mu.Lock()
+	code, msg := wx.checkToken(r.URL.Query().Get("access_token"), now)
+	m, ok := wx.media[r.URL.Query().Get("media_id")]
+	wx.mu.Unlock()
+	switch {
+	case code != 0:
+		writeWeChatError(w, code, msg)
+	case wx.injected(w, r):
+	case !ok || now.Sub(m.at) > mediaLife:
+		writeWeChatError(w, 40007, "invalid media_id")
+	default:
+		w.Header().Set("Content-Type", m.contentType)
+		w.Write(m.data)
+	}
+}
+
+// handlePicURL serves a pushed image's PicUrl.
+func (wx *WeChat) handlePicURL(w http.ResponseWriter, r *http.Request) {
+	wx.record(r, wx.opts.Now())
+	wx.mu.Lock()
+	m, ok := wx.media[r.PathValue("id")]
+	wx.mu.Unlock()
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", m.contentType)
+	w.Write(m.data)
 }

@@ -1,0 +1,192 @@
+package main
+
+// Media customers send, kept for IM clients to download from the bridge at
+// GET /media/{id} (IM's elements carry a URL, not bytes). An id is an HMAC
+// of the outbox item that fetched the media, under a key derived from the
+// IM secret key: nobody can guess or alter one, and a retry of the item
+// keeps its id. Media is served until MEDIA_RETENTION ends, then removed.
+// On SQLite the bytes are files in MEDIA_DIR; on PostgreSQL they are in the
+// media table, for every instance to serve.
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"image"
+	_ "image/gif" // the formats WeChat sends
+	_ "image/jpeg"
+	_ "image/png"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// mediaIDPattern is what an id looks like: anything else is not one.
+var mediaIDPattern = regexp.MustCompile(`^[0-9a-f]{32}$`)
+
+// mediaKey derives the key of media ids from the IM secret key.
+func mediaKey(imSecret string) []byte {
+	m := hmac.New(sha256.New, []byte(imSecret))
+	m.Write([]byte("wechat-im-bridge media ids"))
+	return m.Sum(nil)
+}
+
+// mediaID is the id of the media outbox item itemID fetched.
+func mediaID(key []byte, itemID int64) string {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(strconv.FormatInt(itemID, 10)))
+	return hex.EncodeToString(m.Sum(nil))[:32]
+}
+
+// PutMedia keeps data as media id; keeping the same id again changes
+// nothing.
+func (s *Store) PutMedia(ctx context.Context, id, contentType string, data []byte, now time.Time) error {
+	if !s.postgres {
+		// The file first, whole (renamed into place), then its row.
+		if err := os.MkdirAll(s.mediaDir, 0o700); err != nil {
+			return fmt.Errorf("put media: %w", err)
+		}
+		tmp := filepath.Join(s.mediaDir, id+".tmp")
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			return fmt.Errorf("put media: %w", err)
+		}
+		if err := os.Rename(tmp, filepath.Join(s.mediaDir, id)); err != nil {
+			return fmt.Errorf("put media: %w", err)
+		}
+	}
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if s.postgres {
+			_, err := s.exec(ctx, tx, `INSERT INTO media (id, content_type, size, created_at, data) VALUES (?, ?, ?, ?, ?)
+				ON CONFLICT (id) DO NOTHING`, id, contentType, len(data), now.UnixMilli(), data)
+			return err
+		}
+		_, err := s.exec(ctx, tx, `INSERT INTO media (id, content_type, size, created_at) VALUES (?, ?, ?, ?)
+			ON CONFLICT (id) DO NOTHING`, id, contentType, len(data), now.UnixMilli())
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("put media: %w", err)
+	}
+	return nil
+}
+
+// errNoMedia is returned for an id the store does not keep.
+var errNoMedia = errors.New("no such media")
+
+// GetMedia returns media id's type, when it was kept, and its bytes.
+func (s *Store) GetMedia(ctx context.Context, id string) (contentType string, created time.Time, data []byte, err error) {
+	var ms int64
+	if s.postgres {
+		err = s.rdb.QueryRowContext(ctx, `SELECT content_type, created_at, data FROM media WHERE id = $1`, id).Scan(&contentType, &ms, &data)
+	} else {
+		err = s.rdb.QueryRowContext(ctx, `SELECT content_type, created_at FROM media WHERE id = ?`, id).Scan(&contentType, &ms)
+		if err == nil {
+			data, err = os.ReadFile(filepath.Join(s.mediaDir, id))
+		}
+	}
+	if errors.Is(err, sql.ErrNoRows) || errors.Is(err, os.ErrNotExist) {
+		return "", time.Time{}, nil, errNoMedia
+	}
+	return contentType, time.UnixMilli(ms), data, err
+}
+
+// PruneMedia removes the media kept before cutoff.
+func (s *Store) PruneMedia(ctx context.Context, cutoff time.Time) error {
+	var ids []string
+	if !s.postgres {
+		rows, err := s.rdb.QueryContext(ctx, `SELECT id FROM media WHERE created_at < ?`, cutoff.UnixMilli())
+		if err != nil {
+			return fmt.Errorf("prune media: %w", err)
+		}
+		for rows.Next() {
+			var id string
+			if err := rows.Scan(&id); err == nil {
+				ids = append(ids, id)
+			}
+		}
+		rows.Close()
+	}
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := s.exec(ctx, tx, `DELETE FROM media WHERE created_at < ?`, cutoff.UnixMilli())
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("prune media: %w", err)
+	}
+	for _, id := range ids { // the rows are gone: no one is served these files
+		os.Remove(filepath.Join(s.mediaDir, id))
+	}
+	return nil
+}
+
+// handleMedia serves GET /media/{id}: the media's bytes with its type, and
+// ranges of them, while its retention lasts; anything else is 404.
+func (b *bridge) handleMedia() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		if !mediaIDPattern.MatchString(id) {
+			http.NotFound(w, r)
+			return
+		}
+		ct, created, data, err := b.store.GetMedia(r.Context(), id)
+		switch {
+		case errors.Is(err, errNoMedia) || err == nil && b.now().Sub(created) >= b.cfg.MediaRetention:
+			http.NotFound(w, r)
+			return
+		case err != nil:
+			b.log.Error("media not read", "err", err)
+			http.Error(w, "internal error", http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", ct)
+		w.Header().Set("Cache-Control", "private, max-age=86400")
+		http.ServeContent(w, r, "", created, bytes.NewReader(data))
+	})
+}
+
+// imageElems fetches the image of it from WeChat, keeps it, and returns the
+// TIMImageElem that shows it, with its size, width and height; the three
+// sizes IM asks for are the one original. An image WeChat no longer has, or
+// that is not one, returns nil: the message crosses as its text.
+func (w *Worker) imageElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
+	data, ct, err := w.WeChat.FetchMedia(ctx, *it.Delivery.Media)
+	if err != nil {
+		if permanent(err) || isHTTPStatus(err, http.StatusNotFound) {
+			w.Log.Warn("image not fetched: it crosses as text", "err", err)
+			return nil, nil
+		}
+		return nil, err
+	}
+	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
+	if err != nil {
+		w.Log.Warn("not an image WeChat sent: it crosses as text", "err", err)
+		return nil, nil
+	}
+	id := mediaID(w.MediaKey, it.ID)
+	if ct == "" || !strings.HasPrefix(ct, "image/") {
+		ct = "image/" + format
+	}
+	if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+		return nil, err
+	}
+	u := w.PublicURL + "/media/" + id
+	info := func(typ int) map[string]any {
+		return map[string]any{"Type": typ, "Size": len(data), "Width": cfg.Width, "Height": cfg.Height, "URL": u}
+	}
+	return []MsgElem{{MsgType: "TIMImageElem", MsgContent: map[string]any{
+		"UUID": id, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}, nil
+}
+
+// imageFormats are IM's ImageFormat codes (message formats, 1047/33527):
+// JPG 1, GIF 2, PNG 3, other 255.
+var imageFormats = map[string]int{"jpeg": 1, "gif": 2, "png": 3}
