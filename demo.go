@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"image"
+	"image/png"
 	"io"
 	"log/slog"
 	"net"
@@ -80,6 +84,9 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := playExchange(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
 		return err
 	}
+	if err := playPhoto(ctx, wx, im, say); err != nil {
+		return err
+	}
 	if err := playForgery(ctx, base, cfg, say); err != nil {
 		return err
 	}
@@ -99,8 +106,13 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 // demoConfig is the bridge's configuration for the fakes, on SQLite in
 // dir, and a loopback listener for it.
 func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listener, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return Config{}, nil, err
+	}
 	wopts, iopts := wx.Options(), im.Options()
 	env := map[string]string{
+		"PUBLIC_URL":   "http://" + ln.Addr().String(), // where the agent's client downloads photos
 		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
 		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
 		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
@@ -109,10 +121,10 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 	}
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
+		ln.Close()
 		return Config{}, nil, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	return cfg, ln, err
+	return cfg, ln, nil
 }
 
 // playExchange plays the tutorial's exchange: a follow, a question, the
@@ -144,7 +156,7 @@ func playExchange(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerI
 // signature, and shows that the bridge refuses it.
 func playForgery(ctx context.Context, base string, cfg Config, say func(string)) error {
 	say("")
-	say("── 4. Someone else posts a reply to the callback URL, without IM's signature")
+	say("── 5. Someone else posts a reply to the callback URL, without IM's signature")
 	q := url.Values{"SdkAppid": {strconv.FormatUint(cfg.IMSDKAppID, 10)}, "CallbackCommand": {cbAfterSendMsg}, "contenttype": {"json"}}
 	body := fmt.Sprintf(`{"CallbackCommand":%q,"From_Account":%q,"To_Account":%q,"MsgKey":"forged","MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"forged"}}]}`,
 		cbAfterSendMsg, demoAgent, cfg.IMUserPrefix+demoCustomer)
@@ -162,5 +174,48 @@ func playForgery(ctx context.Context, base string, cfg Config, say func(string))
 		return fmt.Errorf("demo: an unsigned callback got %d %s, want 403", resp.StatusCode, answer)
 	}
 	say(fmt.Sprintf("   bridge → %d %s", resp.StatusCode, answer))
+	return nil
+}
+
+// playPhoto sends a photo from the customer, and downloads it as the
+// agent's IM client does, from the URL its TIMImageElem gives.
+func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, say func(string)) error {
+	say("")
+	say("── 4. The customer sends a photo")
+	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
+	for i := range img.Pix {
+		img.Pix[i] = byte(60 * i)
+	}
+	var photo bytes.Buffer
+	png.Encode(&photo, img)
+	mediaID, picURL := wx.AddMedia(photo.Bytes(), "image/png")
+	if r := wx.SendMessage(ctx, demoCustomer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}); r.Status != http.StatusOK {
+		return fmt.Errorf("demo: photo push got %d %q", r.Status, r.Body)
+	}
+	var got fakes.Message
+	if err := fakes.WaitFor(ctx, "the photo to reach the agent", func() bool {
+		ms := im.Messages()
+		got = ms[len(ms)-1]
+		return got.To == demoAgent && got.Text == ""
+	}); err != nil {
+		return err
+	}
+	var body []struct {
+		MsgContent struct {
+			ImageInfoArray []struct{ URL string }
+		}
+	}
+	if err := json.Unmarshal(got.Body, &body); err != nil || len(body) == 0 || len(body[0].MsgContent.ImageInfoArray) == 0 {
+		return fmt.Errorf("demo: the agent got no image: %s", got.Body)
+	}
+	u := body[0].MsgContent.ImageInfoArray[0].URL
+	data, ct, err := getBytes(ctx, http.DefaultClient, "demo", u, maxMediaBytes)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(data, photo.Bytes()) {
+		return errors.New("demo: the agent's client downloaded other bytes than the customer sent")
+	}
+	say(fmt.Sprintf("agent     → bridge    GET %s → %s, %d bytes: the customer's photo", strings.TrimPrefix(u, "http://"), ct, len(data)))
 	return nil
 }

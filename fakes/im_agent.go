@@ -115,7 +115,11 @@ func (im *IM) deliver(ctx context.Context, m Message, before, after bool) error 
 	if im.opts.OnMessage != nil {
 		im.opts.OnMessage(m)
 	}
-	hop(im.opts.Trace, "IM", "inbox", "%s receives from %s: %q", m.To, m.From, m.Text)
+	if what := m.Text; what != "" {
+		hop(im.opts.Trace, "IM", "inbox", "%s receives from %s: %q", m.To, m.From, what)
+	} else {
+		hop(im.opts.Trace, "IM", "inbox", "%s receives from %s: %s", m.To, m.From, compactJSON(m.Body))
+	}
 	if after {
 		base["CallbackCommand"] = "C2C.CallbackAfterSendMsg"
 		base["SendMsgResult"], base["ErrorInfo"], base["UnreadMsgNum"] = 0, "send msg succeed", unread
