@@ -18,18 +18,8 @@ import (
 // client shows as a map pin.
 func TestLocationCrossesNatively(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
-	ctx := context.Background()
 	fields := map[string]string{"Location_X": "31.230416", "Location_Y": "121.473701", "Scale": "15", "Label": "上海市人民广场"}
-	if r := h.wx.SendMessage(ctx, customer, "location", fields); r.Status != 200 {
-		t.Fatalf("push answered %d", r.Status)
-	}
-	eventually(t, "the location in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
-	sends := h.im.RequestsTo("/v4/openim/sendmsg")
-	goldenJSON(t, "im_sendmsg_location.json", sends[0].Body, "MsgSeq", "MsgRandom")
-	var m SendMsg
-	if err := json.Unmarshal(sends[0].Body, &m); err != nil {
-		t.Fatal(err)
-	}
+	m := h.pushToAgent("location", fields, "im_sendmsg_location.json")
 	c := m.MsgBody[0].MsgContent
 	if m.MsgBody[0].MsgType != "TIMLocationElem" || c["Desc"] != "上海市人民广场" || c["Latitude"] != 31.230416 || c["Longitude"] != 121.473701 {
 		t.Errorf("IM got %+v, want the label and coordinates exactly", m.MsgBody)
@@ -77,17 +67,9 @@ func TestImageCrossesAsImage(t *testing.T) {
 func testImageCrossesAsImage(t *testing.T, pg bool) {
 	const public = "https://bridge.example.com"
 	h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"PUBLIC_URL": public}})
-	ctx := context.Background()
 	photo := testPNG(t, 3, 2)
 	mediaID, picURL := h.wx.AddMedia(photo, "image/png")
-	if r := h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}); r.Status != 200 {
-		t.Fatalf("push answered %d", r.Status)
-	}
-	eventually(t, "the photo in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
-	sends := h.im.RequestsTo("/v4/openim/sendmsg")
-	goldenJSON(t, "im_sendmsg_image.json", sends[0].Body, "MsgSeq", "MsgRandom")
-	var m SendMsg
-	json.Unmarshal(sends[0].Body, &m)
+	m := h.pushToAgent("image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}, "im_sendmsg_image.json")
 	infos, _ := m.MsgBody[0].MsgContent["ImageInfoArray"].([]any)
 	if m.MsgBody[0].MsgType != "TIMImageElem" || len(infos) != 3 {
 		t.Fatalf("IM got %+v, want a TIMImageElem", m.MsgBody)
@@ -149,4 +131,60 @@ func TestMediaExpires(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusNotFound
 	})
+}
+
+// testAMR is an AMR-NB file of n frames of 20 ms (mode 12.2 kbit/s).
+func testAMR(n int) []byte {
+	b := []byte("#!AMR\n")
+	for i := range n {
+		frame := make([]byte, 32)
+		frame[0] = 7<<3 | 0x04
+		frame[1] = byte(i)
+		b = append(b, frame...)
+	}
+	return b
+}
+
+// TestVoiceCrossesAsSound: with PUBLIC_URL, a customer's voice message
+// reaches the agent as a TIMSoundElem they can play, with its duration, and
+// WeChat's speech recognition beside it as text.
+func TestVoiceCrossesAsSound(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	voice := testAMR(130) // 2.6 s
+	mediaID, _ := h.wx.AddMedia(voice, "audio/amr")
+	m := h.pushToAgent("voice", map[string]string{"MediaId": mediaID, "Format": "amr", "Recognition": "什么时候发货"}, "im_sendmsg_voice.json")
+	if len(m.MsgBody) != 2 || m.MsgBody[0].MsgType != "TIMSoundElem" || m.MsgBody[1].MsgContent["Text"] != "什么时候发货" {
+		t.Fatalf("IM got %+v, want the sound and its recognition", m.MsgBody)
+	}
+	c := m.MsgBody[0].MsgContent
+	if c["Second"] != 3.0 || c["Size"] != float64(len(voice)) {
+		t.Errorf("sound %v, want 3 s and %d bytes", c, len(voice))
+	}
+	resp, err := http.Get(h.base + strings.TrimPrefix(c["Url"].(string), public))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "audio/amr" || !bytes.Equal(b, voice) {
+		t.Errorf("the sound's URL: %d %s, %d bytes", resp.StatusCode, resp.Header.Get("Content-Type"), len(b))
+	}
+}
+
+// pushToAgent pushes a customer's message of msgType with fields, waits for
+// it in IM, checks the sendmsg against golden, and returns it.
+func (h *harness) pushToAgent(msgType string, fields map[string]string, golden string) SendMsg {
+	h.t.Helper()
+	if r := h.wx.SendMessage(context.Background(), customer, msgType, fields); r.Status != 200 {
+		h.t.Fatalf("push answered %d", r.Status)
+	}
+	eventually(h.t, "the "+msgType+" in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	sends := h.im.RequestsTo("/v4/openim/sendmsg")
+	goldenJSON(h.t.(*testing.T), golden, sends[0].Body, "MsgSeq", "MsgRandom")
+	var m SendMsg
+	if err := json.Unmarshal(sends[0].Body, &m); err != nil {
+		h.t.Fatal(err)
+	}
+	return m
 }

@@ -1,6 +1,6 @@
 package main
 
-// Media customers send, kept for IM clients to download from the bridge at
+// Media customers send (photos, voice messages), kept for IM clients to download from the bridge at
 // GET /media/{id} (IM's elements carry a URL, not bytes). An id is an HMAC
 // of the outbox item that fetched the media, under a key derived from the
 // IM secret key: nobody can guess or alter one, and a retry of the item
@@ -154,37 +154,78 @@ func (b *bridge) handleMedia() http.Handler {
 	})
 }
 
-// imageElems fetches the image of it from WeChat, keeps it, and returns the
-// TIMImageElem that shows it, with its size, width and height; the three
-// sizes IM asks for are the one original. An image WeChat no longer has, or
-// that is not one, returns nil: the message crosses as its text.
-func (w *Worker) imageElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
-	data, ct, err := w.WeChat.FetchMedia(ctx, *it.Delivery.Media)
+// mediaElems fetches the image or voice message of it from WeChat, keeps
+// it, and returns the elements that carry it: a TIMImageElem with its size,
+// width and height (the three sizes IM asks for are the one original), or a
+// TIMSoundElem with its size and duration, and WeChat's speech recognition
+// beside it as text. Media WeChat no longer has, or that is not what it
+// says, returns nil: the message crosses as its text.
+func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
+	m := it.Delivery.Media
+	data, ct, err := w.WeChat.FetchMedia(ctx, *m)
 	if err != nil {
 		if permanent(err) || isHTTPStatus(err, http.StatusNotFound) {
-			w.Log.Warn("image not fetched: it crosses as text", "err", err)
+			w.Log.Warn("media not fetched: it crosses as text", "err", err)
 			return nil, nil
 		}
 		return nil, err
 	}
-	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
-	if err != nil {
-		w.Log.Warn("not an image WeChat sent: it crosses as text", "err", err)
-		return nil, nil
-	}
 	id := mediaID(w.MediaKey, it.ID)
-	if ct == "" || !strings.HasPrefix(ct, "image/") {
-		ct = "image/" + format
+	u := w.PublicURL + "/media/" + id
+	var elems []MsgElem
+	switch m.Type {
+	case msgImage:
+		cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
+		if err != nil {
+			w.Log.Warn("not an image WeChat sent: it crosses as text", "err", err)
+			return nil, nil
+		}
+		if !strings.HasPrefix(ct, "image/") {
+			ct = "image/" + format
+		}
+		info := func(typ int) map[string]any {
+			return map[string]any{"Type": typ, "Size": len(data), "Width": cfg.Width, "Height": cfg.Height, "URL": u}
+		}
+		elems = []MsgElem{{MsgType: "TIMImageElem", MsgContent: map[string]any{
+			"UUID": id, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}
+	case msgVoice:
+		if ct == "" || strings.HasPrefix(ct, "application/octet-stream") {
+			ct = "audio/amr"
+		}
+		elems = []MsgElem{{MsgType: "TIMSoundElem", MsgContent: map[string]any{
+			"Url": u, "UUID": id, "Size": len(data), "Second": amrSeconds(data), "Download_Flag": 2}}}
+		if m.Recognition != "" {
+			elems = append(elems, MsgElem{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": m.Recognition}})
+		}
+	default:
+		return nil, nil
 	}
 	if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
 		return nil, err
 	}
-	u := w.PublicURL + "/media/" + id
-	info := func(typ int) map[string]any {
-		return map[string]any{"Type": typ, "Size": len(data), "Width": cfg.Width, "Height": cfg.Height, "URL": u}
+	return elems, nil
+}
+
+// amrFrameBytes is the size of an AMR-NB frame, header included, by its
+// frame type (RFC 4867, section 5.3); each lasts 20 ms.
+var amrFrameBytes = [16]int{13, 14, 16, 18, 20, 21, 27, 32, 6, 1, 1, 1, 1, 1, 1, 1}
+
+// amrSeconds is the duration of an AMR-NB file, in whole seconds rounded
+// up; 0 for anything else (WeChat's voice messages are AMR, or Speex).
+func amrSeconds(data []byte) int {
+	frames, ok := bytes.CutPrefix(data, []byte("#!AMR\n"))
+	if !ok {
+		return 0
 	}
-	return []MsgElem{{MsgType: "TIMImageElem", MsgContent: map[string]any{
-		"UUID": id, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}, nil
+	n := 0
+	for len(frames) > 0 {
+		size := amrFrameBytes[frames[0]>>3&0x0F]
+		if size > len(frames) {
+			break
+		}
+		frames, n = frames[size:], n+1
+	}
+	return (n*20 + 999) / 1000
 }
 
 // imageFormats are IM's ImageFormat codes (message formats, 1047/33527):

@@ -42,16 +42,19 @@ type Delivery struct {
 	// Elems, if set, are the IM elements sent in Text's place, which stays
 	// the message's readable form (for notices and logs).
 	Elems []MsgElem `json:"elems,omitempty"`
-	// Media, if set, is an image the worker fetches from WeChat and sends
-	// as a TIMImageElem (media.go).
+	// Media, if set, is what the worker fetches from WeChat and sends as
+	// an image or a sound (media.go).
 	Media *PushMedia `json:"media,omitempty"`
 }
 
-// PushMedia is where WeChat keeps a pushed image: its media_id
-// (/cgi-bin/media/get, for three days) and its PicUrl.
+// PushMedia is where WeChat keeps a pushed image or voice message: its
+// media_id (/cgi-bin/media/get, for three days), an image's PicUrl, and a
+// voice message's speech recognition.
 type PushMedia struct {
-	MediaID string `json:"media_id,omitempty"`
-	PicURL  string `json:"pic_url,omitempty"`
+	Type        string `json:"type,omitempty"` // image or voice
+	MediaID     string `json:"media_id,omitempty"`
+	PicURL      string `json:"pic_url,omitempty"`
+	Recognition string `json:"recognition,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

@@ -173,7 +173,7 @@ type Inbound struct {
 	IMUser string     // the customer's IM UserID
 	Text   string     // for actMessage: what the agent reads
 	Elems  []MsgElem  // for actMessage: the IM elements that carry it, if not Text
-	Media  *PushMedia // for an image: where its bytes are, to cross as an image
+	Media  *PushMedia // for an image or a voice message: where its bytes are
 	Agents []string   // the agents a new conversation may go to, in order
 	// DeleteAccount: an unfollow deletes the customer's IM account
 	// (IM_UNFOLLOW=delete) rather than keep it.

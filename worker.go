@@ -294,7 +294,7 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			msg.MsgBody = d.Elems
 		}
 		if d.Media != nil && w.PublicURL != "" {
-			elems, err := w.imageElems(ctx, it) // media.go
+			elems, err := w.mediaElems(ctx, it) // media.go
 			if err != nil {
 				return err
 			}

@@ -254,6 +254,17 @@ func checkBody(body []json.RawMessage) (string, error) {
 			if _, isString := desc.(string); !okLat || !okLng || okDesc && !isString {
 				return "", fmt.Errorf("MsgBody[%d]: TIMLocationElem needs numeric Latitude and Longitude, and Desc a string", i)
 			}
+		case "TIMSoundElem":
+			// Sent by REST, a sound is fetched by clients from its Url: IM
+			// asks for Url, UUID, Size, Second and Download_Flag 2.
+			u, okURL := e.MsgContent["Url"].(string)
+			_, okUUID := e.MsgContent["UUID"].(string)
+			_, okSize := e.MsgContent["Size"].(float64)
+			_, okSecond := e.MsgContent["Second"].(float64)
+			flag, _ := e.MsgContent["Download_Flag"].(float64)
+			if !okURL || !strings.HasPrefix(u, "http") || !okUUID || !okSize || !okSecond || flag != 2 {
+				return "", fmt.Errorf("MsgBody[%d]: TIMSoundElem needs Url, UUID, Size, Second and Download_Flag 2", i)
+			}
 		case "TIMImageElem":
 			if err := checkImage(e.MsgContent); err != nil {
 				return "", fmt.Errorf("MsgBody[%d]: TIMImageElem %v", i, err)
