@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"image"
 	"image/color"
@@ -187,4 +188,50 @@ func (h *harness) pushToAgent(msgType string, fields map[string]string, golden s
 		h.t.Fatal(err)
 	}
 	return m
+}
+
+// testMP4 is the skeleton of an MP4 file: its type, and a movie header that
+// says it lasts 4.2 s (a time scale of 1,000).
+func testMP4() []byte {
+	box := func(typ string, content []byte) []byte {
+		b := binary.BigEndian.AppendUint32(nil, uint32(8+len(content)))
+		return append(append(b, typ...), content...)
+	}
+	mvhd := make([]byte, 100)                   // version 0, flags, times...
+	binary.BigEndian.PutUint32(mvhd[12:], 1000) // time scale
+	binary.BigEndian.PutUint32(mvhd[16:], 4200) // duration
+	ftyp := box("ftyp", []byte("isom\x00\x00\x02\x00isomiso2mp41"))
+	return append(ftyp, box("moov", box("mvhd", mvhd))...)
+}
+
+// TestVideoCrossesAsVideo: with PUBLIC_URL, a customer's video reaches the
+// agent as a TIMVideoFileElem with its size, duration and thumbnail, both
+// served by the bridge; WeChat's media/get gives a video's bytes at the
+// video_url it answers with.
+func TestVideoCrossesAsVideo(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	video, thumb := testMP4(), testPNG(t, 8, 6)
+	videoID, _ := h.wx.AddMedia(video, "video/mp4")
+	thumbID, _ := h.wx.AddMedia(thumb, "image/png")
+	m := h.pushToAgent("video", map[string]string{"MediaId": videoID, "ThumbMediaId": thumbID}, "im_sendmsg_video.json")
+	c := m.MsgBody[0].MsgContent
+	if m.MsgBody[0].MsgType != "TIMVideoFileElem" || c["VideoSecond"] != 5.0 || c["VideoSize"] != float64(len(video)) ||
+		c["ThumbWidth"] != 8.0 || c["ThumbHeight"] != 6.0 {
+		t.Fatalf("IM got %+v, want the video of 5 s with its 8×6 thumbnail", m.MsgBody)
+	}
+	for _, f := range []struct {
+		url, ct string
+		want    []byte
+	}{{c["VideoUrl"].(string), "video/mp4", video}, {c["ThumbUrl"].(string), "image/png", thumb}} {
+		resp, err := http.Get(h.base + strings.TrimPrefix(f.url, public))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != f.ct || !bytes.Equal(b, f.want) {
+			t.Errorf("%s: %d %s, %d bytes", f.url, resp.StatusCode, resp.Header.Get("Content-Type"), len(b))
+		}
+	}
 }

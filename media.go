@@ -1,6 +1,6 @@
 package main
 
-// Media customers send (photos, voice messages), kept for IM clients to download from the bridge at
+// Media customers send (photos, voice messages, videos), kept for IM clients to download from the bridge at
 // GET /media/{id} (IM's elements carry a URL, not bytes). An id is an HMAC
 // of the outbox item that fetched the media, under a key derived from the
 // IM secret key: nobody can guess or alter one, and a retry of the item
@@ -15,6 +15,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"database/sql"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -41,10 +42,11 @@ func mediaKey(imSecret string) []byte {
 	return m.Sum(nil)
 }
 
-// mediaID is the id of the media outbox item itemID fetched.
-func mediaID(key []byte, itemID int64) string {
+// mediaID is the id of the media outbox item itemID fetched; part tells a
+// video's thumbnail ("thumb") from the video ("").
+func mediaID(key []byte, itemID int64, part string) string {
 	m := hmac.New(sha256.New, key)
-	m.Write([]byte(strconv.FormatInt(itemID, 10)))
+	m.Write([]byte(strconv.FormatInt(itemID, 10) + part))
 	return hex.EncodeToString(m.Sum(nil))[:32]
 }
 
@@ -154,11 +156,12 @@ func (b *bridge) handleMedia() http.Handler {
 	})
 }
 
-// mediaElems fetches the image or voice message of it from WeChat, keeps
-// it, and returns the elements that carry it: a TIMImageElem with its size,
-// width and height (the three sizes IM asks for are the one original), or a
-// TIMSoundElem with its size and duration, and WeChat's speech recognition
-// beside it as text. Media WeChat no longer has, or that is not what it
+// mediaElems fetches the image, voice message or video of it from WeChat,
+// keeps it, and returns the elements that carry it: a TIMImageElem with its
+// size, width and height (the three sizes IM asks for are the one
+// original); a TIMSoundElem with its size and duration, and WeChat's speech
+// recognition beside it as text; a TIMVideoFileElem with its size, duration
+// and thumbnail. Media WeChat no longer has, or that is not what it
 // says, returns nil: the message crosses as its text.
 func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
 	m := it.Delivery.Media
@@ -170,19 +173,17 @@ func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, erro
 		}
 		return nil, err
 	}
-	id := mediaID(w.MediaKey, it.ID)
+	id := mediaID(w.MediaKey, it.ID, "")
 	u := w.PublicURL + "/media/" + id
 	var elems []MsgElem
 	switch m.Type {
 	case msgImage:
-		cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
+		cfg, format, imageCT, err := decodeImage(data, ct)
 		if err != nil {
 			w.Log.Warn("not an image WeChat sent: it crosses as text", "err", err)
 			return nil, nil
 		}
-		if !strings.HasPrefix(ct, "image/") {
-			ct = "image/" + format
-		}
+		ct = imageCT
 		info := func(typ int) map[string]any {
 			return map[string]any{"Type": typ, "Size": len(data), "Width": cfg.Width, "Height": cfg.Height, "URL": u}
 		}
@@ -197,6 +198,17 @@ func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, erro
 		if m.Recognition != "" {
 			elems = append(elems, MsgElem{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": m.Recognition}})
 		}
+	case msgVideo, msgShortVideo:
+		thumb, err := w.thumbnail(ctx, it)
+		if err != nil || thumb == nil {
+			return nil, err
+		}
+		if !strings.HasPrefix(ct, "video/") {
+			ct = "video/mp4"
+		}
+		thumb["VideoUrl"], thumb["VideoUUID"], thumb["VideoSize"] = u, id, len(data)
+		thumb["VideoSecond"], thumb["VideoFormat"], thumb["VideoDownloadFlag"] = mp4Seconds(data), "mp4", 2
+		elems = []MsgElem{{MsgType: "TIMVideoFileElem", MsgContent: thumb}}
 	default:
 		return nil, nil
 	}
@@ -204,6 +216,71 @@ func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, erro
 		return nil, err
 	}
 	return elems, nil
+}
+
+// thumbnail fetches and keeps a video's thumbnail, and returns the Thumb
+// fields of its TIMVideoFileElem; nil when WeChat no longer has it, or it is
+// not an image.
+func (w *Worker) thumbnail(ctx context.Context, it OutboxItem) (map[string]any, error) {
+	data, ct, err := w.WeChat.FetchMedia(ctx, PushMedia{MediaID: it.Delivery.Media.ThumbMediaID})
+	if err != nil {
+		if permanent(err) || isHTTPStatus(err, http.StatusNotFound) {
+			w.Log.Warn("video thumbnail not fetched: the video crosses as text", "err", err)
+			return nil, nil
+		}
+		return nil, err
+	}
+	cfg, format, ct, err := decodeImage(data, ct)
+	if err != nil {
+		w.Log.Warn("video thumbnail is not an image: the video crosses as text", "err", err)
+		return nil, nil
+	}
+	id := mediaID(w.MediaKey, it.ID, "thumb")
+	if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+		return nil, err
+	}
+	return map[string]any{"ThumbUrl": w.PublicURL + "/media/" + id, "ThumbUUID": id, "ThumbSize": len(data),
+		"ThumbWidth": cfg.Width, "ThumbHeight": cfg.Height, "ThumbFormat": strings.ToUpper(strings.Replace(format, "jpeg", "jpg", 1)), "ThumbDownloadFlag": 2}, nil
+}
+
+// decodeImage reads an image's size and format, and returns its type: ct,
+// or the format's if ct does not name an image.
+func decodeImage(data []byte, ct string) (image.Config, string, string, error) {
+	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
+	if err == nil && !strings.HasPrefix(ct, "image/") {
+		ct = "image/" + format
+	}
+	return cfg, format, ct, err
+}
+
+// mp4Seconds is an MP4 file's duration from its movie header (moov/mvhd,
+// ISO/IEC 14496-12), in whole seconds rounded up; 0 if it has none.
+func mp4Seconds(data []byte) int {
+	box := func(b []byte, typ string) []byte { // the content of the first box of typ in b
+		for len(b) >= 8 {
+			size := int(binary.BigEndian.Uint32(b))
+			if size < 8 || size > len(b) {
+				return nil
+			}
+			if string(b[4:8]) == typ {
+				return b[8:size]
+			}
+			b = b[size:]
+		}
+		return nil
+	}
+	mvhd := box(box(data, "moov"), "mvhd")
+	var scale, dur uint64
+	switch {
+	case len(mvhd) >= 20 && mvhd[0] == 0:
+		scale, dur = uint64(binary.BigEndian.Uint32(mvhd[12:])), uint64(binary.BigEndian.Uint32(mvhd[16:]))
+	case len(mvhd) >= 32 && mvhd[0] == 1:
+		scale, dur = uint64(binary.BigEndian.Uint32(mvhd[20:])), binary.BigEndian.Uint64(mvhd[24:])
+	}
+	if scale == 0 {
+		return 0
+	}
+	return int((dur + scale - 1) / scale)
 }
 
 // amrFrameBytes is the size of an AMR-NB frame, header included, by its

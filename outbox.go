@@ -43,18 +43,19 @@ type Delivery struct {
 	// the message's readable form (for notices and logs).
 	Elems []MsgElem `json:"elems,omitempty"`
 	// Media, if set, is what the worker fetches from WeChat and sends as
-	// an image or a sound (media.go).
+	// an image, a sound or a video (media.go).
 	Media *PushMedia `json:"media,omitempty"`
 }
 
-// PushMedia is where WeChat keeps a pushed image or voice message: its
-// media_id (/cgi-bin/media/get, for three days), an image's PicUrl, and a
-// voice message's speech recognition.
+// PushMedia is where WeChat keeps a pushed image, voice message or video:
+// its media_id (/cgi-bin/media/get, for three days), an image's PicUrl, a
+// voice message's speech recognition, a video's thumbnail.
 type PushMedia struct {
-	Type        string `json:"type,omitempty"` // image or voice
-	MediaID     string `json:"media_id,omitempty"`
-	PicURL      string `json:"pic_url,omitempty"`
-	Recognition string `json:"recognition,omitempty"`
+	Type         string `json:"type,omitempty"` // image, voice, video or shortvideo
+	ThumbMediaID string `json:"thumb_media_id,omitempty"`
+	MediaID      string `json:"media_id,omitempty"`
+	PicURL       string `json:"pic_url,omitempty"`
+	Recognition  string `json:"recognition,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

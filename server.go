@@ -225,8 +225,9 @@ func (b *bridge) inbound(p Push) Inbound {
 		in.Action = actUnfollow
 	case isMessageType(p.MsgType):
 		in.Action, in.Text, in.Elems = actMessage, readableText(p), pushElems(p)
-		if (p.MsgType == msgImage || p.MsgType == msgVoice) && b.cfg.PublicURL != "" {
-			in.Media = &PushMedia{Type: p.MsgType, MediaID: p.MediaID, PicURL: p.PicURL, Recognition: p.Recognition} // fetched by the worker
+		if p.MediaID != "" && b.cfg.PublicURL != "" { // image, voice, video, shortvideo: fetched by the worker
+			in.Media = &PushMedia{Type: p.MsgType, MediaID: p.MediaID, PicURL: p.PicURL, Recognition: p.Recognition,
+				ThumbMediaID: p.ThumbMediaID}
 		}
 	}
 	return in

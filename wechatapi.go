@@ -173,11 +173,12 @@ func (c *WeChatClient) SendText(ctx context.Context, openid, text string) error 
 }
 
 // maxMediaBytes bounds what the bridge fetches of a customer's media: WeChat
-// takes images of 10 MB at most.
+// takes images and videos of 10 MB at most.
 const maxMediaBytes = 10 << 20
 
-// FetchMedia returns the bytes and type of a pushed image: from
-// /cgi-bin/media/get by its media_id, or from its PicUrl.
+// FetchMedia returns the bytes and type of a customer's media: from
+// /cgi-bin/media/get by its media_id (for a video, from the video_url that
+// answers), or from an image's PicUrl.
 func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, string, error) {
 	if m.MediaID == "" {
 		return getBytes(ctx, c.HTTP, "wechat PicUrl", m.PicURL, maxMediaBytes)
@@ -187,11 +188,15 @@ func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, str
 		data, ct, err := getBytes(ctx, c.HTTP, "wechat media/get", c.Base+"/cgi-bin/media/get?"+q.Encode(), maxMediaBytes)
 		if err == nil && (strings.HasPrefix(ct, "application/json") || strings.HasPrefix(ct, "text/plain")) {
 			var env struct {
-				ErrCode int    `json:"errcode"`
-				ErrMsg  string `json:"errmsg"`
+				ErrCode  int    `json:"errcode"`
+				ErrMsg   string `json:"errmsg"`
+				VideoURL string `json:"video_url"` // a video is fetched from where WeChat says
 			}
-			if json.Unmarshal(data, &env) == nil && env.ErrCode != 0 {
+			switch json.Unmarshal(data, &env); {
+			case env.ErrCode != 0:
 				return nil, "", &WeChatError{API: "media/get", Code: env.ErrCode, Msg: env.ErrMsg}
+			case env.VideoURL != "":
+				return getBytes(ctx, c.HTTP, "wechat video_url", env.VideoURL, maxMediaBytes)
 			}
 		}
 		return data, ct, err

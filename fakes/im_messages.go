@@ -265,6 +265,12 @@ func checkBody(body []json.RawMessage) (string, error) {
 			if !okURL || !strings.HasPrefix(u, "http") || !okUUID || !okSize || !okSecond || flag != 2 {
 				return "", fmt.Errorf("MsgBody[%d]: TIMSoundElem needs Url, UUID, Size, Second and Download_Flag 2", i)
 			}
+		case "TIMVideoFileElem":
+			if err := checkFields(e.MsgContent, []string{"VideoUrl", "VideoUUID", "VideoFormat", "ThumbUrl", "ThumbUUID", "ThumbFormat"},
+				[]string{"VideoSize", "VideoSecond", "ThumbSize", "ThumbWidth", "ThumbHeight"}); err != nil ||
+				e.MsgContent["VideoDownloadFlag"] != 2.0 || e.MsgContent["ThumbDownloadFlag"] != 2.0 {
+				return "", fmt.Errorf("MsgBody[%d]: TIMVideoFileElem needs its video and thumbnail fields, download flags 2 (%v)", i, err)
+			}
 		case "TIMImageElem":
 			if err := checkImage(e.MsgContent); err != nil {
 				return "", fmt.Errorf("MsgBody[%d]: TIMImageElem %v", i, err)
@@ -312,6 +318,22 @@ func checkImage(c map[string]any) error {
 		}
 		if u, ok := info["URL"].(string); !ok || !strings.HasPrefix(u, "http") {
 			return fmt.Errorf("ImageInfoArray[%d] needs a URL", k)
+		}
+	}
+	return nil
+}
+
+// checkFields reports the first of strs that is not a string, or of nums
+// that is not a number, in c.
+func checkFields(c map[string]any, strs, nums []string) error {
+	for _, f := range strs {
+		if _, ok := c[f].(string); !ok {
+			return fmt.Errorf("%s is not a string", f)
+		}
+	}
+	for _, f := range nums {
+		if _, ok := c[f].(float64); !ok {
+			return fmt.Errorf("%s is not a number", f)
 		}
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -308,8 +309,8 @@ func (wx *WeChat) AddMedia(data []byte, contentType string) (mediaID, picURL str
 }
 
 // handleMediaGet serves GET /cgi-bin/media/get: the media's bytes with its
-// Content-Type, for three days; an unknown or expired media_id is 40007, in
-// a JSON body as WeChat answers errors.
+// Content-Type, or for a video {"video_url": …}, for three days; an unknown
+// or expired media_id is 40007, in a JSON body as WeChat answers errors.
 func (wx *WeChat) handleMediaGet(w http.ResponseWriter, r *http.Request) {
 	now := wx.opts.Now()
 	wx.record(r, now)
@@ -323,6 +324,9 @@ func (wx *WeChat) handleMediaGet(w http.ResponseWriter, r *http.Request) {
 	case wx.injected(w, r):
 	case !ok || now.Sub(m.at) > mediaLife:
 		writeWeChatError(w, 40007, "invalid media_id")
+	case strings.HasPrefix(m.contentType, "video/"):
+		// A video is not in the answer: WeChat says where to fetch it.
+		writeJSON(w, map[string]any{"video_url": wx.URL + "/mmbiz/" + r.URL.Query().Get("media_id")})
 	default:
 		w.Header().Set("Content-Type", m.contentType)
 		w.Write(m.data)
