@@ -293,6 +293,9 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		if len(d.Elems) > 0 {
 			msg.MsgBody = d.Elems
 		}
+		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
+			return err
+		}
 		if d.Media != nil && w.PublicURL != "" {
 			elems, err := w.mediaElems(ctx, it) // media.go
 			if err != nil {
@@ -301,9 +304,6 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			if elems != nil {
 				msg.MsgBody = elems
 			}
-		}
-		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
-			return err
 		}
 		err := w.IM.Send(ctx, msg)
 		if isIMCode(err, imErrNotImported, imErrFromNotFound) {
