@@ -148,21 +148,27 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		b.showTyping(openid, on) // typing.go
 		return "typing", nil
 	}
-	text := callbackText(cb.MsgBody)
+	parts := replyParts(cb.MsgBody) // elems.go
 	switch {
 	case cb.OnlineOnlyFlag == 1:
 		b.log.Debug("im callback ignored", "reason", "online-only message")
 		return "ignored", nil
-	case text == "":
+	case len(parts) == 0:
 		b.log.Info("im callback ignored", "reason", "message has no text form")
 		return "ignored", nil
 	}
-	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: cb.To_Account, Agent: cb.From_Account, Text: text}
-	// While its conversation's replies of a gap are still to be read back,
-	// it is held, to go after them (recover.go).
-	held, dup, err := b.recovery.hold(ctx, openid, callbackKey(cb), d)
-	if !held && err == nil {
-		dup, err = b.store.AcceptReply(ctx, callbackKey(cb), d, b.now())
+	var held, dup bool
+	for i, d := range parts {
+		d.Kind, d.OpenID, d.IMUser, d.Agent = deliverWeChat, openid, cb.To_Account, cb.From_Account
+		key := partKey(callbackKey(cb), i)
+		// While its conversation's replies of a gap are still to be read
+		// back, it is held, to go after them (recover.go).
+		if held, dup, err = b.recovery.hold(ctx, openid, key, d); !held && err == nil {
+			dup, err = b.store.AcceptReply(ctx, key, d, b.now())
+		}
+		if err != nil {
+			break
+		}
 	}
 	switch {
 	case errors.Is(err, errUnknownCustomer):

@@ -85,3 +85,53 @@ func mapLink(lat, lng, name string) string {
 	q := url.Values{"position": {lng + "," + lat}, "name": {name}}
 	return "https://uri.amap.com/marker?" + q.Encode()
 }
+
+// replyParts is an agent's message as the deliveries to WeChat that carry
+// it, in order: each image one of its own (the worker uploads it), the
+// elements between them one text. Each part has Text, its readable form,
+// and an image Media.
+func replyParts(body []MsgElem) []Delivery {
+	var parts []Delivery
+	var texts []MsgElem
+	flush := func() {
+		if t := callbackText(texts); t != "" {
+			parts = append(parts, Delivery{Text: t})
+		}
+		texts = nil
+	}
+	for _, e := range body {
+		u := imageURL(e)
+		if u == "" {
+			texts = append(texts, e)
+			continue
+		}
+		flush()
+		parts = append(parts, Delivery{Text: elemText(e), Media: &PushMedia{Type: msgImage, PicURL: u}})
+	}
+	flush()
+	return parts
+}
+
+// imageURL is the URL of a TIMImageElem's original image, or "".
+func imageURL(e MsgElem) string {
+	if e.MsgType != "TIMImageElem" {
+		return ""
+	}
+	infos, _ := e.MsgContent["ImageInfoArray"].([]any)
+	for _, x := range infos {
+		if info, ok := x.(map[string]any); ok && info["Type"] == 1.0 {
+			u, _ := info["URL"].(string)
+			return u
+		}
+	}
+	return ""
+}
+
+// partKey is the key of part i of the message whose key is key: the first
+// part keeps it.
+func partKey(key string, i int) string {
+	if i == 0 {
+		return key
+	}
+	return key + "#" + strconv.Itoa(i)
+}

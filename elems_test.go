@@ -235,3 +235,46 @@ func TestVideoCrossesAsVideo(t *testing.T) {
 		}
 	}
 }
+
+// imageElem is a TIMImageElem of an image an agent's client put at u.
+func imageElem(u string, size int) map[string]any {
+	info := func(typ int) map[string]any {
+		return map[string]any{"Type": typ, "Size": size, "Width": 3, "Height": 2, "URL": u}
+	}
+	return map[string]any{"MsgType": "TIMImageElem", "MsgContent": map[string]any{
+		"UUID": "agent-upload", "ImageFormat": 3, "ImageInfoArray": []any{info(1), info(2), info(3)}}}
+}
+
+// TestAgentImageReachesCustomerAsImage: an agent's text and picture reach
+// the customer in order, the picture uploaded to WeChat and sent as an
+// image message; a picture WeChat would refuse is never uploaded, and the
+// agent is told at once what to send instead.
+func TestAgentImageReachesCustomerAsImage(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	photo := testPNG(t, 3, 2)
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false,
+		map[string]any{"MsgType": "TIMTextElem", "MsgContent": map[string]any{"Text": "Here is your label:"}},
+		imageElem(h.im.AddFile(photo, "image/png"), len(photo)))
+	eventually(t, "the text and the image in WeChat", func() bool { return len(h.sentTo(customer)) == 2 })
+	sent := h.sentTo(customer)
+	if sent[0].Text != "Here is your label:" || sent[1].MsgType != "image" {
+		t.Fatalf("the customer got %+v, want the text then the image", sent)
+	}
+	ups := h.wx.Uploads()
+	if len(ups) != 1 || ups[0].MediaID != sent[1].MediaID || ups[0].Type != "image" || !bytes.Equal(ups[0].Data, photo) {
+		t.Errorf("uploads %+v, want the photo, sent by its media_id", ups)
+	}
+	goldenJSON(t, "wechat_custom_send_image.json", h.wx.RequestsTo("/cgi-bin/message/custom/send")[1].Body)
+
+	bmp := append([]byte("BM"), make([]byte, 64)...)
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, imageElem(h.im.AddFile(bmp, "image/bmp"), len(bmp)))
+	eventually(t, "the agent told", func() bool {
+		return strings.Contains(h.textsTo("agent_kim", "\n"), "WeChat takes PNG, JPEG or GIF images")
+	})
+	if n := len(h.wx.Uploads()); n != 1 {
+		t.Errorf("%d uploads, want the refused image never uploaded", n)
+	}
+}

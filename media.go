@@ -27,6 +27,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -308,3 +309,30 @@ func amrSeconds(data []byte) int {
 // imageFormats are IM's ImageFormat codes (message formats, 1047/33527):
 // JPG 1, GIF 2, PNG 3, other 255.
 var imageFormats = map[string]int{"jpeg": 1, "gif": 2, "png": 3}
+
+// maxWeChatImage and wechatImageTypes are what WeChat takes as an image
+// message's upload: 10 MB, PNG, JPEG or GIF (its temporary-media page).
+const maxWeChatImage = 10 << 20
+
+var wechatImageTypes = []string{"image/png", "image/jpeg", "image/gif"}
+
+// sendImage fetches an agent's image from IM's storage, uploads it to
+// WeChat and sends it to the customer. An image WeChat would refuse is
+// never uploaded: the delivery ends at once, and the agent is told what to
+// send instead.
+func (w *Worker) sendImage(ctx context.Context, d Delivery) error {
+	data, _, err := getBytes(ctx, w.WeChat.HTTP, "im image", d.Media.PicURL, maxWeChatImage+1)
+	if errors.Is(err, errTooLarge) || len(data) > maxWeChatImage {
+		return permanentError{errors.New("the image is larger than WeChat's 10 MB: send a smaller one")}
+	} else if err != nil {
+		return err
+	}
+	if ct := http.DetectContentType(data); !slices.Contains(wechatImageTypes, ct) {
+		return permanentError{fmt.Errorf("WeChat takes PNG, JPEG or GIF images, not %s: send it as one of those", ct)}
+	}
+	mediaID, err := w.WeChat.Upload(ctx, "image", "image", data)
+	if err != nil {
+		return err
+	}
+	return w.WeChat.SendImage(ctx, d.OpenID, mediaID)
+}

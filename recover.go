@@ -319,9 +319,12 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 		if m.From_Account != sw.Agent || m.To_Account != customer || m.MsgFlagBits&roamRecalled != 0 {
 			continue
 		}
-		if text := callbackText(m.MsgBody); text != "" && m.MsgKey != "" {
-			replies = append(replies, Reply{Key: callbackKey(IMCallback{MsgKey: m.MsgKey}),
-				D: Delivery{Kind: deliverWeChat, OpenID: sw.OpenID, IMUser: customer, Agent: sw.Agent, Text: text}})
+		if m.MsgKey == "" {
+			continue
+		}
+		for i, d := range replyParts(m.MsgBody) { // as the callback takes them
+			d.Kind, d.OpenID, d.IMUser, d.Agent = deliverWeChat, sw.OpenID, customer, sw.Agent
+			replies = append(replies, Reply{Key: partKey(callbackKey(IMCallback{MsgKey: m.MsgKey}), i), D: d})
 		}
 	}
 	sw.mu.Lock()

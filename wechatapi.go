@@ -4,10 +4,12 @@ package main
 // customer-service message API.
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"mime/multipart"
 	"net/http"
 	"net/url"
 	"strings"
@@ -43,7 +45,10 @@ var wechatPermanent = map[int]string{
 	44002: "the message is empty",
 	40008: "the message type is not valid",
 	45008: "the message is malformed",
-	40007: "the media is gone (WeChat keeps a customer's media three days)",
+	40007: "the media is gone (WeChat keeps media three days)",
+	40004: "WeChat does not take this kind of media",
+	40005: "WeChat does not take this file type",
+	40006: "the file is larger than WeChat takes",
 }
 
 // WeChatClient calls the WeChat Official Account API. It owns the
@@ -213,6 +218,60 @@ func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, str
 		data, ct, err = get(token)
 	}
 	return data, ct, err
+}
+
+// SendImage sends the customer the image uploaded as mediaID.
+func (c *WeChatClient) SendImage(ctx context.Context, openid, mediaID string) error {
+	m := map[string]any{"touser": openid, "msgtype": "image", "image": map[string]string{"media_id": mediaID}}
+	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
+}
+
+// Upload uploads data as temporary media of typ (image, voice, video,
+// thumb) with /cgi-bin/media/upload, and returns its media_id.
+func (c *WeChatClient) Upload(ctx context.Context, typ, filename string, data []byte) (string, error) {
+	var form bytes.Buffer
+	mw := multipart.NewWriter(&form)
+	part, err := mw.CreateFormFile("media", filename)
+	if err == nil {
+		_, err = part.Write(data)
+	}
+	if err == nil {
+		err = mw.Close()
+	}
+	if err != nil {
+		return "", fmt.Errorf("wechat media/upload: %w", err)
+	}
+	token, err := c.accessToken(ctx, "")
+	if err != nil {
+		return "", notCalled{err}
+	}
+	q := url.Values{"access_token": {token}, "type": {typ}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.Base+"/cgi-bin/media/upload?"+q.Encode(), &form)
+	if err != nil {
+		return "", fmt.Errorf("wechat media/upload: %w", redactErr(err))
+	}
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("wechat media/upload: %w", redactErr(err))
+	}
+	defer resp.Body.Close()
+	raw, err := readLimited(resp.Body, maxAnswerBytes)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return "", &HTTPStatusError{Service: "wechat media/upload", Status: resp.StatusCode}
+	}
+	var ans struct {
+		ErrCode int    `json:"errcode"`
+		ErrMsg  string `json:"errmsg"`
+		MediaID string `json:"media_id"`
+	}
+	switch json.Unmarshal(raw, &ans); {
+	case ans.ErrCode != 0:
+		return "", &WeChatError{API: "media/upload", Code: ans.ErrCode, Msg: ans.ErrMsg}
+	case ans.MediaID == "":
+		return "", errors.New("wechat media/upload: answer has no media_id")
+	}
+	return ans.MediaID, nil
 }
 
 // Typing shows the customer that someone is typing (on), or stops showing

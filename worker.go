@@ -329,6 +329,9 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			// ask: an earlier attempt may have reached the customer.
 			w.Metrics.uncertain.WithLabelValues("wechat", "resent").Inc()
 		}
+		if d.Media != nil && d.Media.Type == msgImage {
+			return w.sendImage(ctx, d) // media.go
+		}
 		return w.WeChat.SendText(ctx, d.OpenID, d.Text)
 	}
 	return permanentError{fmt.Errorf("unknown delivery kind %q", d.Kind)}

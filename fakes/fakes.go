@@ -224,6 +224,17 @@ func (rc *recorder) fault(r *http.Request) (status, code int, inject bool) {
 	return 0, 0, false
 }
 
+// serveStored answers with a stored file, data of type ct, if there is one
+// (ok), and 404 if not.
+func serveStored(w http.ResponseWriter, r *http.Request, data []byte, ct string, ok bool) {
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", ct)
+	w.Write(data)
+}
+
 // hop writes one line of the demo's narration, a message going from one
 // party to another, if a tracer is set.
 func hop(fn func(string), from, to, format string, args ...any) {

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -59,6 +60,7 @@ type IM struct {
 	accounts    map[string]bool
 	deleted     map[string]time.Time // when each deleted account was deleted
 	sensitive   []string             // words content security refuses (80001)
+	files       map[string]file      // what agents' clients uploaded, by id
 	messages    []Message
 	recent      map[string]recentSend // sendmsg dedup: key → first send
 	callbackURL string
@@ -129,6 +131,7 @@ func NewIM(t T, opts IMOptions) *IM {
 	}
 	im := &IM{
 		deleted: map[string]time.Time{},
+		files:   map[string]file{},
 		buckets: map[string]*bucket{},
 		unread:  map[string]int{},
 		t:       t, opts: opts,
@@ -168,6 +171,30 @@ func (im *IM) Messages() []Message {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	return slices.Clone(im.messages)
+}
+
+// file is what an agent's client uploaded to IM's storage.
+type file struct {
+	data        []byte
+	contentType string
+}
+
+// AddFile keeps data as an agent's client uploads a picture or a file to
+// IM's storage before it sends it, and returns the URL an element carries.
+func (im *IM) AddFile(data []byte, contentType string) string {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	id := fmt.Sprintf("f%d", len(im.files)+1)
+	im.files[id] = file{data: data, contentType: contentType}
+	return im.URL + "/files/" + id
+}
+
+// serveFile serves a file AddFile kept, as IM's storage does.
+func (im *IM) serveFile(w http.ResponseWriter, r *http.Request, id string) {
+	im.mu.Lock()
+	f, ok := im.files[id]
+	im.mu.Unlock()
+	serveStored(w, r, f.data, f.contentType, ok)
 }
 
 // SetSensitive makes IM's content security refuse texts holding any of
@@ -221,6 +248,10 @@ func imOK() imAnswer { return imAnswer{"ActionStatus": "OK", "ErrorCode": 0, "Er
 // serve handles POST /v4/{service}/{command}. Like IM, it answers HTTP 200
 // with the result in the body, whatever the error.
 func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
+	if id, ok := strings.CutPrefix(r.URL.Path, "/files/"); ok && r.Method == http.MethodGet {
+		im.serveFile(w, r, id)
+		return
+	}
 	now := im.opts.Now()
 	body := im.record(r, now)
 	command, ok := strings.CutPrefix(r.URL.Path, "/v4/")

@@ -52,6 +52,7 @@ type WeChat struct {
 	sent     []CustomMessage
 	typings  []Typing
 	media    map[string]media // by media_id: what customers sent
+	uploads  []Upload         // temporary media the account uploaded
 	notices  []string         // what customers were shown instead of a reply
 	nextMsg  int64
 	target   string
@@ -79,6 +80,7 @@ type CustomMessage struct {
 	ToUser  string
 	MsgType string
 	Text    string
+	MediaID string // an image's upload
 	Body    []byte // the JSON as sent
 	At      time.Time
 }
@@ -135,6 +137,7 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 	mux.HandleFunc("/cgi-bin/message/custom/send", wx.handleCustomSend)
 	mux.HandleFunc("/cgi-bin/message/custom/typing", wx.handleTyping)
 	mux.HandleFunc("GET /cgi-bin/media/get", wx.handleMediaGet)
+	mux.HandleFunc("POST /cgi-bin/media/upload", wx.handleUpload)
 	mux.HandleFunc("GET /mmbiz/{id}", wx.handlePicURL)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		wx.record(r, wx.opts.Now())

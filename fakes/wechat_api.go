@@ -4,9 +4,13 @@ package fakes
 // messages.
 
 import (
+	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 )
@@ -140,8 +144,8 @@ func (wx *WeChat) openAPICall(w http.ResponseWriter, r *http.Request) (now time.
 	return now, body, !wx.injected(w, r)
 }
 
-// handleCustomSend serves POST /cgi-bin/message/custom/send for text
-// messages, enforcing the token, the customer's 48-hour window and its
+// handleCustomSend serves POST /cgi-bin/message/custom/send for text and
+// image messages (an image by the media_id of an upload), enforcing the token, the customer's 48-hour window and its
 // quota.
 func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 	now, body, ok := wx.openAPICall(w, r)
@@ -154,6 +158,9 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		Text    *struct {
 			Content string `json:"content"`
 		} `json:"text"`
+		Image *struct {
+			MediaID string `json:"media_id"`
+		} `json:"image"`
 	}
 	if len(body) == 0 {
 		writeWeChatError(w, 44002, "empty post data")
@@ -163,17 +170,24 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		writeWeChatError(w, 47001, "data format error")
 		return
 	}
-	if m.MsgType != "text" {
-		wx.t.Errorf("fake wechat: custom/send msgtype %q is not modelled", m.MsgType)
-		writeWeChatError(w, 40008, "invalid message type")
-		return
-	}
-	if m.Text == nil || m.Text.Content == "" {
+	var text, mediaID string
+	switch {
+	case m.MsgType == "text" && (m.Text == nil || m.Text.Content == ""):
 		writeWeChatError(w, 44003, "empty news data")
 		return
-	}
-	if len(m.Text.Content) > MaxCustomText {
+	case m.MsgType == "text" && len(m.Text.Content) > MaxCustomText:
 		writeWeChatError(w, 45002, "content size out of limit")
+		return
+	case m.MsgType == "text":
+		text = m.Text.Content
+	case m.MsgType == "image" && (m.Image == nil || !wx.uploaded(m.Image.MediaID, "image")):
+		writeWeChatError(w, 40007, "invalid media_id")
+		return
+	case m.MsgType == "image":
+		mediaID = m.Image.MediaID
+	default:
+		wx.t.Errorf("fake wechat: custom/send msgtype %q is not modelled", m.MsgType)
+		writeWeChatError(w, 40008, "invalid message type")
 		return
 	}
 
@@ -195,14 +209,14 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 	}
 	u.quota--
 	u.typingUntil = time.Time{} // a message ends the typing state
-	cm := CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: m.Text.Content, Body: body, At: now}
+	cm := CustomMessage{ToUser: m.ToUser, MsgType: m.MsgType, Text: text, MediaID: mediaID, Body: body, At: now}
 	wx.sent = append(wx.sent, cm)
 	wx.mu.Unlock()
 	if wx.opts.OnSend != nil {
 		wx.opts.OnSend(cm)
 	}
 	hop(wx.opts.Trace, "bridge", "WeChat", "custom/send to %s", m.ToUser)
-	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, m.Text.Content)
+	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, cmp.Or(text, "an image"))
 	writeWeChatError(w, 0, "ok")
 }
 
@@ -339,10 +353,95 @@ func (wx *WeChat) handlePicURL(w http.ResponseWriter, r *http.Request) {
 	wx.mu.Lock()
 	m, ok := wx.media[r.PathValue("id")]
 	wx.mu.Unlock()
-	if !ok {
-		http.NotFound(w, r)
+	serveStored(w, r, m.data, m.contentType, ok)
+}
+
+// uploadLimits are what /cgi-bin/media/upload takes, by type: the most
+// bytes, and the formats (wechat.md: image 10 MB, PNG/JPEG/GIF; voice 2 MB,
+// AMR/MP3; video 10 MB, MP4; thumb 64 KB, JPG).
+var uploadLimits = map[string]struct {
+	max   int
+	types []string
+}{
+	"image": {10 << 20, []string{"image/png", "image/jpeg", "image/gif"}},
+	"voice": {2 << 20, []string{"audio/amr", "audio/mpeg"}},
+	"video": {10 << 20, []string{"video/mp4"}},
+	"thumb": {64 << 10, []string{"image/jpeg"}},
+}
+
+// Upload is a file the account uploaded as temporary media.
+type Upload struct {
+	MediaID, Type string
+	Data          []byte
+}
+
+// Uploads returns the temporary media uploaded, in order.
+func (wx *WeChat) Uploads() []Upload {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
+	return append([]Upload(nil), wx.uploads...)
+}
+
+// uploaded reports whether mediaID is an upload of type typ. The caller
+// holds wx.mu.
+func (wx *WeChat) uploaded(mediaID, typ string) bool {
+	for _, u := range wx.uploads {
+		if u.MediaID == mediaID {
+			return u.Type == typ
+		}
+	}
+	return false
+}
+
+// handleUpload serves POST /cgi-bin/media/upload?type=…: a multipart form
+// whose part "media" is the file. A type it does not know is 40004, a file
+// not of its formats 40005, one too large 40006.
+func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
+	now := wx.opts.Now()
+	wx.mu.Lock()
+	code, msg := wx.checkToken(r.URL.Query().Get("access_token"), now)
+	wx.mu.Unlock()
+	if code != 0 {
+		wx.record(r, now)
+		writeWeChatError(w, code, msg)
 		return
 	}
-	w.Header().Set("Content-Type", m.contentType)
-	w.Write(m.data)
+	typ := r.URL.Query().Get("type")
+	limit, known := uploadLimits[typ]
+	f, _, err := r.FormFile("media")
+	wx.record(r, now)
+	switch {
+	case !known:
+		writeWeChatError(w, 40004, "invalid media type")
+		return
+	case err != nil:
+		writeWeChatError(w, 41005, "media data missing")
+		return
+	}
+	data, _ := io.ReadAll(io.LimitReader(f, int64(limit.max)+1))
+	switch {
+	case len(data) > limit.max:
+		writeWeChatError(w, 40006, "invalid meida size")
+		return
+	case !slices.Contains(limit.types, sniff(data)):
+		writeWeChatError(w, 40005, "invalid file type")
+		return
+	}
+	wx.mu.Lock()
+	wx.nextMsg++
+	id := fmt.Sprintf("upload_%d", wx.nextMsg)
+	wx.uploads = append(wx.uploads, Upload{MediaID: id, Type: typ, Data: data})
+	wx.mu.Unlock()
+	writeJSON(w, map[string]any{"type": typ, "media_id": id, "created_at": now.Unix()})
+}
+
+// sniff is a file's type as WeChat judges it, by its first bytes.
+func sniff(data []byte) string {
+	switch {
+	case bytes.HasPrefix(data, []byte("#!AMR")):
+		return "audio/amr"
+	case bytes.HasPrefix(data, []byte("ID3")) || len(data) > 1 && data[0] == 0xFF && data[1]&0xE0 == 0xE0:
+		return "audio/mpeg"
+	}
+	return http.DetectContentType(data)
 }
