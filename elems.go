@@ -87,9 +87,9 @@ func mapLink(lat, lng, name string) string {
 }
 
 // replyParts is an agent's message as the deliveries to WeChat that carry
-// it, in order: each image one of its own (the worker uploads it), the
-// elements between them one text. Each part has Text, its readable form,
-// and an image Media.
+// it, in order: each picture, sound or video one of its own (the worker
+// uploads it), the elements between them one text. Each part has Text, its
+// readable form, and its Media.
 func replyParts(body []MsgElem) []Delivery {
 	var parts []Delivery
 	var texts []MsgElem
@@ -100,31 +100,43 @@ func replyParts(body []MsgElem) []Delivery {
 		texts = nil
 	}
 	for _, e := range body {
-		u := imageURL(e)
-		if u == "" {
+		m := replyMedia(e)
+		if m == nil {
 			texts = append(texts, e)
 			continue
 		}
 		flush()
-		parts = append(parts, Delivery{Text: elemText(e), Media: &PushMedia{Type: msgImage, PicURL: u}})
+		parts = append(parts, Delivery{Text: elemText(e), Media: m})
 	}
 	flush()
 	return parts
 }
 
-// imageURL is the URL of a TIMImageElem's original image, or "".
-func imageURL(e MsgElem) string {
-	if e.MsgType != "TIMImageElem" {
-		return ""
-	}
-	infos, _ := e.MsgContent["ImageInfoArray"].([]any)
-	for _, x := range infos {
-		if info, ok := x.(map[string]any); ok && info["Type"] == 1.0 {
-			u, _ := info["URL"].(string)
-			return u
+// replyMedia is where an agent's picture, sound or video is in IM, or nil
+// for any other element.
+func replyMedia(e MsgElem) *PushMedia {
+	str := func(k string) string { s, _ := e.MsgContent[k].(string); return s }
+	num := func(k string) int { n, _ := e.MsgContent[k].(float64); return int(n) }
+	switch e.MsgType {
+	case "TIMImageElem":
+		infos, _ := e.MsgContent["ImageInfoArray"].([]any)
+		for _, x := range infos {
+			if info, ok := x.(map[string]any); ok && info["Type"] == 1.0 {
+				if u, _ := info["URL"].(string); u != "" {
+					return &PushMedia{Type: msgImage, PicURL: u, Name: "picture"}
+				}
+			}
+		}
+	case "TIMSoundElem":
+		if u := str("Url"); u != "" {
+			return &PushMedia{Type: msgVoice, PicURL: u, Seconds: num("Second"), Name: "voice message"}
+		}
+	case "TIMVideoFileElem":
+		if u := str("VideoUrl"); u != "" {
+			return &PushMedia{Type: msgVideo, PicURL: u, ThumbURL: str("ThumbUrl"), Seconds: num("VideoSecond"), Name: "video"}
 		}
 	}
-	return ""
+	return nil
 }
 
 // partKey is the key of part i of the message whose key is key: the first

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"image"
 	"image/color"
+	"image/jpeg"
 	"image/png"
 	"io"
 	"net/http"
@@ -272,9 +273,69 @@ func TestAgentImageReachesCustomerAsImage(t *testing.T) {
 	bmp := append([]byte("BM"), make([]byte, 64)...)
 	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, imageElem(h.im.AddFile(bmp, "image/bmp"), len(bmp)))
 	eventually(t, "the agent told", func() bool {
-		return strings.Contains(h.textsTo("agent_kim", "\n"), "WeChat takes PNG, JPEG or GIF images")
+		return strings.Contains(h.textsTo("agent_kim", "\n"), "WeChat takes PNG, JPEG or GIF pictures")
 	})
 	if n := len(h.wx.Uploads()); n != 1 {
 		t.Errorf("%d uploads, want the refused image never uploaded", n)
 	}
+}
+
+// testJPEG is a small JPEG, w by h.
+func testJPEG(t *testing.T, w, h int) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	if err := jpeg.Encode(&b, image.NewRGBA(image.Rect(0, 0, w, h)), nil); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// TestAgentSoundAndVideoReachCustomer: an agent's sound and video reach the
+// customer as voice and video messages when WeChat takes them (AMR or MP3,
+// 2 MB, 60 s; MP4, 10 MB, a JPEG thumbnail); a longer sound reaches them as
+// a link to it at the bridge, and the agent a note saying why.
+func TestAgentSoundAndVideoReachCustomer(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, customer, question)
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+	im := customerIM(customer)
+	sound := func(data []byte, seconds int) map[string]any {
+		return map[string]any{"MsgType": "TIMSoundElem", "MsgContent": map[string]any{
+			"Url": h.im.AddFile(data, "audio/amr"), "UUID": "s", "Size": len(data), "Second": seconds, "Download_Flag": 2}}
+	}
+	voice, video, thumb := testAMR(100), testMP4(), testJPEG(t, 8, 6)
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, sound(voice, 2))
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, map[string]any{"MsgType": "TIMVideoFileElem", "MsgContent": map[string]any{
+		"VideoUrl": h.im.AddFile(video, "video/mp4"), "VideoUUID": "v", "VideoSize": len(video), "VideoSecond": 5, "VideoFormat": "mp4",
+		"VideoDownloadFlag": 2, "ThumbUrl": h.im.AddFile(thumb, "image/jpeg"), "ThumbUUID": "t", "ThumbSize": len(thumb),
+		"ThumbWidth": 8, "ThumbHeight": 6, "ThumbFormat": "JPG", "ThumbDownloadFlag": 2}})
+	long := testAMR(3500) // 70 s
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, sound(long, 70))
+	eventually(t, "three messages in WeChat", func() bool { return len(h.sentTo(customer)) == 3 })
+	sent := h.sentTo(customer)
+	if sent[0].MsgType != "voice" || sent[1].MsgType != "video" || sent[2].MsgType != "text" {
+		t.Fatalf("the customer got %+v, want a voice, a video and a text link", sent)
+	}
+	ups := h.wx.Uploads()
+	if len(ups) != 3 || !bytes.Equal(ups[0].Data, voice) || !bytes.Equal(ups[1].Data, video) || ups[2].Type != "thumb" {
+		t.Errorf("uploads: %d, want the voice, the video and its thumbnail", len(ups))
+	}
+	link, ok := strings.CutPrefix(sent[2].Text, "voice message: "+public)
+	if !ok {
+		t.Fatalf("the customer read %q, want a link to the sound at the bridge", sent[2].Text)
+	}
+	resp, err := http.Get(h.base + link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !bytes.Equal(b, long) {
+		t.Errorf("the link serves %d bytes, want the sound's %d", len(b), len(long))
+	}
+	eventually(t, "the note to the agent", func() bool {
+		return strings.Contains(h.textsTo("agent_kim", "\n"), "as a link: WeChat takes AMR or MP3")
+	})
 }

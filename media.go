@@ -23,6 +23,7 @@ import (
 	_ "image/gif" // the formats WeChat sends
 	_ "image/jpeg"
 	_ "image/png"
+	mrand "math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -310,29 +311,109 @@ func amrSeconds(data []byte) int {
 // JPG 1, GIF 2, PNG 3, other 255.
 var imageFormats = map[string]int{"jpeg": 1, "gif": 2, "png": 3}
 
-// maxWeChatImage and wechatImageTypes are what WeChat takes as an image
-// message's upload: 10 MB, PNG, JPEG or GIF (its temporary-media page).
-const maxWeChatImage = 10 << 20
+// wechatMediaRules are what WeChat takes as an image, voice or video
+// message's upload (its temporary-media page): the most bytes, the types,
+// the longest duration.
+var wechatMediaRules = map[string]struct {
+	max     int
+	types   []string
+	seconds int
+	what    string
+}{
+	msgImage: {10 << 20, []string{"image/png", "image/jpeg", "image/gif"}, 0, "PNG, JPEG or GIF pictures of 10 MB at most"},
+	msgVoice: {2 << 20, []string{"audio/amr", "audio/mpeg"}, 60, "AMR or MP3 voice messages of 2 MB and 60 s at most"},
+	msgVideo: {10 << 20, []string{"video/mp4"}, 0, "MP4 videos of 10 MB at most, with a JPEG thumbnail of 64 KB at most"},
+}
 
-var wechatImageTypes = []string{"image/png", "image/jpeg", "image/gif"}
+// maxAgentMedia bounds what the bridge fetches of an agent's media.
+const maxAgentMedia = 50 << 20
 
-// sendImage fetches an agent's image from IM's storage, uploads it to
-// WeChat and sends it to the customer. An image WeChat would refuse is
-// never uploaded: the delivery ends at once, and the agent is told what to
-// send instead.
-func (w *Worker) sendImage(ctx context.Context, d Delivery) error {
-	data, _, err := getBytes(ctx, w.WeChat.HTTP, "im image", d.Media.PicURL, maxWeChatImage+1)
-	if errors.Is(err, errTooLarge) || len(data) > maxWeChatImage {
-		return permanentError{errors.New("the image is larger than WeChat's 10 MB: send a smaller one")}
-	} else if err != nil {
-		return err
-	}
-	if ct := http.DetectContentType(data); !slices.Contains(wechatImageTypes, ct) {
-		return permanentError{fmt.Errorf("WeChat takes PNG, JPEG or GIF images, not %s: send it as one of those", ct)}
-	}
-	mediaID, err := w.WeChat.Upload(ctx, "image", "image", data)
+// sendMedia fetches an agent's picture, sound or video from IM's storage,
+// uploads it to WeChat and sends it to the customer as an image, voice or
+// video message. A picture WeChat would refuse is never uploaded: the
+// delivery ends at once, and the agent is told what to send instead. A sound
+// or video WeChat would refuse reaches the customer as a link, and the agent
+// a note saying why.
+func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
+	d := it.Delivery
+	m, rule := d.Media, wechatMediaRules[d.Media.Type]
+	data, _, err := getBytes(ctx, w.WeChat.HTTP, "im "+m.Name, m.PicURL, maxAgentMedia)
 	if err != nil {
 		return err
 	}
-	return w.WeChat.SendImage(ctx, d.OpenID, mediaID)
+	ct := sniffMedia(data)
+	why := ""
+	switch {
+	case len(data) > rule.max:
+		why = fmt.Sprintf("it has %d bytes", len(data))
+	case !slices.Contains(rule.types, ct):
+		why = "it is " + ct
+	case rule.seconds > 0 && m.Seconds > rule.seconds:
+		why = fmt.Sprintf("it lasts %d s", m.Seconds)
+	}
+	var thumb []byte
+	if why == "" && m.Type == msgVideo {
+		if thumb, _, err = getBytes(ctx, w.WeChat.HTTP, "im video thumbnail", m.ThumbURL, 64<<10+1); err != nil && !errors.Is(err, errTooLarge) {
+			return err
+		}
+		if len(thumb) > 64<<10 || errors.Is(err, errTooLarge) || sniffMedia(thumb) != "image/jpeg" {
+			why = "its thumbnail is not a JPEG of 64 KB at most"
+		}
+	}
+	switch {
+	case why != "" && m.Type == msgImage:
+		return permanentError{fmt.Errorf("WeChat takes %s, and %s: send it as one", rule.what, why)}
+	case why != "":
+		return w.sendLink(ctx, it, data, ct, fmt.Sprintf("WeChat takes %s, and %s", rule.what, why))
+	}
+	mediaID, err := w.WeChat.Upload(ctx, m.Type, m.Type, data)
+	if err != nil {
+		return err
+	}
+	switch m.Type {
+	case msgImage:
+		return w.WeChat.SendMedia(ctx, d.OpenID, "image", map[string]string{"media_id": mediaID})
+	case msgVoice:
+		return w.WeChat.SendMedia(ctx, d.OpenID, "voice", map[string]string{"media_id": mediaID})
+	}
+	thumbID, err := w.WeChat.Upload(ctx, "thumb", "thumb", thumb)
+	if err != nil {
+		return err
+	}
+	return w.WeChat.SendMedia(ctx, d.OpenID, "video", map[string]string{"media_id": mediaID, "thumb_media_id": thumbID})
+}
+
+// sendLink sends the customer a link to an agent's sound or video that
+// WeChat would not take as a message: at the bridge if PUBLIC_URL is set,
+// else in IM's storage. The agent is told why.
+func (w *Worker) sendLink(ctx context.Context, it OutboxItem, data []byte, ct, why string) error {
+	d := it.Delivery
+	link := d.Media.PicURL
+	if w.PublicURL != "" {
+		id := mediaID(w.MediaKey, it.ID, "")
+		if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+			return err
+		}
+		link = w.PublicURL + "/media/" + id
+	}
+	if err := w.WeChat.SendText(ctx, d.OpenID, d.Media.Name+": "+link); err != nil {
+		return err
+	}
+	note := Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: d.Agent, MsgRandom: mrand.Uint32(),
+		Text: fmt.Sprintf("Your %s reached WeChat customer %s as a link: %s.", d.Media.Name, d.IMUser, why)}
+	if err := w.Store.Notice(ctx, note, w.Now()); err != nil {
+		w.Log.Error("note to the agent not queued", "err", err)
+	}
+	return nil
+}
+
+// sniffMedia is a file's type, by its first bytes, as WeChat judges it.
+func sniffMedia(data []byte) string {
+	switch {
+	case bytes.HasPrefix(data, []byte("#!AMR")):
+		return "audio/amr"
+	case bytes.HasPrefix(data, []byte("ID3")) || len(data) > 1 && data[0] == 0xFF && data[1]&0xE0 == 0xE0:
+		return "audio/mpeg"
+	}
+	return http.DetectContentType(data)
 }

@@ -47,11 +47,15 @@ type Delivery struct {
 	Media *PushMedia `json:"media,omitempty"`
 }
 
-// PushMedia is where WeChat keeps a pushed image, voice message or video:
-// its media_id (/cgi-bin/media/get, for three days), an image's PicUrl, a
-// voice message's speech recognition, a video's thumbnail.
+// PushMedia is where media is kept: for a customer's image, voice message
+// or video, its media_id at WeChat (/cgi-bin/media/get, for three days), an
+// image's PicUrl, a voice message's speech recognition, a video's
+// thumbnail; for an agent's, its URLs in IM (PicURL, ThumbURL).
 type PushMedia struct {
-	Type         string `json:"type,omitempty"` // image, voice, video or shortvideo
+	Type         string `json:"type,omitempty"`      // image, voice, video or shortvideo
+	ThumbURL     string `json:"thumb_url,omitempty"` // an agent's video: its thumbnail in IM
+	Seconds      int    `json:"seconds,omitempty"`   // an agent's sound or video: its duration
+	Name         string `json:"name,omitempty"`      // what the customer reads of it when it goes as a link
 	ThumbMediaID string `json:"thumb_media_id,omitempty"`
 	MediaID      string `json:"media_id,omitempty"`
 	PicURL       string `json:"pic_url,omitempty"`
@@ -74,6 +78,11 @@ func (d Delivery) lane() string {
 // markHeads marks each lane's first pending item its head, where it is not.
 const markHeads = `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
 	(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`
+
+// Notice queues d, a notice to an agent, in a transaction of its own.
+func (s *Store) Notice(ctx context.Context, d Delivery, now time.Time) error {
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error { return s.enqueue(ctx, tx, d, now) })
+}
 
 // enqueue adds d to the outbox, due now.
 func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) error {

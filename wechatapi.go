@@ -220,9 +220,10 @@ func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, str
 	return data, ct, err
 }
 
-// SendImage sends the customer the image uploaded as mediaID.
-func (c *WeChatClient) SendImage(ctx context.Context, openid, mediaID string) error {
-	m := map[string]any{"touser": openid, "msgtype": "image", "image": map[string]string{"media_id": mediaID}}
+// SendMedia sends the customer an image, voice or video message of what
+// was uploaded (media_id, and a video's thumb_media_id).
+func (c *WeChatClient) SendMedia(ctx context.Context, openid, msgType string, media map[string]string) error {
+	m := map[string]any{"touser": openid, "msgtype": msgType, msgType: media}
 	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
 }
 

@@ -329,8 +329,8 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			// ask: an earlier attempt may have reached the customer.
 			w.Metrics.uncertain.WithLabelValues("wechat", "resent").Inc()
 		}
-		if d.Media != nil && d.Media.Type == msgImage {
-			return w.sendImage(ctx, d) // media.go
+		if d.Media != nil {
+			return w.sendMedia(ctx, it) // media.go
 		}
 		return w.WeChat.SendText(ctx, d.OpenID, d.Text)
 	}

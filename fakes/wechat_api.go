@@ -144,8 +144,8 @@ func (wx *WeChat) openAPICall(w http.ResponseWriter, r *http.Request) (now time.
 	return now, body, !wx.injected(w, r)
 }
 
-// handleCustomSend serves POST /cgi-bin/message/custom/send for text and
-// image messages (an image by the media_id of an upload), enforcing the token, the customer's 48-hour window and its
+// handleCustomSend serves POST /cgi-bin/message/custom/send for text, image,
+// voice and video messages (by the media_id of an upload), enforcing the token, the customer's 48-hour window and its
 // quota.
 func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 	now, body, ok := wx.openAPICall(w, r)
@@ -161,6 +161,13 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		Image *struct {
 			MediaID string `json:"media_id"`
 		} `json:"image"`
+		Voice *struct {
+			MediaID string `json:"media_id"`
+		} `json:"voice"`
+		Video *struct {
+			MediaID      string `json:"media_id"`
+			ThumbMediaID string `json:"thumb_media_id"`
+		} `json:"video"`
 	}
 	if len(body) == 0 {
 		writeWeChatError(w, 44002, "empty post data")
@@ -180,11 +187,15 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		return
 	case m.MsgType == "text":
 		text = m.Text.Content
-	case m.MsgType == "image" && (m.Image == nil || !wx.uploaded(m.Image.MediaID, "image")):
+	case m.MsgType == "image" && m.Image != nil && wx.uploaded(m.Image.MediaID, "image"):
+		mediaID = m.Image.MediaID
+	case m.MsgType == "voice" && m.Voice != nil && wx.uploaded(m.Voice.MediaID, "voice"):
+		mediaID = m.Voice.MediaID
+	case m.MsgType == "video" && m.Video != nil && wx.uploaded(m.Video.MediaID, "video") && wx.uploaded(m.Video.ThumbMediaID, "thumb"):
+		mediaID = m.Video.MediaID
+	case m.MsgType == "image" || m.MsgType == "voice" || m.MsgType == "video":
 		writeWeChatError(w, 40007, "invalid media_id")
 		return
-	case m.MsgType == "image":
-		mediaID = m.Image.MediaID
 	default:
 		wx.t.Errorf("fake wechat: custom/send msgtype %q is not modelled", m.MsgType)
 		writeWeChatError(w, 40008, "invalid message type")
@@ -216,7 +227,7 @@ func (wx *WeChat) handleCustomSend(w http.ResponseWriter, r *http.Request) {
 		wx.opts.OnSend(cm)
 	}
 	hop(wx.opts.Trace, "bridge", "WeChat", "custom/send to %s", m.ToUser)
-	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, cmp.Or(text, "an image"))
+	hop(wx.opts.Trace, "WeChat", "customer", "%s sees: %q", m.ToUser, cmp.Or(text, "an "+m.MsgType+" message"))
 	writeWeChatError(w, 0, "ok")
 }
 
@@ -382,9 +393,10 @@ func (wx *WeChat) Uploads() []Upload {
 	return append([]Upload(nil), wx.uploads...)
 }
 
-// uploaded reports whether mediaID is an upload of type typ. The caller
-// holds wx.mu.
+// uploaded reports whether mediaID is an upload of type typ.
 func (wx *WeChat) uploaded(mediaID, typ string) bool {
+	wx.mu.Lock()
+	defer wx.mu.Unlock()
 	for _, u := range wx.uploads {
 		if u.MediaID == mediaID {
 			return u.Type == typ
