@@ -84,7 +84,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := playExchange(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
 		return err
 	}
-	if err := playPhoto(ctx, wx, im, say); err != nil {
+	if err := playPhoto(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
 		return err
 	}
 	if err := playForgery(ctx, base, cfg, say); err != nil {
@@ -156,7 +156,7 @@ func playExchange(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerI
 // signature, and shows that the bridge refuses it.
 func playForgery(ctx context.Context, base string, cfg Config, say func(string)) error {
 	say("")
-	say("── 5. Someone else posts a reply to the callback URL, without IM's signature")
+	say("── 6. Someone else posts a reply to the callback URL, without IM's signature")
 	q := url.Values{"SdkAppid": {strconv.FormatUint(cfg.IMSDKAppID, 10)}, "CallbackCommand": {cbAfterSendMsg}, "contenttype": {"json"}}
 	body := fmt.Sprintf(`{"CallbackCommand":%q,"From_Account":%q,"To_Account":%q,"MsgKey":"forged","MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"forged"}}]}`,
 		cbAfterSendMsg, demoAgent, cfg.IMUserPrefix+demoCustomer)
@@ -177,9 +177,9 @@ func playForgery(ctx context.Context, base string, cfg Config, say func(string))
 	return nil
 }
 
-// playPhoto sends a photo from the customer, and downloads it as the
-// agent's IM client does, from the URL its TIMImageElem gives.
-func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, say func(string)) error {
+// playPhoto sends a photo from the customer, downloads it as the agent's IM
+// client does, from the URL its TIMImageElem gives, and sends it back.
+func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM string, say func(string)) error {
 	say("")
 	say("── 4. The customer sends a photo")
 	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
@@ -217,5 +217,17 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, say func(str
 		return errors.New("demo: the agent's client downloaded other bytes than the customer sent")
 	}
 	say(fmt.Sprintf("agent     → bridge    GET %s → %s, %d bytes: the customer's photo", strings.TrimPrefix(u, "http://"), ct, len(data)))
-	return nil
+
+	say("")
+	say("── 5. The agent sends a photo back")
+	info := map[string]any{"Type": 1, "Size": photo.Len(), "Width": 4, "Height": 3, "URL": im.AddFile(photo.Bytes(), "image/png")}
+	elem := map[string]any{"MsgType": "TIMImageElem", "MsgContent": map[string]any{"UUID": "demo", "ImageFormat": 3,
+		"ImageInfoArray": []any{info, info, info}}}
+	if _, err := im.SendElemsAsAgent(ctx, demoAgent, customerIM, false, elem); err != nil {
+		return err
+	}
+	return fakes.WaitFor(ctx, "the photo to reach the customer", func() bool {
+		sent := wx.Sent()
+		return len(sent) == 2 && sent[1].MsgType == "image"
+	})
 }

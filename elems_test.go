@@ -210,12 +210,18 @@ func testMP4() []byte {
 // served by the bridge; WeChat's media/get gives a video's bytes at the
 // video_url it answers with.
 func TestVideoCrossesAsVideo(t *testing.T) {
+	for _, typ := range []string{"video", "shortvideo"} {
+		t.Run(typ, func(t *testing.T) { testVideoCrossesAsVideo(t, typ) })
+	}
+}
+
+func testVideoCrossesAsVideo(t *testing.T, typ string) {
 	const public = "https://bridge.example.com"
 	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
 	video, thumb := testMP4(), testPNG(t, 8, 6)
 	videoID, _ := h.wx.AddMedia(video, "video/mp4")
 	thumbID, _ := h.wx.AddMedia(thumb, "image/png")
-	m := h.pushToAgent("video", map[string]string{"MediaId": videoID, "ThumbMediaId": thumbID}, "im_sendmsg_video.json")
+	m := h.pushToAgent(typ, map[string]string{"MediaId": videoID, "ThumbMediaId": thumbID}, "im_sendmsg_video.json")
 	c := m.MsgBody[0].MsgContent
 	if m.MsgBody[0].MsgType != "TIMVideoFileElem" || c["VideoSecond"] != 5.0 || c["VideoSize"] != float64(len(video)) ||
 		c["ThumbWidth"] != 8.0 || c["ThumbHeight"] != 6.0 {

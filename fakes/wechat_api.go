@@ -444,6 +444,7 @@ func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
 	id := fmt.Sprintf("upload_%d", wx.nextMsg)
 	wx.uploads = append(wx.uploads, Upload{MediaID: id, Type: typ, Data: data})
 	wx.mu.Unlock()
+	hop(wx.opts.Trace, "bridge", "WeChat", "media/upload %s, %d bytes", typ, len(data))
 	writeJSON(w, map[string]any{"type": typ, "media_id": id, "created_at": now.Unix()})
 }
 
