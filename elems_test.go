@@ -5,14 +5,18 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"image"
 	"image/color"
 	"image/jpeg"
 	"image/png"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestLocationCrossesNatively: a customer's location reaches the agent as a
@@ -175,7 +179,7 @@ func TestVoiceCrossesAsSound(t *testing.T) {
 }
 
 // pushToAgent pushes a customer's message of msgType with fields, waits for
-// it in IM, checks the sendmsg against golden, and returns it.
+// it in IM, checks the sendmsg against golden (if named), and returns it.
 func (h *harness) pushToAgent(msgType string, fields map[string]string, golden string) SendMsg {
 	h.t.Helper()
 	if r := h.wx.SendMessage(context.Background(), customer, msgType, fields); r.Status != 200 {
@@ -183,7 +187,9 @@ func (h *harness) pushToAgent(msgType string, fields map[string]string, golden s
 	}
 	eventually(h.t, "the "+msgType+" in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
 	sends := h.im.RequestsTo("/v4/openim/sendmsg")
-	goldenJSON(h.t.(*testing.T), golden, sends[0].Body, "MsgSeq", "MsgRandom")
+	if golden != "" {
+		goldenJSON(h.t.(*testing.T), golden, sends[0].Body, "MsgSeq", "MsgRandom")
+	}
 	var m SendMsg
 	if err := json.Unmarshal(sends[0].Body, &m); err != nil {
 		h.t.Fatal(err)
@@ -344,4 +350,60 @@ func TestAgentSoundAndVideoReachCustomer(t *testing.T) {
 	eventually(t, "the note to the agent", func() bool {
 		return strings.Contains(h.textsTo("agent_kim", "\n"), "as a link: WeChat takes AMR or MP3")
 	})
+	cs := h.wx.RequestsTo("/cgi-bin/message/custom/send")
+	goldenJSON(t, "wechat_custom_send_voice.json", cs[0].Body)
+	goldenJSON(t, "wechat_custom_send_video.json", cs[1].Body)
+
+	// A file: Official Accounts send none, so its name and a link.
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, map[string]any{"MsgType": "TIMFileElem", "MsgContent": map[string]any{
+		"Url": "https://im.example.com/files/invoice.pdf", "UUID": "f", "FileName": "invoice.pdf", "FileSize": 1024, "Download_Flag": 2}})
+	eventually(t, "the file's link", func() bool { return len(h.sentTo(customer)) == 4 })
+	if got := h.sentTo(customer)[3].Text; got != "[file] invoice.pdf https://im.example.com/files/invoice.pdf" {
+		t.Errorf("the customer read %q for a file", got)
+	}
+}
+
+// TestMediaPruned: media kept before the cutoff is removed, its row and,
+// on SQLite, its file; newer media stays.
+func TestMediaPruned(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			st := openTestStore(t, kind)
+			ctx, now := context.Background(), time.Now()
+			if err := st.PutMedia(ctx, "00000000000000000000000000000001", "image/png", []byte("old"), now.Add(-8*24*time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			if err := st.PutMedia(ctx, "00000000000000000000000000000002", "image/png", []byte("new"), now); err != nil {
+				t.Fatal(err)
+			}
+			if err := st.PruneMedia(ctx, now.Add(-7*24*time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, _, err := st.GetMedia(ctx, "00000000000000000000000000000001"); !errors.Is(err, errNoMedia) {
+				t.Errorf("old media: %v, want it gone", err)
+			}
+			if _, _, data, err := st.GetMedia(ctx, "00000000000000000000000000000002"); err != nil || string(data) != "new" {
+				t.Errorf("new media: %q, %v", data, err)
+			}
+			if kind == "sqlite" {
+				if _, err := os.Stat(filepath.Join(st.mediaDir, "00000000000000000000000000000001")); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the old media's file: %v, want it removed", err)
+				}
+			}
+		})
+	}
+}
+
+// TestMediaWithoutPublicURL: without PUBLIC_URL the bridge says at start
+// that media crosses as text, and a photo does.
+func TestMediaWithoutPublicURL(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	if !strings.Contains(h.logs.String(), "media crosses as text") {
+		t.Error("the bridge did not say media crosses as text")
+	}
+	mediaID, picURL := h.wx.AddMedia(testPNG(t, 1, 1), "image/png")
+	m := h.pushToAgent("image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}, "") // its PicUrl names the fake's port
+	if m.MsgBody[0].MsgType != "TIMTextElem" || m.MsgBody[0].MsgContent["Text"] != "[image] "+picURL {
+		t.Errorf("IM got %+v, want the photo as its link", m.MsgBody)
+	}
 }

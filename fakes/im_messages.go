@@ -265,6 +265,10 @@ func checkBody(body []json.RawMessage) (string, error) {
 			if !okURL || !strings.HasPrefix(u, "http") || !okUUID || !okSize || !okSecond || flag != 2 {
 				return "", fmt.Errorf("MsgBody[%d]: TIMSoundElem needs Url, UUID, Size, Second and Download_Flag 2", i)
 			}
+		case "TIMFileElem":
+			if err := checkFields(e.MsgContent, []string{"Url", "UUID", "FileName"}, []string{"FileSize", "Download_Flag"}); err != nil {
+				return "", fmt.Errorf("MsgBody[%d]: TIMFileElem %v", i, err)
+			}
 		case "TIMVideoFileElem":
 			if err := checkFields(e.MsgContent, []string{"VideoUrl", "VideoUUID", "VideoFormat", "ThumbUrl", "ThumbUUID", "ThumbFormat"},
 				[]string{"VideoSize", "VideoSecond", "ThumbSize", "ThumbWidth", "ThumbHeight"}); err != nil ||
