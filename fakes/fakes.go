@@ -18,6 +18,10 @@
 //   - custom/typing: within 30 s of the customer's last message (45080); the
 //     state lasts 15 s and is not sent again while it shows (45081); a bad
 //     command is 45072; a message ends it.
+//   - media/get (getMedia): a customer's media for three days, then 40007; a
+//     video as {"video_url": …}. media/upload: image PNG/JPEG/GIF 10 MB, voice
+//     AMR/MP3 2 MB, video MP4 10 MB, thumb JPEG 64 KB (40004 type, 40005
+//     format, 40006 size); image, voice and video messages by their uploads.
 //
 // Tencent IM (cloud.tencent.com/document/product/269)
 //   - sendmsg (2282): a repeat of (sender, MsgSeq, MsgRandom, CRC32 of the
@@ -25,7 +29,9 @@
 //     at most 12 KB (93000; the message-length page); content security
 //     (80001, words set by SetSensitive); a recipient deleted is 90012, one
 //     never imported 20003; history ordered by time, then MsgSeq within a
-//     second; online-only messages kept in no history.
+//     second; online-only messages kept in no history; each element's
+//     required fields (message formats, 1047/33527): Text, Location, Face,
+//     Custom, Image, Sound, VideoFile, File.
 //   - Frequency (each API's page): sendmsg, admin_getroammsg and
 //     account_import 200 calls a second, account_delete and account_check
 //     100; past it 60007.
@@ -35,8 +41,7 @@
 //   - Callbacks (1522): signed with the console's token, 2 s to answer,
 //     After not made again.
 //
-// Not modelled: WeChat's media upload and download, the multi-agent (kf)
-// APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
+// Not modelled: WeChat's permanent media, the multi-agent (kf) APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
 // IM's groups, profiles, offline push, deleting messages from a history, a
 // trial app's 1,000 messages a day, and console switches other than the
 // callback token.
