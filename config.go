@@ -45,6 +45,9 @@ type Config struct {
 	// IM_CALLBACK_MAX_SKEW: how far a signed callback's RequestTime may be from now.
 	IMCallbackMaxSkew time.Duration
 
+	// ADMIN_TOKEN (secret): the bearer token of /admin/; unset, /admin/ is 404.
+	AdminToken string
+
 	// PUBLIC_URL: the bridge's public base URL, under which IM clients
 	// download media (GET /media/{id}); unset, media crosses as text.
 	PublicURL string
@@ -180,6 +183,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		IMDedupWindow:        e.duration("IM_DEDUP_WINDOW", imDedupWindow),
 		DatabaseURL:          e.get("DATABASE_URL", "sqlite:bridge.db"),
 		PublicURL:            strings.TrimRight(e.get("PUBLIC_URL", ""), "/"),
+		AdminToken:           e.get("ADMIN_TOKEN", ""),
 		MediaDir:             e.get("MEDIA_DIR", ""),
 		MediaRetention:       e.duration("MEDIA_RETENTION", 7*24*time.Hour),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),

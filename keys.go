@@ -44,8 +44,9 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 		if _, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
 			return err
 		}
-		// Delivered items are history; dead letters stay.
-		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state = 'done' AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
+		// Delivered items, and dead letters queued again, are history;
+		// dead letters stay.
+		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state IN ('done', 'retried') AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
 			return err
 		}
 		// A safety net: a lane whose first pending item is not marked

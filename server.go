@@ -40,6 +40,8 @@ func (b *bridge) routes() http.Handler {
 	mux.Handle("POST /wechat", b.metrics.timed("wechat", b.handlePush()))
 	mux.Handle("POST /imcallback", b.metrics.timed("imcallback", b.handleIMCallback()))
 	mux.Handle("GET /media/{id}", b.handleMedia())
+	mux.Handle("GET /admin/deadletters", b.admin(b.handleDeadLetters))
+	mux.Handle("POST /admin/deadletters/{id}/retry", b.admin(b.handleRetryDeadLetter))
 	mux.Handle("GET /healthz", b.handleHealth())
 	mux.Handle("GET /readyz", b.handleReady())
 	mux.Handle("GET /metrics", b.metrics.handler())

@@ -1,0 +1,133 @@
+package main
+
+// The operator's endpoints: the dead letters, and a retry of one. They need
+// Authorization: Bearer ADMIN_TOKEN; with ADMIN_TOKEN unset they answer 404,
+// as if they were not there.
+
+import (
+	"context"
+	"crypto/subtle"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DeadLetter is a delivery given up, as /admin/deadletters lists it.
+type DeadLetter struct {
+	ID        int64    `json:"id"`
+	Lane      string   `json:"lane"`
+	Delivery  Delivery `json:"delivery"`
+	Reason    string   `json:"reason"`
+	Attempts  int      `json:"attempts"`
+	CreatedAt int64    `json:"created_at"` // Unix ms
+	FailedAt  int64    `json:"failed_at"`
+}
+
+// maxDeadLetters bounds what one listing returns: the newest.
+const maxDeadLetters = 500
+
+// DeadLetters returns the newest dead letters, newest first.
+func (s *Store) DeadLetters(ctx context.Context) ([]DeadLetter, error) {
+	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT id, lane, delivery, last_error, attempts, created_at, updated_at
+		FROM outbox WHERE state = 'failed' ORDER BY id DESC LIMIT `+strconv.Itoa(maxDeadLetters)))
+	if err != nil {
+		return nil, fmt.Errorf("dead letters: %w", err)
+	}
+	defer rows.Close()
+	out := []DeadLetter{}
+	for rows.Next() {
+		var d DeadLetter
+		var raw string
+		if err := rows.Scan(&d.ID, &d.Lane, &raw, &d.Reason, &d.Attempts, &d.CreatedAt, &d.FailedAt); err != nil {
+			return nil, fmt.Errorf("dead letters: %w", err)
+		}
+		json.Unmarshal([]byte(raw), &d.Delivery) // an unreadable one is listed with its reason
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+// errNoDeadLetter is returned for an id that names no dead letter.
+var errNoDeadLetter = errors.New("no such dead letter")
+
+// RetryDeadLetter queues dead letter id's delivery again, as a new item at
+// the end of its lane, and marks the dead letter retried, in one
+// transaction: it is retried once.
+func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) error {
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		var raw string
+		err := s.queryRow(ctx, tx, `SELECT delivery FROM outbox WHERE id = ? AND state = 'failed'`+s.lockRow(), id).Scan(&raw)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errNoDeadLetter
+		} else if err != nil {
+			return err
+		}
+		var d Delivery
+		if err := json.Unmarshal([]byte(raw), &d); err != nil {
+			return fmt.Errorf("dead letter %d cannot be read: %w", id, err)
+		}
+		d.MsgSeq = 0 // the new item's id
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = 'retried', updated_at = ? WHERE id = ?`, now.UnixMilli(), id); err != nil {
+			return err
+		}
+		return s.enqueue(ctx, tx, d, now)
+	})
+	if err != nil && !errors.Is(err, errNoDeadLetter) {
+		return fmt.Errorf("retry dead letter: %w", err)
+	}
+	return err
+}
+
+// admin wraps an operator's endpoint: 404 without ADMIN_TOKEN, 401 without
+// the right bearer token, compared in constant time.
+func (b *bridge) admin(h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if b.cfg.AdminToken == "" {
+			http.NotFound(w, r)
+			return
+		}
+		got, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if subtle.ConstantTimeCompare([]byte(got), []byte(b.cfg.AdminToken)) != 1 {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	})
+}
+
+// handleDeadLetters serves GET /admin/deadletters.
+func (b *bridge) handleDeadLetters(w http.ResponseWriter, r *http.Request) {
+	list, err := b.store.DeadLetters(r.Context())
+	if err != nil {
+		b.log.Error("dead letters not read", "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(list)
+}
+
+// handleRetryDeadLetter serves POST /admin/deadletters/{id}/retry.
+func (b *bridge) handleRetryDeadLetter(w http.ResponseWriter, r *http.Request) {
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err == nil {
+		err = b.store.RetryDeadLetter(r.Context(), id, b.now())
+	}
+	switch {
+	case errors.Is(err, errNoDeadLetter) || errors.Is(err, strconv.ErrSyntax) || errors.Is(err, strconv.ErrRange):
+		http.Error(w, "no such dead letter", http.StatusNotFound)
+	case err != nil:
+		b.log.Error("dead letter not retried", "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+	default:
+		b.log.Info("dead letter retried", "id", id)
+		b.worker.Notify()
+		w.WriteHeader(http.StatusAccepted)
+	}
+}
