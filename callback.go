@@ -145,7 +145,7 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		return "ignored", nil
 	}
 	if on, ok := typingState(cb.MsgBody); ok {
-		b.showTyping(openid, on) // typing.go
+		b.worker.ShowTyping(openid, on) // typing.go
 		return "typing", nil
 	}
 	parts := replyParts(cb.MsgBody) // elems.go

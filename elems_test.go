@@ -188,7 +188,7 @@ func (h *harness) pushToAgent(msgType string, fields map[string]string, golden s
 	eventually(h.t, "the "+msgType+" in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
 	sends := h.im.RequestsTo("/v4/openim/sendmsg")
 	if golden != "" {
-		goldenJSON(h.t.(*testing.T), golden, sends[0].Body, "MsgSeq", "MsgRandom")
+		goldenJSON(h.t, golden, sends[0].Body, "MsgSeq", "MsgRandom")
 	}
 	var m SendMsg
 	if err := json.Unmarshal(sends[0].Body, &m); err != nil {

@@ -153,7 +153,7 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second
 	recovery := &replyRecovery{store: st, im: im, worker: worker, metrics: m, log: log, now: now, wake: make(chan struct{}, 1),
 		agents: cfg.IMAgents, userPrefix: cfg.IMUserPrefix, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
-	b := &bridge{cfg: cfg, store: st, worker: worker, wechat: wx, recovery: recovery, metrics: m, log: log, now: now}
+	b := &bridge{cfg: cfg, store: st, worker: worker, recovery: recovery, metrics: m, log: log, now: now}
 	for _, k := range []string{cfg.WeChatAESKey, cfg.WeChatAESKeyPrevious} {
 		if k != "" {
 			key, err := parseEncodingAESKey(k)

@@ -289,7 +289,7 @@ func golden(t testing.TB, name string, got []byte) {
 // goldenJSON compares a JSON body, exactly as sent but indented, with the
 // golden file, after replacing the values of the named fields (random or
 // time-dependent) with a placeholder.
-func goldenJSON(t *testing.T, name string, body []byte, vary ...string) {
+func goldenJSON(t testing.TB, name string, body []byte, vary ...string) {
 	t.Helper()
 	for _, k := range vary {
 		re := regexp.MustCompile(`"` + k + `":(\d+|"[^"]*")`)

@@ -21,8 +21,6 @@ type bridge struct {
 	cfg     Config
 	store   *Store
 	worker  *Worker
-	wechat  *WeChatClient // for the typing state only: replies go through the worker
-	typing  typingStates
 	metrics *metrics
 	// aesKeys are the current and previous EncodingAESKeys, decoded.
 	aesKeys [][]byte

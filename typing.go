@@ -5,7 +5,7 @@ package main
 // {"businessID":"user_typing_status","typingStatus":1}, and typingStatus 0
 // when they stop. The bridge turns it into /cgi-bin/message/custom/typing,
 // best effort: one call in the background, never retried, never queued
-// with the replies. WeChat shows the state for 15 s and refuses it again
+// with the replies (Worker.ShowTyping). WeChat shows the state for 15 s and refuses it again
 // while it shows (45081), and only within 30 s of the customer's last
 // message (45080): the first is avoided here, the second is WeChat's to
 // refuse.
@@ -71,16 +71,16 @@ func (t *typingStates) due(openid string, on bool, now time.Time) bool {
 	return false
 }
 
-// showTyping sends the customer's typing state in the background, if due.
-func (b *bridge) showTyping(openid string, on bool) {
-	if !b.typing.due(openid, on, b.now()) {
+// ShowTyping sends the customer's typing state in the background, if due:
+// the callback handler asks, and the worker, which makes the vendor calls,
+// calls WeChat, bounded by its HTTP client's time-out.
+func (w *Worker) ShowTyping(openid string, on bool) {
+	if !w.typing.due(openid, on, w.Now()) {
 		return
 	}
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), b.cfg.VendorTimeout)
-		defer cancel()
-		if err := b.wechat.Typing(ctx, openid, on); err != nil {
-			b.log.Debug("typing state not shown", "err", err)
+		if err := w.WeChat.Typing(context.Background(), openid, on); err != nil {
+			w.Log.Debug("typing state not shown", "err", err)
 		}
 	}()
 }

@@ -1,9 +1,10 @@
 package main
 
-// The delivery worker: the only code that calls a vendor. It claims due lane
-// heads from the outbox, runs each lane in order in a goroutine of its own,
-// and retries failures with backoff until they succeed, cannot, or run out
-// of time; then they become dead letters and the agent is told.
+// The delivery worker: the code that calls the vendors (besides recovery,
+// which reads IM's history). It claims due lane heads from the outbox, runs
+// each lane in order in a goroutine of its own, and retries failures with
+// backoff until they succeed, cannot, or run out of time; then they become
+// dead letters and the agent is told.
 
 import (
 	"context"
@@ -35,6 +36,7 @@ type Worker struct {
 	PublicURL      string
 	MediaKey       []byte
 	MediaRetention time.Duration
+	typing         typingStates // the typing states shown (typing.go)
 
 	Lanes          int           // lanes delivered at once
 	Lease          time.Duration // how long a claimed item is held
