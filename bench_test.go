@@ -158,7 +158,7 @@ func processCPU() time.Duration {
 // WeChat, one after the other.
 func BenchmarkRoundTrip(b *testing.B) {
 	h := newHarness(b, harnessOptions{wechat: fakes.WeChatOptions{QuotaPerMessage: 1 << 30}, im: fakes.IMOptions{RateLimit: -1},
-		env: map[string]string{"IM_RATE_LIMIT": "0"}})
+		env: map[string]string{"IM_RATE_LIMIT": "0", "WECHAT_REPLY_QUOTA": "1000000000"}})
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.ResetTimer()

@@ -1,7 +1,9 @@
 package main
 
 // The Tencent IM third-party callback: an agent's reply arrives here as
-// C2C.CallbackAfterSendMsg and is queued for WeChat's custom/send.
+// C2C.CallbackAfterSendMsg and is queued for WeChat's custom/send, or run
+// if it is a command (commands.go); an agent's login and logout arrive as
+// State.StateChange.
 
 import (
 	"cmp"
@@ -28,6 +30,7 @@ const maxCallbackBytes = 256 << 10
 const (
 	cbAfterSendMsg  = "C2C.CallbackAfterSendMsg"
 	cbBeforeSendMsg = "C2C.CallbackBeforeSendMsg"
+	cbStateChange   = "State.StateChange"
 )
 
 // IMCallback is the body of a C2C message callback. Field names are IM's.
@@ -42,6 +45,14 @@ type IMCallback struct {
 	MsgBody         []MsgElem
 	SendMsgResult   int
 	OnlineOnlyFlag  int // 1: sent to clients online only, such as TUIKit's typing indicator
+	// State.StateChange: who logged in, out or lost their connection, and
+	// when (Unix ms).
+	Info struct {
+		Action     string // Login, Logout or Disconnect
+		To_Account string
+		Reason     string
+	}
+	EventTime int64
 }
 
 // validCallbackSign reports whether sign is hex(sha256(token+requestTime)),
@@ -87,13 +98,18 @@ func (b *bridge) handleIMCallback() http.Handler {
 			b.refuseCallback(w, refused.status, refused.reason)
 			return
 		}
-		command := cmp.Or(q.Get("CallbackCommand"), cb.CallbackCommand)
-		if command != cbAfterSendMsg {
+		var outcome string
+		var err error
+		switch cmp.Or(q.Get("CallbackCommand"), cb.CallbackCommand) {
+		case cbAfterSendMsg:
+			outcome, err = b.takeReply(r.Context(), cb)
+		case cbStateChange:
+			outcome, err = b.takePresence(r.Context(), cb)
+		default:
 			b.metrics.callbacks.WithLabelValues("ignored").Inc()
 			writeIMAnswer(w, http.StatusOK, 0, "") // Before: allow; others: nothing to do
 			return
 		}
-		outcome, err := b.takeReply(r.Context(), cb)
 		if err != nil {
 			b.metrics.callbacks.WithLabelValues("failed").Inc()
 			b.log.Error("callback not accepted", "err", err)
@@ -148,6 +164,9 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		b.worker.ShowTyping(openid, on) // typing.go
 		return "typing", nil
 	}
+	if name, arg, ok := parseCommand(cb.MsgBody); ok {
+		return b.takeCommand(ctx, cb, Command{Agent: cb.From_Account, OpenID: openid, Name: name, Arg: arg})
+	}
 	parts := replyParts(cb.MsgBody) // elems.go
 	switch {
 	case cb.OnlineOnlyFlag == 1:
@@ -164,7 +183,12 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		// While its conversation's replies of a gap are still to be read
 		// back, it is held, to go after them (recover.go).
 		if held, dup, err = b.recovery.hold(ctx, openid, key, d); !held && err == nil {
-			dup, err = b.store.AcceptReply(ctx, key, d, b.now())
+			var t Taken
+			t, err = b.store.AcceptReply(ctx, key, d, b.now())
+			dup = t.Duplicate
+			if t.FirstReply > 0 {
+				b.metrics.firstReply.Observe(t.FirstReply.Seconds())
+			}
 		}
 		if err != nil {
 			break
@@ -187,6 +211,56 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 	b.worker.Notify()
 	b.log.Debug("agent reply accepted", "agent", cb.From_Account)
 	return "forwarded", nil
+}
+
+// takeCommand runs an agent's command (commands.go) and returns the
+// callback's outcome.
+func (b *bridge) takeCommand(ctx context.Context, cb IMCallback, c Command) (string, error) {
+	done, err := b.store.AcceptCommand(ctx, callbackKey(cb), c, b.now())
+	switch {
+	case errors.Is(err, errUnknownCustomer):
+		b.log.Warn("im callback ignored", "reason", "no such customer", "to", cb.To_Account)
+		return "ignored", nil
+	case err != nil:
+		return "", err
+	case done.Duplicate:
+		return "duplicate", nil
+	}
+	b.metrics.assigned(done.Assigned)
+	b.worker.Notify()
+	b.log.Info("agent command", "agent", c.Agent, "command", c.Name)
+	return "command", nil
+}
+
+// takePresence records an agent's login, logout or lost connection; an
+// agent coming online takes waiting customers (queue.go).
+func (b *bridge) takePresence(ctx context.Context, cb IMCallback) (string, error) {
+	agent := cb.Info.To_Account
+	if !slices.Contains(b.cfg.IMAgents, agent) {
+		return "ignored", nil
+	}
+	var online bool
+	switch cb.Info.Action {
+	case "Login":
+		online = true
+	case "Logout", "Disconnect":
+	default:
+		return "ignored", nil
+	}
+	at := b.now()
+	if cb.EventTime > 0 {
+		at = time.UnixMilli(cb.EventTime)
+	}
+	assigned, err := b.store.SetPresence(ctx, agent, online, at, b.now())
+	if err != nil {
+		return "", err
+	}
+	b.metrics.assigned(assigned)
+	if len(assigned) > 0 {
+		b.worker.Notify()
+	}
+	b.log.Info("agent presence", "agent", agent, "action", cb.Info.Action, "took", len(assigned))
+	return "presence", nil
 }
 
 // refuseCallback answers a callback the bridge will not take, and logs why.

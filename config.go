@@ -74,9 +74,17 @@ type Config struct {
 
 	WelcomeText    string // WELCOME_TEXT: passive reply to a follow
 	ConnectingText string // CONNECTING_TEXT: passive reply to a conversation's first message
+	// Desk: IM_AGENT_MAX_OPEN, BUSINESS_HOURS and BUSINESS_TIMEZONE,
+	// SESSION_IDLE_TIMEOUT, and the texts the customer reads from the
+	// bridge (QUEUED_TEXT and the others, desk.go).
+	Desk Desk
 
 	LogFormat string     // LOG_FORMAT: text or json
 	LogLevel  slog.Level // LOG_LEVEL: debug, info, warn or error
+
+	// clock is the bridge's clock, which tests move by hand (business
+	// hours, idle conversations, WeChat's window); nil: time.Now.
+	clock func() time.Time
 }
 
 // Default texts for WELCOME_TEXT and CONNECTING_TEXT.
@@ -198,6 +206,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	checkGeneral(e, &c)
 	checkWeChat(e, &c)
 	checkIM(e, &c)
+	readDesk(e, &c)
 	if len(e.problems) > 0 {
 		slices.Sort(e.problems)
 		return Config{}, errors.New("bad configuration:\n  " + strings.Join(e.problems, "\n  "))
@@ -294,6 +303,36 @@ func checkIM(e *env, c *Config) {
 		e.bad("IM_CALLBACK_AUTH must be on or off, got %q", e.getenv("IM_CALLBACK_AUTH"))
 	}
 	checkBase(e, "IM_API_BASE", c.IMAPIBase)
+}
+
+// readDesk reads the desk's rules and texts.
+func readDesk(e *env, c *Config) {
+	t := defaultDeskTexts
+	for _, v := range []struct {
+		name string
+		text *string
+	}{{"QUEUED_TEXT", &t.Queued}, {"OFFLINE_TEXT", &t.Offline}, {"AGENT_JOINED_TEXT", &t.Joined}, {"CLOSED_TEXT", &t.Closed},
+		{"RATING_TEXT", &t.Rating}, {"RATED_TEXT", &t.Rated}, {"TRANSFER_TEXT", &t.Transfer}, {"IDLE_CLOSED_TEXT", &t.IdleClosed}} {
+		*v.text = e.get(v.name, *v.text)
+	}
+	c.Desk = Desk{Agents: c.IMAgents, UserPrefix: c.IMUserPrefix, Texts: t,
+		MaxOpen:    e.count("IM_AGENT_MAX_OPEN", 10, 0, "a whole number of conversations (0: no cap)"),
+		ReplyQuota: e.count("WECHAT_REPLY_QUOTA", messageQuota, 1, "a whole number of replies, at least 1")}
+	switch v := e.get("SESSION_IDLE_TIMEOUT", "30m"); v {
+	case "0", "off":
+	default:
+		c.Desk.IdleTimeout = e.duration("SESSION_IDLE_TIMEOUT", 30*time.Minute)
+	}
+	tz := e.get("BUSINESS_TIMEZONE", "Asia/Shanghai")
+	loc, err := time.LoadLocation(tz)
+	if err != nil {
+		e.bad("BUSINESS_TIMEZONE must be an IANA time zone such as Asia/Shanghai, got %q", tz)
+	}
+	if v := e.get("BUSINESS_HOURS", ""); v != "" && loc != nil {
+		if c.Desk.Hours, err = parseHours(v, loc); err != nil {
+			e.bad("BUSINESS_HOURS: %v", err)
+		}
+	}
 }
 
 // checkBase checks that an API base is an http or https URL.

@@ -51,7 +51,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	// authentication; the bridge takes no other (IM_CALLBACK_TOKEN).
 	token := make([]byte, 16)
 	rand.Read(token)
-	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Trace: say, CallbackToken: hex.EncodeToString(token)})
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Online: []string{demoAgent}, Trace: say, CallbackToken: hex.EncodeToString(token)})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
 	if err != nil {
 		return err

@@ -109,7 +109,7 @@ func TestUnansweredNoticeFoundInHistory(t *testing.T) {
 	})
 	var notices int
 	for _, m := range h.messagesTo("agent_kim") {
-		if m.From == "administrator" {
+		if bridgeNotice(m) {
 			notices++
 		}
 	}

@@ -77,7 +77,9 @@ func isIMCode(err error, codes ...int) bool {
 
 // notice is the IM message that tells the agent of a conversation that a
 // delivery in it was given up because of err, or nil when there is no one
-// to tell. When the agent's own account is gone, another agent is told.
+// to tell: inside the conversation for a reply WeChat did not take, from
+// the admin for a customer's message IM did not take. When the agent's own
+// account is gone, another agent is told.
 func (w *Worker) notice(d Delivery, reason string, err error) *Delivery {
 	to, text := d.Agent, ""
 	switch d.Kind {
@@ -103,8 +105,13 @@ func (w *Worker) notice(d Delivery, reason string, err error) *Delivery {
 	if to == "" {
 		return nil
 	}
-	return &Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: to, Text: text,
-		MsgRandom: mrand.Uint32()}
+	n := conversationNotice(d.IMUser, d.OpenID, to, text)
+	if d.Kind == deliverIMSend {
+		// What kept the customer's message out of IM would keep a notice
+		// from their account out too: the admin tells the agent.
+		n.IMUser = ""
+	}
+	return &n
 }
 
 // backoff is the wait before the attempt after attempts failures:

@@ -194,7 +194,7 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 	h.im.FailNext(0, 0)
 	eventually(t, "the notice of the lost message", func() bool {
 		for _, m := range h.messagesTo("agent_kim") {
-			if strings.Contains(m.Text, "lost in IM") && m.From == "administrator" {
+			if strings.Contains(m.Text, "lost in IM") && bridgeNotice(m) {
 				return true
 			}
 		}
@@ -214,8 +214,8 @@ func TestDeadLetterToldToAgent(t *testing.T) {
 		}
 		return false
 	})
-	if notice.From != "administrator" || !strings.Contains(notice.Text, answer) || !strings.Contains(notice.Text, "45015") {
-		t.Errorf("agent got %q from %s, want the admin naming the reply and errcode 45015", notice.Text, notice.From)
+	if notice.From != customerIM(customer) || !strings.HasPrefix(notice.Text, noticeMark) || !strings.Contains(notice.Text, "45015") {
+		t.Errorf("agent got %q from %s, want a notice in the customer's conversation naming the reply and errcode 45015", notice.Text, notice.From)
 	}
 
 	reasons := h.deadLetters()

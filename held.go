@@ -68,11 +68,11 @@ func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply,
 			if held > 0 {
 				continue
 			}
-			dup, err := s.takeReply(ctx, tx, r.Key, r.D, now)
+			t, err := s.takeReply(ctx, tx, r.Key, r.D, now)
 			if err != nil {
 				return 0, err
 			}
-			if !dup {
+			if !t.Duplicate {
 				taken++
 			}
 		}
@@ -116,7 +116,7 @@ func (s *Store) releaseHeld(ctx context.Context, tx *sql.Tx, openid, key string,
 		if err := json.Unmarshal([]byte(h.raw), &d); err != nil {
 			return 0, fmt.Errorf("held reply %d: %w", h.id, err)
 		}
-		if err := s.enqueue(ctx, tx, d, now); err != nil {
+		if _, err := s.queueReply(ctx, tx, d, now); err != nil { // as WeChat's limits allow
 			return 0, err
 		}
 	}
@@ -129,9 +129,10 @@ type Conversation struct {
 	Agent  string
 }
 
-// OpenConversations lists the open conversations, oldest first.
+// OpenConversations lists the open conversations with an agent, oldest
+// first.
 func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL ORDER BY id`)
+	rows, err := s.rdb.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL AND agent <> '' ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("open conversations: %w", err)
 	}

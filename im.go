@@ -345,3 +345,26 @@ func (c *IMClient) History(ctx context.Context, operator, peer string, minTime, 
 	}
 	return nil, fmt.Errorf("im openim/admin_getroammsg: more than %d pages of history", maxHistoryPages)
 }
+
+// OnlineStatus returns IM's word on each of accounts (at most 500):
+// Online, PushOnline (the app in the background: offline, but reached by
+// push) or Offline (openim/query_online_status).
+func (c *IMClient) OnlineStatus(ctx context.Context, accounts []string) (map[string]string, error) {
+	var resp struct {
+		QueryResult []struct {
+			To_Account string
+			Status     string
+		}
+	}
+	req := struct {
+		To_Account []string
+	}{accounts}
+	if err := c.call(ctx, "openim/query_online_status", req, &resp); err != nil {
+		return nil, err
+	}
+	out := make(map[string]string, len(resp.QueryResult))
+	for _, r := range resp.QueryResult {
+		out[r.To_Account] = r.Status
+	}
+	return out, nil
+}

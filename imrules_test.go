@@ -132,7 +132,7 @@ func TestPermanentErrorsEndAtOnce(t *testing.T) {
 			}
 			eventually(t, "the notice", func() bool {
 				for _, m := range h.messagesTo(tc.told) {
-					if m.From == "administrator" && strings.Contains(m.Text, tc.reason) {
+					if bridgeNotice(m) && strings.Contains(m.Text, tc.reason) {
 						return true
 					}
 				}

@@ -78,6 +78,7 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 	defer st.Close()
+	st.SetDesk(&cfg.Desk)
 	b, recovery, err := newBridge(cfg, st, log)
 	if err != nil {
 		return err
@@ -86,12 +87,17 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 	if err := recovery.prepare(ctx); err != nil {
 		return fmt.Errorf("reply recovery: %w", err)
 	}
+	// Who is online decides the first assignments.
+	desk := &deskClock{store: st, im: recovery.im, worker: b.worker, metrics: b.metrics, log: log, now: b.now,
+		agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout}
+	desk.readPresence(ctx)
 
 	// The worker and recovery outlive ctx: they stop after the server.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	var work sync.WaitGroup
 	work.Go(func() { b.worker.Run(workCtx) })
 	work.Go(func() { recovery.Run(workCtx) })
+	work.Go(func() { desk.Run(workCtx) })
 
 	srv := &http.Server{
 		Handler:           b.routes(),
@@ -135,6 +141,9 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 // handlers, and the recovery of replies a gap left.
 func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery, error) {
 	now := time.Now
+	if cfg.clock != nil {
+		now = cfg.clock
+	}
 	httpc := &http.Client{
 		Timeout:   cfg.VendorTimeout, // IM's backend gives up after 3 s; WeChat's API is as quick
 		Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second},

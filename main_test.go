@@ -62,6 +62,9 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 		o.im.CallbackToken = "harnesscbtoken" // callbacks are signed, as the bridge requires by default
 	}
 	o.im.Accounts = append(o.im.Accounts, o.agents...)
+	if o.im.Online == nil {
+		o.im.Online = o.agents // the agents' clients are logged in
+	}
 	h.im = fakes.NewIM(t, o.im)
 	wo, imo := h.wx.Options(), h.im.Options()
 	h.env = map[string]string{
@@ -210,6 +213,12 @@ func (h *harness) textsTo(account, sep string) string {
 		texts = append(texts, m.Text)
 	}
 	return strings.Join(texts, sep)
+}
+
+// bridgeNotice reports whether m is the bridge's word to an agent: from the
+// admin, or marked inside a customer's conversation.
+func bridgeNotice(m fakes.Message) bool {
+	return m.From == "administrator" || strings.HasPrefix(m.Text, noticeMark)
 }
 
 // sentTo returns the customer-service messages WeChat accepted for openid.

@@ -17,7 +17,6 @@ import (
 	_ "image/gif" // the formats WeChat sends
 	_ "image/jpeg"
 	_ "image/png"
-	mrand "math/rand/v2"
 	"net/http"
 	"slices"
 	"strings"
@@ -264,8 +263,7 @@ func (w *Worker) sendLink(ctx context.Context, it OutboxItem, data []byte, ct, w
 	if err := w.WeChat.SendText(ctx, d.OpenID, d.Media.Name+": "+link); err != nil {
 		return err
 	}
-	note := Delivery{Kind: deliverNotice, OpenID: d.OpenID, IMUser: d.IMUser, Agent: d.Agent, MsgRandom: mrand.Uint32(),
-		Text: fmt.Sprintf("Your %s reached WeChat customer %s as a link: %s.", d.Media.Name, d.IMUser, why)}
+	note := conversationNotice(d.IMUser, d.OpenID, d.Agent, fmt.Sprintf("Your %s reached WeChat customer %s as a link: %s.", d.Media.Name, d.IMUser, why))
 	if err := w.Store.Notice(ctx, note, w.Now()); err != nil {
 		w.Log.Error("note to the agent not queued", "err", err)
 	}

@@ -22,6 +22,9 @@ type metrics struct {
 	uncertain       *prometheus.CounterVec   // attempts after one of unknown outcome, by target and outcome
 	webhookLatency  *prometheus.HistogramVec // by endpoint
 	deliveryLatency *prometheus.HistogramVec // accepted to delivered, by target
+	wait            prometheus.Histogram     // a customer's wait for an agent
+	firstReply      prometheus.Histogram     // a conversation given to an agent, to their first reply
+	ratings         *prometheus.CounterVec   // by rating, 1 to 5
 }
 
 // newMetrics registers the bridge's metrics; the outbox gauges read st at
@@ -49,12 +52,26 @@ func newMetrics(st *Store) *metrics {
 		deliveryLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "bridge_delivery_latency_seconds",
 			Help:    "Time from a message's acceptance to its delivery, by target.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200}}, []string{"target"}),
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "bridge_customer_wait_seconds",
+			Help:    "How long a new conversation waited for an agent; 0 for one given an agent at once.",
+			Buckets: []float64{1, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600}}),
+		firstReply: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "bridge_first_reply_seconds",
+			Help:    "Time from a conversation given to an agent to the agent's first reply in it.",
+			Buckets: []float64{5, 15, 30, 60, 120, 300, 600, 1800, 3600}}),
+		ratings: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_ratings_total",
+			Help: "Customers' ratings of ended conversations, by rating (1 to 5)."}, []string{"rating"}),
 	}
 	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.uncertain, m.webhookLatency, m.deliveryLatency,
+		m.wait, m.firstReply, m.ratings,
 		outboxCollector{st: st,
 			depth:  prometheus.NewDesc("bridge_outbox_depth", "Deliveries not yet made.", nil, nil),
 			oldest: prometheus.NewDesc("bridge_outbox_oldest_age_seconds", "Age of the oldest delivery not yet made; 0 when there is none.", nil, nil),
 			dead:   prometheus.NewDesc("bridge_dead_letters", "Dead letters kept in the store.", nil, nil),
+		},
+		deskCollector{st: st,
+			waiting: prometheus.NewDesc("bridge_customers_waiting", "Customers waiting for an agent.", nil, nil),
+			open:    prometheus.NewDesc("bridge_agent_open_conversations", "Open conversations by agent.", []string{"agent"}, nil),
+			online:  prometheus.NewDesc("bridge_agent_online", "1 if IM last said the agent is online (or said nothing), else 0.", []string{"agent"}, nil),
 		},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -74,6 +91,13 @@ func (m *metrics) timed(endpoint string, h http.Handler) http.Handler {
 		h.ServeHTTP(w, r)
 		o.Observe(time.Since(start).Seconds())
 	})
+}
+
+// assigned records the waits of customers given an agent.
+func (m *metrics) assigned(as []Assignment) {
+	for _, a := range as {
+		m.wait.Observe(a.Waited.Seconds())
+	}
 }
 
 // target is the vendor a delivery kind goes to, as metrics label it.
@@ -109,4 +133,31 @@ func (c outboxCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(s.Pending))
 	ch <- prometheus.MustNewConstMetric(c.oldest, prometheus.GaugeValue, age)
 	ch <- prometheus.MustNewConstMetric(c.dead, prometheus.GaugeValue, float64(s.Failed))
+}
+
+// deskCollector reports who waits and who serves, read from the store at
+// each scrape.
+type deskCollector struct {
+	st                    *Store
+	waiting, open, online *prometheus.Desc
+}
+
+func (c deskCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.waiting
+	ch <- c.open
+	ch <- c.online
+}
+
+func (c deskCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	d, err := c.st.DeskStats(ctx)
+	if err != nil {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.waiting, prometheus.GaugeValue, float64(d.Waiting))
+	for _, a := range d.Agents {
+		ch <- prometheus.MustNewConstMetric(c.open, prometheus.GaugeValue, float64(a.Open), a.Agent)
+		ch <- prometheus.MustNewConstMetric(c.online, prometheus.GaugeValue, float64(a.Online), a.Agent)
+	}
 }

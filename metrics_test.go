@@ -28,7 +28,7 @@ func TestMetricsAndProbes(t *testing.T) {
 	for _, want := range []string{
 		`bridge_wechat_pushes_total{outcome="accepted",type="text"} 1`,
 		`bridge_wechat_pushes_total{outcome="accepted",type="event_subscribe"} 1`,
-		`bridge_wechat_pushes_total{outcome="ignored",type="event_CLICK"} 1`,
+		`bridge_wechat_pushes_total{outcome="accepted",type="event_CLICK"} 1`,
 		`bridge_im_callbacks_total{outcome="forwarded"} 1`,
 		`bridge_im_callbacks_total{outcome="ignored"} 1`, // the Before callback
 		`bridge_deliveries_total{outcome="delivered",target="im"} 2`,

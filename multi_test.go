@@ -40,7 +40,7 @@ func roundRobin(t *testing.T, backends ...string) string {
 // one UserSig.
 func TestTwoBridgesOneDatabase(t *testing.T) {
 	h := newHarness(t, harnessOptions{postgres: true, agents: []string{"agent_kim", "agent_lee"},
-		wechat: fakes.WeChatOptions{QuotaPerMessage: 20}}) // the older quota, so ten replies fit one window
+		wechat: fakes.WeChatOptions{QuotaPerMessage: 20}, env: map[string]string{"WECHAT_REPLY_QUOTA": "20"}}) // the older quota, so ten replies fit one window
 	second, _ := startBridge(t, h.env, h.logs)
 	lb := roundRobin(t, h.base, second)
 	h.wx.SetTarget(lb + "/wechat")

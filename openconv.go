@@ -10,23 +10,33 @@ package main
 const maxOpenConv = 50_000
 
 // convChange is a change a transaction made to the open conversations:
-// the customer's conversation goes to agent, or is closed ("").
-type convChange struct{ openid, agent string }
+// the customer's conversation id goes to agent, or is closed or forgotten
+// ("").
+type convChange struct {
+	openid string
+	conv   openConversation
+}
+
+// openConversation is an open conversation with an agent, as remembered.
+type openConversation struct {
+	id    int64
+	agent string
+}
 
 // noteConversation records, on SQLite, that the transaction running found
-// or opened the customer's open conversation with agent, or closed it
-// (""). What it found or opened is remembered once the transaction
+// or opened the customer's open conversation id with agent, or closed it
+// or needs it looked up again next time (agent ""). What it found or opened is remembered once the transaction
 // commits (settleConversations): until then it may yet be rolled back. A
 // closing is forgotten at once, so that a later write of the same
 // transaction looks the customer up again.
-func (s *Store) noteConversation(openid, agent string) {
+func (s *Store) noteConversation(openid string, id int64, agent string) {
 	if s.postgres {
 		return
 	}
 	if agent == "" {
 		delete(s.openConv, openid)
 	}
-	s.convLog = append(s.convLog, convChange{openid, agent})
+	s.convLog = append(s.convLog, convChange{openid, openConversation{id, agent}})
 }
 
 // settleConversations applies the changes the transaction made to the
@@ -38,10 +48,10 @@ func (s *Store) settleConversations(committed bool) {
 			clear(s.openConv)
 		}
 		for _, c := range s.convLog {
-			if c.agent == "" {
+			if c.conv.agent == "" {
 				delete(s.openConv, c.openid)
 			} else {
-				s.openConv[c.openid] = c.agent
+				s.openConv[c.openid] = c.conv
 			}
 		}
 	}

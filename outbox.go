@@ -21,7 +21,7 @@ const (
 	deliverIMDelete = "im_delete" // account_delete of a customer's IM account
 	deliverIMSend   = "im_send"   // openim/sendmsg from a customer to their agent
 	deliverWeChat   = "wx_send"   // custom/send of an agent's reply to a customer
-	deliverNotice   = "im_notice" // openim/sendmsg from the admin to an agent: a dead letter's notice
+	deliverNotice   = "im_notice" // openim/sendmsg to an agent: the bridge's word, in the customer's conversation or from the admin
 )
 
 // Delivery is one call the bridge owes a vendor, as kept in the outbox.
@@ -70,7 +70,9 @@ func (d Delivery) lane() string {
 	case deliverWeChat:
 		return "wx:" + d.OpenID
 	case deliverNotice:
-		return "notice:" + d.Agent
+		if d.IMUser == "" { // from the admin
+			return "notice:" + d.Agent
+		}
 	}
 	return "im:" + d.OpenID
 }
@@ -101,7 +103,7 @@ type pushRecord struct {
 // enqueueFor adds d to the outbox, due now: as several items in a row if
 // its text is longer than its vendor takes in one message (split.go). On
 // SQLite the first row carries rec, the push that added it, if rec is not
-// nil (recent.go). It returns that row's id on SQLite, 0 on PostgreSQL.
+// nil (recent.go). It returns that row's id.
 func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
 	parts := d.parts()
 	if parts == nil {
@@ -130,10 +132,11 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 		if err := s.lockLane(ctx, tx, lane); err != nil {
 			return 0, err
 		}
-		_, err = s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
-			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)`,
-			lane, string(b), ms, ms, ms, lane)
-		return 0, err
+		var id int64
+		err = s.queryRow(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
+			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)
+			RETURNING id`, lane, string(b), ms, ms, ms, lane).Scan(&id)
+		return id, err
 	}
 	var carried pushRecord
 	if rec != nil {

@@ -322,6 +322,11 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 		if m.MsgKey == "" {
 			continue
 		}
+		if _, _, ok := parseCommand(m.MsgBody); ok {
+			// A command is never the customer's to read; one typed while
+			// no bridge answered is not run (the agent types it again).
+			continue
+		}
 		for i, d := range replyParts(m.MsgBody) { // as the callback takes them
 			d.Kind, d.OpenID, d.IMUser, d.Agent = deliverWeChat, sw.OpenID, customer, sw.Agent
 			replies = append(replies, Reply{Key: partKey(callbackKey(IMCallback{MsgKey: m.MsgKey}), i), D: d})

@@ -248,7 +248,11 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	if err := st.rdb.QueryRowContext(ctx, `SELECT count(*) FROM held_replies`).Scan(&n); err != nil || n != 2 {
 		t.Fatalf("%d replies committed as held (%v), want 2", n, err)
 	}
-	// One an earlier run held for a conversation not read this time.
+	// One an earlier run held for a conversation not read this time (its
+	// customer wrote: WeChat takes the reply).
+	if _, err := st.AcceptPush(ctx, message("k9", "c9", "hi"), now); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.HoldReply(ctx, "im:earlier", Delivery{Kind: deliverWeChat, OpenID: "c9", IMUser: "wx_c9", Agent: "a1", Text: "earlier"}, now); err != nil {
 		t.Fatal(err)
 	}

@@ -23,22 +23,41 @@ var (
 // applied, so instances starting together do not race on CREATE.
 const schemaLock = 7_261_948_305
 
-// applySQLiteSchema applies the schema on SQLite, then adds the outbox
-// columns a database made before them lacks (the pushes it carries,
-// recent.go; tried_at): SQLite cannot add a column only if it is absent.
+// addedColumns are the columns added to a table after it was first made,
+// which a database made before them lacks: SQLite cannot add a column only
+// if it is absent, so applySQLiteSchema looks first.
+var addedColumns = []struct{ table, column string }{
+	{"outbox", "push_key TEXT NOT NULL DEFAULT ''"}, // the pushes the outbox carries, recent.go
+	{"outbox", "push_sig TEXT NOT NULL DEFAULT ''"},
+	{"outbox", "push_reply TEXT NOT NULL DEFAULT ''"},
+	{"outbox", "tried_at BIGINT NOT NULL DEFAULT 0"},
+	{"customers", "event_at BIGINT NOT NULL DEFAULT 0"}, // customer service, queue.go and quota.go
+	{"customers", "held INTEGER NOT NULL DEFAULT 0"},
+	{"customers", "rating_conv BIGINT NOT NULL DEFAULT 0"},
+	{"conversations", "queued_at BIGINT NOT NULL DEFAULT 0"},
+	{"conversations", "assigned_at BIGINT NOT NULL DEFAULT 0"},
+	{"conversations", "first_reply_at BIGINT NOT NULL DEFAULT 0"},
+	{"conversations", "closed_by TEXT NOT NULL DEFAULT ''"},
+	{"conversations", "rating INTEGER NOT NULL DEFAULT 0"},
+	{"agent_load", "online INTEGER NOT NULL DEFAULT 1"},
+	{"agent_load", "presence_at BIGINT NOT NULL DEFAULT 0"},
+	{"agent_load", "assigned_at BIGINT NOT NULL DEFAULT 0"},
+}
+
+// applySQLiteSchema applies the schema on SQLite, then adds the columns a
+// database made before them lacks.
 func applySQLiteSchema(ctx context.Context, tx *sql.Tx) error {
 	if _, err := tx.ExecContext(ctx, sqliteSchema); err != nil {
 		return err
 	}
-	for _, col := range []string{"push_key TEXT NOT NULL DEFAULT ''", "push_sig TEXT NOT NULL DEFAULT ''",
-		"push_reply TEXT NOT NULL DEFAULT ''", "tried_at BIGINT NOT NULL DEFAULT 0"} {
-		name, _, _ := strings.Cut(col, " ")
+	for _, c := range addedColumns {
+		name, _, _ := strings.Cut(c.column, " ")
 		var n int
-		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('outbox') WHERE name = ?`, name).Scan(&n); err != nil {
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('`+c.table+`') WHERE name = ?`, name).Scan(&n); err != nil {
 			return err
 		}
 		if n == 0 {
-			if _, err := tx.ExecContext(ctx, `ALTER TABLE outbox ADD COLUMN `+col); err != nil {
+			if _, err := tx.ExecContext(ctx, `ALTER TABLE `+c.table+` ADD COLUMN `+c.column); err != nil {
 				return err
 			}
 		}

@@ -5,31 +5,78 @@
 -- Times are Unix milliseconds.
 
 -- A customer is a WeChat user (openid) who has followed or written to the
--- Official Account. agent is the IM agent the customer keeps.
+-- Official Account. agent is the agent of their last conversation;
+-- event_at when they last followed, clicked a menu or scanned a QR code
+-- (three replies within a minute, quota.go); held how many replies wait
+-- for their next message (the quota spent); rating_conv the conversation
+-- an agent ended whose rating their next message may be.
 CREATE TABLE IF NOT EXISTS customers (
-    openid     TEXT PRIMARY KEY,
-    agent      TEXT NOT NULL DEFAULT '',
-    followed   INTEGER NOT NULL DEFAULT 1,
-    created_at BIGINT NOT NULL
+    openid      TEXT PRIMARY KEY,
+    agent       TEXT NOT NULL DEFAULT '',
+    followed    INTEGER NOT NULL DEFAULT 1,
+    created_at  BIGINT NOT NULL,
+    event_at    BIGINT NOT NULL DEFAULT 0,
+    held        INTEGER NOT NULL DEFAULT 0,
+    rating_conv BIGINT NOT NULL DEFAULT 0
 );
 
--- A conversation runs from a customer's first message until they unfollow.
--- A customer has at most one open conversation (closed_at IS NULL).
+-- A conversation runs from a customer's first message until an agent
+-- ends it, it stays idle, or the customer unfollows (closed_by: agent,
+-- idle, unfollow). A customer has at most one open conversation (closed_at
+-- IS NULL); while it waits for an agent its agent is '' (queue.go).
+-- rating is the customer's, 1 to 5, 0 for none.
 CREATE TABLE IF NOT EXISTS conversations (
-    id        INTEGER PRIMARY KEY,
-    openid    TEXT NOT NULL,
-    agent     TEXT NOT NULL,
-    opened_at BIGINT NOT NULL,
-    closed_at BIGINT
+    id             INTEGER PRIMARY KEY,
+    openid         TEXT NOT NULL,
+    agent          TEXT NOT NULL,
+    opened_at      BIGINT NOT NULL,
+    closed_at      BIGINT,
+    queued_at      BIGINT NOT NULL DEFAULT 0,
+    assigned_at    BIGINT NOT NULL DEFAULT 0,
+    first_reply_at BIGINT NOT NULL DEFAULT 0,
+    closed_by      TEXT NOT NULL DEFAULT '',
+    rating         INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
+-- conversations_queued is the queue, longest-waiting first (ids increase).
+CREATE INDEX IF NOT EXISTS conversations_queued ON conversations (id) WHERE closed_at IS NULL AND agent = '';
 
 -- agent_load counts each agent's open conversations, kept with them, so a
--- new customer's assignment reads one small row an agent.
+-- new customer's assignment reads one small row an agent; online is IM's
+-- last word on the agent (1 until IM says otherwise), presence_at that
+-- word's EventTime, assigned_at when the agent was last given a
+-- conversation (the one idle longest wins a tie).
 CREATE TABLE IF NOT EXISTS agent_load (
-    agent TEXT PRIMARY KEY,
-    open  INTEGER NOT NULL DEFAULT 0
+    agent       TEXT PRIMARY KEY,
+    open        INTEGER NOT NULL DEFAULT 0,
+    online      INTEGER NOT NULL DEFAULT 1,
+    presence_at BIGINT NOT NULL DEFAULT 0,
+    assigned_at BIGINT NOT NULL DEFAULT 0
 );
+
+-- messages keeps every message of every conversation, both ways (history.go):
+-- direction in (the customer's) or out (an agent's, or the bridge's when
+-- agent is ''), its text, the WeChat messages it takes (parts), and state:
+-- queued (its delivery is outbox item outbox_id), waiting (for an agent),
+-- held (for the customer's next message: the quota is spent), or not_sent
+-- (past the 48-hour window). A waiting or held message keeps its delivery;
+-- sent_at is when it was queued (a held reply's counts against the quota
+-- of the customer's message that let it go).
+CREATE TABLE IF NOT EXISTS messages (
+    id           INTEGER PRIMARY KEY,
+    conversation BIGINT NOT NULL,
+    openid       TEXT NOT NULL,
+    direction    TEXT NOT NULL,
+    agent        TEXT NOT NULL DEFAULT '',
+    text         TEXT NOT NULL,
+    parts        INTEGER NOT NULL DEFAULT 1,
+    state        TEXT NOT NULL,
+    outbox_id    BIGINT NOT NULL DEFAULT 0,
+    delivery     TEXT NOT NULL DEFAULT '',
+    created_at   BIGINT NOT NULL,
+    sent_at      BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_customer ON messages (openid, id);
 
 -- seen_keys holds the key of every callback accepted, so that IM's repeated
 -- callback commits nothing new, and of the pushes the writer's memory of the

@@ -95,6 +95,10 @@ func (b *bridge) handlePush() http.Handler {
 		outcome := "duplicate"
 		if !acc.Duplicate {
 			outcome = "accepted"
+			b.metrics.assigned(acc.Assigned)
+			if acc.Rating > 0 {
+				b.metrics.ratings.WithLabelValues(strconv.Itoa(acc.Rating)).Inc()
+			}
 			b.worker.Notify()
 		}
 		b.metrics.pushes.WithLabelValues(pushType(push), outcome).Inc()
@@ -162,7 +166,16 @@ func (b *bridge) answerPush(w http.ResponseWriter, push Push, reply string, key 
 		text = b.cfg.WelcomeText
 	case replyConnecting:
 		text = b.cfg.ConnectingText
-	default:
+	case replyOffline:
+		text = b.cfg.Desk.Texts.Offline
+	case replyRated:
+		text = b.cfg.Desk.Texts.Rated
+	}
+	if pos, ok := strings.CutPrefix(reply, replyQueued); ok {
+		n, _ := strconv.Atoi(pos)
+		text = b.cfg.Desk.Texts.queuedText(n)
+	}
+	if text == "" {
 		writeSuccess(w)
 		return
 	}
@@ -212,7 +225,6 @@ func (b *bridge) inbound(p Push) Inbound {
 		Key:       pushKey(p),
 		OpenID:    p.FromUserName,
 		IMUser:    b.cfg.IMUserPrefix + p.FromUserName,
-		Agents:    b.cfg.IMAgents,
 		NewRandom: rand.Uint32,
 		// An account deleted on a paid app cannot be imported again for
 		// three months (70399), so by default it is kept.
@@ -223,6 +235,8 @@ func (b *bridge) inbound(p Push) Inbound {
 		in.Action = actFollow
 	case p.MsgType == msgEvent && p.Event == eventUnsubscribe:
 		in.Action = actUnfollow
+	case p.MsgType == msgEvent && quotaEvents[p.Event]:
+		in.Action = actEvent
 	case isMessageType(p.MsgType):
 		in.Action, in.Text, in.Elems = actMessage, readableText(p), pushElems(p)
 		if p.MediaID != "" && b.cfg.PublicURL != "" { // image, voice, video, shortvideo: fetched by the worker

@@ -5,10 +5,11 @@ import (
 	"context"
 	"database/sql"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
-	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,9 +52,12 @@ type Store struct {
 	// SQLite: the agent of each open conversation the writer has met, by
 	// customer, as committed, and the changes the transaction running
 	// makes to it (openconv.go).
-	openConv map[string]string
+	openConv map[string]openConversation
 	convLog  []convChange
 	mediaDir string // SQLite: where media's bytes are kept (media.go)
+	// desk is who may serve, and how (desk.go): the queue, assignment and
+	// WeChat's limits apply it.
+	desk *Desk
 }
 
 // defaultPGConns is how many connections an instance opens to PostgreSQL
@@ -73,7 +77,7 @@ type storeOptions struct {
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
 // postgres://…, creating what is missing, and applies the schema.
 func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Store, error) {
-	s := &Store{}
+	s := &Store{desk: &Desk{}}
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
 		// synchronous(FULL): a commit returns once the log is on disk.
@@ -109,7 +113,7 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 	}
 	err = s.inTx(ctx, func(tx *sql.Tx) error { return apply(ctx, tx) })
 	if err == nil && !s.postgres {
-		s.txLanes, s.openConv = map[string]*laneChange{}, map[string]string{}
+		s.txLanes, s.openConv = map[string]*laneChange{}, map[string]openConversation{}
 		s.heads, s.txHeads = map[int64]headState{}, map[int64]*headState{}
 		if err = s.loadLanes(ctx); err == nil {
 			err = s.loadRecent(ctx, cmp.Or(opts.PushWindow, defaultPushWindow), cmp.Or(opts.recentMax, maxRecent), time.Now())
@@ -144,14 +148,21 @@ func (s *Store) Close() error {
 	return err
 }
 
+// SetDesk sets the desk's rules, before the store takes any work.
+func (s *Store) SetDesk(d *Desk) { s.desk = d }
+
 // Ping reports whether the database answers.
 func (s *Store) Ping(ctx context.Context) error { return s.rdb.PingContext(ctx) }
 
-// Reply kinds kept with a push key, so a retried push gets the same answer.
+// Reply kinds kept with a push key, so a retried push gets the same answer;
+// a queued customer's is replyQueued followed by their place.
 const (
 	replyNone       = ""
 	replyWelcome    = "welcome"
 	replyConnecting = "connecting"
+	replyQueued     = "queued:"
+	replyOffline    = "offline"
+	replyRated      = "rated"
 )
 
 // pushAction is what a push asks of the store.
@@ -161,6 +172,7 @@ const (
 	actNone pushAction = iota
 	actFollow
 	actUnfollow
+	actEvent // a menu click or a QR scan: three replies within the minute (quota.go)
 	actMessage
 )
 
@@ -174,7 +186,6 @@ type Inbound struct {
 	Text   string     // for actMessage: what the agent reads
 	Elems  []MsgElem  // for actMessage: the IM elements that carry it, if not Text
 	Media  *PushMedia // for an image or a voice message: where its bytes are
-	Agents []string   // the agents a new conversation may go to, in order
 	// DeleteAccount: an unfollow deletes the customer's IM account
 	// (IM_UNFOLLOW=delete) rather than keep it.
 	DeleteAccount bool
@@ -185,7 +196,11 @@ type Inbound struct {
 // Accepted says how a push was taken.
 type Accepted struct {
 	Duplicate bool   // the key was seen before: nothing new was committed
-	Reply     string // replyNone, replyWelcome or replyConnecting
+	Reply     string // replyNone, replyWelcome, replyConnecting, replyQueued+place, replyOffline or replyRated
+	// Assigned are the customers the push gave an agent: its own, or
+	// waiting ones an agent's freed place went to.
+	Assigned []Assignment
+	Rating   int // the rating the message gave, 0 if none
 }
 
 // errReplay is returned for a push whose signed query was already used by
@@ -193,12 +208,13 @@ type Accepted struct {
 var errReplay = errors.New("signed query already used for another push")
 
 // AcceptPush commits what in asks for together with its key, in one
-// transaction: a follow imports the customer's IM account, an unfollow closes
-// the conversation (and deletes the account, if in says so), and a message opens a conversation if
-// none is open (assigning an agent) and queues the message to IM. A key seen
-// before commits nothing and returns Duplicate with the first answer's reply.
-// The push's signed query is bound to its key: the same query carrying
-// another push returns errReplay and commits nothing.
+// transaction: a follow imports the customer's IM account, an unfollow
+// closes the conversation (and deletes the account, if in says so), and a
+// message finds or opens a conversation (queue.go) and queues the message to
+// its agent, or keeps it while the customer waits for one. A key seen
+// before commits nothing and returns Duplicate with the first answer's
+// reply. The push's signed query is bound to its key: the same query
+// carrying another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	acc, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
 		return s.acceptPush(ctx, tx, in, now)
@@ -218,41 +234,30 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 		return Accepted{Duplicate: dup, Reply: prev}, err
 	}
 	var acc Accepted
-	var d Delivery
+	var carried bool // an outbox row carries rec
 	switch in.Action {
 	case actFollow:
 		acc.Reply = replyWelcome
-		d, err = s.follow(ctx, tx, in, now)
+		carried, err = s.follow(ctx, tx, in, rec, now)
 	case actUnfollow:
-		d, err = s.unfollow(ctx, tx, in, now)
+		acc.Assigned, carried, err = s.unfollow(ctx, tx, in, rec, now)
+	case actEvent:
+		_, err = s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at, event_at) VALUES (?, 1, ?, ?)
+			ON CONFLICT (openid) DO UPDATE SET event_at = excluded.event_at`, in.OpenID, now.UnixMilli(), now.UnixMilli())
 	case actMessage:
-		var opened bool
-		if d, opened, err = s.message(ctx, tx, in, now); opened {
-			acc.Reply = replyConnecting
-		}
+		acc, carried, err = s.message(ctx, tx, in, rec, now)
 	default:
 		return acc, nil
 	}
 	if err != nil {
 		return Accepted{}, err
 	}
-	if d.Kind == "" {
-		// Nothing is owed to a vendor, so no outbox row carries the push:
-		// its key goes to seen_keys.
-		if rec != nil {
-			_, _, err = s.claimKey(ctx, tx, in.Key, in.SigKey, now)
+	if rec != nil && !carried {
+		// No outbox row carries the push: its key goes to seen_keys.
+		if _, _, err = s.claimKey(ctx, tx, in.Key, in.SigKey, now); err != nil {
+			return Accepted{}, err
 		}
-		return acc, err
-	}
-	if rec != nil {
-		rec.reply = acc.Reply
-	}
-	id, err := s.enqueueFor(ctx, tx, d, now, rec)
-	if err != nil {
-		return Accepted{}, err
-	}
-	if rec != nil {
-		s.remember(rec, id) // recent.go
+		rec = nil
 	}
 	if rec == nil && acc.Reply != replyNone {
 		_, err = s.exec(ctx, tx, `UPDATE seen_keys SET value = ? WHERE key = ?`, acc.Reply, in.Key)
@@ -260,159 +265,207 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 	return acc, err
 }
 
-// follow records that the customer follows, and returns the import of
-// their IM account.
-func (s *Store) follow(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (Delivery, error) {
-	_, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)
-		ON CONFLICT (openid) DO UPDATE SET followed = 1`, in.OpenID, now.UnixMilli())
-	return Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, err
+// carry queues d as the push's outbox row, which carries rec (if not nil)
+// with reply, and returns the row's id.
+func (s *Store) carry(ctx context.Context, tx *sql.Tx, d Delivery, rec *pushRecord, reply string, now time.Time) (int64, error) {
+	if rec != nil {
+		rec.reply = reply
+	}
+	id, err := s.enqueueFor(ctx, tx, d, now, rec)
+	if err == nil && rec != nil {
+		s.remember(rec, id) // recent.go
+	}
+	return id, err
 }
 
-// unfollow closes the customer's conversation, and returns the deletion of
-// their IM account if in asks for it, else nothing.
-func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (Delivery, error) {
-	s.noteConversation(in.OpenID, "")
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET followed = 0 WHERE openid = ?`, in.OpenID); err != nil {
-		return Delivery{}, err
+// follow records that the customer follows (three replies within the
+// minute), and queues the import of their IM account.
+func (s *Store) follow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRecord, now time.Time) (carried bool, err error) {
+	ms := now.UnixMilli()
+	if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at, event_at) VALUES (?, 1, ?, ?)
+		ON CONFLICT (openid) DO UPDATE SET followed = 1, event_at = excluded.event_at`, in.OpenID, ms, ms); err != nil {
+		return false, err
 	}
-	if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1
-		WHERE agent = (SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL)`, in.OpenID); err != nil {
-		return Delivery{}, err
+	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyWelcome, now)
+	return err == nil, err
+}
+
+// unfollow closes the customer's conversation, gives the place it frees to
+// the longest-waiting customer, and queues the deletion of their IM account
+// if in asks for it.
+func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRecord, now time.Time) ([]Assignment, bool, error) {
+	s.noteConversation(in.OpenID, 0, "")
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET followed = 0, held = 0, rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
+		return nil, false, err
 	}
-	_, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, now.UnixMilli(), in.OpenID)
+	// Held replies will never go: WeChat takes nothing for a customer who
+	// does not follow.
+	if _, err := s.exec(ctx, tx, `UPDATE messages SET state = 'not_sent', delivery = '' WHERE openid = ? AND state = 'held'`, in.OpenID); err != nil {
+		return nil, false, err
+	}
+	var assigned []Assignment
+	conv, agent, open, err := s.lastConversation(ctx, tx, in.OpenID)
+	switch {
+	case errors.Is(err, errNoConversation):
+	case err != nil:
+		return nil, false, err
+	case open:
+		if err := s.closeConversation(ctx, tx, in.OpenID, conv, agent, "unfollow", now); err != nil {
+			return nil, false, err
+		}
+		if agent != "" {
+			if assigned, err = s.drain(ctx, tx, now); err != nil {
+				return nil, false, err
+			}
+		}
+	}
 	if !in.DeleteAccount {
-		return Delivery{}, err
+		return assigned, false, nil
 	}
-	return Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, err
+	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyNone, now)
+	return assigned, err == nil, err
 }
 
-// message finds or opens the customer's conversation, and returns the
-// message to their agent, with the MsgRandom every attempt reuses. opened
-// is true for a conversation's first message.
-func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (d Delivery, opened bool, err error) {
-	agent, opened, err := s.openConversation(ctx, tx, in, now)
-	return Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: agent, Text: in.Text, Elems: in.Elems, Media: in.Media,
-		MsgRandom: in.NewRandom()}, opened, err
+// message finds or opens the customer's conversation and queues the message
+// to its agent, with the MsgRandom every attempt reuses, or keeps it while
+// the conversation waits for one. A message after an agent ended the
+// conversation may be its rating instead. The message lets the replies held
+// for it go (quota.go).
+func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRecord, now time.Time) (acc Accepted, carried bool, err error) {
+	c, err := s.findConversation(ctx, tx, in, now) // queue.go
+	if err != nil {
+		return acc, false, err
+	}
+	if c.id == 0 && c.ratingConv != 0 {
+		if n, ok := rating(in.Text, in.Elems); ok {
+			acc.Reply, acc.Rating = replyRated, n
+			return acc, false, s.rate(ctx, tx, in, c.ratingConv, n, now) // commands.go
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
+			return acc, false, err
+		}
+	}
+	if c.id == 0 {
+		held := c.held
+		if c, err = s.startConversation(ctx, tx, in.OpenID, now); err != nil {
+			return acc, false, err
+		}
+		c.held = held
+		if c.agent != "" {
+			acc.Reply, acc.Assigned = replyConnecting, []Assignment{{OpenID: in.OpenID, Agent: c.agent}}
+		}
+	}
+	d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: c.agent, Text: in.Text, Elems: in.Elems, Media: in.Media,
+		MsgRandom: in.NewRandom()}
+	h := historyRow{conv: c.id, openid: in.OpenID, direction: "in", agent: c.agent, text: in.Text, parts: max(len(d.parts()), 1)}
+	if c.agent == "" {
+		h.state = "waiting"
+		if acc.Reply, err = s.waitingReply(ctx, tx, c.id, now); err != nil {
+			return acc, false, err
+		}
+		b, err := json.Marshal(d)
+		if err != nil {
+			return acc, false, err
+		}
+		h.delivery = string(b)
+	} else {
+		h.state = "queued"
+		if h.outbox, err = s.carry(ctx, tx, d, rec, acc.Reply, now); err != nil {
+			return acc, false, err
+		}
+		carried = rec != nil
+	}
+	if err := s.record(ctx, tx, h, now); err != nil { // history.go
+		return acc, false, err
+	}
+	if c.held > 0 {
+		err = s.releaseHeldReplies(ctx, tx, in.OpenID, now) // quota.go
+	}
+	return acc, carried, err
+}
+
+// waitingReply is the passive reply to a message of a waiting customer:
+// OFFLINE_TEXT outside business hours, else QUEUED_TEXT with their place.
+func (s *Store) waitingReply(ctx context.Context, tx *sql.Tx, conv int64, now time.Time) (string, error) {
+	if !s.desk.Hours.Open(now) {
+		return replyOffline, nil
+	}
+	pos, err := s.queuePosition(ctx, tx, conv)
+	return replyQueued + strconv.Itoa(pos), err
 }
 
 // errUnknownCustomer is returned for a reply to an IM account the bridge has
 // no customer for.
 var errUnknownCustomer = errors.New("unknown customer")
 
+// Taken says how an agent's reply was taken.
+type Taken struct {
+	Duplicate bool // the key was seen before: nothing new was committed
+	// FirstReply is, for the agent's first reply in the conversation, the
+	// time since it was given to them.
+	FirstReply time.Duration
+}
+
 // AcceptReply commits an agent's reply to a customer, keyed by the IM
-// message's key: it queues the reply to WeChat. A key seen before commits
-// nothing and returns true; a customer the bridge does not know returns
-// errUnknownCustomer and commits nothing. Like openConversation, it holds
+// message's key: it queues the reply to WeChat if WeChat will take it
+// (quota.go), and records it. A key seen before commits nothing and
+// returns Duplicate; a customer the bridge does not know returns
+// errUnknownCustomer and commits nothing. Like findConversation, it holds
 // the customer's row, so replies keep their order across instances.
-func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
-	duplicate, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (bool, error) {
-		var one int
-		err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), d.OpenID).Scan(&one)
-		if errors.Is(err, sql.ErrNoRows) {
-			return false, errUnknownCustomer
-		} else if err != nil {
-			return false, err
+func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now time.Time) (Taken, error) {
+	t, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Taken, error) {
+		if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
+			return Taken{}, err
 		}
 		return s.takeReply(ctx, tx, key, d, now)
 	})
 	if err != nil {
-		return false, fmt.Errorf("accept reply: %w", err)
+		return Taken{}, fmt.Errorf("accept reply: %w", err)
 	}
-	return duplicate, nil
+	return t, nil
+}
+
+// lockCustomer holds the customer's row until the transaction ends (on
+// PostgreSQL), or returns errUnknownCustomer.
+func (s *Store) lockCustomer(ctx context.Context, tx *sql.Tx, openid string) error {
+	var one int
+	err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return errUnknownCustomer
+	}
+	return err
 }
 
 // takeReply records a reply's key and queues it, unless the key was seen
 // before.
-func (s *Store) takeReply(ctx context.Context, tx *sql.Tx, key string, d Delivery, now time.Time) (duplicate bool, err error) {
-	if _, duplicate, err = s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
-		return duplicate, err
+func (s *Store) takeReply(ctx context.Context, tx *sql.Tx, key string, d Delivery, now time.Time) (Taken, error) {
+	if _, duplicate, err := s.claimKey(ctx, tx, key, "", now); err != nil || duplicate {
+		return Taken{Duplicate: duplicate}, err
 	}
-	return false, s.enqueue(ctx, tx, d, now)
+	return s.queueReply(ctx, tx, d, now)
 }
 
-// openConversation returns the agent of the customer's open conversation,
-// opening one if there is none. On PostgreSQL it holds the customer's row
-// until the transaction ends, so two instances taking two messages of one
-// customer commit them one after the other, in the outbox's order. A
-// customer the bridge has never seen (one who followed before it existed) is
-// recorded and their IM account imported first. A new conversation goes to
-// the customer's own agent while that agent is still configured, else to
-// the agent with the fewest open conversations.
-func (s *Store) openConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (agent string, opened bool, err error) {
-	if agent, ok := s.openConv[in.OpenID]; ok { // nil, and never found, on PostgreSQL
-		return agent, false, nil
+// queueReply sends an agent's reply on as WeChat's limits allow, records
+// it in the customer's conversation, and notes the agent's first reply.
+func (s *Store) queueReply(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time) (Taken, error) {
+	var t Taken
+	conv, agent, open, err := s.lastConversation(ctx, tx, d.OpenID)
+	if err != nil && !errors.Is(err, errNoConversation) {
+		return t, err
 	}
-	ms := now.UnixMilli()
-	var kept, open sql.NullString
-	err = s.queryRow(ctx, tx, `SELECT c.agent, v.agent FROM customers c
-		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
-		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&kept, &open)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		// A new customer. Two instances racing here: one insert fails on
-		// the key and its transaction runs again (inTx).
-		if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, ms); err != nil {
-			return "", false, err
-		}
-		if err := s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
-			return "", false, err
-		}
-	case err != nil:
-		return "", false, err
-	case open.Valid:
-		s.noteConversation(in.OpenID, open.String)
-		return open.String, false, nil
-	}
-	agent = kept.String
-	if !slices.Contains(in.Agents, agent) {
-		if agent, err = s.leastLoadedAgent(ctx, tx, in.Agents); err != nil {
-			return "", false, err
+	if open && agent == d.Agent {
+		var assignedAt int64
+		err := s.queryRow(ctx, tx, `UPDATE conversations SET first_reply_at = ? WHERE id = ? AND first_reply_at = 0
+			RETURNING assigned_at`, now.UnixMilli(), conv).Scan(&assignedAt)
+		switch {
+		case err == nil:
+			t.FirstReply = now.Sub(time.UnixMilli(assignedAt))
+		case !errors.Is(err, sql.ErrNoRows):
+			return t, err
 		}
 	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, in.OpenID); err != nil {
-		return "", false, err
-	}
-	if _, err := s.exec(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at) VALUES (?, ?, ?)`, in.OpenID, agent, ms); err != nil {
-		return "", false, err
-	}
-	if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open) VALUES (?, 1)
-		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1`, agent); err != nil {
-		return "", false, err
-	}
-	s.noteConversation(in.OpenID, agent)
-	return agent, true, nil
-}
-
-// leastLoadedAgent returns the agent with the fewest open conversations; a
-// tie goes to the agent listed first.
-func (s *Store) leastLoadedAgent(ctx context.Context, tx *sql.Tx, agents []string) (string, error) {
-	if len(agents) == 0 {
-		return "", errors.New("no agents configured")
-	}
-	rows, err := s.query(ctx, tx, `SELECT agent, open FROM agent_load`)
-	if err != nil {
-		return "", err
-	}
-	defer rows.Close()
-	load := map[string]int{}
-	for rows.Next() {
-		var a string
-		var n int
-		if err := rows.Scan(&a, &n); err != nil {
-			return "", err
-		}
-		load[a] = n
-	}
-	if err := rows.Err(); err != nil {
-		return "", err
-	}
-	best := agents[0]
-	for _, a := range agents[1:] {
-		if load[a] < load[best] {
-			best = a
-		}
-	}
-	return best, nil
+	_, err = s.toCustomer(ctx, tx, conv, d, d.Agent, now) // quota.go
+	return t, err
 }
 
 // harmless reports whether err is one a write returns having written

@@ -21,6 +21,7 @@ func newTestStore(t *testing.T) (*Store, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
 	return st, path
 }
 
@@ -37,13 +38,14 @@ func openTestStore(t testing.TB, kind string) *Store {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
 	return st
 }
 
 func message(key, openid, text string) Inbound {
 	n := uint32(0)
 	return Inbound{Key: key, Action: actMessage, OpenID: openid, IMUser: "wx_" + openid, Text: text,
-		Agents: []string{"a1", "a2"}, NewRandom: func() uint32 { n++; return n }}
+		NewRandom: func() uint32 { n++; return n }}
 }
 
 func TestAcceptPushOnce(t *testing.T) {
@@ -57,7 +59,7 @@ func TestAcceptPushOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if first != (Accepted{Reply: replyConnecting}) || again != (Accepted{Duplicate: true, Reply: replyConnecting}) {
+	if first.Duplicate || first.Reply != replyConnecting || len(first.Assigned) != 1 || !again.Duplicate || again.Reply != replyConnecting {
 		t.Errorf("got %+v then %+v, want the connecting reply, then the same as a duplicate", first, again)
 	}
 	stats, err := st.Stats(ctx)
@@ -148,7 +150,8 @@ func TestAcceptReplyNeedsKnownCustomer(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, want := range []bool{false, true} {
-		dup, err := st.AcceptReply(ctx, "im:1", d, now)
+		t2, err := st.AcceptReply(ctx, "im:1", d, now)
+		dup := t2.Duplicate
 		if err != nil || dup != want {
 			t.Errorf("reply %d: got duplicate %v, %v; want %v", i+1, dup, err, want)
 		}
@@ -199,7 +202,10 @@ func TestRolledBackConversationIsForgotten(t *testing.T) {
 	st, _ := newTestStore(t)
 	ctx, now := context.Background(), time.Now()
 	writeThenFail(t, st, func(ctx context.Context, tx *sql.Tx) error {
-		_, _, err := st.openConversation(ctx, tx, message("k1", "o1", "hi"), now)
+		if _, err := st.findConversation(ctx, tx, message("k1", "o1", "hi"), now); err != nil {
+			return err
+		}
+		_, err := st.startConversation(ctx, tx, "o1", now)
 		return err
 	})
 	acc, err := st.AcceptPush(ctx, message("k2", "o1", "hi again"), now)
@@ -221,18 +227,23 @@ func TestConversationClosedAndOpenedInOneTransaction(t *testing.T) {
 	if acc, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil || acc.Reply != replyConnecting {
 		t.Fatalf("first message: %+v, %v", acc, err)
 	}
+	if _, err := st.SetPresence(ctx, "a1", false, now, now); err != nil { // a1, who had the customer, goes
+		t.Fatal(err)
+	}
 	in := message("k2", "o1", "hi")
-	in.Agents = []string{"a2"} // a1, who had the customer, is gone
 	err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if agent, opened, err := st.openConversation(ctx, tx, in, now); err != nil || opened || agent != "a1" {
-			return fmt.Errorf("before closing: got %s, %v, %v; want a1's open conversation", agent, opened, err)
+		c, err := st.findConversation(ctx, tx, in, now)
+		if err != nil || c.id == 0 || c.agent != "a1" {
+			return fmt.Errorf("before closing: got %+v, %v; want a1's open conversation", c, err)
 		}
-		st.noteConversation("o1", "")
-		if _, err := st.exec(ctx, tx, `UPDATE conversations SET closed_at = ? WHERE openid = ? AND closed_at IS NULL`, now.UnixMilli(), "o1"); err != nil {
+		if err := st.closeConversation(ctx, tx, "o1", c.id, c.agent, "agent", now); err != nil {
 			return err
 		}
-		if agent, opened, err := st.openConversation(ctx, tx, in, now); err != nil || !opened || agent != "a2" {
-			return fmt.Errorf("after closing: got %s, %v, %v; want a new conversation with a2", agent, opened, err)
+		if c, err = st.findConversation(ctx, tx, in, now); err != nil || c.id != 0 {
+			return fmt.Errorf("after closing: got %+v, %v; want none open", c, err)
+		}
+		if c, err = st.startConversation(ctx, tx, "o1", now); err != nil || c.agent != "a2" {
+			return fmt.Errorf("after closing: got %+v, %v; want a new conversation with a2", c, err)
 		}
 		return nil
 	})
@@ -240,7 +251,6 @@ func TestConversationClosedAndOpenedInOneTransaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	in = message("k3", "o1", "and again")
-	in.Agents = []string{"a2"}
 	if acc, err := st.AcceptPush(ctx, in, now); err != nil || acc.Reply != replyNone {
 		t.Errorf("the next message got %+v, %v; want no reply: its conversation is open", acc, err)
 	}
@@ -317,6 +327,7 @@ func openSQLite(t *testing.T, path string, opts storeOptions) *Store {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
 	return st
 }
 

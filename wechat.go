@@ -78,6 +78,11 @@ const (
 	eventUnsubscribe = "unsubscribe"
 )
 
+// quotaEvents are the events after which WeChat takes three
+// customer-service messages within a minute: a menu click (click,
+// scancode_push and scancode_waitmsg only) and a QR scan by a follower.
+var quotaEvents = map[string]bool{"CLICK": true, "scancode_push": true, "scancode_waitmsg": true, "SCAN": true}
+
 // errBadPush marks a push the bridge refuses as malformed.
 var errBadPush = errors.New("bad wechat push")
 

@@ -68,9 +68,9 @@ func TestDecodePush(t *testing.T) {
 		{"link.xml", "link", "", actMessage, "[link] Spring collection\nNew arrivals\nhttps://example.com/spring", ""},
 		{"subscribe.xml", "event", "subscribe", actFollow, "", "wx:event:1669640891:oJqxQwYRyZMXFTc8sipB5TSe6Vw4:subscribe:qrscene_123123"},
 		{"unsubscribe.xml", "event", "unsubscribe", actUnfollow, "", ""},
-		{"scan.xml", "event", "SCAN", actNone, "", ""},
+		{"scan.xml", "event", "SCAN", actEvent, "", ""},
 		{"location_event.xml", "event", "LOCATION", actNone, "", ""},
-		{"click.xml", "event", "CLICK", actNone, "", ""},
+		{"click.xml", "event", "CLICK", actEvent, "", ""},
 		{"view.xml", "event", "VIEW", actNone, "", ""},
 	} {
 		t.Run(tc.file, func(t *testing.T) {

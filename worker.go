@@ -290,8 +290,15 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		return w.IM.ImportAccount(ctx, d.IMUser)
 	case deliverIMDelete:
 		return w.IM.DeleteAccount(ctx, d.IMUser)
-	case deliverIMSend:
-		msg := textMessage(d.IMUser, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
+	case deliverIMSend, deliverNotice:
+		// A notice about a conversation is written in it, as the
+		// customer's account; one about no conversation (an agent's
+		// account gone) comes from the admin.
+		from := d.IMUser
+		if from == "" {
+			from = w.Admin
+		}
+		msg := textMessage(from, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
 		if len(d.Elems) > 0 {
 			msg.MsgBody = d.Elems
 		}
@@ -308,7 +315,7 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			}
 		}
 		err := w.IM.Send(ctx, msg)
-		if isIMCode(err, imErrNotImported, imErrFromNotFound) {
+		if isIMCode(err, imErrNotImported, imErrFromNotFound) && from == d.IMUser {
 			// The customer's account is missing (deleted, or never imported):
 			// import it and try once more. Failing again, it cannot succeed.
 			if ierr := w.IM.ImportAccount(ctx, d.IMUser); ierr != nil {
@@ -319,12 +326,6 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			}
 		}
 		return err
-	case deliverNotice:
-		msg := textMessage(w.Admin, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
-		if sent, err := w.sentBefore(ctx, it, msg); sent || err != nil {
-			return err
-		}
-		return w.IM.Send(ctx, msg)
 	case deliverWeChat:
 		if it.triedAt != 0 {
 			// custom/send has no key to drop a repeat by, nor a history to

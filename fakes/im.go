@@ -41,8 +41,11 @@ type IMOptions struct {
 	// 60007; default: each API's own documented limit (apiLimits);
 	// negative: none.
 	RateLimit int
-	Now       func() time.Time
-	Trace     func(string) // narration for the demo
+	// Online are the accounts logged in when the fake starts (the agents'
+	// clients, usually); Login and Logout change them.
+	Online []string
+	Now    func() time.Time
+	Trace  func(string) // narration for the demo
 	// OnMessage, if set, is called with each message as it is delivered.
 	OnMessage func(Message)
 }
@@ -71,6 +74,7 @@ type IM struct {
 	buckets     map[string]*bucket // rate limit, by command
 	limited     int                // requests answered 60007
 	clientSeq   uint32             // MsgSeq of the agents' clients' last message
+	online      map[string]bool    // accounts logged in
 }
 
 // bucket is a token bucket: RateLimit tokens, refilled at RateLimit a second.
@@ -141,6 +145,10 @@ func NewIM(t T, opts IMOptions) *IM {
 	}
 	for _, a := range opts.Accounts {
 		im.accounts[a] = true
+	}
+	im.online = map[string]bool{}
+	for _, a := range opts.Online {
+		im.online[a] = true
 	}
 	im.srv = httptest.NewServer(http.HandlerFunc(im.serve))
 	im.URL = im.srv.URL
@@ -268,7 +276,8 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, imFail(60007, "REST API call frequency limit exceeded"))
 		return
 	}
-	if status, code, inject := im.fault(r); inject {
+	// Injected faults are the message APIs' (presence readings pass).
+	if status, code, inject := im.faultFor(r, command); inject {
 		if status != 0 {
 			http.Error(w, http.StatusText(status), status)
 		} else {
@@ -300,11 +309,22 @@ func (im *IM) serve(w http.ResponseWriter, r *http.Request) {
 	case "openim/admin_getroammsg":
 		hop(im.opts.Trace, "bridge", "IM", "openim/admin_getroammsg %s", compactJSON(body))
 		a = im.getRoamMsg(req, now)
+	case "openim/query_online_status":
+		a = im.queryOnlineStatus(req)
 	default:
 		im.t.Errorf("fake im: unmodelled command %s", command)
 		a = imFail(60009, "bad request resource")
 	}
 	writeJSON(w, a)
+}
+
+// faultFor is fault for the APIs faults are injected in: all but
+// query_online_status, so that a test's faults meet the calls it means.
+func (im *IM) faultFor(r *http.Request, command string) (status, code int, inject bool) {
+	if command == "openim/query_online_status" {
+		return 0, 0, false
+	}
+	return im.fault(r)
 }
 
 // apiLimits are the calls a second IM takes from an app by default, by API,
@@ -317,6 +337,7 @@ var apiLimits = map[string]int{
 	"im_open_login_svc/account_import": 200,
 	"im_open_login_svc/account_delete": 100,
 	"im_open_login_svc/account_check":  100,
+	"openim/query_online_status":       200, // 269/2566
 }
 
 // allow takes a token from command's bucket, counting a refusal.

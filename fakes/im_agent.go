@@ -186,3 +186,63 @@ func randUint32() uint32 {
 	rand.Read(b[:])
 	return binary.BigEndian.Uint32(b[:])
 }
+
+// Login logs account's client in: IM fires State.StateChange (Action
+// Login, Reason Register) and answers Online for it from then on.
+func (im *IM) Login(ctx context.Context, account string) CallbackResult {
+	return im.stateChange(ctx, account, true, "Login", "Register")
+}
+
+// Logout logs account's client out (Action Logout, Reason Unregister).
+func (im *IM) Logout(ctx context.Context, account string) CallbackResult {
+	return im.stateChange(ctx, account, false, "Logout", "Unregister")
+}
+
+// Disconnect drops account's connection (Action Disconnect, Reason
+// LinkClose: the app killed or the network gone).
+func (im *IM) Disconnect(ctx context.Context, account string) CallbackResult {
+	return im.stateChange(ctx, account, false, "Disconnect", "LinkClose")
+}
+
+// stateChange records account's presence and fires State.StateChange, as
+// 269/2570 shows it.
+func (im *IM) stateChange(ctx context.Context, account string, online bool, action, reason string) CallbackResult {
+	im.mu.Lock()
+	im.online[account] = online
+	im.mu.Unlock()
+	hop(im.opts.Trace, "agent", "IM", "%s: %s", account, action)
+	return im.callback(ctx, "State.StateChange", "Web", map[string]any{
+		"CallbackCommand": "State.StateChange", "EventTime": im.opts.Now().UnixMilli(),
+		"Info": map[string]any{"Action": action, "To_Account": account, "Reason": reason},
+	})
+}
+
+// queryOnlineStatus answers openim/query_online_status (269/2566): 1 to 500
+// accounts in To_Account; an account IM does not have is in ErrorList
+// (70107).
+func (im *IM) queryOnlineStatus(req map[string]json.RawMessage) imAnswer {
+	var to []string
+	if json.Unmarshal(req["To_Account"], &to) != nil || len(to) == 0 || len(to) > 500 {
+		return imFail(70402, "To_Account must list 1 to 500 accounts")
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	var results, errs []map[string]any
+	for _, a := range to {
+		if !im.accounts[a] {
+			errs = append(errs, map[string]any{"To_Account": a, "ErrorCode": 70107})
+			continue
+		}
+		status := "Offline"
+		if im.online[a] {
+			status = "Online"
+		}
+		results = append(results, map[string]any{"To_Account": a, "Status": status})
+	}
+	a := imOK()
+	a["QueryResult"] = results
+	if errs != nil {
+		a["ErrorList"] = errs
+	}
+	return a
+}

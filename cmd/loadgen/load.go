@@ -84,7 +84,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // with an error, must be closed.
 func newTrial(ctx context.Context, o options, stderr io.Writer) (*trial, error) {
 	t := &trial{o: o, ft: &fakes.Standalone{}, answered: map[int64]time.Time{}, arrived: map[int64]arrival{}}
-	t.im = fakes.NewIM(t.ft, fakes.IMOptions{Accounts: loadAgents, RateLimit: -1, CallbackToken: loadCallbackToken,
+	t.im = fakes.NewIM(t.ft, fakes.IMOptions{Accounts: loadAgents, Online: loadAgents, RateLimit: -1, CallbackToken: loadCallbackToken,
 		DedupWindow: o.imDedup, OnMessage: t.inIM})
 	t.wx = fakes.NewWeChat(t.ft, fakes.WeChatOptions{
 		// Every message is answered, and the answers may trail their
@@ -151,7 +151,7 @@ func (t *trial) env() []string {
 		"DATABASE_URL=" + t.o.database, "LOG_LEVEL=" + logLevel, "PATH=" + os.Getenv("PATH"),
 		"WECHAT_TOKEN=" + wo.Token, "WECHAT_APPID=" + wo.AppID, "WECHAT_APPSECRET=" + wo.AppSecret, "WECHAT_API_BASE=" + t.wx.URL,
 		"IM_SDKAPPID=" + fmt.Sprint(imo.SDKAppID), "IM_SECRET_KEY=" + imo.SecretKey, "IM_API_BASE=" + t.im.URL,
-		"IM_AGENTS=" + strings.Join(loadAgents, ","), "IM_CALLBACK_TOKEN=" + loadCallbackToken,
+		"IM_AGENTS=" + strings.Join(loadAgents, ","), "IM_AGENT_MAX_OPEN=0", "WECHAT_REPLY_QUOTA=1000000000", "IM_CALLBACK_TOKEN=" + loadCallbackToken,
 		"IM_DEDUP_WINDOW=" + t.o.imDedup.String(),
 	}
 	if t.o.chaos {

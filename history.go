@@ -1,0 +1,179 @@
+package main
+
+// The history: every message of every conversation, both ways, with its
+// time, its agent and its delivery state, kept in the messages table in the
+// transaction that takes it; GET /admin/customers/{openid}/messages reads
+// it back. A message's delivery state while it is in the outbox is its
+// item's, read when asked; delivered items are pruned after a day, and a
+// message whose item is gone was delivered.
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// historyRow is a message as the history records it.
+type historyRow struct {
+	conv      int64
+	openid    string
+	direction string // in: the customer's; out: to the customer
+	agent     string // the agent who received or wrote it; "" for the bridge's own
+	text      string
+	parts     int    // the messages it takes at WeChat (out) or IM (in)
+	state     string // queued, waiting, held or not_sent
+	outbox    int64  // its (first) outbox item, while queued
+	delivery  string // its delivery, while waiting or held
+}
+
+// record adds h to the history.
+func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
+	sentAt := int64(0)
+	if h.state == "queued" {
+		sentAt = now.UnixMilli()
+	}
+	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, sent_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
+		h.delivery, now.UnixMilli(), sentAt)
+	return err
+}
+
+// HistoryConversation is a conversation as the history endpoint shows it.
+// Times are Unix milliseconds, 0 for never.
+type HistoryConversation struct {
+	ID           int64            `json:"id"`
+	Agent        string           `json:"agent"` // "" while waiting
+	OpenedAt     int64            `json:"opened_at"`
+	QueuedAt     int64            `json:"queued_at"`
+	AssignedAt   int64            `json:"assigned_at"`
+	FirstReplyAt int64            `json:"first_reply_at"`
+	ClosedAt     int64            `json:"closed_at"`
+	ClosedBy     string           `json:"closed_by"` // agent, idle or unfollow
+	Rating       int              `json:"rating"`    // 1 to 5, 0 for none
+	Messages     []HistoryMessage `json:"messages"`
+}
+
+// HistoryMessage is one message of a conversation. State is waiting (for
+// an agent), held (for the customer's next message), not_sent (past the
+// 48-hour window), pending, delivered, failed (a dead letter: Reason says
+// why) or retried (a dead letter queued again).
+type HistoryMessage struct {
+	ID        int64  `json:"id"`
+	Time      int64  `json:"time"`
+	Direction string `json:"direction"` // in: from the customer; out: to the customer
+	Agent     string `json:"agent"`     // the agent it went to or came from; "" for the bridge's own
+	Text      string `json:"text"`
+	State     string `json:"state"`
+	Reason    string `json:"reason,omitempty"`
+}
+
+// History bounds: the newest conversations, and messages, of a customer.
+const (
+	maxHistoryConversations = 100
+	maxHistoryMessages      = 2000
+)
+
+// CustomerHistory returns the customer's newest conversations, oldest
+// first, each with its messages in order.
+func (s *Store) CustomerHistory(ctx context.Context, openid string) ([]HistoryConversation, error) {
+	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT id, agent, opened_at, queued_at, assigned_at, first_reply_at,
+		COALESCE(closed_at, 0), closed_by, rating FROM conversations WHERE openid = ? ORDER BY id DESC LIMIT `+
+		strconv.Itoa(maxHistoryConversations)), openid)
+	if err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
+	var convs []HistoryConversation
+	byID := map[int64]int{}
+	for rows.Next() {
+		var c HistoryConversation
+		if err := rows.Scan(&c.ID, &c.Agent, &c.OpenedAt, &c.QueuedAt, &c.AssignedAt, &c.FirstReplyAt, &c.ClosedAt, &c.ClosedBy, &c.Rating); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("history: %w", err)
+		}
+		c.Messages = []HistoryMessage{}
+		convs = append(convs, c)
+	}
+	if err := rows.Close(); err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
+	for i, j := 0, len(convs)-1; i < j; i, j = i+1, j-1 {
+		convs[i], convs[j] = convs[j], convs[i]
+	}
+	for i, c := range convs {
+		byID[c.ID] = i
+	}
+	// An item's id is checked against its lane too: SQLite may give a
+	// pruned item's id to a new one.
+	rows, err = s.rdb.QueryContext(ctx, s.q(`SELECT m.id, m.conversation, m.created_at, m.direction, m.agent, m.text, m.state,
+		COALESCE(o.state, ''), COALESCE(o.last_error, '') FROM messages m
+		LEFT JOIN outbox o ON o.id = m.outbox_id AND o.lane = (CASE m.direction WHEN 'in' THEN 'im:' ELSE 'wx:' END) || m.openid
+		WHERE m.openid = ? ORDER BY m.id DESC LIMIT `+strconv.Itoa(maxHistoryMessages)), openid)
+	if err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
+	defer rows.Close()
+	var msgs []struct {
+		conv int64
+		m    HistoryMessage
+	}
+	for rows.Next() {
+		var m HistoryMessage
+		var conv int64
+		var item, reason string
+		if err := rows.Scan(&m.ID, &conv, &m.Time, &m.Direction, &m.Agent, &m.Text, &m.State, &item, &reason); err != nil {
+			return nil, fmt.Errorf("history: %w", err)
+		}
+		if m.State == "queued" {
+			m.State = deliveryState(item)
+			if m.State == "failed" {
+				m.Reason = reason
+			}
+		}
+		msgs = append(msgs, struct {
+			conv int64
+			m    HistoryMessage
+		}{conv, m})
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
+	for k := len(msgs) - 1; k >= 0; k-- {
+		if i, ok := byID[msgs[k].conv]; ok {
+			convs[i].Messages = append(convs[i].Messages, msgs[k].m)
+		}
+	}
+	return convs, nil
+}
+
+// deliveryState is a queued message's state from its outbox item's.
+func deliveryState(item string) string {
+	switch item {
+	case "pending", "failed", "retried":
+		return item
+	}
+	return "delivered" // done, or pruned once done
+}
+
+// handleCustomerMessages serves GET /admin/customers/{openid}/messages.
+func (b *bridge) handleCustomerMessages(w http.ResponseWriter, r *http.Request) {
+	openid := r.PathValue("openid")
+	convs, err := b.store.CustomerHistory(r.Context(), openid)
+	if err != nil {
+		b.log.Error("history not read", "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	if len(convs) == 0 {
+		http.Error(w, "no conversations with this customer", http.StatusNotFound)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(struct {
+		OpenID        string                `json:"openid"`
+		Conversations []HistoryConversation `json:"conversations"`
+	}{openid, convs})
+}

@@ -1,0 +1,508 @@
+package main
+
+// Who serves whom, in the store: a new conversation goes to the online
+// agent with the fewest open conversations (a tie: the one given a
+// conversation longest ago, then the one listed first), below
+// IM_AGENT_MAX_OPEN; with nobody free, or outside business hours, it waits
+// in the queue (agent '') with the customer's messages, and the first agent
+// to come online or free a place takes the longest-waiting customer
+// (drain). An agent keeps their conversations while they are offline:
+// presence only decides who gets new ones. IM's word on an agent's presence
+// comes by State.StateChange or query_online_status; an agent IM has said
+// nothing of is taken as online.
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"slices"
+	"time"
+)
+
+// Assignment is a customer given to an agent, and how long they waited.
+type Assignment struct {
+	OpenID, Agent string
+	Waited        time.Duration
+}
+
+// convState is a customer's conversation as a message finds it.
+type convState struct {
+	id     int64  // the open conversation, 0 if none
+	agent  string // its agent, "" while it waits
+	opened bool   // this message opened it
+	// Read from the customer's row when it was looked up (not on the
+	// open conversations' fast path, which only holds customers with
+	// neither): replies held for their next message, and the
+	// conversation an agent ended that their next message may rate.
+	held       int
+	ratingConv int64
+}
+
+// lockDesk serializes, on PostgreSQL, the transactions that change who
+// serves whom (assignments, the queue, presence), until the transaction
+// ends, so that no agent is given more than IM_AGENT_MAX_OPEN. SQLite's
+// transactions are serial already.
+func (s *Store) lockDesk(ctx context.Context, tx *sql.Tx) error {
+	if !s.postgres {
+		return nil
+	}
+	_, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext('desk'))`)
+	return err
+}
+
+// findConversation returns the customer's open conversation, recording a
+// customer the bridge has never seen (one who followed before it existed)
+// and queueing the import of their IM account. On PostgreSQL it holds the
+// customer's row until the transaction ends, so two instances taking two
+// messages of one customer commit them one after the other.
+func (s *Store) findConversation(ctx context.Context, tx *sql.Tx, in Inbound, now time.Time) (convState, error) {
+	if oc, ok := s.openConv[in.OpenID]; ok { // nil, and never found, on PostgreSQL
+		return convState{id: oc.id, agent: oc.agent}, nil
+	}
+	var c convState
+	var id sql.NullInt64
+	var agent sql.NullString
+	err := s.queryRow(ctx, tx, `SELECT c.held, c.rating_conv, v.id, v.agent FROM customers c
+		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
+		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&c.held, &c.ratingConv, &id, &agent)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		// Two instances racing here: one insert fails on the key and its
+		// transaction runs again (inTx).
+		if _, err := s.exec(ctx, tx, `INSERT INTO customers (openid, followed, created_at) VALUES (?, 1, ?)`, in.OpenID, now.UnixMilli()); err != nil {
+			return c, err
+		}
+		return c, s.enqueue(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now)
+	case err != nil:
+		return c, err
+	}
+	c.id, c.agent = id.Int64, agent.String
+	if c.agent != "" && c.held == 0 {
+		s.noteConversation(in.OpenID, c.id, c.agent)
+	}
+	return c, nil
+}
+
+// startConversation opens a conversation for the customer: with an agent
+// if the desk is open, nobody waits and an agent is free, else in the
+// queue.
+func (s *Store) startConversation(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (convState, error) {
+	if err := s.lockDesk(ctx, tx); err != nil {
+		return convState{}, err
+	}
+	agent := ""
+	if s.desk.Hours.Open(now) {
+		waiting, err := s.queueLength(ctx, tx)
+		if err != nil {
+			return convState{}, err
+		}
+		if waiting == 0 {
+			if agent, err = s.pickAgent(ctx, tx); err != nil {
+				return convState{}, err
+			}
+		}
+	}
+	ms := now.UnixMilli()
+	queuedAt, assignedAt := ms, int64(0)
+	if agent != "" {
+		queuedAt, assignedAt = 0, ms
+	}
+	c := convState{agent: agent, opened: true}
+	err := s.queryRow(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at, queued_at, assigned_at)
+		VALUES (?, ?, ?, ?, ?) RETURNING id`, openid, agent, ms, queuedAt, assignedAt).Scan(&c.id)
+	if err != nil || agent == "" {
+		return c, err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, openid); err != nil {
+		return c, err
+	}
+	return c, s.assigned(ctx, tx, openid, c.id, agent, now)
+}
+
+// assigned counts a conversation given to agent.
+func (s *Store) assigned(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) error {
+	_, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open, assigned_at) VALUES (?, 1, ?)
+		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1, assigned_at = excluded.assigned_at`, agent, now.UnixMilli())
+	if err == nil {
+		s.noteConversation(openid, conv, agent)
+	}
+	return err
+}
+
+// queueLength counts the customers waiting.
+func (s *Store) queueLength(ctx context.Context, tx *sql.Tx) (int, error) {
+	var n int
+	err := s.queryRow(ctx, tx, `SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`).Scan(&n)
+	return n, err
+}
+
+// queuePosition is the place in the queue of conversation conv, from 1.
+func (s *Store) queuePosition(ctx context.Context, tx *sql.Tx, conv int64) (int, error) {
+	var n int
+	err := s.queryRow(ctx, tx, `SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = '' AND id <= ?`, conv).Scan(&n)
+	return n, err
+}
+
+// agentState is an agent's row in agent_load.
+type agentState struct {
+	open, online int
+	assignedAt   int64
+}
+
+// agentStates reads agent_load: an agent without a row has nothing open
+// and is taken as online.
+func (s *Store) agentStates(ctx context.Context, q interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}) (map[string]agentState, error) {
+	rows, err := q.QueryContext(ctx, `SELECT agent, open, online, assigned_at FROM agent_load`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	states := map[string]agentState{}
+	for rows.Next() {
+		var a string
+		var st agentState
+		if err := rows.Scan(&a, &st.open, &st.online, &st.assignedAt); err != nil {
+			return nil, err
+		}
+		states[a] = st
+	}
+	return states, rows.Err()
+}
+
+// pickAgent returns the online agent of the desk with the fewest open
+// conversations, below the cap; a tie goes to the one given a conversation
+// longest ago, then to the one listed first. It returns "" if none is
+// free.
+func (s *Store) pickAgent(ctx context.Context, tx *sql.Tx) (string, error) {
+	states, err := s.agentStates(ctx, tx)
+	if err != nil {
+		return "", err
+	}
+	best, bestState := "", agentState{}
+	for _, a := range s.desk.Agents {
+		st, ok := states[a]
+		if !ok {
+			st.online = 1
+		}
+		if st.online == 0 || (s.desk.MaxOpen > 0 && st.open >= s.desk.MaxOpen) {
+			continue
+		}
+		if best == "" || st.open < bestState.open || (st.open == bestState.open && st.assignedAt < bestState.assignedAt) {
+			best, bestState = a, st
+		}
+	}
+	return best, nil
+}
+
+// maxDrain bounds the customers one transaction takes from the queue.
+const maxDrain = 500
+
+// drain gives the longest-waiting customers to the agents free to take
+// them, while the desk is open: each is told AGENT_JOINED_TEXT, and their
+// agent receives their waiting messages in order.
+func (s *Store) drain(ctx context.Context, tx *sql.Tx, now time.Time) ([]Assignment, error) {
+	if !s.desk.Hours.Open(now) {
+		return nil, nil
+	}
+	if err := s.lockDesk(ctx, tx); err != nil {
+		return nil, err
+	}
+	var out []Assignment
+	for range maxDrain {
+		var conv, queuedAt int64
+		var openid string
+		err := s.queryRow(ctx, tx, `SELECT id, openid, queued_at FROM conversations WHERE closed_at IS NULL AND agent = ''
+			ORDER BY id LIMIT 1`).Scan(&conv, &openid, &queuedAt)
+		if errors.Is(err, sql.ErrNoRows) {
+			break
+		} else if err != nil {
+			return nil, err
+		}
+		agent, err := s.pickAgent(ctx, tx)
+		if err != nil || agent == "" {
+			return out, err
+		}
+		if err := s.takeFromQueue(ctx, tx, openid, conv, agent, now); err != nil {
+			return nil, err
+		}
+		out = append(out, Assignment{OpenID: openid, Agent: agent, Waited: now.Sub(time.UnixMilli(queuedAt))})
+	}
+	return out, nil
+}
+
+// takeFromQueue gives waiting conversation conv to agent: the customer's
+// waiting messages go to the agent in order, and the customer is told.
+func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) error {
+	// The customer's row first, as a message of theirs takes it: one
+	// being committed now is among the waiting ones read below.
+	var one int
+	if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one); err != nil {
+		return err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ? WHERE id = ?`, agent, now.UnixMilli(), conv); err != nil {
+		return err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ? WHERE openid = ?`, agent, openid); err != nil {
+		return err
+	}
+	if err := s.assigned(ctx, tx, openid, conv, agent, now); err != nil {
+		return err
+	}
+	parked, err := s.parked(ctx, tx, openid, "waiting")
+	if err != nil {
+		return err
+	}
+	for _, p := range parked {
+		p.d.Agent = agent
+		if err := s.release(ctx, tx, p, agent, now); err != nil {
+			return err
+		}
+	}
+	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: s.desk.imUser(openid), Agent: agent, Text: s.desk.Texts.Joined}
+	_, err = s.toCustomer(ctx, tx, conv, d, "", now)
+	return err
+}
+
+// closeConversation closes conv, by agent, idle or unfollow, and frees its
+// agent's place.
+func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent, by string, now time.Time) error {
+	s.noteConversation(openid, 0, "")
+	if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ?, closed_by = ? WHERE id = ?`, now.UnixMilli(), by, conv); err != nil {
+		return err
+	}
+	if agent == "" {
+		return nil
+	}
+	_, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, agent)
+	return err
+}
+
+// SetPresence records IM's word that agent is online or not, said at at
+// (a State.StateChange's EventTime, or the time of a query): a word older
+// than the last one recorded changes nothing. An agent coming online
+// takes the longest-waiting customers it has room for.
+func (s *Store) SetPresence(ctx context.Context, agent string, online bool, at, now time.Time) ([]Assignment, error) {
+	on := 0
+	if online {
+		on = 1
+	}
+	out, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]Assignment, error) {
+		if err := s.lockDesk(ctx, tx); err != nil {
+			return nil, err
+		}
+		if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, online, presence_at) VALUES (?, ?, ?)
+			ON CONFLICT (agent) DO UPDATE SET online = excluded.online, presence_at = excluded.presence_at
+			WHERE agent_load.presence_at <= excluded.presence_at`, agent, on, at.UnixMilli()); err != nil {
+			return nil, err
+		}
+		if !online {
+			return nil, nil
+		}
+		return s.drain(ctx, tx, now)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("set presence: %w", err)
+	}
+	return out, nil
+}
+
+// Swept is what a sweep did: the conversations it closed for being idle,
+// and the customers it took from the queue.
+type Swept struct {
+	Closed   int
+	Assigned []Assignment
+}
+
+// idleConv is an open conversation without a message since the cutoff.
+type idleConv struct {
+	id            int64
+	openid, agent string
+}
+
+// Sweep closes the conversations without a message for idle (if idle > 0),
+// telling the customer IDLE_CLOSED_TEXT and the agent, and gives waiting
+// customers to free agents (the desk may have just opened). It reads
+// first, and writes only when there is something to do.
+func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (Swept, error) {
+	var stale []idleConv
+	if idle > 0 {
+		cutoff := now.Add(-idle).UnixMilli()
+		rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT v.id, v.openid, v.agent FROM conversations v
+			WHERE v.closed_at IS NULL AND v.agent <> '' AND v.assigned_at < ?
+			AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?
+			ORDER BY v.id LIMIT `+fmt.Sprint(maxDrain)), cutoff, cutoff)
+		if err != nil {
+			return Swept{}, fmt.Errorf("sweep: %w", err)
+		}
+		for rows.Next() {
+			var c idleConv
+			if err := rows.Scan(&c.id, &c.openid, &c.agent); err != nil {
+				rows.Close()
+				return Swept{}, fmt.Errorf("sweep: %w", err)
+			}
+			stale = append(stale, c)
+		}
+		if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
+			return Swept{}, fmt.Errorf("sweep: %w", err)
+		}
+	}
+	var waiting int
+	if err := s.rdb.QueryRowContext(ctx, `SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`).Scan(&waiting); err != nil {
+		return Swept{}, fmt.Errorf("sweep: %w", err)
+	}
+	if len(stale) == 0 && (waiting == 0 || !s.desk.Hours.Open(now)) {
+		return Swept{}, nil
+	}
+	sw, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Swept, error) {
+		var sw Swept
+		if err := s.lockDesk(ctx, tx); err != nil {
+			return sw, err
+		}
+		for _, c := range stale {
+			closed, err := s.closeIdle(ctx, tx, c, idle, now)
+			if err != nil {
+				return sw, err
+			}
+			if closed {
+				sw.Closed++
+			}
+		}
+		var err error
+		sw.Assigned, err = s.drain(ctx, tx, now)
+		return sw, err
+	})
+	if err != nil {
+		return Swept{}, fmt.Errorf("sweep: %w", err)
+	}
+	return sw, nil
+}
+
+// closeIdle closes c if it is still open with the same agent and still
+// idle (a message may have come since it was read).
+func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time.Duration, now time.Time) (bool, error) {
+	var one int
+	if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), c.openid).Scan(&one); err != nil {
+		return false, err
+	}
+	cutoff := now.Add(-idle).UnixMilli()
+	err := s.queryRow(ctx, tx, `SELECT 1 FROM conversations v WHERE v.id = ? AND v.closed_at IS NULL AND v.agent = ?
+		AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?`,
+		c.id, c.agent, cutoff).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	if err := s.closeConversation(ctx, tx, c.openid, c.id, c.agent, "idle", now); err != nil {
+		return false, err
+	}
+	d := Delivery{Kind: deliverWeChat, OpenID: c.openid, IMUser: s.desk.imUser(c.openid), Agent: c.agent, Text: s.desk.Texts.IdleClosed}
+	if _, err := s.toCustomer(ctx, tx, c.id, d, "", now); err != nil {
+		return false, err
+	}
+	return true, s.tellAgent(ctx, tx, c.openid, c.agent, fmt.Sprintf("The conversation closed after %s without a message.", idle), now)
+}
+
+// tellAgent queues a notice to agent inside the customer's conversation,
+// marked as the bridge's.
+func (s *Store) tellAgent(ctx context.Context, tx *sql.Tx, openid, agent, text string, now time.Time) error {
+	return s.enqueue(ctx, tx, conversationNotice(s.desk.imUser(openid), openid, agent, text), now)
+}
+
+// noticeMark begins every notice the bridge writes into a conversation, so
+// that the agent tells it from the customer's words.
+const noticeMark = "[bridge] "
+
+// conversationNotice is a notice to agent inside the conversation with the
+// customer whose IM account is imUser: sent as that account, marked.
+func conversationNotice(imUser, openid, agent, text string) Delivery {
+	return Delivery{Kind: deliverNotice, OpenID: openid, IMUser: imUser, Agent: agent, Text: noticeMark + text,
+		MsgRandom: mrand.Uint32()}
+}
+
+// parkedMessage is a message the history keeps with its delivery, until it
+// can go: waiting for an agent, or held for the customer's next message.
+type parkedMessage struct {
+	id    int64
+	parts int
+	d     Delivery
+}
+
+// parked returns the customer's messages in state, oldest first.
+func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([]parkedMessage, error) {
+	rows, err := s.query(ctx, tx, `SELECT id, parts, delivery FROM messages WHERE openid = ? AND state = ? ORDER BY id`, openid, state)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []parkedMessage
+	for rows.Next() {
+		var p parkedMessage
+		var raw string
+		if err := rows.Scan(&p.id, &p.parts, &raw); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(raw), &p.d); err != nil {
+			return nil, fmt.Errorf("message %d: %w", p.id, err)
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+// release sends a parked message on: its delivery to the outbox, its
+// history row marked queued (with agent, for a customer's message).
+func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, now time.Time) error {
+	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
+	if err != nil {
+		return err
+	}
+	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', sent_at = ?,
+		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, now.UnixMilli(), agent, p.id)
+	return err
+}
+
+// imUser is the IM account of the customer openid.
+func (d *Desk) imUser(openid string) string { return d.UserPrefix + openid }
+
+// agentListed reports whether agent is one of the desk's.
+func (d *Desk) agentListed(agent string) bool { return slices.Contains(d.Agents, agent) }
+
+// DeskStats are the desk's figures for /metrics.
+type DeskStats struct {
+	Waiting int
+	Agents  []AgentStats // the desk's agents, in order
+}
+
+// AgentStats are one agent's figures.
+type AgentStats struct {
+	Agent        string
+	Open, Online int
+}
+
+// DeskStats returns how many customers wait, and each agent's open
+// conversations and presence.
+func (s *Store) DeskStats(ctx context.Context) (DeskStats, error) {
+	var d DeskStats
+	if err := s.rdb.QueryRowContext(ctx, `SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`).Scan(&d.Waiting); err != nil {
+		return d, fmt.Errorf("desk stats: %w", err)
+	}
+	states, err := s.agentStates(ctx, s.rdb)
+	if err != nil {
+		return d, fmt.Errorf("desk stats: %w", err)
+	}
+	for _, a := range s.desk.Agents {
+		st, ok := states[a]
+		if !ok {
+			st.online = 1
+		}
+		d.Agents = append(d.Agents, AgentStats{Agent: a, Open: st.open, Online: st.online})
+	}
+	return d, nil
+}

@@ -1,0 +1,148 @@
+package main
+
+// WeChat's limits on customer-service messages, counted before WeChat would
+// refuse (45015, 45047): a customer may be sent them only within 48 hours
+// of their last message, five per message they send; a follow, a menu click
+// or a QR scan allows three within the minute after it (unless a message's
+// 48 hours run longer). The count is read from the history (history.go):
+// the customer's last message, their last such event, and what was sent to
+// them since. A reply beyond the quota is held until the customer writes
+// again; one past the window is not sent; the agent is told either way, and
+// when one reply is left.
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// WeChat's allowances: per message, after a follow, click or scan.
+const (
+	messageQuota  = 5
+	messageWindow = 48 * time.Hour
+	eventQuota    = 3
+	eventWindow   = time.Minute
+)
+
+// allowance returns how many more customer-service messages WeChat takes
+// for openid at now, and whether any window is open at all; lastIn is when
+// the customer last wrote (zero if never).
+func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (left int, open bool, lastIn time.Time, err error) {
+	var in, eventAt int64
+	err = s.queryRow(ctx, tx, `SELECT COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1), 0),
+		COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)`, openid, openid).Scan(&in, &eventAt)
+	if err != nil {
+		return 0, false, time.Time{}, err
+	}
+	if in > 0 {
+		lastIn = time.UnixMilli(in)
+	}
+	since, quota, until := in, cmp.Or(s.desk.ReplyQuota, messageQuota), in+messageWindow.Milliseconds()
+	if eventAt > in && (in == 0 || until < eventAt+eventWindow.Milliseconds()) {
+		since, quota, until = eventAt, eventQuota, eventAt+eventWindow.Milliseconds()
+	}
+	if since == 0 || now.UnixMilli() >= until {
+		return 0, false, lastIn, nil
+	}
+	var used int
+	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND direction = 'out' AND state = 'queued'
+		AND sent_at >= ?`, openid, since).Scan(&used)
+	return max(quota-used, 0), true, lastIn, err
+}
+
+// toCustomer sends d, a message to the customer in conversation conv, if
+// WeChat will take it now, and records it in the history; from is the
+// agent who wrote it, "" for the bridge's own texts. An agent's reply
+// beyond the quota is held, and one past the window is not sent, the agent
+// told at once; the bridge's own text then is not sent, and an empty one
+// never. It returns the message's state.
+func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delivery, from string, now time.Time) (string, error) {
+	if d.Text == "" && d.Media == nil && len(d.Elems) == 0 {
+		return "", nil
+	}
+	parts := max(len(d.parts()), 1)
+	left, open, lastIn, err := s.allowance(ctx, tx, d.OpenID, now)
+	if err != nil {
+		return "", err
+	}
+	h := historyRow{conv: conv, openid: d.OpenID, direction: "out", agent: from, text: d.Text, parts: parts}
+	switch {
+	case !open:
+		h.state = "not_sent"
+		if from != "" {
+			when := "never"
+			if !lastIn.IsZero() {
+				when = now.Sub(lastIn).Round(time.Minute).String() + " ago"
+			}
+			err = s.tellAgent(ctx, tx, d.OpenID, from, fmt.Sprintf("Not sent: WeChat takes replies only within 48 hours of the customer's last message, and they last wrote %s. %q", when, d.Text), now)
+		}
+	case left < parts && from != "":
+		h.state = "held"
+		b, merr := json.Marshal(d)
+		if merr != nil {
+			return "", merr
+		}
+		h.delivery = string(b)
+		s.noteConversation(d.OpenID, 0, "") // their next message looks the held replies up
+		if _, err = s.exec(ctx, tx, `UPDATE customers SET held = held + 1 WHERE openid = ?`, d.OpenID); err == nil {
+			err = s.tellAgent(ctx, tx, d.OpenID, from, fmt.Sprintf("Held: WeChat takes no more replies until the customer writes again; this one goes then. %q", d.Text), now)
+		}
+	case left < parts:
+		h.state = "not_sent"
+	default:
+		h.state = "queued"
+		if h.outbox, err = s.enqueueFor(ctx, tx, d, now, nil); err == nil && from != "" && left-parts == 1 {
+			err = s.tellAgent(ctx, tx, d.OpenID, from, "One reply left: WeChat takes no more until the customer writes again.", now)
+		}
+	}
+	if err != nil {
+		return "", err
+	}
+	return h.state, s.record(ctx, tx, h, now)
+}
+
+// releaseHeldReplies sends the replies held for the customer, in order, as
+// far as their new quota goes; those it does not reach stay held.
+func (s *Store) releaseHeldReplies(ctx context.Context, tx *sql.Tx, openid string, now time.Time) error {
+	held, err := s.parked(ctx, tx, openid, "held")
+	if err != nil {
+		return err
+	}
+	left, open, _, err := s.allowance(ctx, tx, openid, now)
+	if err != nil || !open {
+		return err
+	}
+	sent := 0
+	for _, p := range held {
+		if p.parts > left {
+			break
+		}
+		if err := s.release(ctx, tx, p, "", now); err != nil {
+			return err
+		}
+		left -= p.parts
+		sent++
+	}
+	_, err = s.exec(ctx, tx, `UPDATE customers SET held = held - ? WHERE openid = ?`, sent, openid)
+	return err
+}
+
+// errNoConversation is returned for a command about a customer who has no
+// conversation at all.
+var errNoConversation = errors.New("no conversation")
+
+// lastConversation returns the customer's open conversation, or their last
+// one, and its agent ("" while it waits); errNoConversation if none.
+func (s *Store) lastConversation(ctx context.Context, tx *sql.Tx, openid string) (id int64, agent string, open bool, err error) {
+	var closed sql.NullInt64
+	err = s.queryRow(ctx, tx, `SELECT id, agent, closed_at FROM conversations WHERE openid = ? ORDER BY id DESC LIMIT 1`, openid).
+		Scan(&id, &agent, &closed)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, "", false, errNoConversation
+	}
+	return id, agent, !closed.Valid, err
+}

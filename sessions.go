@@ -1,0 +1,97 @@
+package main
+
+// The desk's clock: agents' presence read from IM at start and every few
+// minutes (State.StateChange tells of each change as it happens; a reading
+// catches one IM did not send or the bridge missed), and every few seconds
+// a sweep that closes idle conversations and gives waiting customers to
+// free agents, as when business hours begin (Store.Sweep).
+
+import (
+	"context"
+	"log/slog"
+	"time"
+)
+
+const (
+	// sweepEvery is how often idle conversations and the queue are looked
+	// at.
+	sweepEvery = 2 * time.Second
+	// presenceEvery is how often agents' presence is read from IM.
+	presenceEvery = 5 * time.Minute
+	// presenceRetry is how soon a failed reading is tried again.
+	presenceRetry = 30 * time.Second
+)
+
+// deskClock runs the desk's timed work.
+type deskClock struct {
+	store   *Store
+	im      *IMClient
+	worker  *Worker // woken when the sweep queues work
+	metrics *metrics
+	log     *slog.Logger
+	now     func() time.Time
+	agents  []string
+	idle    time.Duration // SESSION_IDLE_TIMEOUT; 0: conversations never close by themselves
+}
+
+// readPresence records each agent's presence as IM gives it now, and
+// reports whether IM answered. Only Online counts as online: an agent whose
+// app is in the background (PushOnline) is disconnected, as State.StateChange
+// says of them.
+func (d *deskClock) readPresence(ctx context.Context) bool {
+	status, err := d.im.OnlineStatus(ctx, d.agents)
+	if err != nil {
+		d.log.Warn("agents' presence not read from IM; kept as last known", "err", err)
+		return false
+	}
+	now := d.now()
+	online := 0
+	for _, a := range d.agents {
+		on := status[a] == "Online"
+		if on {
+			online++
+		}
+		assigned, err := d.store.SetPresence(ctx, a, on, now, now)
+		if err != nil {
+			d.log.Error("agent presence not recorded", "agent", a, "err", err)
+			return false
+		}
+		d.metrics.assigned(assigned)
+	}
+	d.worker.Notify()
+	d.log.Info("agents' presence read from IM", "online", online, "agents", len(d.agents))
+	return true
+}
+
+// Run sweeps every sweepEvery and reads presence every presenceEvery until
+// ctx is done.
+func (d *deskClock) Run(ctx context.Context) {
+	tick := time.NewTicker(sweepEvery)
+	defer tick.Stop()
+	nextRead := time.Now().Add(presenceEvery)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if time.Now().After(nextRead) {
+			nextRead = time.Now().Add(presenceEvery)
+			if !d.readPresence(ctx) {
+				nextRead = time.Now().Add(presenceRetry)
+			}
+		}
+		sw, err := d.store.Sweep(ctx, d.idle, d.now())
+		if err != nil {
+			if ctx.Err() == nil {
+				d.log.Error("desk sweep failed", "err", err)
+			}
+			continue
+		}
+		d.metrics.assigned(sw.Assigned)
+		if sw.Closed > 0 || len(sw.Assigned) > 0 {
+			d.log.Info("desk swept", "idle_closed", sw.Closed, "assigned", len(sw.Assigned))
+			d.worker.Notify()
+		}
+	}
+}
