@@ -75,7 +75,13 @@ func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) er
 		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = 'retried', updated_at = ? WHERE id = ?`, now.UnixMilli(), id); err != nil {
 			return err
 		}
-		return s.enqueue(ctx, tx, d, now)
+		next, err := s.enqueueFor(ctx, tx, d, now, nil)
+		if err != nil {
+			return err
+		}
+		// The history follows the message to its new item.
+		_, err = s.exec(ctx, tx, `UPDATE messages SET outbox_id = ? WHERE openid = ? AND outbox_id = ?`, next, d.OpenID, id)
+		return err
 	})
 	if err != nil && !errors.Is(err, errNoDeadLetter) {
 		return fmt.Errorf("retry dead letter: %w", err)

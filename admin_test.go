@@ -75,6 +75,17 @@ func TestDeadLetterRetriedByOperator(t *testing.T) {
 		if status, _ := h.adminCall("POST", "/admin/deadletters/x/retry", token); status != http.StatusNotFound {
 			t.Errorf("a bad id: %d, want 404", status)
 		}
+		// The history shows the reply delivered by the retry.
+		convs := h.history(customer)
+		if len(convs) != 1 || len(convs[0].Messages) != 2 || convs[0].Messages[1].Text != answer || convs[0].Messages[1].State != "delivered" {
+			t.Errorf("history after the retry: %+v", convs)
+		}
+		if status, _ := h.adminCall("GET", "/admin/customers/"+customer+"/messages", ""); status != http.StatusUnauthorized {
+			t.Errorf("history without the token: %d, want 401", status)
+		}
+		if status, _ := h.adminCall("GET", "/admin/customers/o_nobody/messages", token); status != http.StatusNotFound {
+			t.Errorf("history of a stranger: %d, want 404", status)
+		}
 		if strings.Contains(h.logs.String(), token) {
 			t.Error("the admin token is in the logs")
 		}
@@ -85,7 +96,8 @@ func TestDeadLetterRetriedByOperator(t *testing.T) {
 // are not there.
 func TestAdminOffWithoutToken(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
-	for _, c := range []struct{ method, path string }{{"GET", "/admin/deadletters"}, {"POST", "/admin/deadletters/1/retry"}} {
+	for _, c := range []struct{ method, path string }{{"GET", "/admin/deadletters"}, {"POST", "/admin/deadletters/1/retry"},
+		{"GET", "/admin/customers/" + customer + "/messages"}} {
 		if status, _ := h.adminCall(c.method, c.path, "anything"); status != http.StatusNotFound {
 			t.Errorf("%s %s: %d, want 404", c.method, c.path, status)
 		}

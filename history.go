@@ -28,17 +28,14 @@ type historyRow struct {
 	state     string // queued, waiting, held or not_sent
 	outbox    int64  // its (first) outbox item, while queued
 	delivery  string // its delivery, while waiting or held
+	grant     int64  // to the customer: the allowance it was sent under (quota.go)
 }
 
 // record adds h to the history.
 func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
-	sentAt := int64(0)
-	if h.state == "queued" {
-		sentAt = now.UnixMilli()
-	}
-	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, sent_at)
+	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
-		h.delivery, now.UnixMilli(), sentAt)
+		h.delivery, now.UnixMilli(), h.grant)
 	return err
 }
 

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -33,7 +34,8 @@ type harness struct {
 	base string // the running bridge's URL
 	logs *syncBuffer
 
-	stop func() error
+	stop  func() error
+	clock *fakeClock // the bridge's and the fakes' clock, if the test moves it
 }
 
 // harnessOptions adjusts a harness before the bridge starts.
@@ -44,6 +46,9 @@ type harnessOptions struct {
 	wechat   fakes.WeChatOptions
 	im       fakes.IMOptions
 	env      map[string]string
+	// clock, if set, is the bridge's clock and the fakes', which the test
+	// moves by hand.
+	clock *fakeClock
 }
 
 // newHarness starts the fakes and a bridge configured for them.
@@ -52,7 +57,18 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 	if o.agents == nil {
 		o.agents = []string{"agent_kim"}
 	}
-	h := &harness{t: t, logs: &syncBuffer{}}
+	h := &harness{t: t, logs: &syncBuffer{}, clock: o.clock}
+	if o.clock != nil {
+		// IM keeps the real time: a UserSig is made with it, whatever the
+		// bridge's clock says. Its callbacks' RequestTime is then as far
+		// from the bridge's clock as the test moves it.
+		o.wechat.Now = o.clock.Now
+		o.env = maps.Clone(o.env)
+		if o.env == nil {
+			o.env = map[string]string{}
+		}
+		o.env["IM_CALLBACK_MAX_SKEW"] = "100h"
+	}
 	db := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
 	if o.postgres {
 		db = testPostgres(t)
@@ -94,7 +110,11 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 // ready.
 func (h *harness) start() {
 	h.t.Helper()
-	h.base, h.stop = startBridge(h.t, h.env, h.logs)
+	var now func() time.Time
+	if h.clock != nil {
+		now = h.clock.Now
+	}
+	h.base, h.stop = startBridgeClock(h.t, h.env, h.logs, now)
 	h.wx.SetTarget(h.base + "/wechat")
 	h.im.SetCallbackURL(h.base + "/imcallback")
 }
@@ -104,11 +124,36 @@ func (h *harness) start() {
 // it and returns run's error.
 func startBridge(t testing.TB, env map[string]string, logs *syncBuffer) (base string, stop func() error) {
 	t.Helper()
+	return startBridgeClock(t, env, logs, nil)
+}
+
+// startBridgeClock is startBridge with the bridge's clock now, if not nil:
+// it serves as run does, with the configuration's clock set.
+func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now func() time.Time) (base string, stop func() error) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	mark := logs.Len()
 	env = maps.Clone(env)
-	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, io.Discard, logs) }()
+	getenv := func(k string) string { return env[k] }
+	go func() {
+		if now == nil {
+			done <- run(ctx, nil, getenv, io.Discard, logs)
+			return
+		}
+		cfg, err := loadConfig(getenv)
+		if err != nil {
+			done <- err
+			return
+		}
+		cfg.clock = now
+		ln, err := net.Listen("tcp", cfg.ListenAddr)
+		if err != nil {
+			done <- err
+			return
+		}
+		done <- serve(ctx, cfg, ln, newLogger(cfg, logs))
+	}()
 	var once sync.Once
 	var err error
 	stop = func() error {

@@ -260,7 +260,7 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	}
 	for _, p := range parked {
 		p.d.Agent = agent
-		if err := s.release(ctx, tx, p, agent, now); err != nil {
+		if err := s.release(ctx, tx, p, agent, 0, now); err != nil {
 			return err
 		}
 	}
@@ -457,14 +457,15 @@ func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([
 }
 
 // release sends a parked message on: its delivery to the outbox, its
-// history row marked queued (with agent, for a customer's message).
-func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, now time.Time) error {
+// history row marked queued, with agent for a customer's message, with the
+// allowance it goes under for a reply.
+func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, grant int64, now time.Time) error {
 	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
 	if err != nil {
 		return err
 	}
-	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', sent_at = ?,
-		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, now.UnixMilli(), agent, p.id)
+	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', grant_of = ?,
+		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, grant, agent, p.id)
 	return err
 }
 

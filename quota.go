@@ -29,29 +29,35 @@ const (
 )
 
 // allowance returns how many more customer-service messages WeChat takes
-// for openid at now, and whether any window is open at all; lastIn is when
-// the customer last wrote (zero if never).
-func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (left int, open bool, lastIn time.Time, err error) {
-	var in, eventAt int64
-	err = s.queryRow(ctx, tx, `SELECT COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1), 0),
-		COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)`, openid, openid).Scan(&in, &eventAt)
+// for openid, and whether any window is open at all, at now; grant names
+// the allowance (the id of the customer's last message, or minus the time
+// of their last event), which the messages sent under it record; lastIn is
+// when the customer last wrote (zero if never).
+func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (left int, open bool, grant int64, lastIn time.Time, err error) {
+	var inID, in, eventAt int64
+	err = s.queryRow(ctx, tx, `SELECT COALESCE(MAX(id), 0), COALESCE(MAX(created_at), 0), COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)
+		FROM (SELECT id, created_at FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1) m`,
+		openid, openid).Scan(&inID, &in, &eventAt)
 	if err != nil {
-		return 0, false, time.Time{}, err
+		return 0, false, 0, time.Time{}, err
 	}
 	if in > 0 {
 		lastIn = time.UnixMilli(in)
 	}
-	since, quota, until := in, cmp.Or(s.desk.ReplyQuota, messageQuota), in+messageWindow.Milliseconds()
+	// The fake's model, as far as WeChat tells it: a message allows five
+	// for 48 hours; a later event three for a minute, unless the message's
+	// window runs longer.
+	grant, quota, until := inID, cmp.Or(s.desk.ReplyQuota, messageQuota), in+messageWindow.Milliseconds()
 	if eventAt > in && (in == 0 || until < eventAt+eventWindow.Milliseconds()) {
-		since, quota, until = eventAt, eventQuota, eventAt+eventWindow.Milliseconds()
+		grant, quota, until = -eventAt, eventQuota, eventAt+eventWindow.Milliseconds()
 	}
-	if since == 0 || now.UnixMilli() >= until {
-		return 0, false, lastIn, nil
+	if grant == 0 || now.UnixMilli() >= until {
+		return 0, false, 0, lastIn, nil
 	}
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND direction = 'out' AND state = 'queued'
-		AND sent_at >= ?`, openid, since).Scan(&used)
-	return max(quota-used, 0), true, lastIn, err
+		AND grant_of = ?`, openid, grant).Scan(&used)
+	return max(quota-used, 0), true, grant, lastIn, err
 }
 
 // toCustomer sends d, a message to the customer in conversation conv, if
@@ -65,7 +71,7 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 		return "", nil
 	}
 	parts := max(len(d.parts()), 1)
-	left, open, lastIn, err := s.allowance(ctx, tx, d.OpenID, now)
+	left, open, grant, lastIn, err := s.allowance(ctx, tx, d.OpenID, now)
 	if err != nil {
 		return "", err
 	}
@@ -94,7 +100,7 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 	case left < parts:
 		h.state = "not_sent"
 	default:
-		h.state = "queued"
+		h.state, h.grant = "queued", grant
 		if h.outbox, err = s.enqueueFor(ctx, tx, d, now, nil); err == nil && from != "" && left-parts == 1 {
 			err = s.tellAgent(ctx, tx, d.OpenID, from, "One reply left: WeChat takes no more until the customer writes again.", now)
 		}
@@ -112,7 +118,7 @@ func (s *Store) releaseHeldReplies(ctx context.Context, tx *sql.Tx, openid strin
 	if err != nil {
 		return err
 	}
-	left, open, _, err := s.allowance(ctx, tx, openid, now)
+	left, open, grant, _, err := s.allowance(ctx, tx, openid, now)
 	if err != nil || !open {
 		return err
 	}
@@ -121,7 +127,7 @@ func (s *Store) releaseHeldReplies(ctx context.Context, tx *sql.Tx, openid strin
 		if p.parts > left {
 			break
 		}
-		if err := s.release(ctx, tx, p, "", now); err != nil {
+		if err := s.release(ctx, tx, p, "", grant, now); err != nil {
 			return err
 		}
 		left -= p.parts

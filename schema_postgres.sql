@@ -59,9 +59,9 @@ CREATE TABLE IF NOT EXISTS agent_load (
 -- agent is ''), its text, the WeChat messages it takes (parts), and state:
 -- queued (its delivery is outbox item outbox_id), waiting (for an agent),
 -- held (for the customer's next message: the quota is spent), or not_sent
--- (past the 48-hour window). A waiting or held message keeps its delivery;
--- sent_at is when it was queued (a held reply's counts against the quota
--- of the customer's message that let it go).
+-- (past the 48-hour window). A waiting or held message keeps its delivery.
+-- grant_of names the allowance an outgoing message was sent under (quota.go):
+-- the id of the customer's message, or minus the time of their event.
 CREATE TABLE IF NOT EXISTS messages (
     id           BIGSERIAL PRIMARY KEY,
     conversation BIGINT NOT NULL,
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS messages (
     outbox_id    BIGINT NOT NULL DEFAULT 0,
     delivery     TEXT NOT NULL DEFAULT '',
     created_at   BIGINT NOT NULL,
-    sent_at      BIGINT NOT NULL DEFAULT 0
+    grant_of     BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_customer ON messages (openid, id);
 

@@ -40,6 +40,7 @@ func (b *bridge) routes() http.Handler {
 	mux.Handle("GET /media/{id}", b.handleMedia())
 	mux.Handle("GET /admin/deadletters", b.admin(b.handleDeadLetters))
 	mux.Handle("POST /admin/deadletters/{id}/retry", b.admin(b.handleRetryDeadLetter))
+	mux.Handle("GET /admin/customers/{openid}/messages", b.admin(b.handleCustomerMessages))
 	mux.Handle("GET /healthz", b.handleHealth())
 	mux.Handle("GET /readyz", b.handleReady())
 	mux.Handle("GET /metrics", b.metrics.handler())

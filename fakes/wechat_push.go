@@ -47,14 +47,32 @@ func (wx *WeChat) Follow(ctx context.Context, openid string) PushResult {
 	wx.mu.Lock()
 	u := wx.user(openid)
 	u.followed = true
+	wx.interacted(u)
+	wx.mu.Unlock()
+	hop(wx.opts.Trace, "customer", "WeChat", "%s follows the Official Account", openid)
+	return wx.Push(ctx, wx.EventXML(openid, "subscribe", ""))
+}
+
+// Click pushes a menu click (a CLICK event with key) from openid, a
+// follower. Like a follow, it opens a one-minute window of three
+// customer-service messages, unless a longer one is open.
+func (wx *WeChat) Click(ctx context.Context, openid, key string) PushResult {
+	wx.mu.Lock()
+	wx.interacted(wx.user(openid))
+	wx.mu.Unlock()
+	hop(wx.opts.Trace, "customer", "WeChat", "%s clicks menu %s", openid, key)
+	return wx.Push(ctx, wx.EventXML(openid, "CLICK", key))
+}
+
+// interacted opens the window of three customer-service messages a
+// minute that a follow, a menu click or a QR scan opens, unless one that
+// ends later is open. The caller holds wx.mu.
+func (wx *WeChat) interacted(u *customer) {
 	now := wx.opts.Now()
 	u.lastWrote = now
 	if u.windowUntil.Before(now.Add(time.Minute)) {
 		u.windowUntil, u.quota = now.Add(time.Minute), 3
 	}
-	wx.mu.Unlock()
-	hop(wx.opts.Trace, "customer", "WeChat", "%s follows the Official Account", openid)
-	return wx.Push(ctx, wx.EventXML(openid, "subscribe", ""))
 }
 
 // Unfollow pushes an unsubscribe event from openid; the account may no
