@@ -1,6 +1,7 @@
 package main
 
-// The operator's endpoints: the dead letters, and a retry of one. They need
+// The operator's endpoints: the dead letters, a retry of one, and a
+// customer's history (history.go). They need
 // Authorization: Bearer ADMIN_TOKEN; with ADMIN_TOKEN unset they answer 404,
 // as if they were not there.
 
@@ -136,4 +137,24 @@ func (b *bridge) handleRetryDeadLetter(w http.ResponseWriter, r *http.Request) {
 		b.worker.Notify()
 		w.WriteHeader(http.StatusAccepted)
 	}
+}
+
+// handleCustomerMessages serves GET /admin/customers/{openid}/messages.
+func (b *bridge) handleCustomerMessages(w http.ResponseWriter, r *http.Request) {
+	openid := r.PathValue("openid")
+	convs, err := b.store.CustomerHistory(r.Context(), openid)
+	if err != nil {
+		b.log.Error("history not read", "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	if len(convs) == 0 {
+		http.Error(w, "no conversations with this customer", http.StatusNotFound)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(struct {
+		OpenID        string                `json:"openid"`
+		Conversations []HistoryConversation `json:"conversations"`
+	}{openid, convs})
 }

@@ -47,39 +47,6 @@ func parseCommand(body []MsgElem) (name, arg string, ok bool) {
 	return strings.ToLower(name), strings.TrimSpace(rest), true
 }
 
-// rating returns the rating a customer's message gives, if it is one: a
-// digit from 1 to 5 and nothing else (a full-width one too).
-func rating(text string, elems []MsgElem) (int, bool) {
-	if len(elems) > 0 {
-		return 0, false
-	}
-	t := strings.TrimSpace(text)
-	if r := []rune(t); len(r) == 1 && r[0] >= '１' && r[0] <= '５' {
-		return int(r[0]-'１') + 1, true
-	}
-	n, err := strconv.Atoi(t)
-	if err != nil || n < 1 || n > 5 || len(t) != 1 {
-		return 0, false
-	}
-	return n, true
-}
-
-// rate stores a customer's rating with conversation conv, and shows it to
-// its agent.
-func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n int, now time.Time) error {
-	var agent string
-	if err := s.queryRow(ctx, tx, `UPDATE conversations SET rating = ? WHERE id = ? RETURNING agent`, n, conv).Scan(&agent); err != nil {
-		return err
-	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
-		return err
-	}
-	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: "rating"}, now); err != nil {
-		return err
-	}
-	return s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)
-}
-
 // CommandDone says what a command changed, for the metrics.
 type CommandDone struct {
 	Duplicate bool

@@ -29,8 +29,13 @@ import (
 const (
 	demoCustomer = "o6_bmjrPTlm6_2sgVt7hMZOPfL2M"
 	demoAgent    = "agent_kim"
-	demoQuestion = "아동복 신상품은 언제쯤 나오나요?"
-	demoAnswer   = "5월에 출시될 예정이오니, 많은 관심 부탁드립니다!"
+	// The customer service the demo plays after the exchange: a second
+	// customer waits, a second agent logs in, takes them, and is handed
+	// the first customer.
+	demoSecondCustomer = "oJqxQwYRyZMXFTc8sipB5TSe6Vw4"
+	demoSecondAgent    = "agent_lee"
+	demoQuestion       = "아동복 신상품은 언제쯤 나오나요?"
+	demoAnswer         = "5월에 출시될 예정이오니, 많은 관심 부탁드립니다!"
 )
 
 // runDemo starts fake WeChat and IM servers and the bridge in this process,
@@ -51,7 +56,8 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	// authentication; the bridge takes no other (IM_CALLBACK_TOKEN).
 	token := make([]byte, 16)
 	rand.Read(token)
-	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent}, Online: []string{demoAgent}, Trace: say, CallbackToken: hex.EncodeToString(token)})
+	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent, demoSecondAgent}, Online: []string{demoAgent}, Trace: say,
+		CallbackToken: hex.EncodeToString(token)})
 	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
 	if err != nil {
 		return err
@@ -90,6 +96,9 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	if err := playForgery(ctx, base, cfg, say); err != nil {
 		return err
 	}
+	if err := playDesk(ctx, wx, im, cfg.IMUserPrefix, say); err != nil {
+		return err
+	}
 	stopBridge()
 	if err := <-served; err != nil {
 		return fmt.Errorf("demo: bridge: %w", err)
@@ -115,7 +124,8 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 		"PUBLIC_URL":   "http://" + ln.Addr().String(), // where the agent's client downloads photos
 		"WECHAT_TOKEN": wopts.Token, "WECHAT_APPID": wopts.AppID, "WECHAT_APPSECRET": wopts.AppSecret,
 		"WECHAT_API_BASE": wx.URL, "IM_SDKAPPID": fmt.Sprint(iopts.SDKAppID), "IM_SECRET_KEY": iopts.SecretKey,
-		"IM_AGENTS": demoAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
+		"IM_AGENTS": demoAgent + "," + demoSecondAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
+		"IM_AGENT_MAX_OPEN": "1", // so that a second customer waits
 		"IM_CALLBACK_TOKEN": iopts.CallbackToken,
 		"DATABASE_URL":      "sqlite:" + filepath.Join(dir, "bridge.db"),
 	}
@@ -230,4 +240,52 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM s
 		sent := wx.Sent()
 		return len(sent) == 2 && sent[1].MsgType == "image"
 	})
+}
+
+// playDesk plays the customer service: a second customer waits while the
+// only agent online is busy, a second agent logs in and takes them, the
+// first agent hands the first customer over, and the second agent ends
+// that conversation, which the customer rates.
+func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string, say func(string)) error {
+	step := func(title string) { say(""); say("── " + title) }
+	first, second := prefix+demoCustomer, prefix+demoSecondCustomer
+	step("7. A second customer writes while " + demoAgent + " is busy and " + demoSecondAgent + " is away: they wait")
+	wx.Follow(ctx, demoSecondCustomer)
+	if r := wx.SendText(ctx, demoSecondCustomer, "Is the store open on Sunday?"); r.Reply == nil || !strings.Contains(r.Reply.Content, "number 1") {
+		return fmt.Errorf("demo: the waiting customer was not told their place (status %d %q)", r.Status, r.Body)
+	}
+	received := func(agent, from, text string) func() bool {
+		return func() bool {
+			for _, m := range im.Messages() {
+				if m.To == agent && m.From == from && strings.Contains(m.Text, text) {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	step("8. " + demoSecondAgent + " logs in and takes the waiting customer")
+	im.Login(ctx, demoSecondAgent)
+	if err := fakes.WaitFor(ctx, "the waiting message to reach "+demoSecondAgent, received(demoSecondAgent, second, "Sunday")); err != nil {
+		return err
+	}
+	step("9. " + demoAgent + " hands the first customer to " + demoSecondAgent + ", who reads a summary first")
+	if _, err := im.SendAsAgent(ctx, demoAgent, first, "/transfer "+demoSecondAgent); err != nil {
+		return err
+	}
+	if err := fakes.WaitFor(ctx, "the summary to reach "+demoSecondAgent, received(demoSecondAgent, first, "Transferred to you")); err != nil {
+		return err
+	}
+	step("10. " + demoSecondAgent + " ends the conversation, and the customer rates it")
+	if _, err := im.SendAsAgent(ctx, demoSecondAgent, first, "/end"); err != nil {
+		return err
+	}
+	if err := fakes.WaitFor(ctx, "the rating request", func() bool {
+		sent := wx.Sent()
+		return strings.Contains(sent[len(sent)-1].Text, "How did we do?")
+	}); err != nil {
+		return err
+	}
+	wx.SendText(ctx, demoCustomer, "5")
+	return fakes.WaitFor(ctx, "the rating shown to "+demoSecondAgent, received(demoSecondAgent, first, "rated the conversation 5 of 5"))
 }

@@ -12,7 +12,6 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"strconv"
 	"time"
 )
@@ -36,6 +35,49 @@ func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.T
 	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
 		h.delivery, now.UnixMilli(), h.grant)
+	return err
+}
+
+// parkedMessage is a message the history keeps with its delivery, until it
+// can go: waiting for an agent, or held for the customer's next message.
+type parkedMessage struct {
+	id    int64
+	parts int
+	d     Delivery
+}
+
+// parked returns the customer's messages in state, oldest first.
+func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([]parkedMessage, error) {
+	rows, err := s.query(ctx, tx, `SELECT id, parts, delivery FROM messages WHERE openid = ? AND state = ? ORDER BY id`, openid, state)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []parkedMessage
+	for rows.Next() {
+		var p parkedMessage
+		var raw string
+		if err := rows.Scan(&p.id, &p.parts, &raw); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(raw), &p.d); err != nil {
+			return nil, fmt.Errorf("message %d: %w", p.id, err)
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+// release sends a parked message on: its delivery to the outbox, its
+// history row marked queued, with agent for a customer's message, with the
+// allowance it goes under for a reply.
+func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, grant int64, now time.Time) error {
+	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
+	if err != nil {
+		return err
+	}
+	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', grant_of = ?,
+		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, grant, agent, p.id)
 	return err
 }
 
@@ -153,24 +195,4 @@ func deliveryState(item string) string {
 		return item
 	}
 	return "delivered" // done, or pruned once done
-}
-
-// handleCustomerMessages serves GET /admin/customers/{openid}/messages.
-func (b *bridge) handleCustomerMessages(w http.ResponseWriter, r *http.Request) {
-	openid := r.PathValue("openid")
-	convs, err := b.store.CustomerHistory(r.Context(), openid)
-	if err != nil {
-		b.log.Error("history not read", "err", err)
-		http.Error(w, "internal error", http.StatusInternalServerError)
-		return
-	}
-	if len(convs) == 0 {
-		http.Error(w, "no conversations with this customer", http.StatusNotFound)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(struct {
-		OpenID        string                `json:"openid"`
-		Conversations []HistoryConversation `json:"conversations"`
-	}{openid, convs})
 }

@@ -389,7 +389,9 @@ func TestDemo(t *testing.T) {
 	if err := run(context.Background(), []string{"demo"}, func(string) string { return "" }, &out, io.Discard); err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
-	for _, want := range []string{demoQuestion, demoAnswer, "openim/sendmsg", "C2C.CallbackAfterSendMsg", "custom/send", "Done:"} {
+	for _, want := range []string{demoQuestion, demoAnswer, "openim/sendmsg", "C2C.CallbackAfterSendMsg", "custom/send",
+		"number 1 in the queue", "State.StateChange (agent_lee Login", "/transfer agent_lee", "Transferred to you by agent_kim", "/end",
+		"rated the conversation 5 of 5", "Done:"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())
 		}

@@ -12,6 +12,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	mrand "math/rand/v2"
 	"time"
 )
 
@@ -80,6 +81,23 @@ func (d Delivery) lane() string {
 // markHeads marks each lane's first pending item its head, where it is not.
 const markHeads = `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
 	(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`
+
+// tellAgent queues a notice to agent inside the customer's conversation,
+// marked as the bridge's.
+func (s *Store) tellAgent(ctx context.Context, tx *sql.Tx, openid, agent, text string, now time.Time) error {
+	return s.enqueue(ctx, tx, conversationNotice(s.desk.imUser(openid), openid, agent, text), now)
+}
+
+// noticeMark begins every notice the bridge writes into a conversation, so
+// that the agent tells it from the customer's words.
+const noticeMark = "[bridge] "
+
+// conversationNotice is a notice to agent inside the conversation with the
+// customer whose IM account is imUser: sent as that account, marked.
+func conversationNotice(imUser, openid, agent, text string) Delivery {
+	return Delivery{Kind: deliverNotice, OpenID: openid, IMUser: imUser, Agent: agent, Text: noticeMark + text,
+		MsgRandom: mrand.Uint32()}
+}
 
 // Notice queues d, a notice to an agent, in a transaction of its own.
 func (s *Store) Notice(ctx context.Context, d Delivery, now time.Time) error {

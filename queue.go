@@ -15,11 +15,11 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
-	mrand "math/rand/v2"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -269,6 +269,39 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	return err
 }
 
+// rating returns the rating a customer's message gives, if it is one: a
+// digit from 1 to 5 and nothing else (a full-width one too).
+func rating(text string, elems []MsgElem) (int, bool) {
+	if len(elems) > 0 {
+		return 0, false
+	}
+	t := strings.TrimSpace(text)
+	if r := []rune(t); len(r) == 1 && r[0] >= '１' && r[0] <= '５' {
+		return int(r[0]-'１') + 1, true
+	}
+	n, err := strconv.Atoi(t)
+	if err != nil || n < 1 || n > 5 || len(t) != 1 {
+		return 0, false
+	}
+	return n, true
+}
+
+// rate stores a customer's rating with conversation conv, and shows it to
+// its agent.
+func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n int, now time.Time) error {
+	var agent string
+	if err := s.queryRow(ctx, tx, `UPDATE conversations SET rating = ? WHERE id = ? RETURNING agent`, n, conv).Scan(&agent); err != nil {
+		return err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
+		return err
+	}
+	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: "rating"}, now); err != nil {
+		return err
+	}
+	return s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)
+}
+
 // closeConversation closes conv, by agent, idle or unfollow, and frees its
 // agent's place.
 func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent, by string, now time.Time) error {
@@ -407,66 +440,6 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 		return false, err
 	}
 	return true, s.tellAgent(ctx, tx, c.openid, c.agent, fmt.Sprintf("The conversation closed after %s without a message.", idle), now)
-}
-
-// tellAgent queues a notice to agent inside the customer's conversation,
-// marked as the bridge's.
-func (s *Store) tellAgent(ctx context.Context, tx *sql.Tx, openid, agent, text string, now time.Time) error {
-	return s.enqueue(ctx, tx, conversationNotice(s.desk.imUser(openid), openid, agent, text), now)
-}
-
-// noticeMark begins every notice the bridge writes into a conversation, so
-// that the agent tells it from the customer's words.
-const noticeMark = "[bridge] "
-
-// conversationNotice is a notice to agent inside the conversation with the
-// customer whose IM account is imUser: sent as that account, marked.
-func conversationNotice(imUser, openid, agent, text string) Delivery {
-	return Delivery{Kind: deliverNotice, OpenID: openid, IMUser: imUser, Agent: agent, Text: noticeMark + text,
-		MsgRandom: mrand.Uint32()}
-}
-
-// parkedMessage is a message the history keeps with its delivery, until it
-// can go: waiting for an agent, or held for the customer's next message.
-type parkedMessage struct {
-	id    int64
-	parts int
-	d     Delivery
-}
-
-// parked returns the customer's messages in state, oldest first.
-func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([]parkedMessage, error) {
-	rows, err := s.query(ctx, tx, `SELECT id, parts, delivery FROM messages WHERE openid = ? AND state = ? ORDER BY id`, openid, state)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []parkedMessage
-	for rows.Next() {
-		var p parkedMessage
-		var raw string
-		if err := rows.Scan(&p.id, &p.parts, &raw); err != nil {
-			return nil, err
-		}
-		if err := json.Unmarshal([]byte(raw), &p.d); err != nil {
-			return nil, fmt.Errorf("message %d: %w", p.id, err)
-		}
-		out = append(out, p)
-	}
-	return out, rows.Err()
-}
-
-// release sends a parked message on: its delivery to the outbox, its
-// history row marked queued, with agent for a customer's message, with the
-// allowance it goes under for a reply.
-func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, grant int64, now time.Time) error {
-	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
-	if err != nil {
-		return err
-	}
-	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', grant_of = ?,
-		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, grant, agent, p.id)
-	return err
 }
 
 // imUser is the IM account of the customer openid.

@@ -167,7 +167,11 @@ func (im *IM) callback(ctx context.Context, command, platform string, body map[s
 	if im.opts.CallbackToken != "" {
 		signed = "signed"
 	}
-	hop(im.opts.Trace, "IM", "bridge", "%s (%s → %s, %s), answered %d", command, body["From_Account"], body["To_Account"], signed, res.Status)
+	who := fmt.Sprintf("%s → %s", body["From_Account"], body["To_Account"])
+	if info, ok := body["Info"].(map[string]any); ok {
+		who = fmt.Sprintf("%s %s", info["To_Account"], info["Action"])
+	}
+	hop(im.opts.Trace, "IM", "bridge", "%s (%s, %s), answered %d", command, who, signed, res.Status)
 	im.mu.Lock()
 	im.callbacks = append(im.callbacks, res)
 	im.mu.Unlock()
