@@ -427,8 +427,48 @@ func TestReplyQuotaAndWindow(t *testing.T) {
 		if got := strings.Join(h.sentTexts("c1"), ","); got != "r1,r2,r3,r4,r5,r6,m1,m2,m3" {
 			t.Errorf("c1 read %s", got)
 		}
-		if n := len(h.wx.RequestsTo("/cgi-bin/message/custom/send")); n != 9 {
-			t.Errorf("custom/send called %d times, want 9: no call WeChat would refuse", n)
+		// So does a follow.
+		h.wx.Follow(ctx, "c2")
+		eventually(t, "c2's account", func() bool { return h.im.Imported(customerIM("c2")) })
+		for _, r := range []string{"f1", "f2", "f3", "f4"} {
+			reply("c2", r)
+		}
+		h.eventuallyNotice("agent_kim", "c2", `this one goes then. "f4"`)
+		if got := strings.Join(h.sentTexts("c2"), ","); got != "f1,f2,f3" {
+			t.Errorf("c2 read %s", got)
+		}
+		if n := len(h.wx.RequestsTo("/cgi-bin/message/custom/send")); n != 12 {
+			t.Errorf("custom/send called %d times, want 12: no call WeChat would refuse", n)
+		}
+	})
+}
+
+// TestUnfollowWhileWaiting: a customer who unfollows leaves the queue, and
+// their waiting messages reach no agent.
+func TestUnfollowWhileWaiting(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, im: fakes.IMOptions{Online: []string{}}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "hello?")
+		h.wx.SendText(ctx, "c2", "anyone?")
+		h.wx.Unfollow(ctx, "c1")
+		if got := replyText(h.wx.SendText(ctx, "c2", "still here")); got != defaultDeskTexts.queuedText(1) {
+			t.Errorf("c2 read %q, want first place: c1 left", got)
+		}
+		h.im.Login(ctx, "agent_kim")
+		eventually(t, "c2's messages", func() bool { return len(h.customerTexts("agent_kim", "c2")) == 2 })
+		if got := h.customerTexts("agent_kim", "c1"); len(got) != 0 {
+			t.Errorf("agent_kim read %q from c1, who left", got)
+		}
+		if !strings.Contains(h.metricsText(), "bridge_customers_waiting 0") {
+			t.Error("/metrics does not show the queue empty")
+		}
+		// Back again, they start afresh.
+		h.wx.Follow(ctx, "c1")
+		h.wx.SendText(ctx, "c1", "hello again")
+		eventually(t, "c1's new message", func() bool { return len(h.customerTexts("agent_kim", "c1")) > 0 })
+		if got := strings.Join(h.customerTexts("agent_kim", "c1"), "|"); got != "hello again" {
+			t.Errorf("agent_kim read %q from c1, want only the message after they came back", got)
 		}
 	})
 }

@@ -64,11 +64,7 @@ func (s *Store) findConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 		return convState{id: oc.id, agent: oc.agent}, nil
 	}
 	var c convState
-	var id sql.NullInt64
-	var agent sql.NullString
-	err := s.queryRow(ctx, tx, `SELECT c.held, c.rating_conv, v.id, v.agent FROM customers c
-		LEFT JOIN conversations v ON v.openid = c.openid AND v.closed_at IS NULL
-		WHERE c.openid = ?`+s.lockRow("c"), in.OpenID).Scan(&c.held, &c.ratingConv, &id, &agent)
+	err := s.queryRow(ctx, tx, `SELECT held, rating_conv FROM customers WHERE openid = ?`+s.lockRow(), in.OpenID).Scan(&c.held, &c.ratingConv)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		// Two instances racing here: one insert fails on the key and its
@@ -80,7 +76,14 @@ func (s *Store) findConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 	case err != nil:
 		return c, err
 	}
-	c.id, c.agent = id.Int64, agent.String
+	// Read once the customer's row is held: on PostgreSQL a statement that
+	// waited for the lock would see the conversation as it was before.
+	err = s.queryRow(ctx, tx, `SELECT id, agent FROM conversations WHERE openid = ? AND closed_at IS NULL`, in.OpenID).Scan(&c.id, &c.agent)
+	if errors.Is(err, sql.ErrNoRows) {
+		return c, nil
+	} else if err != nil {
+		return c, err
+	}
 	if c.agent != "" && c.held == 0 {
 		s.noteConversation(in.OpenID, c.id, c.agent)
 	}
@@ -228,45 +231,53 @@ func (s *Store) drain(ctx context.Context, tx *sql.Tx, now time.Time) ([]Assignm
 		if err != nil || agent == "" {
 			return out, err
 		}
-		if err := s.takeFromQueue(ctx, tx, openid, conv, agent, now); err != nil {
+		took, err := s.takeFromQueue(ctx, tx, openid, conv, agent, now)
+		if err != nil {
 			return nil, err
 		}
-		out = append(out, Assignment{OpenID: openid, Agent: agent, Waited: now.Sub(time.UnixMilli(queuedAt))})
+		if took {
+			out = append(out, Assignment{OpenID: openid, Agent: agent, Waited: now.Sub(time.UnixMilli(queuedAt))})
+		}
 	}
 	return out, nil
 }
 
 // takeFromQueue gives waiting conversation conv to agent: the customer's
-// waiting messages go to the agent in order, and the customer is told.
-func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) error {
+// waiting messages go to the agent in order, and the customer is told. It
+// reports false if the conversation no longer waits (it closed meanwhile).
+func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) (bool, error) {
 	// The customer's row first, as a message of theirs takes it: one
 	// being committed now is among the waiting ones read below.
-	var one int
-	if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one); err != nil {
-		return err
+	if err := s.lockCustomer(ctx, tx, openid); err != nil {
+		return false, err
 	}
-	if _, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ? WHERE id = ?`, agent, now.UnixMilli(), conv); err != nil {
-		return err
+	res, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ? WHERE id = ? AND closed_at IS NULL AND agent = ''`,
+		agent, now.UnixMilli(), conv)
+	if err != nil {
+		return false, err
+	}
+	if n, err := res.RowsAffected(); err != nil || n == 0 {
+		return false, err
 	}
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ? WHERE openid = ?`, agent, openid); err != nil {
-		return err
+		return false, err
 	}
 	if err := s.assigned(ctx, tx, openid, conv, agent, now); err != nil {
-		return err
+		return false, err
 	}
 	parked, err := s.parked(ctx, tx, openid, "waiting")
 	if err != nil {
-		return err
+		return false, err
 	}
 	for _, p := range parked {
 		p.d.Agent = agent
 		if err := s.release(ctx, tx, p, agent, 0, now); err != nil {
-			return err
+			return false, err
 		}
 	}
 	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: s.desk.imUser(openid), Agent: agent, Text: s.desk.Texts.Joined}
 	_, err = s.toCustomer(ctx, tx, conv, d, "", now)
-	return err
+	return err == nil, err
 }
 
 // rating returns the rating a customer's message gives, if it is one: a
@@ -303,14 +314,16 @@ func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n 
 }
 
 // closeConversation closes conv, by agent, idle or unfollow, and frees its
-// agent's place.
+// agent's place; one closed while it waited keeps its messages unsent.
 func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent, by string, now time.Time) error {
 	s.noteConversation(openid, 0, "")
 	if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ?, closed_by = ? WHERE id = ?`, now.UnixMilli(), by, conv); err != nil {
 		return err
 	}
 	if agent == "" {
-		return nil
+		// It closed waiting: its messages reach no agent.
+		_, err := s.exec(ctx, tx, `UPDATE messages SET state = 'not_sent', delivery = '' WHERE openid = ? AND state = 'waiting'`, openid)
+		return err
 	}
 	_, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, agent)
 	return err
@@ -419,11 +432,11 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 // closeIdle closes c if it is still open with the same agent and still
 // idle (a message may have come since it was read).
 func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time.Duration, now time.Time) (bool, error) {
-	var one int
-	if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), c.openid).Scan(&one); err != nil {
+	if err := s.lockCustomer(ctx, tx, c.openid); err != nil {
 		return false, err
 	}
 	cutoff := now.Add(-idle).UnixMilli()
+	var one int
 	err := s.queryRow(ctx, tx, `SELECT 1 FROM conversations v WHERE v.id = ? AND v.closed_at IS NULL AND v.agent = ?
 		AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?`,
 		c.id, c.agent, cutoff).Scan(&one)

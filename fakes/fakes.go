@@ -12,7 +12,8 @@
 //
 // WeChat (developers.weixin.qq.com, Official Account docs)
 //   - custom/send: only within 48 h of the customer's last message (45015),
-//     five replies a message, three after a follow (45047); a text of at
+//     five replies a message, three within a minute of a follow or a menu
+//     click unless a longer window is open (45047); a text of at
 //     most 2,048 UTF-8 bytes (45002: WeChat gives no figure for custom/send;
 //     2,048 is WeCom's documented limit and what reports of 45002 give).
 //   - custom/typing: within 30 s of the customer's last message (45080); the
@@ -32,14 +33,20 @@
 //     second; online-only messages kept in no history; each element's
 //     required fields (message formats, 1047/33527): Text, Location, Face,
 //     Custom, Image, Sound, VideoFile, File.
-//   - Frequency (each API's page): sendmsg, admin_getroammsg and
-//     account_import 200 calls a second, account_delete and account_check
-//     100; past it 60007.
+//   - Frequency (each API's page): sendmsg, admin_getroammsg,
+//     account_import and query_online_status 200 calls a second,
+//     account_delete and account_check 100; past it 60007.
 //   - Accounts (1608, 36443, error codes 1671): a trial app holds at most 100
 //     accounts (70398) and takes a deleted UserID again; a paid app refuses
 //     a UserID deleted in the last three months (70399).
 //   - Callbacks (1522): signed with the console's token, 2 s to answer,
-//     After not made again.
+//     After not made again. State.StateChange (2570) on an agent's Login
+//     (Register), Logout (Unregister) or Disconnect (LinkClose), with
+//     EventTime in ms.
+//   - query_online_status (2566): 1 to 500 accounts; Online or Offline each
+//     (PushOnline, an app in the background, is not modelled); an account
+//     IM does not have in ErrorList, 70107. Injected faults pass it by, so
+//     that a test's faults meet the calls it means.
 //
 // Not modelled: WeChat's permanent media, the multi-agent (kf) APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
 // IM's groups, profiles, offline push, deleting messages from a history, a
