@@ -153,7 +153,7 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, agent); err != nil {
 		return done, err
 	}
-	if err := s.assigned(ctx, tx, c.OpenID, conv, to, now); err != nil {
+	if err := s.assigned(ctx, tx, c.OpenID, to, now); err != nil {
 		return done, err
 	}
 	summary, err := s.summary(ctx, tx, c.OpenID, conv, agent)

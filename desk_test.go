@@ -424,6 +424,7 @@ func TestReplyQuotaAndWindow(t *testing.T) {
 			reply("c1", r)
 		}
 		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "m4"`)
+		eventually(t, "three replies after the click", func() bool { return len(h.sentTo("c1")) == 9 })
 		if got := strings.Join(h.sentTexts("c1"), ","); got != "r1,r2,r3,r4,r5,r6,m1,m2,m3" {
 			t.Errorf("c1 read %s", got)
 		}
@@ -434,6 +435,7 @@ func TestReplyQuotaAndWindow(t *testing.T) {
 			reply("c2", r)
 		}
 		h.eventuallyNotice("agent_kim", "c2", `this one goes then. "f4"`)
+		eventually(t, "three replies after the follow", func() bool { return len(h.sentTo("c2")) == 3 })
 		if got := strings.Join(h.sentTexts("c2"), ","); got != "f1,f2,f3" {
 			t.Errorf("c2 read %s", got)
 		}

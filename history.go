@@ -69,15 +69,24 @@ func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([
 }
 
 // release sends a parked message on: its delivery to the outbox, its
-// history row marked queued, with agent for a customer's message, with the
-// allowance it goes under for a reply.
+// history row marked queued, with agent for a customer's message. A held
+// reply's row moves to the end of the history, under grant, the allowance
+// it goes under: the quota counts the replies after the customer's last
+// message (quota.go).
 func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, grant int64, now time.Time) error {
 	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
 	if err != nil {
 		return err
 	}
-	_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', grant_of = ?,
-		agent = CASE WHEN direction = 'in' THEN ? ELSE agent END WHERE id = ?`, id, grant, agent, p.id)
+	if p.d.Kind != deliverWeChat {
+		_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', agent = ? WHERE id = ?`, id, agent, p.id)
+		return err
+	}
+	_, err = s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+		SELECT conversation, openid, direction, agent, text, parts, 'queued', ?, '', created_at, ? FROM messages WHERE id = ?`, id, grant, p.id)
+	if err == nil {
+		_, err = s.exec(ctx, tx, `DELETE FROM messages WHERE id = ?`, p.id)
+	}
 	return err
 }
 

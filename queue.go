@@ -123,16 +123,16 @@ func (s *Store) startConversation(ctx context.Context, tx *sql.Tx, openid string
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, openid); err != nil {
 		return c, err
 	}
-	return c, s.assigned(ctx, tx, openid, c.id, agent, now)
+	return c, s.assigned(ctx, tx, openid, agent, now)
 }
 
-// assigned counts a conversation given to agent.
-func (s *Store) assigned(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) error {
+// assigned counts a conversation given to agent. The customer's next
+// message looks the conversation up (findConversation), and the writer
+// remembers it then, if no reply is held for them.
+func (s *Store) assigned(ctx context.Context, tx *sql.Tx, openid string, agent string, now time.Time) error {
+	s.noteConversation(openid, 0, "")
 	_, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, open, assigned_at) VALUES (?, 1, ?)
 		ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + 1, assigned_at = excluded.assigned_at`, agent, now.UnixMilli())
-	if err == nil {
-		s.noteConversation(openid, conv, agent)
-	}
 	return err
 }
 
@@ -262,7 +262,7 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ? WHERE openid = ?`, agent, openid); err != nil {
 		return false, err
 	}
-	if err := s.assigned(ctx, tx, openid, conv, agent, now); err != nil {
+	if err := s.assigned(ctx, tx, openid, agent, now); err != nil {
 		return false, err
 	}
 	parked, err := s.parked(ctx, tx, openid, "waiting")

@@ -54,9 +54,10 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	if grant == 0 || now.UnixMilli() >= until {
 		return 0, false, 0, lastIn, nil
 	}
+	// What was sent under the grant came after the customer's last message.
 	var used int
-	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND direction = 'out' AND state = 'queued'
-		AND grant_of = ?`, openid, grant).Scan(&used)
+	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND id > ? AND direction = 'out'
+		AND state = 'queued' AND grant_of = ?`, openid, inID, grant).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
 }
 

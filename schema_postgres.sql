@@ -38,8 +38,10 @@ CREATE TABLE IF NOT EXISTS conversations (
     rating         INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
--- conversations_queued is the queue, longest-waiting first (ids increase).
+-- conversations_queued is the queue, longest-waiting first (ids increase);
+-- conversations_customer finds a customer's last conversation and history.
 CREATE INDEX IF NOT EXISTS conversations_queued ON conversations (id) WHERE closed_at IS NULL AND agent = '';
+CREATE INDEX IF NOT EXISTS conversations_customer ON conversations (openid, id);
 
 -- agent_load counts each agent's open conversations, kept with them, so a
 -- new customer's assignment reads one small row an agent; online is IM's
@@ -76,6 +78,9 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at   BIGINT NOT NULL,
     grant_of     BIGINT NOT NULL DEFAULT 0
 );
+-- messages_customer reads a customer's messages: the history, the quota's
+-- count, the last message of a conversation that may be idle. It costs the
+-- most of a push's writes on SQLite (docs/SPEED.md).
 CREATE INDEX IF NOT EXISTS messages_customer ON messages (openid, id);
 
 -- seen_keys holds the key of every push and callback accepted, so that a

@@ -49,9 +49,9 @@ type Store struct {
 	txDue      []dueEntry
 	txTaken    []dueEntry
 	firstReady atomic.Int64
-	// SQLite: the agent of each open conversation the writer has met, by
-	// customer, as committed, and the changes the transaction running
-	// makes to it (openconv.go).
+	// SQLite: each customer's open conversation with an agent (its id and
+	// agent) that the writer has met, as committed, and the changes the
+	// transaction running makes to it (openconv.go).
 	openConv map[string]openConversation
 	convLog  []convChange
 	mediaDir string // SQLite: where media's bytes are kept (media.go)
