@@ -3,6 +3,7 @@ package main
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func validEnv() map[string]string {
@@ -55,6 +56,11 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"no callback token", map[string]string{"IM_CALLBACK_TOKEN": ""}, "IM_CALLBACK_TOKEN is required"},
 		{"bad callback auth", map[string]string{"IM_CALLBACK_AUTH": "maybe"}, "IM_CALLBACK_AUTH must be on or off"},
 		{"connections on sqlite", map[string]string{"DATABASE_MAX_CONNS": "4"}, "DATABASE_MAX_CONNS applies to PostgreSQL only"},
+		{"bad hours", map[string]string{"BUSINESS_HOURS": "weekdays 9-6"}, "BUSINESS_HOURS: "},
+		{"bad time zone", map[string]string{"BUSINESS_TIMEZONE": "Mars/Olympus"}, "BUSINESS_TIMEZONE must be an IANA time zone"},
+		{"bad cap", map[string]string{"IM_AGENT_MAX_OPEN": "-1"}, "IM_AGENT_MAX_OPEN must be"},
+		{"bad idle", map[string]string{"SESSION_IDLE_TIMEOUT": "a while"}, "SESSION_IDLE_TIMEOUT must be a positive duration"},
+		{"no quota", map[string]string{"WECHAT_REPLY_QUOTA": "0"}, "WECHAT_REPLY_QUOTA must be"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := validEnv()
@@ -83,5 +89,28 @@ func TestLoadConfigDatabaseMaxConns(t *testing.T) {
 	}
 	if c.DatabaseMaxConns != 4 {
 		t.Errorf("got DatabaseMaxConns %d, want 4", c.DatabaseMaxConns)
+	}
+}
+
+func TestLoadConfigDesk(t *testing.T) {
+	env := validEnv()
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.Desk
+	if d.MaxOpen != 10 || d.Hours != nil || d.IdleTimeout != 30*time.Minute || d.ReplyQuota != 5 || d.Texts != defaultDeskTexts ||
+		strings.Join(d.Agents, ",") != "agent_kim,agent_lee" || d.UserPrefix != "wx_" {
+		t.Errorf("desk defaults: got %+v", d)
+	}
+	env["BUSINESS_HOURS"], env["BUSINESS_TIMEZONE"], env["SESSION_IDLE_TIMEOUT"] = "Mon-Fri 09:00-18:00", "Europe/Berlin", "off"
+	env["QUEUED_TEXT"] = "Place {position}."
+	if c, err = loadConfig(func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	monday9 := time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC) // 10:00 in Berlin
+	if !c.Desk.Hours.Open(monday9) || c.Desk.Hours.Open(monday9.Add(8*time.Hour)) || c.Desk.IdleTimeout != 0 ||
+		c.Desk.Texts.queuedText(3) != "Place 3." {
+		t.Errorf("desk: got %+v", c.Desk)
 	}
 }

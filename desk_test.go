@@ -247,8 +247,8 @@ func TestEndAndRating(t *testing.T) {
 			t.Errorf("the rating was answered %q, want RATED_TEXT", got)
 		}
 		h.eventuallyNotice("agent_kim", "c1", "The customer rated the conversation 4 of 5.")
-		if !strings.Contains(h.metricsText(), `bridge_ratings_total{rating="4"} 1`) {
-			t.Error("/metrics does not count the rating")
+		if m := h.metricsText(); !strings.Contains(m, `bridge_ratings_total{rating="4"} 1`) || !strings.Contains(m, "bridge_first_reply_seconds_count 1") {
+			t.Error("/metrics does not count the rating and the agent's first reply")
 		}
 		if got := replyText(h.wx.SendText(ctx, "c1", "one more thing")); got != defaultConnectingText {
 			t.Errorf("the next message was answered %q, want the connecting text of a new conversation", got)
@@ -353,6 +353,9 @@ func TestQueueAndHelpCommands(t *testing.T) {
 	if n := len(h.wx.RequestsTo("/cgi-bin/message/custom/send")); n != 0 {
 		t.Errorf("WeChat got %d messages: commands reached the customer", n)
 	}
+	// /end frees agent_kim's place for c2.
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "/end")
+	eventually(t, "c2 given agent_kim", func() bool { return strings.Join(h.customerTexts("agent_kim", "c2"), "|") == "anyone?" })
 }
 
 // TestIdleConversationCloses: a conversation without a message for
