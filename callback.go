@@ -33,7 +33,8 @@ const (
 	cbStateChange   = "State.StateChange"
 )
 
-// IMCallback is the body of a C2C message callback. Field names are IM's.
+// IMCallback is the body of a C2C message callback or of State.StateChange.
+// Field names are IM's.
 type IMCallback struct {
 	CallbackCommand string
 	From_Account    string
@@ -233,7 +234,7 @@ func (b *bridge) takeCommand(ctx context.Context, cb IMCallback, c Command) (str
 }
 
 // takePresence records an agent's login, logout or lost connection; an
-// agent coming online takes waiting customers (queue.go).
+// agent coming online takes waiting customers (presence.go).
 func (b *bridge) takePresence(ctx context.Context, cb IMCallback) (string, error) {
 	agent := cb.Info.To_Account
 	if !slices.Contains(b.cfg.IMAgents, agent) {

@@ -67,8 +67,9 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 }
 
 // serve runs the bridge on ln until ctx is done: it opens the store, reads
-// back the replies of a gap (recover.go), starts the delivery worker and the
-// HTTP server, and on the way out stops taking requests, lets the worker
+// back the replies of a gap (recover.go) and the agents' presence
+// (sessions.go), starts the delivery worker, the desk's clock and the HTTP
+// server, and on the way out stops taking requests, lets the worker
 // finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
@@ -78,8 +79,7 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 	defer st.Close()
-	st.SetDesk(&cfg.Desk)
-	b, recovery, err := newBridge(cfg, st, log)
+	b, recovery, desk, err := newBridge(cfg, st, log)
 	if err != nil {
 		return err
 	}
@@ -88,8 +88,6 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 		return fmt.Errorf("reply recovery: %w", err)
 	}
 	// Who is online decides the first assignments.
-	desk := &deskClock{store: st, im: recovery.im, worker: b.worker, metrics: b.metrics, log: log, now: b.now,
-		agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout}
 	desk.readPresence(ctx)
 
 	// The worker and recovery outlive ctx: they stop after the server.
@@ -138,8 +136,8 @@ func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) e
 }
 
 // newBridge wires the bridge on st: the vendor clients, the worker, the
-// handlers, and the recovery of replies a gap left.
-func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery, error) {
+// handlers, the recovery of replies a gap left, and the desk's clock.
+func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery, *deskClock, error) {
 	now := time.Now
 	if cfg.clock != nil {
 		now = cfg.clock
@@ -167,10 +165,12 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 		if k != "" {
 			key, err := parseEncodingAESKey(k)
 			if err != nil {
-				return nil, nil, fmt.Errorf("WECHAT_AES_KEY: %w", err) // loadConfig checked it; never reached
+				return nil, nil, nil, fmt.Errorf("WECHAT_AES_KEY: %w", err) // loadConfig checked it; never reached
 			}
 			b.aesKeys = append(b.aesKeys, key)
 		}
 	}
-	return b, recovery, nil
+	st.SetDesk(&cfg.Desk)
+	desk := &deskClock{store: st, im: im, worker: worker, metrics: m, log: log, now: now, agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout}
+	return b, recovery, desk, nil
 }

@@ -89,6 +89,22 @@ func (s *Store) findConversation(ctx context.Context, tx *sql.Tx, in Inbound, no
 	return c, nil
 }
 
+// errNoConversation is returned for a customer who has never had a
+// conversation.
+var errNoConversation = errors.New("no conversation")
+
+// lastConversation returns the customer's open conversation, or their last
+// one, and its agent ("" while it waits); errNoConversation if none.
+func (s *Store) lastConversation(ctx context.Context, tx *sql.Tx, openid string) (id int64, agent string, open bool, err error) {
+	var closed sql.NullInt64
+	err = s.queryRow(ctx, tx, `SELECT id, agent, closed_at FROM conversations WHERE openid = ? ORDER BY id DESC LIMIT 1`, openid).
+		Scan(&id, &agent, &closed)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, "", false, errNoConversation
+	}
+	return id, agent, !closed.Valid, err
+}
+
 // startConversation opens a conversation for the customer: with an agent
 // if the desk is open, nobody waits and an agent is free, else in the
 // queue.

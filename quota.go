@@ -15,7 +15,6 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"time"
 )
@@ -136,20 +135,4 @@ func (s *Store) releaseHeldReplies(ctx context.Context, tx *sql.Tx, openid strin
 	}
 	_, err = s.exec(ctx, tx, `UPDATE customers SET held = held - ? WHERE openid = ?`, sent, openid)
 	return err
-}
-
-// errNoConversation is returned for a command about a customer who has no
-// conversation at all.
-var errNoConversation = errors.New("no conversation")
-
-// lastConversation returns the customer's open conversation, or their last
-// one, and its agent ("" while it waits); errNoConversation if none.
-func (s *Store) lastConversation(ctx context.Context, tx *sql.Tx, openid string) (id int64, agent string, open bool, err error) {
-	var closed sql.NullInt64
-	err = s.queryRow(ctx, tx, `SELECT id, agent, closed_at FROM conversations WHERE openid = ? ORDER BY id DESC LIMIT 1`, openid).
-		Scan(&id, &agent, &closed)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, "", false, errNoConversation
-	}
-	return id, agent, !closed.Valid, err
 }

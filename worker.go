@@ -291,9 +291,8 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 	case deliverIMDelete:
 		return w.IM.DeleteAccount(ctx, d.IMUser)
 	case deliverIMSend, deliverNotice:
-		// A notice about a conversation is written in it, as the
-		// customer's account; one about no conversation (an agent's
-		// account gone) comes from the admin.
+		// A notice with the customer's account is written in their
+		// conversation; one without comes from the admin (failures.go).
 		from := d.IMUser
 		if from == "" {
 			from = w.Admin
