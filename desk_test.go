@@ -170,6 +170,10 @@ func TestPresenceReadAtStart(t *testing.T) {
 // them. The desk opens two minutes after the test starts, to the end of the
 // day, on the bridge's clock, which the test moves.
 func TestBusinessHours(t *testing.T) {
+	forStores(t, testBusinessHours)
+}
+
+func testBusinessHours(t *testing.T, pg bool) {
 	shanghai, err := time.LoadLocation("Asia/Shanghai")
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +181,7 @@ func TestBusinessHours(t *testing.T) {
 	clock := &fakeClock{now: time.Now()}
 	opens := clock.Now().In(shanghai).Add(2 * time.Minute).Truncate(time.Minute)
 	hours := weekdays[opens.Weekday()] + " " + opens.Format("15:04") + "-24:00"
-	h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"BUSINESS_HOURS": hours}})
+	h := newHarness(t, harnessOptions{postgres: pg, clock: clock, env: map[string]string{"BUSINESS_HOURS": hours}})
 	ctx := context.Background()
 	if got := replyText(h.wx.SendText(ctx, "c1", "are you open?")); got != defaultDeskTexts.Offline {
 		t.Fatalf("read %q outside business hours (%s), want OFFLINE_TEXT", got, hours)
@@ -363,9 +367,13 @@ func TestQueueAndHelpCommands(t *testing.T) {
 // IDLE_CLOSED_TEXT, the agent is told, the place goes to a waiting
 // customer, and the customer's next message opens a new conversation.
 func TestIdleConversationCloses(t *testing.T) {
+	forStores(t, testIdleConversationCloses)
+}
+
+func testIdleConversationCloses(t *testing.T, pg bool) {
 	clock := &fakeClock{now: time.Now()}
-	h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"IM_AGENT_MAX_OPEN": "1", "SESSION_IDLE_TIMEOUT": "30m",
-		"IDLE_CLOSED_TEXT": "Closed for now: write again any time."}})
+	h := newHarness(t, harnessOptions{postgres: pg, clock: clock, env: map[string]string{"IM_AGENT_MAX_OPEN": "1",
+		"SESSION_IDLE_TIMEOUT": "30m", "IDLE_CLOSED_TEXT": "Closed for now: write again any time."}})
 	ctx := context.Background()
 	h.wx.SendText(ctx, "c1", "hello")
 	h.wx.SendText(ctx, "c2", "me too") // waits: agent_kim is full
