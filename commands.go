@@ -167,7 +167,13 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if _, err := s.toCustomer(ctx, tx, conv, d, "", now); err != nil {
 		return done, err
 	}
-	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, "Transferred to "+to+".", now); err != nil {
+	answer := "Transferred to " + to + "."
+	if states, err := s.agentStates(ctx, tx); err != nil {
+		return done, err
+	} else if st, ok := states[to]; ok && st.online == 0 {
+		answer = "Transferred to " + to + ", who is offline: they read it when they log in."
+	}
+	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, answer, now); err != nil {
 		return done, err
 	}
 	done.Assigned, err = s.drain(ctx, tx, now)

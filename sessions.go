@@ -9,6 +9,8 @@ package main
 import (
 	"context"
 	"log/slog"
+	"maps"
+	"slices"
 	"time"
 )
 
@@ -20,6 +22,8 @@ const (
 	presenceEvery = 5 * time.Minute
 	// presenceRetry is how soon a failed reading is tried again.
 	presenceRetry = 30 * time.Second
+	// maxStatusQuery is how many accounts one query_online_status takes.
+	maxStatusQuery = 500
 )
 
 // deskClock runs the desk's timed work.
@@ -32,17 +36,24 @@ type deskClock struct {
 	now     func() time.Time
 	agents  []string
 	idle    time.Duration // SESSION_IDLE_TIMEOUT; 0: conversations never close by themselves
+	// nextRead is when presence is read next: presenceEvery after a
+	// reading, presenceRetry after a failed one.
+	nextRead time.Time
 }
 
-// readPresence records each agent's presence as IM gives it now, and
-// reports whether IM answered. Only Online counts as online: an agent whose
-// app is in the background (PushOnline) is disconnected, as State.StateChange
-// says of them.
-func (d *deskClock) readPresence(ctx context.Context) bool {
-	status, err := d.im.OnlineStatus(ctx, d.agents)
-	if err != nil {
-		d.log.Warn("agents' presence not read from IM; kept as last known", "err", err)
-		return false
+// readPresence records each agent's presence as IM gives it now. Only
+// Online counts as online: an agent whose app is in the background
+// (PushOnline) is disconnected, as State.StateChange says of them.
+func (d *deskClock) readPresence(ctx context.Context) {
+	d.nextRead = time.Now().Add(presenceRetry)
+	status := map[string]string{}
+	for batch := range slices.Chunk(d.agents, maxStatusQuery) {
+		got, err := d.im.OnlineStatus(ctx, batch)
+		if err != nil {
+			d.log.Warn("agents' presence not read from IM; kept as last known", "err", err)
+			return
+		}
+		maps.Copy(status, got)
 	}
 	now := d.now()
 	online := 0
@@ -54,32 +65,28 @@ func (d *deskClock) readPresence(ctx context.Context) bool {
 		assigned, err := d.store.SetPresence(ctx, a, on, now, now)
 		if err != nil {
 			d.log.Error("agent presence not recorded", "agent", a, "err", err)
-			return false
+			return
 		}
 		d.metrics.assigned(assigned)
 	}
 	d.worker.Notify()
+	d.nextRead = time.Now().Add(presenceEvery)
 	d.log.Info("agents' presence read from IM", "online", online, "agents", len(d.agents))
-	return true
 }
 
-// Run sweeps every sweepEvery and reads presence every presenceEvery until
-// ctx is done.
+// Run sweeps every sweepEvery, and reads presence when it is due, until
+// ctx is done. The reading at start is serve's, before the first push.
 func (d *deskClock) Run(ctx context.Context) {
 	tick := time.NewTicker(sweepEvery)
 	defer tick.Stop()
-	nextRead := time.Now().Add(presenceEvery)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
-		if time.Now().After(nextRead) {
-			nextRead = time.Now().Add(presenceEvery)
-			if !d.readPresence(ctx) {
-				nextRead = time.Now().Add(presenceRetry)
-			}
+		if time.Now().After(d.nextRead) {
+			d.readPresence(ctx)
 		}
 		sw, err := d.store.Sweep(ctx, d.idle, d.now())
 		if err != nil {
