@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -488,4 +489,45 @@ func TestUnfollowWhileWaiting(t *testing.T) {
 			t.Errorf("agent_kim read %q from c1, want only the message after they came back", got)
 		}
 	})
+}
+
+// TestQueueAcrossTwoBridges: two bridges on one PostgreSQL share one queue
+// and one cap: customers who wrote to either while nobody was online are
+// each given one agent, with their messages in order, and no agent is
+// given more than IM_AGENT_MAX_OPEN.
+func TestQueueAcrossTwoBridges(t *testing.T) {
+	h := newHarness(t, harnessOptions{postgres: true, agents: []string{"agent_kim", "agent_lee"}, im: fakes.IMOptions{Online: []string{}},
+		env: map[string]string{"IM_AGENT_MAX_OPEN": "2"}})
+	second, _ := startBridge(t, h.env, h.logs)
+	lb := roundRobin(t, h.base, second)
+	h.wx.SetTarget(lb + "/wechat")
+	h.im.SetCallbackURL(lb + "/imcallback")
+	ctx := context.Background()
+	h.burst(5, 3) // c0 … c4, three messages each, at once
+	h.im.Login(ctx, "agent_kim")
+	h.im.Login(ctx, "agent_lee")
+	eventually(t, "four customers given an agent", func() bool {
+		n := 0
+		for c := range 5 {
+			n += len(h.customerTexts("agent_kim", burstOpenID(c))) + len(h.customerTexts("agent_lee", burstOpenID(c)))
+		}
+		return n == 4*3
+	})
+	served := 0
+	for c := range 5 {
+		kim, lee := h.customerTexts("agent_kim", burstOpenID(c)), h.customerTexts("agent_lee", burstOpenID(c))
+		got := append(kim, lee...)
+		if len(kim) > 0 && len(lee) > 0 {
+			t.Errorf("customer %d went to both agents", c)
+		}
+		if len(got) > 0 {
+			served++
+			if want := fmt.Sprintf("c%d m00,c%d m01,c%d m02", c, c, c); strings.Join(got, ",") != want {
+				t.Errorf("customer %d: the agent read %v, want %s", c, got, want)
+			}
+		}
+	}
+	if served != 4 || !strings.Contains(h.metricsText(), "bridge_customers_waiting 1") {
+		t.Errorf("%d customers served, want 4 (two agents of two each), one waiting", served)
+	}
 }
