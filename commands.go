@@ -3,7 +3,7 @@ package main
 // What an agent types in a customer's conversation to run it: /end,
 // /transfer AGENT, /queue, /help. A command never reaches the customer; its
 // answer comes back inside the same conversation, marked as the bridge's
-// (queue.go, tellAgent). An unknown /word is answered with the help.
+// (tellAgent, outbox.go). An unknown /word is answered with the help.
 
 import (
 	"context"
