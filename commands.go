@@ -147,9 +147,6 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if _, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ?, first_reply_at = 0 WHERE id = ?`, to, now.UnixMilli(), conv); err != nil {
 		return done, err
 	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ? WHERE openid = ?`, to, c.OpenID); err != nil {
-		return done, err
-	}
 	if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, agent); err != nil {
 		return done, err
 	}

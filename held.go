@@ -53,9 +53,7 @@ type Reply struct {
 func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply, now time.Time) (taken int, err error) {
 	taken, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
 		if openid != "" { // as AcceptReply does
-			var one int
-			if err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one); err != nil &&
-				!errors.Is(err, sql.ErrNoRows) {
+			if err := s.lockCustomer(ctx, tx, openid); err != nil && !errors.Is(err, errUnknownCustomer) {
 				return 0, err
 			}
 		}

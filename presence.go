@@ -50,6 +50,13 @@ type Swept struct {
 	Assigned []Assignment
 }
 
+// idleConversation is the condition on conversation v of being open with
+// an agent, given to them and without a message both before the cutoff (its
+// two arguments): the customer's last message, either way, is the newest
+// row of theirs in the history.
+const idleConversation = `v.closed_at IS NULL AND v.agent <> '' AND v.assigned_at < ?
+	AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?`
+
 // idleConv is an open conversation without a message since the cutoff.
 type idleConv struct {
 	id            int64
@@ -64,9 +71,7 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 	var stale []idleConv
 	if idle > 0 {
 		cutoff := now.Add(-idle).UnixMilli()
-		rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT v.id, v.openid, v.agent FROM conversations v
-			WHERE v.closed_at IS NULL AND v.agent <> '' AND v.assigned_at < ?
-			AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?
+		rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT v.id, v.openid, v.agent FROM conversations v WHERE `+idleConversation+`
 			ORDER BY v.id LIMIT `+fmt.Sprint(maxDrain)), cutoff, cutoff)
 		if err != nil {
 			return Swept{}, fmt.Errorf("sweep: %w", err)
@@ -122,9 +127,8 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 	}
 	cutoff := now.Add(-idle).UnixMilli()
 	var one int
-	err := s.queryRow(ctx, tx, `SELECT 1 FROM conversations v WHERE v.id = ? AND v.closed_at IS NULL AND v.agent = ?
-		AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?`,
-		c.id, c.agent, cutoff).Scan(&one)
+	err := s.queryRow(ctx, tx, `SELECT 1 FROM conversations v WHERE v.id = ? AND v.agent = ? AND `+idleConversation,
+		c.id, c.agent, cutoff, cutoff).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, nil
 	} else if err != nil {

@@ -135,9 +135,6 @@ func (s *Store) startConversation(ctx context.Context, tx *sql.Tx, openid string
 	if err != nil || agent == "" {
 		return c, err
 	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ?, followed = 1 WHERE openid = ?`, agent, openid); err != nil {
-		return c, err
-	}
 	return c, s.assigned(ctx, tx, openid, agent, now)
 }
 
@@ -272,9 +269,6 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 		return false, err
 	}
 	if n, err := res.RowsAffected(); err != nil || n == 0 {
-		return false, err
-	}
-	if _, err := s.exec(ctx, tx, `UPDATE customers SET agent = ? WHERE openid = ?`, agent, openid); err != nil {
 		return false, err
 	}
 	if err := s.assigned(ctx, tx, openid, agent, now); err != nil {

@@ -5,11 +5,12 @@
 -- Times are Unix milliseconds.
 
 -- A customer is a WeChat user (openid) who has followed or written to the
--- Official Account. agent is the agent of their last conversation;
--- event_at when they last followed, clicked a menu or scanned a QR code
--- (three replies within a minute, quota.go); held how many replies wait
--- for their next message (the quota spent); rating_conv the conversation
--- an agent ended whose rating their next message may be.
+-- Official Account. agent is no longer written (conversations holds each
+-- conversation's agent) and stays for databases made before. event_at is
+-- when they last followed, clicked a menu or scanned a QR code (three
+-- replies within a minute, quota.go); held how many replies wait for their
+-- next message (the quota spent); rating_conv the conversation an agent
+-- ended whose rating their next message may be.
 CREATE TABLE IF NOT EXISTS customers (
     openid      TEXT PRIMARY KEY,
     agent       TEXT NOT NULL DEFAULT '',
