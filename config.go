@@ -54,6 +54,12 @@ type Config struct {
 	MediaDir  string // MEDIA_DIR: SQLite: where media is kept (default: "media" beside the database)
 	// MEDIA_RETENTION: how long media is served, then removed.
 	MediaRetention time.Duration
+	// MEDIA_FETCH_ALLOW: hosts ("host" or "host:port") media may be fetched
+	// from whatever their address; every other host must be public.
+	MediaFetchAllow []string
+	// MEDIA_FETCH_TIMEOUT: how long the fetching of one message's media may
+	// take; past it, the message crosses without the file.
+	MediaFetchTimeout time.Duration
 
 	DatabaseURL string // DATABASE_URL: sqlite:PATH or postgres://…
 	// DATABASE_MAX_CONNS: the connections this instance opens to PostgreSQL.
@@ -194,6 +200,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		AdminToken:           e.get("ADMIN_TOKEN", ""),
 		MediaDir:             e.get("MEDIA_DIR", ""),
 		MediaRetention:       e.duration("MEDIA_RETENTION", 7*24*time.Hour),
+		MediaFetchTimeout:    e.duration("MEDIA_FETCH_TIMEOUT", 15*time.Second),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
 		RetryMinDelay:        e.duration("RETRY_MIN_DELAY", time.Second),
 		RetryMaxDelay:        e.duration("RETRY_MAX_DELAY", 5*time.Minute),
@@ -230,6 +237,15 @@ func checkGeneral(e *env, c *Config) {
 	}
 	if c.PublicURL != "" {
 		checkBase(e, "PUBLIC_URL", c.PublicURL)
+	}
+	for _, h := range strings.Split(e.get("MEDIA_FETCH_ALLOW", ""), ",") {
+		if h = strings.TrimSpace(h); h == "" {
+			continue
+		}
+		if strings.ContainsAny(h, "/@?# ") {
+			e.bad("MEDIA_FETCH_ALLOW: want host or host:port, comma-separated, got %q", h)
+		}
+		c.MediaFetchAllow = append(c.MediaFetchAllow, h)
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		e.bad("LOG_FORMAT must be text or json, got %q", c.LogFormat)

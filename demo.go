@@ -128,6 +128,9 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 		"IM_AGENT_MAX_OPEN": "1", // so that a second customer waits
 		"IM_CALLBACK_TOKEN": iopts.CallbackToken,
 		"DATABASE_URL":      "sqlite:" + filepath.Join(dir, "bridge.db"),
+		// The fakes serve media on loopback, where the bridge fetches
+		// nothing it is not told to.
+		"MEDIA_FETCH_ALLOW": strings.TrimPrefix(wx.URL, "http://") + "," + strings.TrimPrefix(im.URL, "http://"),
 	}
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
@@ -219,7 +222,7 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM s
 		return fmt.Errorf("demo: the agent got no image: %s", got.Body)
 	}
 	u := body[0].MsgContent.ImageInfoArray[0].URL
-	data, ct, err := getBytes(ctx, http.DefaultClient, "demo", u, maxMediaBytes)
+	data, ct, err := download(ctx, u)
 	if err != nil {
 		return err
 	}
@@ -288,4 +291,23 @@ func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string
 	}
 	wx.SendText(ctx, demoCustomer, "5")
 	return fakes.WaitFor(ctx, "the rating shown to "+demoSecondAgent, received(demoSecondAgent, first, "rated the conversation 5 of 5"))
+}
+
+// download fetches u as the agent's IM client does: its body, at most
+// maxMediaBytes, and its type.
+func download(ctx context.Context, u string) ([]byte, string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, "", fmt.Errorf("demo: GET %s: %s", u, resp.Status)
+	}
+	data, err := readLimited(resp.Body, maxMediaBytes)
+	return data, resp.Header.Get("Content-Type"), err
 }

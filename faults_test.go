@@ -91,7 +91,7 @@ func (p *switchProxy) Up() {
 
 // fastRetries makes a bridge retry within milliseconds and give up on a
 // vendor call after 300 ms, so that outages play out quickly.
-var fastRetries = map[string]string{"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "100ms", "VENDOR_TIMEOUT": "300ms"}
+var fastRetries = map[string]string{"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "100ms", "VENDOR_TIMEOUT": "300ms", "MEDIA_FETCH_TIMEOUT": "1s"}
 
 // TestVendorOutagesRecovered: IM or WeChat failing for a while (5xx, busy
 // codes, timeouts, refused connections) delays a message, which arrives

@@ -42,34 +42,6 @@ func postJSON(ctx context.Context, c *http.Client, service, u string, body []byt
 	return raw, nil
 }
 
-// getBytes fetches u and returns its body, at most limit bytes, and its
-// Content-Type.
-func getBytes(ctx context.Context, c *http.Client, service, u string, limit int64) ([]byte, string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", service, redactErr(err))
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", service, redactErr(err))
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, "", &HTTPStatusError{Service: service, Status: resp.StatusCode}
-	}
-	data, err := readLimited(resp.Body, limit)
-	if err != nil {
-		return nil, "", fmt.Errorf("%s: read: %w", service, redactErr(err))
-	}
-	return data, resp.Header.Get("Content-Type"), nil
-}
-
-// isHTTPStatus reports whether err is an answer with HTTP status.
-func isHTTPStatus(err error, status int) bool {
-	var he *HTTPStatusError
-	return errors.As(err, &he) && he.Status == status
-}
-
 // HTTPStatusError is a vendor answer with an HTTP status other than 200.
 type HTTPStatusError struct {
 	Service string

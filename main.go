@@ -154,10 +154,12 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	worker := newWorker(st, im, wx, log, m, now)
 	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
 	worker.StopGrace, worker.Agents, worker.IMDedup = cfg.ShutdownGrace, cfg.IMAgents, cfg.IMDedupWindow
-	worker.PublicURL, worker.MediaKey, worker.MediaRetention = cfg.PublicURL, mediaKey(cfg.IMSecretKey), cfg.MediaRetention
+	worker.PublicURL, worker.MediaRetention = cfg.PublicURL, cfg.MediaRetention
+	worker.Fetch = newFetcher(cfg.MediaFetchAllow, cfg.MediaFetchTimeout, st.mediaDir)
 	// A claimed item is held long enough for the calls one delivery may make
-	// (a token or account fetched first, then the call, then once more).
-	worker.Lease = 4*cfg.VendorTimeout + 2*time.Second
+	// (a token or account fetched first, then the call, then once more),
+	// after its media is fetched.
+	worker.Lease = 4*cfg.VendorTimeout + cfg.MediaFetchTimeout + 2*time.Second
 	recovery := &replyRecovery{store: st, im: im, worker: worker, metrics: m, log: log, now: now, wake: make(chan struct{}, 1),
 		agents: cfg.IMAgents, userPrefix: cfg.IMUserPrefix, minBackoff: cfg.RetryMinDelay, maxBackoff: cfg.RetryMaxDelay}
 	b := &bridge{cfg: cfg, store: st, worker: worker, recovery: recovery, metrics: m, log: log, now: now}

@@ -91,6 +91,9 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 		"IM_API_BASE": h.im.URL, "IM_AGENTS": strings.Join(o.agents, ","),
 		"IM_CALLBACK_TOKEN": o.im.CallbackToken,
 		"DATABASE_URL":      db,
+		// The fakes serve media on loopback, where the bridge fetches
+		// nothing it is not told to.
+		"MEDIA_FETCH_ALLOW": strings.TrimPrefix(h.wx.URL, "http://") + "," + strings.TrimPrefix(h.im.URL, "http://"),
 	}
 	for k, v := range o.env {
 		h.env[k] = v

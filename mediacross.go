@@ -7,6 +7,7 @@ package main
 // WeChat would not take it.
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"context"
@@ -17,6 +18,7 @@ import (
 	_ "image/gif" // the formats WeChat sends
 	_ "image/jpeg"
 	_ "image/png"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -27,118 +29,133 @@ import (
 // size, width and height (the three sizes IM asks for are the one
 // original); a TIMSoundElem with its size and duration, and WeChat's speech
 // recognition beside it as text; a TIMVideoFileElem with its size, duration
-// and thumbnail. Media WeChat no longer has, or that is not what it
-// says, returns nil: the message crosses as its text.
+// and thumbnail. A failure of the file itself (fileFailure) is returned as
+// it is, for the message to cross as its text.
 func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
 	m := it.Delivery.Media
-	data, ct, err := w.WeChat.FetchMedia(ctx, *m)
+	ctx, cancel := w.Fetch.deadline(ctx)
+	defer cancel()
+	sp, err := w.WeChat.FetchMedia(ctx, w.Fetch, m.MediaID)
 	if err != nil {
-		if permanent(err) || isHTTPStatus(err, http.StatusNotFound) {
-			w.Log.Warn("media not fetched: it crosses as text", "err", err)
-			return nil, nil
-		}
 		return nil, err
 	}
-	id := mediaID(w.MediaKey, it.ID, "")
+	defer sp.Close()
+	id := cmp.Or(m.Keep, newMediaID())
 	u := w.PublicURL + "/media/" + id
+	ct := sniffMedia(sp.head(512)) // what is served is what the bytes are, whatever their source said
 	var elems []MsgElem
 	switch m.Type {
 	case msgImage:
-		cfg, format, imageCT, err := decodeImage(data, ct)
+		cfg, format, err := image.DecodeConfig(sp.reader())
 		if err != nil {
-			w.Log.Warn("not an image WeChat sent: it crosses as text", "err", err)
-			return nil, nil
+			return nil, mediaError{why: "it is not a picture"}
 		}
-		ct = imageCT
 		info := func(typ int) map[string]any {
-			return map[string]any{"Type": typ, "Size": len(data), "Width": cfg.Width, "Height": cfg.Height, "URL": u}
+			return map[string]any{"Type": typ, "Size": sp.size, "Width": cfg.Width, "Height": cfg.Height, "URL": u}
 		}
 		elems = []MsgElem{{MsgType: "TIMImageElem", MsgContent: map[string]any{
 			"UUID": id, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}
 	case msgVoice:
-		if ct == "" || strings.HasPrefix(ct, "application/octet-stream") {
-			ct = "audio/amr"
-		}
 		elems = []MsgElem{{MsgType: "TIMSoundElem", MsgContent: map[string]any{
-			"Url": u, "UUID": id, "Size": len(data), "Second": amrSeconds(data), "Download_Flag": 2}}}
+			"Url": u, "UUID": id, "Size": sp.size, "Second": amrSeconds(sp.reader()), "Download_Flag": 2}}}
 		if m.Recognition != "" {
 			elems = append(elems, MsgElem{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": m.Recognition}})
 		}
 	case msgVideo, msgShortVideo:
-		thumb, err := w.thumbnail(ctx, it)
-		if err != nil || thumb == nil {
+		thumb, err := w.thumbnail(ctx, m)
+		if err != nil {
 			return nil, err
 		}
-		if !strings.HasPrefix(ct, "video/") {
-			ct = "video/mp4"
-		}
-		thumb["VideoUrl"], thumb["VideoUUID"], thumb["VideoSize"] = u, id, len(data)
-		thumb["VideoSecond"], thumb["VideoFormat"], thumb["VideoDownloadFlag"] = mp4Seconds(data), "mp4", 2
+		thumb["VideoUrl"], thumb["VideoUUID"], thumb["VideoSize"] = u, id, sp.size
+		thumb["VideoSecond"], thumb["VideoFormat"], thumb["VideoDownloadFlag"] = mp4Seconds(sp.File, sp.size), "mp4", 2
 		elems = []MsgElem{{MsgType: "TIMVideoFileElem", MsgContent: thumb}}
 	default:
 		return nil, nil
 	}
-	if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+	if err := w.Store.KeepMedia(ctx, id, ct, sp, w.Now()); err != nil {
 		return nil, err
 	}
 	return elems, nil
 }
 
-// thumbnail fetches and keeps a video's thumbnail, and returns the Thumb
-// fields of its TIMVideoFileElem; nil when WeChat no longer has it, or it is
-// not an image.
-func (w *Worker) thumbnail(ctx context.Context, it OutboxItem) (map[string]any, error) {
-	data, ct, err := w.WeChat.FetchMedia(ctx, PushMedia{MediaID: it.Delivery.Media.ThumbMediaID})
+// thumbnail fetches and keeps a customer's video's thumbnail, and returns
+// the Thumb fields of its TIMVideoFileElem.
+func (w *Worker) thumbnail(ctx context.Context, m *PushMedia) (map[string]any, error) {
+	sp, err := w.WeChat.FetchMedia(ctx, w.Fetch, m.ThumbMediaID)
 	if err != nil {
-		if permanent(err) || isHTTPStatus(err, http.StatusNotFound) {
-			w.Log.Warn("video thumbnail not fetched: the video crosses as text", "err", err)
-			return nil, nil
-		}
 		return nil, err
 	}
-	cfg, format, ct, err := decodeImage(data, ct)
+	defer sp.Close()
+	cfg, format, err := image.DecodeConfig(sp.reader())
 	if err != nil {
-		w.Log.Warn("video thumbnail is not an image: the video crosses as text", "err", err)
-		return nil, nil
+		return nil, mediaError{why: "its thumbnail is not a picture"}
 	}
-	id := mediaID(w.MediaKey, it.ID, "thumb")
-	if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+	id := cmp.Or(m.KeepThumb, newMediaID())
+	if err := w.Store.KeepMedia(ctx, id, "image/"+format, sp, w.Now()); err != nil {
 		return nil, err
 	}
-	return map[string]any{"ThumbUrl": w.PublicURL + "/media/" + id, "ThumbUUID": id, "ThumbSize": len(data),
+	return map[string]any{"ThumbUrl": w.PublicURL + "/media/" + id, "ThumbUUID": id, "ThumbSize": sp.size,
 		"ThumbWidth": cfg.Width, "ThumbHeight": cfg.Height, "ThumbFormat": strings.ToUpper(strings.Replace(format, "jpeg", "jpg", 1)), "ThumbDownloadFlag": 2}, nil
 }
 
-// decodeImage reads an image's size and format, and returns its type: ct,
-// or the format's if ct does not name an image.
-func decodeImage(data []byte, ct string) (image.Config, string, string, error) {
-	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
-	if err == nil && !strings.HasPrefix(ct, "image/") {
-		ct = "image/" + format
+// fileFailure reports why a media delivery failed for the file's own sake,
+// a failure no retry can fix: a mediaError, or a code of WeChat's that
+// says so (media expired, 40007). Anything else is the vendor's passing
+// trouble.
+func fileFailure(err error) (string, bool) {
+	var me mediaError
+	switch {
+	case errors.As(err, &me):
+		return me.why, true
+	case permanent(err):
+		return explain(err), true
 	}
-	return cfg, format, ct, err
+	return "", false
 }
 
-// mp4Seconds is an MP4 file's duration from its movie header (moov/mvhd,
-// ISO/IEC 14496-12), in whole seconds rounded up; 0 if it has none.
-func mp4Seconds(data []byte) int {
-	box := func(b []byte, typ string) []byte { // the content of the first box of typ in b
-		for len(b) >= 8 {
-			size := int(binary.BigEndian.Uint32(b))
-			if size < 8 || size > len(b) {
-				return nil
+// mp4Seconds is the duration of the MP4 file r of size bytes, from its
+// movie header (moov/mvhd, ISO/IEC 14496-12), in whole seconds rounded up;
+// 0 if it has none. It reads box headers only: the file stays on disk.
+func mp4Seconds(r io.ReaderAt, size int64) int {
+	// box finds the first box of typ in [start, end) and returns where its
+	// content begins and ends.
+	box := func(start, end int64, typ string) (int64, int64, bool) {
+		var h [16]byte
+		for start+8 <= end {
+			if _, err := r.ReadAt(h[:8], start); err != nil {
+				return 0, 0, false
 			}
-			if string(b[4:8]) == typ {
-				return b[8:size]
+			n, header := int64(binary.BigEndian.Uint32(h[:4])), int64(8)
+			if n == 1 { // a 64-bit size follows the type
+				if _, err := r.ReadAt(h[8:16], start+8); err != nil {
+					return 0, 0, false
+				}
+				n, header = int64(binary.BigEndian.Uint64(h[8:16])), 16
 			}
-			b = b[size:]
+			if n < header || n > end-start {
+				return 0, 0, false
+			}
+			if string(h[4:8]) == typ {
+				return start + header, start + n, true
+			}
+			start += n
 		}
-		return nil
+		return 0, 0, false
 	}
-	mvhd := box(box(data, "moov"), "mvhd")
+	ms, me, ok := box(0, size, "moov")
+	if ok {
+		ms, me, ok = box(ms, me, "mvhd")
+	}
+	mvhd := make([]byte, min(32, me-ms))
+	if !ok || len(mvhd) < 20 {
+		return 0
+	}
+	if _, err := r.ReadAt(mvhd, ms); err != nil {
+		return 0
+	}
 	var scale, dur uint64
 	switch {
-	case len(mvhd) >= 20 && mvhd[0] == 0:
+	case mvhd[0] == 0:
 		scale, dur = uint64(binary.BigEndian.Uint32(mvhd[12:])), uint64(binary.BigEndian.Uint32(mvhd[16:]))
 	case len(mvhd) >= 32 && mvhd[0] == 1:
 		scale, dur = uint64(binary.BigEndian.Uint32(mvhd[20:])), binary.BigEndian.Uint64(mvhd[24:])
@@ -153,20 +170,26 @@ func mp4Seconds(data []byte) int {
 // frame type (RFC 4867, section 5.3); each lasts 20 ms.
 var amrFrameBytes = [16]int{13, 14, 16, 18, 20, 21, 27, 32, 6, 1, 1, 1, 1, 1, 1, 1}
 
-// amrSeconds is the duration of an AMR-NB file, in whole seconds rounded
-// up; 0 for anything else (WeChat's voice messages are AMR, or Speex).
-func amrSeconds(data []byte) int {
-	frames, ok := bytes.CutPrefix(data, []byte("#!AMR\n"))
-	if !ok {
+// amrSeconds is the duration of the AMR-NB file r, in whole seconds
+// rounded up; 0 for anything else (WeChat's voice messages are AMR, or
+// Speex). It reads one frame at a time.
+func amrSeconds(r io.Reader) int {
+	br := bufio.NewReader(r)
+	if magic, err := br.Peek(6); err != nil || string(magic) != "#!AMR\n" {
 		return 0
 	}
+	br.Discard(6)
 	n := 0
-	for len(frames) > 0 {
-		size := amrFrameBytes[frames[0]>>3&0x0F]
-		if size > len(frames) {
+	for {
+		h, err := br.ReadByte()
+		if err != nil {
 			break
 		}
-		frames, n = frames[size:], n+1
+		size := amrFrameBytes[h>>3&0x0F] - 1
+		if k, _ := br.Discard(size); k < size {
+			break
+		}
+		n++
 	}
 	return (n*20 + 999) / 1000
 }
@@ -189,48 +212,58 @@ var wechatMediaRules = map[string]struct {
 	msgVideo: {10 << 20, []string{"video/mp4"}, 0, "MP4 videos of 10 MB at most, with a JPEG thumbnail of 64 KB at most"},
 }
 
-// maxAgentMedia bounds what the bridge fetches of an agent's media.
-const maxAgentMedia = 50 << 20
-
 // sendMedia fetches an agent's picture, sound or video from IM's storage,
-// uploads it to WeChat and sends it to the customer as an image, voice or
-// video message. A picture WeChat would refuse is never uploaded: the
-// delivery ends at once, and the agent is told what to send instead. A sound
-// or video WeChat would refuse reaches the customer as a link, and the agent
-// a note saying why.
+// at most what WeChat takes of its type, uploads it to WeChat and sends it
+// to the customer as an image, voice or video message. What WeChat would
+// not take is never uploaded: a picture is not sent, a sound or video
+// reaches the customer as a link (sendLink), and the agent is told why.
+// Either way the delivery ends at once; only the vendors' passing trouble
+// is retried.
 func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 	d := it.Delivery
 	m, rule := d.Media, wechatMediaRules[d.Media.Type]
-	data, _, err := getBytes(ctx, w.WeChat.HTTP, "im "+m.Name, m.PicURL, maxAgentMedia)
-	if err != nil {
+	fctx, cancel := w.Fetch.deadline(ctx)
+	defer cancel()
+	sp, err := w.Fetch.get(fctx, "im "+m.Name, m.PicURL, int64(rule.max))
+	var me mediaError
+	switch {
+	case errors.As(err, &me) && (me.unreachable || m.Type == msgImage):
+		return permanentError{fmt.Errorf("your %s was not fetched: %s", m.Name, me.why)}
+	case errors.As(err, &me): // it is there, but too large or too slow for the bridge to carry
+		return w.sendLink(ctx, it, nil, "", fmt.Sprintf("WeChat takes %s, and %s", rule.what, me.why))
+	case err != nil:
 		return err
 	}
-	ct := sniffMedia(data)
-	why := ""
+	defer sp.Close()
+	ct, why := sniffMedia(sp.head(512)), ""
 	switch {
-	case len(data) > rule.max:
-		why = fmt.Sprintf("it has %d bytes", len(data))
 	case !slices.Contains(rule.types, ct):
 		why = "it is " + ct
 	case rule.seconds > 0 && m.Seconds > rule.seconds:
 		why = fmt.Sprintf("it lasts %d s", m.Seconds)
 	}
-	var thumb []byte
+	var thumb *spool
 	if why == "" && m.Type == msgVideo {
-		if thumb, _, err = getBytes(ctx, w.WeChat.HTTP, "im video thumbnail", m.ThumbURL, 64<<10+1); err != nil && !errors.Is(err, errTooLarge) {
+		thumb, err = w.Fetch.get(fctx, "im video thumbnail", m.ThumbURL, 64<<10)
+		switch {
+		case errors.As(err, &me):
+			why = "its thumbnail: " + me.why
+		case err != nil:
 			return err
-		}
-		if len(thumb) > 64<<10 || errors.Is(err, errTooLarge) || sniffMedia(thumb) != "image/jpeg" {
-			why = "its thumbnail is not a JPEG of 64 KB at most"
+		default:
+			defer thumb.Close()
+			if sniffMedia(thumb.head(512)) != "image/jpeg" {
+				why = "its thumbnail is not a JPEG"
+			}
 		}
 	}
 	switch {
 	case why != "" && m.Type == msgImage:
 		return permanentError{fmt.Errorf("WeChat takes %s, and %s: send it as one", rule.what, why)}
 	case why != "":
-		return w.sendLink(ctx, it, data, ct, fmt.Sprintf("WeChat takes %s, and %s", rule.what, why))
+		return w.sendLink(ctx, it, sp, ct, fmt.Sprintf("WeChat takes %s, and %s", rule.what, why))
 	}
-	mediaID, err := w.WeChat.Upload(ctx, m.Type, m.Type, data)
+	mediaID, err := w.WeChat.Upload(ctx, m.Type, ct, sp)
 	if err != nil {
 		return err
 	}
@@ -240,7 +273,7 @@ func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 	case msgVoice:
 		return w.WeChat.SendMedia(ctx, d.OpenID, "voice", map[string]string{"media_id": mediaID})
 	}
-	thumbID, err := w.WeChat.Upload(ctx, "thumb", "thumb", thumb)
+	thumbID, err := w.WeChat.Upload(ctx, "thumb", "image/jpeg", thumb)
 	if err != nil {
 		return err
 	}
@@ -248,14 +281,15 @@ func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 }
 
 // sendLink sends the customer a link to an agent's sound or video that
-// WeChat would not take as a message: at the bridge if PUBLIC_URL is set,
-// else in IM's storage. The agent is told why.
-func (w *Worker) sendLink(ctx context.Context, it OutboxItem, data []byte, ct, why string) error {
+// WeChat would not take as a message: at the bridge if PUBLIC_URL is set
+// and the bridge has the file (sp), else in IM's storage. The agent is
+// told why.
+func (w *Worker) sendLink(ctx context.Context, it OutboxItem, sp *spool, ct, why string) error {
 	d := it.Delivery
 	link := d.Media.PicURL
-	if w.PublicURL != "" {
-		id := mediaID(w.MediaKey, it.ID, "")
-		if err := w.Store.PutMedia(ctx, id, ct, data, w.Now()); err != nil {
+	if w.PublicURL != "" && sp != nil {
+		id := newMediaID()
+		if err := w.Store.KeepMedia(ctx, id, ct, sp, w.Now()); err != nil {
 			return err
 		}
 		link = w.PublicURL + "/media/" + id

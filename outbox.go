@@ -61,6 +61,11 @@ type PushMedia struct {
 	MediaID      string `json:"media_id,omitempty"`
 	PicURL       string `json:"pic_url,omitempty"`
 	Recognition  string `json:"recognition,omitempty"`
+	// Keep and KeepThumb are the ids a customer's media and its thumbnail
+	// are kept under (media.go), chosen when the push is accepted, so that
+	// every attempt gives IM the same message, which IM drops if repeated.
+	Keep      string `json:"keep,omitempty"`
+	KeepThumb string `json:"keep_thumb,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

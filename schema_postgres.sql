@@ -155,14 +155,21 @@ CREATE TABLE IF NOT EXISTS held_replies (
     created_at BIGINT NOT NULL
 );
 
--- media keeps what customers send (images), for IM clients to download at
--- GET /media/{id} from any instance until MEDIA_RETENTION ends.
+-- media keeps what customers send (and an agent's sound or video sent as a
+-- link), for IM clients to download at GET /media/{id} from any instance
+-- until MEDIA_RETENTION ends; its bytes are media_parts, read and written a
+-- part at a time: pos is where a part starts in the file.
 CREATE TABLE IF NOT EXISTS media (
     id           TEXT PRIMARY KEY,
     content_type TEXT NOT NULL,
     size         BIGINT NOT NULL,
-    created_at   BIGINT NOT NULL,
-    data         BYTEA NOT NULL
+    created_at   BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS media_parts (
+    id   TEXT NOT NULL,
+    pos  BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (id, pos)
 );
 
 -- Changes to databases made before this file (docs/SCHEMA.md): outbox_due
@@ -180,3 +187,12 @@ ALTER TABLE conversations ADD COLUMN IF NOT EXISTS rating INTEGER NOT NULL DEFAU
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS online INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS presence_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS assigned_at BIGINT NOT NULL DEFAULT 0;
+-- media's bytes moved from media.data to media_parts, each file one part.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'media' AND column_name = 'data') THEN
+        INSERT INTO media_parts (id, pos, data) SELECT id, 0, data FROM media ON CONFLICT DO NOTHING;
+        ALTER TABLE media DROP COLUMN data;
+    END IF;
+END $$;

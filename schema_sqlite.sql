@@ -155,9 +155,10 @@ CREATE TABLE IF NOT EXISTS held_replies (
     created_at BIGINT NOT NULL
 );
 
--- media keeps what customers send (images), for IM clients to download at
--- GET /media/{id} until MEDIA_RETENTION ends; the bytes are files named by
--- id in MEDIA_DIR, beside the database.
+-- media keeps what customers send (and an agent's sound or video sent as a
+-- link), for IM clients to download at GET /media/{id} until
+-- MEDIA_RETENTION ends; the bytes are files named by id in MEDIA_DIR,
+-- beside the database.
 CREATE TABLE IF NOT EXISTS media (
     id           TEXT PRIMARY KEY,
     content_type TEXT NOT NULL,

@@ -242,7 +242,10 @@ func (b *bridge) inbound(p Push) Inbound {
 		in.Action, in.Text, in.Elems = actMessage, readableText(p), pushElems(p)
 		if p.MediaID != "" && b.cfg.PublicURL != "" { // image, voice, video, shortvideo: fetched by the worker
 			in.Media = &PushMedia{Type: p.MsgType, MediaID: p.MediaID, PicURL: p.PicURL, Recognition: p.Recognition,
-				ThumbMediaID: p.ThumbMediaID}
+				ThumbMediaID: p.ThumbMediaID, Keep: newMediaID()}
+			if p.ThumbMediaID != "" {
+				in.Media.KeepThumb = newMediaID()
+			}
 		}
 	}
 	return in

@@ -128,6 +128,10 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 	}
 	if !s.postgres {
 		s.commit = newGroupCommit(s.db, s.settle, harmless)
+		if err := s.cleanMediaDir(ctx); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("open store: %w", err)
+		}
 	}
 	return s, nil
 }

@@ -5,10 +5,12 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"mime/multipart"
 	"net/http"
 	"net/url"
@@ -181,43 +183,55 @@ func (c *WeChatClient) SendText(ctx context.Context, openid, text string) error 
 // takes images and videos of 10 MB at most.
 const maxMediaBytes = 10 << 20
 
-// FetchMedia returns the bytes and type of a customer's media: from
-// /cgi-bin/media/get by its media_id (for a video, from the video_url that
-// answers), or from an image's PicUrl.
-func (c *WeChatClient) FetchMedia(ctx context.Context, m PushMedia) ([]byte, string, error) {
-	if m.MediaID == "" {
-		return getBytes(ctx, c.HTTP, "wechat PicUrl", m.PicURL, maxMediaBytes)
-	}
-	get := func(token string) ([]byte, string, error) {
-		q := url.Values{"access_token": {token}, "media_id": {m.MediaID}}
-		data, ct, err := getBytes(ctx, c.HTTP, "wechat media/get", c.Base+"/cgi-bin/media/get?"+q.Encode(), maxMediaBytes)
-		if err == nil && (strings.HasPrefix(ct, "application/json") || strings.HasPrefix(ct, "text/plain")) {
-			var env struct {
-				ErrCode  int    `json:"errcode"`
-				ErrMsg   string `json:"errmsg"`
-				VideoURL string `json:"video_url"` // a video is fetched from where WeChat says
-			}
-			switch json.Unmarshal(data, &env); {
-			case env.ErrCode != 0:
-				return nil, "", &WeChatError{API: "media/get", Code: env.ErrCode, Msg: env.ErrMsg}
-			case env.VideoURL != "":
-				return getBytes(ctx, c.HTTP, "wechat video_url", env.VideoURL, maxMediaBytes)
-			}
+// FetchMedia spools a customer's media, at most maxMediaBytes, from
+// /cgi-bin/media/get by its media_id; a video from the video_url that
+// answers, through fetch, as every URL from outside. What concerns the file
+// itself is a mediaError (fetch.go); WeChat's errcodes are *WeChatErrors.
+func (c *WeChatClient) FetchMedia(ctx context.Context, fetch *fetcher, mediaID string) (*spool, error) {
+	get := func(token string) (*spool, error) {
+		q := url.Values{"access_token": {token}, "media_id": {mediaID}}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.Base+"/cgi-bin/media/get?"+q.Encode(), nil)
+		if err != nil {
+			return nil, fmt.Errorf("wechat media/get: %w", redactErr(err))
 		}
-		return data, ct, err
+		resp, err := c.HTTP.Do(req)
+		if err != nil {
+			return nil, fetchFailed(ctx, "wechat media/get", err)
+		}
+		ct := resp.Header.Get("Content-Type")
+		if !strings.HasPrefix(ct, "application/json") && !strings.HasPrefix(ct, "text/plain") {
+			return fetch.save(ctx, "wechat media/get", resp, maxMediaBytes)
+		}
+		defer resp.Body.Close()
+		raw, err := readLimited(resp.Body, maxAnswerBytes)
+		if err != nil {
+			return nil, fetchFailed(ctx, "wechat media/get", err)
+		}
+		var env struct {
+			ErrCode  int    `json:"errcode"`
+			ErrMsg   string `json:"errmsg"`
+			VideoURL string `json:"video_url"` // a video is fetched from where WeChat says
+		}
+		switch json.Unmarshal(raw, &env); {
+		case env.ErrCode != 0:
+			return nil, &WeChatError{API: "media/get", Code: env.ErrCode, Msg: env.ErrMsg}
+		case env.VideoURL != "":
+			return fetch.get(ctx, "wechat video_url", env.VideoURL, maxMediaBytes)
+		}
+		return nil, mediaError{why: "WeChat answered media/get with neither the file nor its video_url"}
 	}
 	token, err := c.accessToken(ctx, "")
 	if err != nil {
-		return nil, "", notCalled{err}
+		return nil, notCalled{err}
 	}
-	data, ct, err := get(token)
+	sp, err := get(token)
 	if e := (*WeChatError)(nil); errors.As(err, &e) && tokenErrors[e.Code] {
 		if token, err = c.accessToken(ctx, token); err != nil {
-			return nil, "", err
+			return nil, err
 		}
-		data, ct, err = get(token)
+		sp, err = get(token)
 	}
-	return data, ct, err
+	return sp, err
 }
 
 // SendMedia sends the customer an image, voice or video message of what
@@ -227,30 +241,49 @@ func (c *WeChatClient) SendMedia(ctx context.Context, openid, msgType string, me
 	return c.callWithToken(ctx, "custom/send", "/cgi-bin/message/custom/send", m)
 }
 
-// Upload uploads data as temporary media of typ (image, voice, video,
-// thumb) with /cgi-bin/media/upload, and returns its media_id.
-func (c *WeChatClient) Upload(ctx context.Context, typ, filename string, data []byte) (string, error) {
-	var form bytes.Buffer
-	mw := multipart.NewWriter(&form)
-	part, err := mw.CreateFormFile("media", filename)
-	if err == nil {
-		_, err = part.Write(data)
-	}
-	if err == nil {
-		err = mw.Close()
-	}
-	if err != nil {
-		return "", fmt.Errorf("wechat media/upload: %w", err)
-	}
+// uploadExt is the extension WeChat wants on an upload's file name, by the
+// file's type: it judges a file by its name as well as by its bytes, and
+// refuses a name without one (wechat.md, Temporary media).
+var uploadExt = map[string]string{"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif",
+	"audio/amr": ".amr", "audio/mpeg": ".mp3", "video/mp4": ".mp4"}
+
+// Upload uploads the spooled file sp, of type ct, as temporary media of typ
+// (image, voice, video, thumb) with /cgi-bin/media/upload, streamed from
+// disk, and returns its media_id (a thumbnail's thumb_media_id). A token
+// WeChat refuses is renewed, and the upload tried once more.
+func (c *WeChatClient) Upload(ctx context.Context, typ, ct string, sp *spool) (string, error) {
 	token, err := c.accessToken(ctx, "")
 	if err != nil {
 		return "", notCalled{err}
 	}
+	id, err := c.upload(ctx, token, typ, typ+uploadExt[ct], sp)
+	if e := (*WeChatError)(nil); errors.As(err, &e) && tokenErrors[e.Code] {
+		if token, err = c.accessToken(ctx, token); err != nil {
+			return "", err
+		}
+		id, err = c.upload(ctx, token, typ, typ+uploadExt[ct], sp)
+	}
+	return id, err
+}
+
+// upload makes one media/upload call: a multipart form whose part "media"
+// is the file, named filename.
+func (c *WeChatClient) upload(ctx context.Context, token, typ, filename string, sp *spool) (string, error) {
+	var head bytes.Buffer
+	mw := multipart.NewWriter(&head)
+	if _, err := mw.CreateFormFile("media", filename); err != nil {
+		return "", fmt.Errorf("wechat media/upload: %w", err)
+	}
+	// The part's header, the file from disk, and the form's end, as
+	// multipart.Writer.Close would write it.
+	tail := "\r\n--" + mw.Boundary() + "--\r\n"
+	body := io.MultiReader(bytes.NewReader(head.Bytes()), sp.reader(), strings.NewReader(tail))
 	q := url.Values{"access_token": {token}, "type": {typ}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.Base+"/cgi-bin/media/upload?"+q.Encode(), &form)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.Base+"/cgi-bin/media/upload?"+q.Encode(), body)
 	if err != nil {
 		return "", fmt.Errorf("wechat media/upload: %w", redactErr(err))
 	}
+	req.ContentLength = int64(head.Len()) + sp.size + int64(len(tail))
 	req.Header.Set("Content-Type", mw.FormDataContentType())
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
@@ -262,17 +295,18 @@ func (c *WeChatClient) Upload(ctx context.Context, typ, filename string, data []
 		return "", &HTTPStatusError{Service: "wechat media/upload", Status: resp.StatusCode}
 	}
 	var ans struct {
-		ErrCode int    `json:"errcode"`
-		ErrMsg  string `json:"errmsg"`
-		MediaID string `json:"media_id"`
+		ErrCode      int    `json:"errcode"`
+		ErrMsg       string `json:"errmsg"`
+		MediaID      string `json:"media_id"`
+		ThumbMediaID string `json:"thumb_media_id"` // a thumbnail's id is named so
 	}
 	switch json.Unmarshal(raw, &ans); {
 	case ans.ErrCode != 0:
 		return "", &WeChatError{API: "media/upload", Code: ans.ErrCode, Msg: ans.ErrMsg}
-	case ans.MediaID == "":
+	case cmp.Or(ans.MediaID, ans.ThumbMediaID) == "":
 		return "", errors.New("wechat media/upload: answer has no media_id")
 	}
-	return ans.MediaID, nil
+	return cmp.Or(ans.MediaID, ans.ThumbMediaID), nil
 }
 
 // Typing shows the customer that someone is typing (on), or stops showing

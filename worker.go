@@ -31,11 +31,11 @@ type Worker struct {
 	// IMDedup is how long IM drops a repeated sendmsg (IM_DEDUP_WINDOW).
 	IMDedup time.Duration
 	// PublicURL (PUBLIC_URL), if set, is where IM clients download the
-	// media the worker fetches (media.go); MediaKey makes their ids, and
-	// MediaRetention says how long they are kept.
+	// media the worker fetches (media.go); MediaRetention says how long it
+	// is kept. Fetch fetches every URL that came from outside (fetch.go).
 	PublicURL      string
-	MediaKey       []byte
 	MediaRetention time.Duration
+	Fetch          *fetcher
 	typing         typingStates // the typing states shown (typing.go)
 
 	Lanes          int           // lanes delivered at once
@@ -305,11 +305,13 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			return err
 		}
 		if d.Media != nil && w.PublicURL != "" {
-			elems, err := w.mediaElems(ctx, it) // media.go
-			if err != nil {
+			elems, err := w.mediaElems(ctx, it) // mediacross.go
+			if why, ok := fileFailure(err); ok {
+				// The file cannot cross: the message does, as its text.
+				msg.MsgBody = []MsgElem{{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": d.Text + "\n(not carried: " + why + ")"}}}
+			} else if err != nil {
 				return err
-			}
-			if elems != nil {
+			} else if elems != nil {
 				msg.MsgBody = elems
 			}
 		}
@@ -332,7 +334,7 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			w.Metrics.uncertain.WithLabelValues("wechat", "resent").Inc()
 		}
 		if d.Media != nil {
-			return w.sendMedia(ctx, it) // media.go
+			return w.sendMedia(ctx, it) // mediacross.go
 		}
 		return w.WeChat.SendText(ctx, d.OpenID, d.Text)
 	}

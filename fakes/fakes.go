@@ -23,6 +23,11 @@
 //     video as {"video_url": …}. media/upload: image PNG/JPEG/GIF 10 MB, voice
 //     AMR/MP3 2 MB, video MP4 10 MB, thumb JPEG 64 KB (40004 type, 40005
 //     format, 40006 size); image, voice and video messages by their uploads.
+//   - media/upload judges a file by its part's name as well as its bytes: a
+//     name without the type's extension is 40005; a thumb's id is answered
+//     as thumb_media_id, not media_id (SDK users' reports: easywechat #1931,
+//     weixin4j #34, silenceper/wechat #14; ../shared/protocol/wechat.md,
+//     Temporary media).
 //
 // Tencent IM (cloud.tencent.com/document/product/269)
 //   - sendmsg (2282): a repeat of (sender, MsgSeq, MsgRandom, CRC32 of the

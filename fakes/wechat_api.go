@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path"
 	"slices"
 	"strings"
 	"time"
@@ -368,21 +369,24 @@ func (wx *WeChat) handlePicURL(w http.ResponseWriter, r *http.Request) {
 }
 
 // uploadLimits are what /cgi-bin/media/upload takes, by type: the most
-// bytes, and the formats (wechat.md: image 10 MB, PNG/JPEG/GIF; voice 2 MB,
-// AMR/MP3; video 10 MB, MP4; thumb 64 KB, JPG).
+// bytes, the formats, and the extensions a part's file name must end with
+// (wechat.md: image 10 MB, PNG/JPEG/GIF; voice 2 MB, AMR/MP3; video 10 MB,
+// MP4; thumb 64 KB, JPG).
 var uploadLimits = map[string]struct {
 	max   int
 	types []string
+	exts  []string
 }{
-	"image": {10 << 20, []string{"image/png", "image/jpeg", "image/gif"}},
-	"voice": {2 << 20, []string{"audio/amr", "audio/mpeg"}},
-	"video": {10 << 20, []string{"video/mp4"}},
-	"thumb": {64 << 10, []string{"image/jpeg"}},
+	"image": {10 << 20, []string{"image/png", "image/jpeg", "image/gif"}, []string{".png", ".jpg", ".jpeg", ".gif"}},
+	"voice": {2 << 20, []string{"audio/amr", "audio/mpeg"}, []string{".amr", ".mp3"}},
+	"video": {10 << 20, []string{"video/mp4"}, []string{".mp4"}},
+	"thumb": {64 << 10, []string{"image/jpeg"}, []string{".jpg", ".jpeg"}},
 }
 
 // Upload is a file the account uploaded as temporary media.
 type Upload struct {
 	MediaID, Type string
+	Filename      string // the part's file name
 	Data          []byte
 }
 
@@ -407,7 +411,8 @@ func (wx *WeChat) uploaded(mediaID, typ string) bool {
 
 // handleUpload serves POST /cgi-bin/media/upload?type=…: a multipart form
 // whose part "media" is the file. A type it does not know is 40004, a file
-// not of its formats 40005, one too large 40006.
+// not of its formats, or named without one of its extensions, 40005; one
+// too large 40006. A thumbnail's id is answered as thumb_media_id.
 func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
 	now := wx.opts.Now()
 	wx.mu.Lock()
@@ -420,7 +425,7 @@ func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
 	}
 	typ := r.URL.Query().Get("type")
 	limit, known := uploadLimits[typ]
-	f, _, err := r.FormFile("media")
+	f, fh, err := r.FormFile("media")
 	wx.record(r, now)
 	switch {
 	case !known:
@@ -435,16 +440,20 @@ func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
 	case len(data) > limit.max:
 		writeWeChatError(w, 40006, "invalid meida size")
 		return
-	case !slices.Contains(limit.types, sniff(data)):
+	case !slices.Contains(limit.types, sniff(data)) || !slices.Contains(limit.exts, strings.ToLower(path.Ext(fh.Filename))):
 		writeWeChatError(w, 40005, "invalid file type")
 		return
 	}
 	wx.mu.Lock()
 	wx.nextMsg++
 	id := fmt.Sprintf("upload_%d", wx.nextMsg)
-	wx.uploads = append(wx.uploads, Upload{MediaID: id, Type: typ, Data: data})
+	wx.uploads = append(wx.uploads, Upload{MediaID: id, Type: typ, Filename: fh.Filename, Data: data})
 	wx.mu.Unlock()
 	hop(wx.opts.Trace, "bridge", "WeChat", "media/upload %s, %d bytes", typ, len(data))
+	if typ == "thumb" {
+		writeJSON(w, map[string]any{"type": typ, "thumb_media_id": id, "created_at": now.Unix()})
+		return
+	}
 	writeJSON(w, map[string]any{"type": typ, "media_id": id, "created_at": now.Unix()})
 }
 

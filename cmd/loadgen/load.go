@@ -68,6 +68,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	if o.media > 0 {
+		return t.runMedia(ctx, stdout)
+	}
 	fmt.Fprintf(stdout, "load: %d connections, %d customers, %s, %s (%s), %d CPUs\n",
 		o.conns, o.customers, o.duration, t.fleet, t.describe(), runtime.NumCPU())
 	out, err := t.push(ctx)
@@ -108,6 +111,9 @@ func newTrial(ctx context.Context, o options, stderr io.Writer) (*trial, error) 
 	}
 	if t.fleet, err = newFleet(exe, t.env(), stderr, o.instances); err != nil {
 		return t, err
+	}
+	if o.media > 0 {
+		t.fleet.env = append(t.fleet.env, t.mediaEnv(t.fleet.addrs[0])...)
 	}
 	if o.replies {
 		// Set before the bridges start, and read only after: no lock.

@@ -21,6 +21,10 @@
 // without an answer is sent again, as WeChat does, until it gets one. Every
 // answered message must reach IM exactly once.
 //
+// With -media N the run carries media instead: N customers each send a
+// video of 10 MB while their agents each send one back, at once, and the
+// bridge's peak memory is reported (media.go).
+//
 // With -replies the agents answer every message, and every answer must
 // reach WeChat (replies.go). With -bridge PROGRAM another program stands in
 // the bridge's place: the speed reference in cmd/loadref, or an empty
@@ -88,6 +92,7 @@ type options struct {
 	instances  int
 	chaos      bool
 	replies    bool
+	media      int  // -media: videos each way at once, instead of pushes
 	itselfRuns bool // the bridge runs, not another program
 	env        envFlag
 }
@@ -110,6 +115,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.instances, "instances", 1, "bridges on one PostgreSQL database (-database postgres://…), the connections spread over them")
 	fs.BoolVar(&o.chaos, "chaos", false, "kill and restart the bridge while the pushes run, make IM fail by turns, and send unanswered pushes again")
 	fs.BoolVar(&o.replies, "replies", false, "agents answer each message that reaches IM, from IM clients, and every answer must reach WeChat")
+	fs.IntVar(&o.media, "media", 0, "instead of pushes: this many customers send a 10 MB video while their agents send one back, at once, and the bridge's peak memory is told")
 	fs.Var(&o.env, "env", "KEY=VALUE added to the bridge's environment (GOGC=400, GOMAXPROCS=3, …); may be repeated")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
@@ -129,6 +135,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return options{}, errors.New("load: -instances runs several bridges, which share one PostgreSQL: it needs -database postgres://… and not -bridge")
 	case o.replies && !o.itselfRuns:
 		return options{}, errors.New("load: -replies needs the bridge itself, which takes IM's callbacks")
+	case o.media < 0 || o.media > 64 || o.media > 0 && (!o.itselfRuns || o.chaos || o.replies || o.instances > 1):
+		return options{}, errors.New("load: -media must be in [0, 64], and runs one bridge itself, without -chaos or -replies")
 	case o.chaos && (o.imRate > 0 || !o.forwards):
 		return options{}, errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}

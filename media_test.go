@@ -1,0 +1,362 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// sound is a TIMSoundElem of an agent's client, whose file is at u.
+func sound(u string, size, seconds int) map[string]any {
+	return map[string]any{"MsgType": "TIMSoundElem", "MsgContent": map[string]any{
+		"Url": u, "UUID": "s", "Size": size, "Second": seconds, "Download_Flag": 2}}
+}
+
+// video is a TIMVideoFileElem of an agent's client, the video at u and
+// its thumbnail at thumb.
+func video(u, thumb string, size int) map[string]any {
+	return map[string]any{"MsgType": "TIMVideoFileElem", "MsgContent": map[string]any{
+		"VideoUrl": u, "VideoUUID": "v", "VideoSize": size, "VideoSecond": 5, "VideoFormat": "mp4",
+		"VideoDownloadFlag": 2, "ThumbUrl": thumb, "ThumbUUID": "t", "ThumbSize": 100,
+		"ThumbWidth": 8, "ThumbHeight": 6, "ThumbFormat": "JPG", "ThumbDownloadFlag": 2}}
+}
+
+// agentReady pushes the customer's question and waits for it in IM, so
+// that the agent may answer.
+func (h *harness) agentReady() {
+	h.t.Helper()
+	h.wx.SendText(context.Background(), customer, question)
+	eventually(h.t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
+}
+
+// TestUploadsAsWeChatTakesThem: each upload's part is named with the
+// extension of its type, a thumbnail's id is read from thumb_media_id, and
+// an upload whose access_token went stale is retried with a fresh one. The
+// fake WeChat refuses what the real one refuses.
+func TestUploadsAsWeChatTakesThem(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
+	eventually(t, "the reply in WeChat: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	photo, mp4, thumb := testPNG(t, 3, 2), testMP4(), testJPEG(t, 8, 6)
+	h.wx.ExpireToken()
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, imageElem(h.im.AddFile(photo, "image/png"), len(photo)))
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false,
+		video(h.im.AddFile(mp4, "video/mp4"), h.im.AddFile(thumb, "image/jpeg"), len(mp4)))
+	eventually(t, "the image and the video in WeChat", func() bool { return len(h.sentTo(customer)) == 3 })
+	if sent := h.sentTo(customer)[1:]; sent[0].MsgType != "image" || sent[1].MsgType != "video" {
+		t.Fatalf("the customer got %+v, want an image and a video", sent)
+	}
+	var names []string
+	for _, u := range h.wx.Uploads() {
+		names = append(names, u.Filename)
+	}
+	if want := []string{"image.png", "video.mp4", "thumb.jpg"}; strings.Join(names, " ") != strings.Join(want, " ") {
+		t.Errorf("uploads named %v, want %v", names, want)
+	}
+	if n := len(h.wx.RequestsTo("/cgi-bin/media/upload")); n != 4 {
+		t.Errorf("%d upload calls, want 4: the first met the stale token and was made again", n)
+	}
+	if n := len(h.deadLetters()); n != 0 {
+		t.Errorf("%d dead letters, want none", n)
+	}
+}
+
+// TestLargeFilesBlockNoLane: an agent's 60 MB video and a customer's 12 MB
+// video are decided at their first attempt, each crossing in its fallback
+// form (a link; the text), and the messages after them follow at once.
+func TestLargeFilesBlockNoLane(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	ctx := context.Background()
+	h.agentReady()
+	im := customerIM(customer)
+
+	big := append(testMP4(), make([]byte, 60<<20)...)
+	bigURL := h.im.AddFile(big, "video/mp4")
+	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, video(bigURL, h.im.AddFile(testJPEG(t, 8, 6), "image/jpeg"), len(big)))
+	h.im.SendAsAgent(ctx, "agent_kim", im, "Did the video reach you?")
+	eventually(t, "the link and the next reply", func() bool { return len(h.sentTo(customer)) == 2 })
+	if got := h.sentTexts(customer); got[0] != "video: "+bigURL || got[1] != "Did the video reach you?" {
+		t.Errorf("the customer read %q, want the video's link in IM, then the reply", got)
+	}
+	h.eventuallyNotice("agent_kim", customer, "as a link: WeChat takes MP4 videos of 10 MB at most, with a JPEG thumbnail of 64 KB at most, and it has more than 10 MB")
+	if n := len(h.wx.Uploads()); n != 0 {
+		t.Errorf("%d uploads, want none", n)
+	}
+
+	large := append(testMP4(), make([]byte, 12<<20)...)
+	videoID, _ := h.wx.AddMedia(large, "video/mp4")
+	thumbID, _ := h.wx.AddMedia(testPNG(t, 8, 6), "image/png")
+	h.wx.SendMessage(ctx, customer, "video", map[string]string{"MediaId": videoID, "ThumbMediaId": thumbID})
+	h.wx.SendText(ctx, customer, "Did you get it?")
+	eventually(t, "the video's text and the next message", func() bool { return len(h.customerTexts("agent_kim", customer)) == 3 })
+	if got := h.customerTexts("agent_kim", customer)[1:]; got[0] != "[video]\n(not carried: it has more than 10 MB)" || got[1] != "Did you get it?" {
+		t.Errorf("the agent read %q, want the video as text with why, then the next message", got)
+	}
+	if n := len(h.deadLetters()); n != 0 {
+		t.Errorf("%d dead letters, want none", n)
+	}
+}
+
+// TestSlowHostBlocksNoLane: a host that never answers is given up after
+// MEDIA_FETCH_TIMEOUT, not VENDOR_TIMEOUT, at the first attempt: the sound
+// reaches the customer as its link, the agent is told why, and the next
+// reply follows.
+func TestSlowHostBlocksNoLane(t *testing.T) {
+	release := make(chan struct{})
+	silent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(silent.Close)
+	t.Cleanup(func() { close(release) })
+	h := newHarness(t, harnessOptions{env: map[string]string{"MEDIA_FETCH_TIMEOUT": "300ms", "VENDOR_TIMEOUT": "5s"}})
+	h.env["MEDIA_FETCH_ALLOW"] += "," + strings.TrimPrefix(silent.URL, "http://")
+	h.restart()
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(silent.URL+"/voice.amr", 1000, 2))
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "And a text.")
+	eventually(t, "the link and the text", func() bool { return len(h.sentTo(customer)) == 2 })
+	if got := h.sentTexts(customer); got[0] != "voice message: "+silent.URL+"/voice.amr" || got[1] != "And a text." {
+		t.Errorf("the customer read %q", got)
+	}
+	h.eventuallyNotice("agent_kim", customer, "it did not download within MEDIA_FETCH_TIMEOUT")
+}
+
+// TestFetchCannotBeAimedInward: the bridge fetches nothing from an
+// address that is not public (loopback, cloud metadata), directly or by a
+// redirect, unless MEDIA_FETCH_ALLOW names its host; the agent is told why,
+// the customer gets nothing of it, and the host gets no request.
+func TestFetchCannotBeAimedInward(t *testing.T) {
+	var inner atomic.Int32
+	internal := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		inner.Add(1)
+		w.Write(testAMR(10))
+	}))
+	t.Cleanup(internal.Close)
+	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, r.URL.Query().Get("to"), http.StatusFound)
+	}))
+	t.Cleanup(redirector.Close)
+	h := newHarness(t, harnessOptions{})
+	h.env["MEDIA_FETCH_ALLOW"] += "," + strings.TrimPrefix(redirector.URL, "http://")
+	h.restart()
+	ctx := context.Background()
+	h.agentReady()
+	port := internal.URL[strings.LastIndex(internal.URL, ":"):]
+	cases := []struct{ url, why string }{
+		{internal.URL + "/latest/meta-data", "and 127.0.0.1 is loopback"},
+		{"http://169.254.169.254/latest/meta-data/iam", "and 169.254.169.254 is link-local"},
+		{"http://[::1]" + port + "/x", "and ::1 is loopback"},
+		{"http://100.64.0.1/x", "and 100.64.0.1 is shared"},
+		{"http://10.1.2.3/x", "and 10.1.2.3 is private"},
+		{"http://0.0.0.0" + port + "/x", "and 0.0.0.0 is unspecified"},
+		{redirector.URL + "/?to=file:///etc/passwd", `only over http(s), not "file"`},
+		{redirector.URL + "/?to=" + internal.URL + "/x", "and 127.0.0.1 is loopback"},
+		{redirector.URL + "/?to=http://169.254.169.254/x", "and 169.254.169.254 is link-local"},
+	}
+	for i, c := range cases {
+		if i > 0 { // WeChat takes five replies a message: the customer writes again
+			h.wx.SendText(ctx, customer, "and?")
+			eventually(t, "the customer's message in IM", func() bool { return len(h.customerTexts("agent_kim", customer)) == i+1 })
+		}
+		h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(c.url, 100, 1))
+		var got string
+		eventually(t, fmt.Sprintf("the agent told of %s", c.url), func() bool {
+			for _, n := range h.noticesTo("agent_kim", customer) {
+				if strings.Contains(n, strconv.Quote("[voice message] "+c.url)) {
+					got = n
+					return true
+				}
+			}
+			return false
+		})
+		if !strings.Contains(got, c.why) || !strings.Contains(got, "was not fetched") {
+			t.Errorf("%s: the agent read %q, want it to say %q", c.url, got, c.why)
+		}
+	}
+	if n := inner.Load(); n != 0 {
+		t.Errorf("the internal host got %d requests, want none", n)
+	}
+	if sent := h.sentTo(customer); len(sent) != 0 {
+		t.Errorf("the customer got %+v, want nothing", sent)
+	}
+}
+
+// TestMediaServedAsData: what the bridge serves is a picture, sound or
+// video under its own type, or else a download: an agent's "voice message"
+// that is an HTML page reaches the customer as a link that serves it as
+// application/octet-stream, an attachment; every answer says nosniff.
+func TestMediaServedAsData(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	h.agentReady()
+	page := []byte("<!DOCTYPE html><html><script>alert(document.cookie)</script></html>")
+	h.im.SendElemsAsAgent(context.Background(), "agent_kim", customerIM(customer), false, sound(h.im.AddFile(page, "audio/amr"), len(page), 1))
+	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 1 })
+	link, ok := strings.CutPrefix(h.sentTo(customer)[0].Text, "voice message: "+public)
+	if !ok {
+		t.Fatalf("the customer read %q, want a link at the bridge", h.sentTo(customer)[0].Text)
+	}
+	resp, err := http.Get(h.base + link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if ct, cd := resp.Header.Get("Content-Type"), resp.Header.Get("Content-Disposition"); ct != "application/octet-stream" || cd != "attachment" || !bytes.Equal(b, page) {
+		t.Errorf("served as %q, %q; want application/octet-stream, attachment", ct, cd)
+	}
+	for _, p := range []string{link, "/media/0123456789abcdef0123456789abcdef"} {
+		resp, err := http.Get(h.base + p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.Header.Get("X-Content-Type-Options") != "nosniff" {
+			t.Errorf("GET %s: X-Content-Type-Options %q, want nosniff", p, resp.Header.Get("X-Content-Type-Options"))
+		}
+	}
+}
+
+// TestMediaIDsNeverReused: on SQLite an outbox id is used again once the
+// items after it are gone; a media id is not. Two customers' photos, one
+// sent after the other was delivered, get ids of their own, and each URL
+// serves its own photo.
+func TestMediaIDsNeverReused(t *testing.T) {
+	const public = "https://bridge.example.com"
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
+	ctx := context.Background()
+	var urls []string
+	for i, openid := range []string{customer, "o6_bmjrPTlm6_2sgVt7hMZOPfL2N"} {
+		photo := testPNG(t, i+2, 2)
+		mediaID, picURL := h.wx.AddMedia(photo, "image/png")
+		h.wx.SendMessage(ctx, openid, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
+		eventually(t, "the photo in IM", func() bool { return len(h.messagesTo("agent_kim")) == i+1 })
+		var body []MsgElem
+		json.Unmarshal(h.messagesTo("agent_kim")[i].Body, &body)
+		info, ok := body[0].MsgContent["ImageInfoArray"].([]any)
+		if !ok {
+			t.Fatalf("IM got %s, want a TIMImageElem", h.messagesTo("agent_kim")[i].Body)
+		}
+		urls = append(urls, info[0].(map[string]any)["URL"].(string))
+		// The items delivered are pruned, as a day later, and the bridge
+		// starts again: the next items take their ids again.
+		eventually(t, "the outbox delivered", func() bool {
+			var n int
+			db := h.openStoreDB(false)
+			defer db.Close()
+			db.QueryRow(`SELECT count(*) FROM outbox WHERE state <> 'done'`).Scan(&n)
+			return n == 0
+		})
+		h.stop()
+		db := h.openStoreDB(true)
+		if _, err := db.Exec(`DELETE FROM outbox`); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+		h.start()
+	}
+	if urls[0] == urls[1] {
+		t.Fatalf("both photos at %s", urls[0])
+	}
+	for i, u := range urls {
+		resp, err := http.Get(h.base + strings.TrimPrefix(u, public))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !bytes.Equal(b, testPNG(t, i+2, 2)) {
+			t.Errorf("%s serves another file than photo %d", u, i+1)
+		}
+	}
+}
+
+// TestMediaStreamedByRanges: media larger than a PostgreSQL part is
+// served whole and by ranges across parts, from either store.
+func TestMediaStreamedByRanges(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
+		st, err := openStore(context.Background(), h.env["DATABASE_URL"], storeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		data := make([]byte, 2*mediaPart+1000)
+		for i := range data {
+			data[i] = byte(i * 7)
+		}
+		id := newMediaID()
+		keepBytes(t, st, id, "video/mp4", data, time.Now())
+		for _, c := range []struct {
+			rng        string
+			from, to   int
+			wantStatus int
+		}{{"", 0, len(data), 200}, {"bytes=262000-262300", 262000, 262301, 206}, {"bytes=-10", len(data) - 10, len(data), 206}} {
+			req, _ := http.NewRequest(http.MethodGet, h.base+"/media/"+id, nil)
+			if c.rng != "" {
+				req.Header.Set("Range", c.rng)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.wantStatus || !bytes.Equal(b, data[c.from:c.to]) {
+				t.Errorf("range %q: %d, %d bytes; want %d and bytes %d to %d", c.rng, resp.StatusCode, len(b), c.wantStatus, c.from, c.to)
+			}
+		}
+	})
+}
+
+// TestMediaDirCleanedAtStart: what a crash leaves in MEDIA_DIR, a spool or
+// a file whose row was never written, is removed when the store opens;
+// kept media stays.
+func TestMediaDirCleanedAtStart(t *testing.T) {
+	dir := t.TempDir()
+	db := "sqlite:" + filepath.Join(dir, "bridge.db")
+	st, err := openStore(context.Background(), db, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := newMediaID()
+	keepBytes(t, st, kept, "image/png", []byte("kept"), time.Now())
+	st.Close()
+	orphan, spool := filepath.Join(dir, "media", newMediaID()), filepath.Join(dir, "media", "123"+spoolSuffix)
+	for _, f := range []string{orphan, spool} {
+		if err := os.WriteFile(f, []byte("left by a crash"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err = openStore(context.Background(), db, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, f := range []string{orphan, spool} {
+		if _, err := os.Stat(f); !os.IsNotExist(err) {
+			t.Errorf("%s: %v, want it removed", filepath.Base(f), err)
+		}
+	}
+	if data, err := readMedia(st, kept); string(data) != "kept" {
+		t.Errorf("kept media: %q, %v", data, err)
+	}
+}
