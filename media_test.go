@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -358,5 +359,35 @@ func TestMediaDirCleanedAtStart(t *testing.T) {
 	}
 	if data, err := readMedia(st, kept); string(data) != "kept" {
 		t.Errorf("kept media: %q, %v", data, err)
+	}
+}
+
+// TestMediaMovedToParts: a PostgreSQL database made before media_parts
+// keeps its media: the store moves each file's bytes into a part at open,
+// and serves them as before.
+func TestMediaMovedToParts(t *testing.T) {
+	dsn := testPostgres(t)
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`CREATE TABLE media (id TEXT PRIMARY KEY, content_type TEXT NOT NULL, size BIGINT NOT NULL,
+		created_at BIGINT NOT NULL, data BYTEA NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	id := newMediaID()
+	if _, err := db.Exec(`INSERT INTO media VALUES ($1, 'image/png', 5, $2, 'older')`, id, time.Now().UnixMilli()); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second open finds nothing to move
+		st, err := openStore(context.Background(), dsn, storeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if data, err := readMedia(st, id); err != nil || string(data) != "older" {
+			t.Errorf("the older file: %q, %v", data, err)
+		}
+		st.Close()
 	}
 }

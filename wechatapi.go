@@ -194,7 +194,12 @@ func (c *WeChatClient) FetchMedia(ctx context.Context, fetch *fetcher, mediaID s
 		if err != nil {
 			return nil, fmt.Errorf("wechat media/get: %w", redactErr(err))
 		}
-		resp, err := c.HTTP.Do(req)
+		// The download is bounded by MEDIA_FETCH_TIMEOUT, the caller's
+		// deadline, not by VENDOR_TIMEOUT: a 10 MB file takes longer than
+		// an API call.
+		download := *c.HTTP
+		download.Timeout = 0
+		resp, err := download.Do(req)
 		if err != nil {
 			return nil, fetchFailed(ctx, "wechat media/get", err)
 		}
