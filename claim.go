@@ -173,6 +173,34 @@ func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, un
 	})
 }
 
+// Rewrite replaces the delivery of an item its claim still holds, so that
+// the attempts after this one make the call this one makes (a message
+// whose media could not be had goes as its text every time). It returns
+// errNotHeld if another claim has taken the item since.
+func (s *Store) Rewrite(ctx context.Context, it OutboxItem, d Delivery) error {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return fmt.Errorf("outbox rewrite: %w", err)
+	}
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if !s.postgres {
+			if !s.holds(it) {
+				return errNotHeld
+			}
+			_, err := s.exec(ctx, tx, `UPDATE outbox SET delivery = ? WHERE id = ?`, string(b), it.ID)
+			return err
+		}
+		res, err := s.exec(ctx, tx, `UPDATE outbox SET delivery = ? WHERE id = ? AND `+fenced, string(b), it.ID, it.claimedBy, it.claimedUntil)
+		if err != nil {
+			return err
+		}
+		if n, err := res.RowsAffected(); err != nil || n == 0 {
+			return cmp.Or(err, errNotHeld)
+		}
+		return nil
+	})
+}
+
 // GiveUp makes an item a dead letter, keeping the reason, and queues
 // notice (if not nil) in the same transaction, so whoever must be told is.
 // If another claim has taken the item since, it returns errNotHeld, and no

@@ -85,25 +85,60 @@ func refusePrivate(network, address string, _ syscall.RawConn) error {
 	return nil
 }
 
-// sharedSpace is 100.64.0.0/10, carrier-grade NAT (RFC 6598): inside a
-// provider's network, as private as 10/8.
-var sharedSpace = netip.MustParsePrefix("100.64.0.0/10")
+// inward are the address blocks that lead inside a network, or nowhere,
+// rather than to a public host (IANA's special-purpose registries), besides
+// what netip's predicates tell: loopback, private, link-local, multicast,
+// unspecified.
+var inward = []struct {
+	prefix netip.Prefix
+	what   string
+}{
+	{netip.MustParsePrefix("0.0.0.0/8"), "\"this network\" (0.0.0.0/8)"},
+	{netip.MustParsePrefix("100.64.0.0/10"), "shared (100.64.0.0/10)"},
+	{netip.MustParsePrefix("192.0.0.0/24"), "reserved (192.0.0.0/24)"},
+	{netip.MustParsePrefix("192.0.2.0/24"), "for documentation"},
+	{netip.MustParsePrefix("198.18.0.0/15"), "for benchmarks (198.18.0.0/15)"},
+	{netip.MustParsePrefix("198.51.100.0/24"), "for documentation"},
+	{netip.MustParsePrefix("203.0.113.0/24"), "for documentation"},
+	{netip.MustParsePrefix("240.0.0.0/4"), "reserved (240.0.0.0/4)"},
+	{netip.MustParsePrefix("::/96"), "IPv4-compatible (::/96)"},
+	{netip.MustParsePrefix("64:ff9b:1::/48"), "local NAT64 (64:ff9b:1::/48)"},
+	{netip.MustParsePrefix("100::/64"), "a discard address (100::/64)"},
+	{netip.MustParsePrefix("2001::/23"), "reserved (2001::/23, Teredo included)"},
+	{netip.MustParsePrefix("2001:db8::/32"), "for documentation"},
+	{netip.MustParsePrefix("fec0::/10"), "site-local (fec0::/10)"},
+}
+
+// Blocks that carry an IPv4 address inside an IPv6 one: the IPv4 address
+// is where a connection goes, and is judged.
+var (
+	nat64     = netip.MustParsePrefix("64:ff9b::/96") // RFC 6052: the last 32 bits
+	sixToFour = netip.MustParsePrefix("2002::/16")    // RFC 3056: bits 16 to 48
+)
 
 // notPublic says what kind of address a is, or "" if it is public.
 func notPublic(a netip.Addr) string {
-	switch {
+	a = a.Unmap()
+	switch b := a.As16(); {
+	case nat64.Contains(a):
+		return notPublic(netip.AddrFrom4([4]byte(b[12:16])))
+	case sixToFour.Contains(a):
+		return notPublic(netip.AddrFrom4([4]byte(b[2:6])))
 	case a.IsLoopback():
 		return "loopback"
 	case a.IsPrivate():
 		return "private"
 	case a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast():
 		return "link-local"
-	case sharedSpace.Contains(a):
-		return "shared (100.64.0.0/10)"
 	case a.IsMulticast() || a.IsInterfaceLocalMulticast():
 		return "multicast"
 	case a.IsUnspecified():
 		return "unspecified"
+	}
+	for _, b := range inward {
+		if b.prefix.Contains(a) {
+			return b.what
+		}
 	}
 	return ""
 }
@@ -136,8 +171,8 @@ func (f *fetcher) deadline(ctx context.Context) (context.Context, context.Cancel
 }
 
 // get fetches u into a spool of at most limit bytes. Errors of the file
-// itself are mediaErrors; any other (a 5xx, a broken connection) is the
-// host's passing trouble, to retry.
+// itself are mediaErrors; any other (a 5xx or 429, a broken connection)
+// is the host's passing trouble, retried for mediaFetchTries attempts.
 func (f *fetcher) get(ctx context.Context, service, u string, limit int64) (*spool, error) {
 	pu, err := url.Parse(u)
 	if err != nil {
@@ -161,10 +196,10 @@ func (f *fetcher) get(ctx context.Context, service, u string, limit int64) (*spo
 func (f *fetcher) save(ctx context.Context, service string, resp *http.Response, limit int64) (*spool, error) {
 	defer resp.Body.Close()
 	switch {
-	case resp.StatusCode >= 400 && resp.StatusCode < 500:
-		return nil, mediaError{fmt.Sprintf("its URL answers HTTP %d", resp.StatusCode), true}
+	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
+		return nil, &HTTPStatusError{Service: service, Status: resp.StatusCode} // the host's passing trouble
 	case resp.StatusCode != http.StatusOK:
-		return nil, &HTTPStatusError{Service: service, Status: resp.StatusCode}
+		return nil, mediaError{fmt.Sprintf("its URL answers HTTP %d", resp.StatusCode), true}
 	case resp.ContentLength > limit:
 		return nil, mediaError{why: fmt.Sprintf("it has more than %s", megabytes(limit))}
 	}
@@ -233,15 +268,15 @@ func newSpool(dir string) (*spool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
-	f, err := os.CreateTemp(dir, "*"+spoolSuffix)
+	f, err := os.CreateTemp(dir, spoolPrefix+"*"+spoolSuffix)
 	if err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
 	return &spool{File: f, path: f.Name()}, nil
 }
 
-// spoolSuffix names the spools in the media folder.
-const spoolSuffix = ".tmp"
+// spoolPrefix and spoolSuffix name the spools in the media folder.
+const spoolPrefix, spoolSuffix = "spool-", ".tmp"
 
 // head returns the spool's first n bytes at most, by which a type is told.
 func (s *spool) head(n int) []byte {

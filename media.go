@@ -10,6 +10,7 @@ package main
 // from disk to disk and to the network in pieces, never whole in memory.
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"database/sql"
@@ -106,8 +107,10 @@ func (s *Store) placeMedia(id string, sp *spool) error {
 	return nil
 }
 
-// cleanMediaDir removes what a crash can leave in MEDIA_DIR: spools, and
-// files renamed into place whose row was never written or was pruned.
+// cleanMediaDir removes what a crash can leave in MEDIA_DIR, which is the
+// bridge's own: spools, and files renamed into place whose row was never
+// written or was pruned. It touches no file of a name the bridge does not
+// give.
 func (s *Store) cleanMediaDir(ctx context.Context) error {
 	entries, err := os.ReadDir(s.mediaDir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -115,22 +118,28 @@ func (s *Store) cleanMediaDir(ctx context.Context) error {
 	} else if err != nil {
 		return fmt.Errorf("clean media folder: %w", err)
 	}
+	rows, err := s.rdb.QueryContext(ctx, `SELECT id FROM media`)
+	if err != nil {
+		return fmt.Errorf("clean media folder: %w", err)
+	}
+	kept := map[string]bool{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return fmt.Errorf("clean media folder: %w", err)
+		}
+		kept[id] = true
+	}
+	if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
+		return fmt.Errorf("clean media folder: %w", err)
+	}
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasSuffix(name, spoolSuffix) && !mediaIDPattern.MatchString(name) {
-			continue // not the bridge's
+		spool := strings.HasPrefix(name, spoolPrefix) && strings.HasSuffix(name, spoolSuffix)
+		if spool || mediaIDPattern.MatchString(name) && !kept[name] {
+			os.Remove(filepath.Join(s.mediaDir, name))
 		}
-		if mediaIDPattern.MatchString(name) {
-			var one int
-			err := s.rdb.QueryRowContext(ctx, `SELECT 1 FROM media WHERE id = ?`, name).Scan(&one)
-			if !errors.Is(err, sql.ErrNoRows) {
-				if err != nil {
-					return fmt.Errorf("clean media folder: %w", err)
-				}
-				continue
-			}
-		}
-		os.Remove(filepath.Join(s.mediaDir, name))
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -341,8 +342,9 @@ func TestMediaDirCleanedAtStart(t *testing.T) {
 	kept := newMediaID()
 	keepBytes(t, st, kept, "image/png", []byte("kept"), time.Now())
 	st.Close()
-	orphan, spool := filepath.Join(dir, "media", newMediaID()), filepath.Join(dir, "media", "123"+spoolSuffix)
-	for _, f := range []string{orphan, spool} {
+	orphan, spool := filepath.Join(dir, "media", newMediaID()), filepath.Join(dir, "media", spoolPrefix+"123"+spoolSuffix)
+	foreign := filepath.Join(dir, "media", "report.tmp")
+	for _, f := range []string{orphan, spool, foreign} {
 		if err := os.WriteFile(f, []byte("left by a crash"), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -356,6 +358,9 @@ func TestMediaDirCleanedAtStart(t *testing.T) {
 		if _, err := os.Stat(f); !os.IsNotExist(err) {
 			t.Errorf("%s: %v, want it removed", filepath.Base(f), err)
 		}
+	}
+	if _, err := os.Stat(foreign); err != nil {
+		t.Errorf("a file the bridge did not name: %v, want it left alone", err)
 	}
 	if data, err := readMedia(st, kept); string(data) != "kept" {
 		t.Errorf("kept media: %q, %v", data, err)
@@ -389,5 +394,173 @@ func TestMediaMovedToParts(t *testing.T) {
 			t.Errorf("the older file: %q, %v", data, err)
 		}
 		st.Close()
+	}
+}
+
+// TestFailingHostBlocksNoLane: a host that answers an agent's file with
+// 5xx, a refused connection or anything but 200 holds nothing up: a 5xx or
+// a refused connection is tried mediaFetchTries times, then the sound goes
+// as its link; any other answer is the file's, and it is not sent; the
+// replies after each follow.
+func TestFailingHostBlocksNoLane(t *testing.T) {
+	var calls atomic.Int32
+	host := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		switch r.URL.Path {
+		case "/busy":
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case "/empty":
+			w.WriteHeader(http.StatusNoContent)
+		}
+	}))
+	t.Cleanup(host.Close)
+	closed := httptest.NewServer(http.NotFoundHandler())
+	closed.Close() // nothing listens there now
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
+	h.env["MEDIA_FETCH_ALLOW"] += "," + strings.TrimPrefix(host.URL, "http://") + "," + strings.TrimPrefix(closed.URL, "http://")
+	h.restart()
+	ctx := context.Background()
+	h.agentReady()
+	for i, u := range []string{host.URL + "/busy", closed.URL + "/gone", host.URL + "/empty"} {
+		if i > 0 { // WeChat takes five replies a message: the customer writes again
+			h.wx.SendText(ctx, customer, "and?")
+			eventually(t, "the customer's message in IM", func() bool { return len(h.customerTexts("agent_kim", customer)) == i+1 })
+		}
+		before := len(h.sentTo(customer))
+		h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(u, 100, 1))
+		h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), fmt.Sprintf("reply %d", i))
+		eventually(t, "the reply after "+u, func() bool {
+			sent := h.sentTexts(customer)
+			return len(sent) > before && sent[len(sent)-1] == fmt.Sprintf("reply %d", i)
+		})
+		got := h.sentTexts(customer)[before:]
+		if i < 2 && (len(got) != 2 || got[0] != "voice message: "+u) {
+			t.Errorf("%s: the customer read %q, want the link, then the reply", u, got)
+		}
+		if i == 2 && len(got) != 1 {
+			t.Errorf("%s: the customer read %q, want the reply alone", u, got)
+		}
+	}
+	h.eventuallyNotice("agent_kim", customer, "it could not be fetched in 3 attempts")
+	h.eventuallyNotice("agent_kim", customer, "was not fetched: its URL answers HTTP 204")
+	if n := calls.Load(); n != 3+1 {
+		t.Errorf("the host was asked %d times, want 3 for the busy file and 1 for the empty one", n)
+	}
+}
+
+// TestFallbackKeptAcrossAttempts: once an attempt sends a customer's
+// photo as its text (its download was too slow), every later attempt sends
+// that text too, so IM drops a repeat: when IM carried out the first
+// attempt without answering, the agent reads the message once.
+func TestFallbackKeptAcrossAttempts(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com",
+		"MEDIA_FETCH_TIMEOUT": "200ms", "VENDOR_TIMEOUT": "1s", "RETRY_MIN_DELAY": "2s", "RETRY_MAX_DELAY": "2s"}})
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
+	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
+	h.wx.Delay(500 * time.Millisecond) // media/get: longer than MEDIA_FETCH_TIMEOUT
+	release := h.im.Hold()             // IM carries out the sendmsg, but answers too late
+	defer release()
+	h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
+	eventually(t, "the first attempt given up", func() bool {
+		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="im"}`)
+	})
+	h.wx.Delay(0) // the next attempt, a second or more later, would fetch the photo
+	release()
+	eventually(t, "the photo's item delivered", func() bool {
+		db := h.openStoreDB(false)
+		defer db.Close()
+		var n int
+		db.QueryRow(`SELECT count(*) FROM outbox WHERE state = 'pending'`).Scan(&n)
+		return n == 0
+	})
+	msgs := h.customerTexts("agent_kim", customer)
+	if len(msgs) != 2 || !strings.HasPrefix(msgs[1], "[image] "+picURL+"\n(not carried: it did not download within MEDIA_FETCH_TIMEOUT)") {
+		t.Errorf("the agent read %q, want the question, then the photo's text once", msgs)
+	}
+	if n := len(h.messagesTo("agent_kim")); n != 2 {
+		t.Errorf("the agent got %d messages, want 2", n)
+	}
+}
+
+// TestCustomerMediaHostSilent: when WeChat does not answer a media/get
+// within MEDIA_FETCH_TIMEOUT, the customer's photo crosses as its text with
+// why, and their next message follows.
+func TestCustomerMediaHostSilent(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com", "MEDIA_FETCH_TIMEOUT": "300ms"}})
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
+	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
+	release := h.wx.Hold()
+	h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
+	h.wx.SendText(ctx, customer, "Hello?")
+	eventually(t, "both messages in IM", func() bool { return len(h.customerTexts("agent_kim", customer)) == 3 })
+	release()
+	got := h.customerTexts("agent_kim", customer)[1:]
+	if got[0] != "[image] "+picURL+"\n(not carried: it did not download within MEDIA_FETCH_TIMEOUT)" || got[1] != "Hello?" {
+		t.Errorf("the agent read %q", got)
+	}
+}
+
+// TestLongSoundMeasured: a sound WeChat would refuse for its length goes
+// as a link even when its element claims it is short: the bridge measures
+// an AMR file itself.
+func TestLongSoundMeasured(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	h.agentReady()
+	long := testAMR(4500) // 90 s
+	u := h.im.AddFile(long, "audio/amr")
+	h.im.SendElemsAsAgent(context.Background(), "agent_kim", customerIM(customer), false, sound(u, len(long), 5))
+	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 1 })
+	if got := h.sentTexts(customer)[0]; got != "voice message: "+u {
+		t.Errorf("the customer read %q, want the link", got)
+	}
+	h.eventuallyNotice("agent_kim", customer, "and it lasts 90 s")
+	if n := len(h.wx.Uploads()); n != 0 {
+		t.Errorf("%d uploads, want none", n)
+	}
+}
+
+// TestSVGServedAsDownload: a picture that can run script is never served
+// as a picture.
+func TestSVGServedAsDownload(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
+	st, err := openStore(context.Background(), h.env["DATABASE_URL"], storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := newMediaID()
+	keepBytes(t, st, id, "image/svg+xml", []byte(`<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>`), time.Now())
+	st.Close()
+	resp, err := http.Get(h.base + "/media/" + id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if ct, cd := resp.Header.Get("Content-Type"), resp.Header.Get("Content-Disposition"); ct != "application/octet-stream" || cd != "attachment" {
+		t.Errorf("an SVG served as %q, %q; want application/octet-stream, attachment", ct, cd)
+	}
+}
+
+// TestNotPublic: the addresses a fetch refuses, IPv4 inside IPv6 judged by
+// the IPv4 address.
+func TestNotPublic(t *testing.T) {
+	for _, c := range []struct{ addr, want string }{
+		{"8.8.8.8", ""}, {"2400:3200::1", ""}, {"64:ff9b::808:808", ""},
+		{"127.0.0.1", "loopback"}, {"::1", "loopback"}, {"::ffff:127.0.0.1", "loopback"},
+		{"10.1.2.3", "private"}, {"172.16.0.1", "private"}, {"192.168.1.1", "private"}, {"fd00::1", "private"},
+		{"169.254.169.254", "link-local"}, {"fe80::1", "link-local"},
+		{"100.64.0.1", "shared (100.64.0.0/10)"}, {"239.1.1.1", "multicast"}, {"0.0.0.0", "unspecified"}, {"::", "unspecified"},
+		{"0.1.2.3", `"this network" (0.0.0.0/8)`}, {"240.0.0.1", "reserved (240.0.0.0/4)"}, {"198.18.0.1", "for benchmarks (198.18.0.0/15)"},
+		{"64:ff9b::a00:1", "private"}, {"2002:a9fe:a9fe::1", "link-local"}, {"::a00:1", "IPv4-compatible (::/96)"},
+		{"fec0::1", "site-local (fec0::/10)"}, {"2001::1", "reserved (2001::/23, Teredo included)"},
+	} {
+		if got := notPublic(netip.MustParseAddr(c.addr)); got != c.want {
+			t.Errorf("%s: %q, want %q", c.addr, got, c.want)
+		}
 	}
 }

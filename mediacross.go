@@ -32,16 +32,16 @@ import (
 // and thumbnail. A failure of the file itself (fileFailure) is returned as
 // it is, for the message to cross as its text.
 func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, error) {
+	if err := w.keepIDs(ctx, &it); err != nil {
+		return nil, err
+	}
 	m := it.Delivery.Media
-	ctx, cancel := w.Fetch.deadline(ctx)
-	defer cancel()
-	sp, err := w.WeChat.FetchMedia(ctx, w.Fetch, m.MediaID)
+	sp, thumb, err := w.fetchPushMedia(ctx, it)
 	if err != nil {
 		return nil, err
 	}
 	defer sp.Close()
-	id := cmp.Or(m.Keep, newMediaID())
-	u := w.PublicURL + "/media/" + id
+	u := w.PublicURL + "/media/" + m.Keep
 	ct := sniffMedia(sp.head(512)) // what is served is what the bytes are, whatever their source said
 	var elems []MsgElem
 	switch m.Type {
@@ -54,48 +54,94 @@ func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, erro
 			return map[string]any{"Type": typ, "Size": sp.size, "Width": cfg.Width, "Height": cfg.Height, "URL": u}
 		}
 		elems = []MsgElem{{MsgType: "TIMImageElem", MsgContent: map[string]any{
-			"UUID": id, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}
+			"UUID": m.Keep, "ImageFormat": cmp.Or(imageFormats[format], 255), "ImageInfoArray": []any{info(1), info(2), info(3)}}}}
 	case msgVoice:
 		elems = []MsgElem{{MsgType: "TIMSoundElem", MsgContent: map[string]any{
-			"Url": u, "UUID": id, "Size": sp.size, "Second": amrSeconds(sp.reader()), "Download_Flag": 2}}}
+			"Url": u, "UUID": m.Keep, "Size": sp.size, "Second": amrSeconds(sp.reader()), "Download_Flag": 2}}}
 		if m.Recognition != "" {
 			elems = append(elems, MsgElem{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": m.Recognition}})
 		}
 	case msgVideo, msgShortVideo:
-		thumb, err := w.thumbnail(ctx, m)
+		defer thumb.Close()
+		c, err := w.keepThumbnail(ctx, m, thumb)
 		if err != nil {
 			return nil, err
 		}
-		thumb["VideoUrl"], thumb["VideoUUID"], thumb["VideoSize"] = u, id, sp.size
-		thumb["VideoSecond"], thumb["VideoFormat"], thumb["VideoDownloadFlag"] = mp4Seconds(sp.File, sp.size), "mp4", 2
-		elems = []MsgElem{{MsgType: "TIMVideoFileElem", MsgContent: thumb}}
+		c["VideoUrl"], c["VideoUUID"], c["VideoSize"] = u, m.Keep, sp.size
+		c["VideoSecond"], c["VideoFormat"], c["VideoDownloadFlag"] = mp4Seconds(sp.File, sp.size), "mp4", 2
+		elems = []MsgElem{{MsgType: "TIMVideoFileElem", MsgContent: c}}
 	default:
 		return nil, nil
 	}
-	if err := w.Store.KeepMedia(ctx, id, ct, sp, w.Now()); err != nil {
+	if err := w.Store.KeepMedia(ctx, m.Keep, ct, sp, w.Now()); err != nil {
 		return nil, err
 	}
 	return elems, nil
 }
 
-// thumbnail fetches and keeps a customer's video's thumbnail, and returns
-// the Thumb fields of its TIMVideoFileElem.
-func (w *Worker) thumbnail(ctx context.Context, m *PushMedia) (map[string]any, error) {
-	sp, err := w.WeChat.FetchMedia(ctx, w.Fetch, m.ThumbMediaID)
-	if err != nil {
-		return nil, err
+// fetchPushMedia fetches a customer's media from WeChat and, for a video,
+// its thumbnail, within MEDIA_FETCH_TIMEOUT.
+func (w *Worker) fetchPushMedia(ctx context.Context, it OutboxItem) (sp, thumb *spool, err error) {
+	ctx, cancel := w.Fetch.deadline(ctx)
+	defer cancel()
+	m := it.Delivery.Media
+	if sp, err = w.WeChat.FetchMedia(ctx, w.Fetch, m.MediaID); err != nil {
+		return nil, nil, fetchGaveUp(it, err)
 	}
-	defer sp.Close()
+	if m.Type == msgVideo || m.Type == msgShortVideo {
+		if thumb, err = w.WeChat.FetchMedia(ctx, w.Fetch, m.ThumbMediaID); err != nil {
+			sp.Close()
+			return nil, nil, fetchGaveUp(it, err)
+		}
+	}
+	return sp, thumb, nil
+}
+
+// keepThumbnail keeps a customer's video's thumbnail, and returns the Thumb
+// fields of its TIMVideoFileElem.
+func (w *Worker) keepThumbnail(ctx context.Context, m *PushMedia, sp *spool) (map[string]any, error) {
 	cfg, format, err := image.DecodeConfig(sp.reader())
 	if err != nil {
 		return nil, mediaError{why: "its thumbnail is not a picture"}
 	}
-	id := cmp.Or(m.KeepThumb, newMediaID())
-	if err := w.Store.KeepMedia(ctx, id, "image/"+format, sp, w.Now()); err != nil {
+	if err := w.Store.KeepMedia(ctx, m.KeepThumb, "image/"+format, sp, w.Now()); err != nil {
 		return nil, err
 	}
-	return map[string]any{"ThumbUrl": w.PublicURL + "/media/" + id, "ThumbUUID": id, "ThumbSize": sp.size,
+	return map[string]any{"ThumbUrl": w.PublicURL + "/media/" + m.KeepThumb, "ThumbUUID": m.KeepThumb, "ThumbSize": sp.size,
 		"ThumbWidth": cfg.Width, "ThumbHeight": cfg.Height, "ThumbFormat": strings.ToUpper(strings.Replace(format, "jpeg", "jpg", 1)), "ThumbDownloadFlag": 2}, nil
+}
+
+// keepIDs makes sure the ids media of it is kept under are chosen and
+// recorded with the item, so that every attempt gives the same URLs: a
+// customer's are chosen when the push is accepted; an item accepted before
+// that, and an agent's file sent as a link, get theirs here, once.
+func (w *Worker) keepIDs(ctx context.Context, it *OutboxItem) error {
+	if it.Delivery.Media.Keep != "" {
+		return nil
+	}
+	m := *it.Delivery.Media
+	m.Keep, m.KeepThumb = newMediaID(), newMediaID()
+	d := it.Delivery
+	d.Media = &m
+	if err := w.Store.Rewrite(ctx, *it, d); err != nil {
+		return err
+	}
+	it.Delivery = d
+	return nil
+}
+
+// mediaFetchTries is how many attempts try to fetch a message's media; then
+// it crosses without the file, whoever's trouble kept it: a host that fails
+// for longer would hold up every message behind it in its lane.
+const mediaFetchTries = 3
+
+// fetchGaveUp returns err, the failure of a fetch, as the file's own at the
+// last of mediaFetchTries attempts.
+func fetchGaveUp(it OutboxItem, err error) error {
+	if _, ok := fileFailure(err); ok || it.Attempts+1 < mediaFetchTries {
+		return err
+	}
+	return mediaError{why: fmt.Sprintf("it could not be fetched in %d attempts (%v)", mediaFetchTries, err)}
 }
 
 // fileFailure reports why a media delivery failed for the file's own sake,
@@ -214,60 +260,91 @@ var wechatMediaRules = map[string]struct {
 
 // sendMedia fetches an agent's picture, sound or video from IM's storage,
 // at most what WeChat takes of its type, uploads it to WeChat and sends it
-// to the customer as an image, voice or video message. What WeChat would
-// not take is never uploaded: a picture is not sent, a sound or video
-// reaches the customer as a link (sendLink), and the agent is told why.
-// Either way the delivery ends at once; only the vendors' passing trouble
+// to the customer as an image, voice or video message. What WeChat does
+// not take, or the bridge cannot fetch whole in time, is decided at once: a
+// picture is not sent, a sound or video reaches the customer as a link
+// (sendLink), and the agent is told why. Only the vendors' passing trouble
 // is retried.
 func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
-	d := it.Delivery
-	m, rule := d.Media, wechatMediaRules[d.Media.Type]
-	fctx, cancel := w.Fetch.deadline(ctx)
-	defer cancel()
-	sp, err := w.Fetch.get(fctx, "im "+m.Name, m.PicURL, int64(rule.max))
+	m, rule := it.Delivery.Media, wechatMediaRules[it.Delivery.Media.Type]
+	sp, thumb, err := w.fetchReplyMedia(ctx, it)
 	var me mediaError
 	switch {
 	case errors.As(err, &me) && (me.unreachable || m.Type == msgImage):
 		return permanentError{fmt.Errorf("your %s was not fetched: %s", m.Name, me.why)}
-	case errors.As(err, &me): // it is there, but too large or too slow for the bridge to carry
+	case errors.As(err, &me): // it is there, but the bridge cannot carry it
 		return w.sendLink(ctx, it, nil, "", fmt.Sprintf("WeChat takes %s, and %s", rule.what, me.why))
 	case err != nil:
 		return err
 	}
 	defer sp.Close()
+	if thumb != nil {
+		defer thumb.Close()
+	}
 	ct, why := sniffMedia(sp.head(512)), ""
+	seconds := m.Seconds
+	if ct == "audio/amr" {
+		seconds = max(seconds, amrSeconds(sp.reader())) // the file's own length, whatever the element says
+	}
 	switch {
 	case !slices.Contains(rule.types, ct):
 		why = "it is " + ct
-	case rule.seconds > 0 && m.Seconds > rule.seconds:
-		why = fmt.Sprintf("it lasts %d s", m.Seconds)
+	case rule.seconds > 0 && seconds > rule.seconds:
+		why = fmt.Sprintf("it lasts %d s", seconds)
+	case thumb != nil && sniffMedia(thumb.head(512)) != "image/jpeg":
+		why = "its thumbnail is not a JPEG"
 	}
-	var thumb *spool
-	if why == "" && m.Type == msgVideo {
-		thumb, err = w.Fetch.get(fctx, "im video thumbnail", m.ThumbURL, 64<<10)
-		switch {
-		case errors.As(err, &me):
-			why = "its thumbnail: " + me.why
-		case err != nil:
+	if why == "" {
+		err := w.upload(ctx, it, ct, sp, thumb)
+		var we *WeChatError
+		if !errors.As(err, &we) || !uploadRefused[we.Code] || m.Type == msgImage {
 			return err
-		default:
-			defer thumb.Close()
-			if sniffMedia(thumb.head(512)) != "image/jpeg" {
-				why = "its thumbnail is not a JPEG"
-			}
+		}
+		why = "it refused it: " + explain(err)
+	}
+	if m.Type == msgImage {
+		return permanentError{fmt.Errorf("WeChat takes %s, and %s: send it as one", rule.what, why)}
+	}
+	return w.sendLink(ctx, it, sp, ct, fmt.Sprintf("WeChat takes %s, and %s", rule.what, why))
+}
+
+// uploadRefused are media/upload's codes for a file WeChat does not take:
+// of a kind, a type or a size it refuses.
+var uploadRefused = map[int]bool{40004: true, 40005: true, 40006: true}
+
+// fetchReplyMedia fetches an agent's file and, for a video, its thumbnail,
+// within MEDIA_FETCH_TIMEOUT.
+func (w *Worker) fetchReplyMedia(ctx context.Context, it OutboxItem) (sp, thumb *spool, err error) {
+	ctx, cancel := w.Fetch.deadline(ctx)
+	defer cancel()
+	m := it.Delivery.Media
+	if sp, err = w.Fetch.get(ctx, "im "+m.Name, m.PicURL, int64(wechatMediaRules[m.Type].max)); err != nil {
+		return nil, nil, fetchGaveUp(it, err)
+	}
+	if m.Type == msgVideo {
+		var me mediaError
+		thumb, err = w.Fetch.get(ctx, "im video thumbnail", m.ThumbURL, 64<<10)
+		if errors.As(err, &me) {
+			me.why, me.unreachable = "its thumbnail: "+me.why, false // the video is there: a link to it serves
+			err = me
+		}
+		if err != nil {
+			sp.Close()
+			return nil, nil, fetchGaveUp(it, err)
 		}
 	}
-	switch {
-	case why != "" && m.Type == msgImage:
-		return permanentError{fmt.Errorf("WeChat takes %s, and %s: send it as one", rule.what, why)}
-	case why != "":
-		return w.sendLink(ctx, it, sp, ct, fmt.Sprintf("WeChat takes %s, and %s", rule.what, why))
-	}
-	mediaID, err := w.WeChat.Upload(ctx, m.Type, ct, sp)
+	return sp, thumb, nil
+}
+
+// upload uploads an agent's file (and a video's thumbnail) to WeChat and
+// sends the customer the message that carries it.
+func (w *Worker) upload(ctx context.Context, it OutboxItem, ct string, sp, thumb *spool) error {
+	d := it.Delivery
+	mediaID, err := w.WeChat.Upload(ctx, d.Media.Type, ct, sp)
 	if err != nil {
 		return err
 	}
-	switch m.Type {
+	switch d.Media.Type {
 	case msgImage:
 		return w.WeChat.SendMedia(ctx, d.OpenID, "image", map[string]string{"media_id": mediaID})
 	case msgVoice:
@@ -282,17 +359,19 @@ func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 
 // sendLink sends the customer a link to an agent's sound or video that
 // WeChat would not take as a message: at the bridge if PUBLIC_URL is set
-// and the bridge has the file (sp), else in IM's storage. The agent is
-// told why.
+// and the bridge has the file (sp), kept under one id whatever the number
+// of attempts, else in IM's storage. The agent is told why.
 func (w *Worker) sendLink(ctx context.Context, it OutboxItem, sp *spool, ct, why string) error {
 	d := it.Delivery
 	link := d.Media.PicURL
 	if w.PublicURL != "" && sp != nil {
-		id := newMediaID()
-		if err := w.Store.KeepMedia(ctx, id, ct, sp, w.Now()); err != nil {
+		if err := w.keepIDs(ctx, &it); err != nil {
 			return err
 		}
-		link = w.PublicURL + "/media/" + id
+		if err := w.Store.KeepMedia(ctx, it.Delivery.Media.Keep, ct, sp, w.Now()); err != nil {
+			return err
+		}
+		link = w.PublicURL + "/media/" + it.Delivery.Media.Keep
 	}
 	if err := w.WeChat.SendText(ctx, d.OpenID, d.Media.Name+": "+link); err != nil {
 		return err

@@ -187,12 +187,14 @@ ALTER TABLE conversations ADD COLUMN IF NOT EXISTS rating INTEGER NOT NULL DEFAU
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS online INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS presence_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS assigned_at BIGINT NOT NULL DEFAULT 0;
--- media's bytes moved from media.data to media_parts, each file one part.
+-- media's bytes moved from media.data to media_parts, in parts of 256 KB.
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM information_schema.columns
                WHERE table_schema = current_schema() AND table_name = 'media' AND column_name = 'data') THEN
-        INSERT INTO media_parts (id, pos, data) SELECT id, 0, data FROM media ON CONFLICT DO NOTHING;
+        INSERT INTO media_parts (id, pos, data)
+            SELECT id, pos, substring(data FROM pos + 1 FOR 262144) FROM media, generate_series(0, length(data) - 1, 262144) pos
+            ON CONFLICT DO NOTHING;
         ALTER TABLE media DROP COLUMN data;
     END IF;
 END $$;

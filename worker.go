@@ -306,12 +306,19 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		}
 		if d.Media != nil && w.PublicURL != "" {
 			elems, err := w.mediaElems(ctx, it) // mediacross.go
-			if why, ok := fileFailure(err); ok {
-				// The file cannot cross: the message does, as its text.
-				msg.MsgBody = []MsgElem{{MsgType: "TIMTextElem", MsgContent: map[string]any{"Text": d.Text + "\n(not carried: " + why + ")"}}}
-			} else if err != nil {
+			why, cannot := fileFailure(err)
+			switch {
+			case cannot:
+				// The file cannot cross: the message does, as its text,
+				// at this attempt and every one after it.
+				d.Text, d.Media = d.Text+"\n(not carried: "+why+")", nil
+				if err := w.Store.Rewrite(ctx, it, d); err != nil {
+					return err
+				}
+				msg.MsgBody = textMessage(from, d.Agent, d.Text, 0, 0).MsgBody
+			case err != nil:
 				return err
-			} else if elems != nil {
+			case elems != nil:
 				msg.MsgBody = elems
 			}
 		}
