@@ -531,3 +531,37 @@ func TestQueueAcrossTwoBridges(t *testing.T) {
 		t.Errorf("%d customers served, want 4 (two agents of two each), one waiting", served)
 	}
 }
+
+// TestHeldReplyKeepsConversationAlive: a reply held for WeChat's quota and
+// sent when the customer writes again does not make the conversation look
+// idle since the reply was written: it stays open SESSION_IDLE_TIMEOUT
+// after the customer's message. c2, idle since a minute after the reply
+// was written, is the sweep's witness: closing it, the sweep judged c1 too.
+func TestHeldReplyKeepsConversationAlive(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		clock := &fakeClock{now: time.Now()}
+		h := newHarness(t, harnessOptions{postgres: pg, clock: clock, env: map[string]string{"SESSION_IDLE_TIMEOUT": "30m"}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "question")
+		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+		for _, r := range []string{"r1", "r2", "r3", "r4", "r5", "r6"} {
+			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
+		}
+		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
+		clock.Advance(time.Minute)
+		h.wx.SendText(ctx, "c2", "hello")
+		eventually(t, "c2's message", func() bool { return len(h.customerTexts("agent_kim", "c2")) == 1 })
+		clock.Advance(19 * time.Minute)
+		h.wx.SendText(ctx, "c1", "and?")
+		eventually(t, "the held reply", func() bool { return len(h.sentTo("c1")) == 6 })
+		clock.Advance(11*time.Minute + 30*time.Second) // r6 written 31.5 minutes ago, c1's message 11.5
+		h.eventuallyNotice("agent_kim", "c2", "The conversation closed after 30m0s without a message.")
+		for _, n := range h.noticesTo("agent_kim", "c1") {
+			if strings.Contains(n, "closed after") {
+				t.Fatalf("c1's conversation closed 11.5 minutes after the customer wrote")
+			}
+		}
+		clock.Advance(19 * time.Minute)
+		h.eventuallyNotice("agent_kim", "c1", "The conversation closed after 30m0s without a message.")
+	})
+}

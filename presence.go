@@ -52,10 +52,11 @@ type Swept struct {
 
 // idleConversation is the condition on conversation v of being open with
 // an agent, given to them and without a message both before the cutoff (its
-// two arguments): the customer's last message, either way, is the newest
-// row of theirs in the history.
+// two arguments): the latest time in the customer's history, either way
+// (not the newest row's: a held reply, once sent, is a new row that keeps
+// the time it was written).
 const idleConversation = `v.closed_at IS NULL AND v.agent <> '' AND v.assigned_at < ?
-	AND COALESCE((SELECT m.created_at FROM messages m WHERE m.openid = v.openid ORDER BY m.id DESC LIMIT 1), 0) < ?`
+	AND COALESCE((SELECT MAX(m.created_at) FROM messages m WHERE m.openid = v.openid), 0) < ?`
 
 // idleConv is an open conversation without a message since the cutoff.
 type idleConv struct {
