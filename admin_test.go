@@ -75,9 +75,14 @@ func TestDeadLetterRetriedByOperator(t *testing.T) {
 		if status, _ := h.adminCall("POST", "/admin/deadletters/x/retry", token); status != http.StatusNotFound {
 			t.Errorf("a bad id: %d, want 404", status)
 		}
-		// The history shows the reply delivered by the retry.
-		convs := h.history(customer)
-		if len(convs) != 1 || len(convs[0].Messages) != 2 || convs[0].Messages[1].Text != answer || convs[0].Messages[1].State != "delivered" {
+		// The history shows the reply delivered by the retry, once the
+		// worker has recorded WeChat's answer.
+		var convs []HistoryConversation
+		eventually(t, "the history to show the reply delivered", func() bool {
+			convs = h.history(customer)
+			return len(convs) == 1 && len(convs[0].Messages) == 2 && convs[0].Messages[1].State != "pending"
+		})
+		if convs[0].Messages[1].Text != answer || convs[0].Messages[1].State != "delivered" {
 			t.Errorf("history after the retry: %+v", convs)
 		}
 		if status, _ := h.adminCall("GET", "/admin/customers/"+customer+"/messages", ""); status != http.StatusUnauthorized {

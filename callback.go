@@ -234,17 +234,16 @@ func (b *bridge) takeCommand(ctx context.Context, cb IMCallback, c Command) (str
 }
 
 // takePresence records an agent's login, logout or lost connection; an
-// agent coming online takes waiting customers (presence.go).
+// agent coming online takes waiting customers (presence.go). After a
+// logout or a lost connection the desk's clock reads the agent's presence
+// again.
 func (b *bridge) takePresence(ctx context.Context, cb IMCallback) (string, error) {
 	agent := cb.Info.To_Account
 	if !slices.Contains(b.cfg.IMAgents, agent) {
 		return "ignored", nil
 	}
-	var online bool
 	switch cb.Info.Action {
-	case "Login":
-		online = true
-	case "Logout", "Disconnect":
+	case "Login", "Logout", "Disconnect":
 	default:
 		return "ignored", nil
 	}
@@ -252,9 +251,17 @@ func (b *bridge) takePresence(ctx context.Context, cb IMCallback) (string, error
 	if cb.EventTime > 0 {
 		at = time.UnixMilli(cb.EventTime)
 	}
-	assigned, err := b.store.SetPresence(ctx, agent, online, at, b.now())
+	assigned, err := b.store.PresenceEvent(ctx, agent, cb.Info.Action, at, b.now())
 	if err != nil {
 		return "", err
+	}
+	if cb.Info.Action != "Login" {
+		// The word does not say which device: a reading tells whether
+		// another is still online (sessions.go).
+		select {
+		case b.readPresence <- struct{}{}:
+		default:
+		}
 	}
 	b.metrics.assigned(assigned)
 	if len(assigned) > 0 {

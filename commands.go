@@ -153,7 +153,7 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if err := s.assigned(ctx, tx, c.OpenID, to, now); err != nil {
 		return done, err
 	}
-	summary, err := s.summary(ctx, tx, c.OpenID, conv, agent)
+	summary, err := s.summary(ctx, tx, c.OpenID, conv, "Transferred to you by "+agent+".")
 	if err != nil {
 		return done, err
 	}
@@ -177,9 +177,9 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	return done, err
 }
 
-// summary is what an agent given a conversation by transfer reads first:
-// who had it, and its last messages, both sides.
-func (s *Store) summary(ctx context.Context, tx *sql.Tx, openid string, conv int64, from string) (string, error) {
+// summary is what an agent given a conversation someone else had reads
+// first: how it came to them (head), and its last messages, both sides.
+func (s *Store) summary(ctx context.Context, tx *sql.Tx, openid string, conv int64, head string) (string, error) {
 	rows, err := s.query(ctx, tx, `SELECT direction, agent, text FROM messages WHERE openid = ? AND conversation = ?
 		ORDER BY id DESC LIMIT `+strconv.Itoa(summaryMessages), openid, conv)
 	if err != nil {
@@ -205,7 +205,7 @@ func (s *Store) summary(ctx context.Context, tx *sql.Tx, openid string, conv int
 		return "", err
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "Transferred to you by %s. The last messages:", from)
+	b.WriteString(head + " The last messages:")
 	for i := len(lines) - 1; i >= 0; i-- {
 		b.WriteString("\n" + lines[i])
 	}

@@ -333,6 +333,7 @@ func readDesk(e *env, c *Config) {
 	}
 	c.Desk = Desk{Agents: c.IMAgents, UserPrefix: c.IMUserPrefix, Texts: t,
 		MaxOpen:    e.count("IM_AGENT_MAX_OPEN", 10, 0, "a whole number of conversations (0: no cap)"),
+		AwayGrace:  e.duration("AGENT_AWAY_GRACE", 5*time.Minute),
 		ReplyQuota: e.count("WECHAT_REPLY_QUOTA", messageQuota, 1, "a whole number of replies, at least 1")}
 	switch v := e.get("SESSION_IDLE_TIMEOUT", "30m"); v {
 	case "0", "off":

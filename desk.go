@@ -21,6 +21,10 @@ type Desk struct {
 	// IdleTimeout (SESSION_IDLE_TIMEOUT) closes a conversation without a
 	// message for so long.
 	IdleTimeout time.Duration
+	// AwayGrace (AGENT_AWAY_GRACE) is how long an agent who lost their
+	// connection has to come back before they are taken offline and
+	// their customers who wrote meanwhile go to the next free agent.
+	AwayGrace time.Duration
 	// ReplyQuota (WECHAT_REPLY_QUOTA) is how many customer-service messages
 	// WeChat takes per message a customer sends: 5 by its documentation
 	// (20 before 2021); 0 takes the default.

@@ -135,6 +135,11 @@ func TestAssignmentFollowsPresence(t *testing.T) {
 		write("c1") // a tie: agent_kim, listed first
 		write("c2") // agent_lee has fewer
 		write("c3") // a tie again: agent_kim was given one longest ago
+		// agent_lee answers c2 before logging out: c2 has not written
+		// since, so the conversation stays agent_lee's.
+		eventually(t, "c2's message", func() bool { return len(h.customerTexts("agent_lee", "c2")) == 1 })
+		h.im.SendAsAgent(ctx, "agent_lee", customerIM("c2"), "Back tomorrow!")
+		eventually(t, "the answer", func() bool { return len(h.sentTo("c2")) == 1 })
 		h.im.Logout(ctx, "agent_lee")
 		write("c4") // agent_lee is offline
 		h.im.Disconnect(ctx, "agent_kim")
@@ -143,8 +148,16 @@ func TestAssignmentFollowsPresence(t *testing.T) {
 		write("c5")                          // agent_lee: the only one online
 		want := map[string]string{"hi from c1": "agent_kim", "hi from c2": "agent_lee", "hi from c3": "agent_kim",
 			"hi from c4": "agent_kim", "c1 again": "agent_kim", "hi from c5": "agent_lee"}
-		eventually(t, "every message in IM", func() bool { return len(h.im.Messages()) == len(want) })
-		for _, m := range h.im.Messages() {
+		customers := func() (out []fakes.Message) {
+			for _, m := range h.im.Messages() {
+				if _, ok := want[m.Text]; ok {
+					out = append(out, m)
+				}
+			}
+			return out
+		}
+		eventually(t, "every message in IM", func() bool { return len(customers()) == len(want) })
+		for _, m := range customers() {
 			if want[m.Text] != m.To {
 				t.Errorf("%q went to %s, want %s", m.Text, m.To, want[m.Text])
 			}

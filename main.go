@@ -173,6 +173,8 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 		}
 	}
 	st.SetDesk(&cfg.Desk)
-	desk := &deskClock{store: st, im: im, worker: worker, metrics: m, log: log, now: now, agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout}
+	b.readPresence = make(chan struct{}, 1)
+	desk := &deskClock{store: st, im: im, worker: worker, metrics: m, log: log, now: now, agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout,
+		asked: b.readPresence}
 	return b, recovery, desk, nil
 }

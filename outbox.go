@@ -46,6 +46,9 @@ type Delivery struct {
 	// Media, if set, is what the worker fetches from WeChat and sends as
 	// an image, a sound or a video (media.go).
 	Media *PushMedia `json:"media,omitempty"`
+	// Conv is a customer's message's conversation: it goes to whoever
+	// has the conversation when it is delivered (Store.Recipient).
+	Conv int64 `json:"conv,omitempty"`
 }
 
 // PushMedia is where media is kept: for a customer's image, voice message

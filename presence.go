@@ -11,43 +11,146 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
-// SetPresence records IM's word that agent is online or not, said at at
-// (a State.StateChange's EventTime, or the time of a query): a word older
-// than the last one recorded changes nothing. An agent coming online
-// takes the longest-waiting customers it has room for.
-func (s *Store) SetPresence(ctx context.Context, agent string, online bool, at, now time.Time) ([]Assignment, error) {
-	on := 0
-	if online {
-		on = 1
+// Presence, as the desk keeps it in agent_load: online decides who gets new
+// customers; gone_at is when the agent's conversations are left without
+// them if they are still away, 0 while they are here. A Logout takes the
+// agent offline and leaves their conversations at once; a Disconnect (one
+// device of several, perhaps) leaves them online until a reading says
+// otherwise or AGENT_AWAY_GRACE passes without a Login, and then leaves
+// their conversations. IM's words (State.StateChange) are ordered by their
+// EventTime and counted in events; a reading of query_online_status is
+// taken only if no word came since it was asked for (ReadingTaken), so it
+// never undoes one.
+
+// PresenceEvent records IM's word that agent did action (Login, Logout or
+// Disconnect) at at, IM's EventTime: a word older than the last one taken
+// changes nothing. An agent coming online takes the longest-waiting
+// customers it has room for.
+func (s *Store) PresenceEvent(ctx context.Context, agent, action string, at, now time.Time) ([]Assignment, error) {
+	var set string
+	switch action {
+	case "Login":
+		set = `online = 1, gone_at = 0`
+	case "Logout":
+		set = `online = 0, gone_at = ?`
+	case "Disconnect":
+		set = `gone_at = CASE WHEN agent_load.gone_at = 0 THEN ? ELSE agent_load.gone_at END`
+	default:
+		return nil, fmt.Errorf("presence: unknown action %q", action)
+	}
+	gone := now.UnixMilli()
+	if action == "Disconnect" {
+		gone = now.Add(s.desk.AwayGrace).UnixMilli()
 	}
 	out, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]Assignment, error) {
 		if err := s.lockDesk(ctx, tx); err != nil {
 			return nil, err
 		}
-		if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent, online, presence_at) VALUES (?, ?, ?)
-			ON CONFLICT (agent) DO UPDATE SET online = excluded.online, presence_at = excluded.presence_at
-			WHERE agent_load.presence_at <= excluded.presence_at`, agent, on, at.UnixMilli()); err != nil {
+		if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent) VALUES (?) ON CONFLICT (agent) DO NOTHING`, agent); err != nil {
 			return nil, err
 		}
-		if !online {
+		args := []any{at.UnixMilli(), agent, at.UnixMilli()}
+		if action != "Login" {
+			args = append([]any{gone}, args...)
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE agent_load SET `+set+`, presence_at = ?, events = events + 1
+			WHERE agent = ? AND presence_at <= ?`, args...); err != nil {
+			return nil, err
+		}
+		if action != "Login" {
 			return nil, nil
 		}
 		return s.drain(ctx, tx, now)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("set presence: %w", err)
+		return nil, fmt.Errorf("presence event: %w", err)
+	}
+	return out, nil
+}
+
+// PresenceEvents returns how many of IM's words on each agent were taken:
+// a reading asked for after this is taken only for the agents whose count
+// has not changed when it is answered.
+func (s *Store) PresenceEvents(ctx context.Context) (map[string]int64, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT agent, events FROM agent_load`)
+	if err != nil {
+		return nil, fmt.Errorf("presence: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var a string
+		var n int64
+		if err := rows.Scan(&a, &n); err != nil {
+			return nil, fmt.Errorf("presence: %w", err)
+		}
+		out[a] = n
+	}
+	return out, rows.Err()
+}
+
+// ReadingTaken records a reading of agent's presence, asked for when IM's
+// words on them numbered events: online, or not (Offline or PushOnline). A
+// word taken since wins. An agent read offline stays here for
+// AGENT_AWAY_GRACE, unless a word already started that; one read online
+// is here. An agent coming online takes the longest-waiting customers.
+func (s *Store) ReadingTaken(ctx context.Context, agent string, online bool, events int64, now time.Time) ([]Assignment, error) {
+	out, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]Assignment, error) {
+		if err := s.lockDesk(ctx, tx); err != nil {
+			return nil, err
+		}
+		if _, err := s.exec(ctx, tx, `INSERT INTO agent_load (agent) VALUES (?) ON CONFLICT (agent) DO NOTHING`, agent); err != nil {
+			return nil, err
+		}
+		if online {
+			_, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 1, gone_at = 0 WHERE agent = ? AND events = ?`, agent, events)
+			if err != nil {
+				return nil, err
+			}
+			return s.drain(ctx, tx, now)
+		}
+		_, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 0,
+			gone_at = CASE WHEN gone_at = 0 THEN ? ELSE gone_at END WHERE agent = ? AND events = ?`,
+			now.Add(s.desk.AwayGrace).UnixMilli(), agent, events)
+		return nil, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("presence reading: %w", err)
 	}
 	return out, nil
 }
 
 // Swept is what a sweep did: the conversations it closed for being idle,
-// and the customers it took from the queue.
+// those it took from agents who left them, and the customers it took from
+// the queue.
 type Swept struct {
-	Closed   int
-	Assigned []Assignment
+	Closed, Requeued int
+	Assigned         []Assignment
+}
+
+// abandonedConversation is the condition on conversation v of being open
+// with an agent who has left it: gone since before now (its argument) and
+// offline, with the customer's last message after the agent's; or no longer
+// one of the desk's (whose names follow it: see leftConversations).
+const abandonedConversation = `v.closed_at IS NULL AND v.agent <> '' AND (
+	EXISTS (SELECT 1 FROM agent_load a WHERE a.agent = v.agent AND a.online = 0 AND a.gone_at > 0 AND a.gone_at <= ?)
+	AND COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.openid = v.openid AND m.conversation = v.id AND m.direction = 'in'), 0) >
+		COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.openid = v.openid AND m.conversation = v.id AND m.direction = 'out' AND m.agent = v.agent), 0)
+	OR v.agent NOT IN (`
+
+// leftCondition is abandonedConversation with its arguments: now, and the
+// desk's agents.
+func (s *Store) leftCondition(now time.Time) (string, []any) {
+	args := []any{now.UnixMilli()}
+	marks := make([]string, len(s.desk.Agents))
+	for i, a := range s.desk.Agents {
+		marks[i], args = "?", append(args, a)
+	}
+	return abandonedConversation + strings.Join(marks, ", ") + "))", args
 }
 
 // idleConversation is the condition on conversation v of being open with
@@ -89,16 +192,26 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 			return Swept{}, fmt.Errorf("sweep: %w", err)
 		}
 	}
-	var waiting int
-	if err := s.rdb.QueryRowContext(ctx, `SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`).Scan(&waiting); err != nil {
+	left, err := s.leftConversations(ctx, now)
+	if err != nil {
 		return Swept{}, fmt.Errorf("sweep: %w", err)
 	}
-	if len(stale) == 0 && (waiting == 0 || !s.desk.Hours.Open(now)) {
+	var waiting, away int
+	if err := s.rdb.QueryRowContext(ctx, s.q(`SELECT (SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''),
+		(SELECT COUNT(*) FROM agent_load WHERE online = 1 AND gone_at > 0 AND gone_at <= ?)`), now.UnixMilli()).Scan(&waiting, &away); err != nil {
+		return Swept{}, fmt.Errorf("sweep: %w", err)
+	}
+	if len(stale) == 0 && len(left) == 0 && away == 0 && (waiting == 0 || !s.desk.Hours.Open(now)) {
 		return Swept{}, nil
 	}
 	sw, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Swept, error) {
 		var sw Swept
 		if err := s.lockDesk(ctx, tx); err != nil {
+			return sw, err
+		}
+		// Agents away for AGENT_AWAY_GRACE, no reading or Login having
+		// said otherwise, are offline.
+		if _, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 0 WHERE online = 1 AND gone_at > 0 AND gone_at <= ?`, now.UnixMilli()); err != nil {
 			return sw, err
 		}
 		for _, c := range stale {
@@ -108,6 +221,15 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 			}
 			if closed {
 				sw.Closed++
+			}
+		}
+		for _, c := range left {
+			requeued, err := s.requeue(ctx, tx, c, now)
+			if err != nil {
+				return sw, err
+			}
+			if requeued {
+				sw.Requeued++
 			}
 		}
 		var err error
@@ -143,6 +265,56 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 		return false, err
 	}
 	return true, s.tellAgent(ctx, tx, c.openid, c.agent, fmt.Sprintf("The conversation closed after %s without a message.", idle), now)
+}
+
+// leftConversations returns the conversations whose agents have left
+// them (abandonedConversation), oldest first.
+func (s *Store) leftConversations(ctx context.Context, now time.Time) ([]idleConv, error) {
+	cond, args := s.leftCondition(now)
+	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT v.id, v.openid, v.agent FROM conversations v WHERE `+cond+`
+		ORDER BY v.id LIMIT `+fmt.Sprint(maxDrain)), args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []idleConv
+	for rows.Next() {
+		var c idleConv
+		if err := rows.Scan(&c.id, &c.openid, &c.agent); err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// requeue puts c back in the queue if its agent has still left it: ahead
+// of the customers who came after it (the queue is in the order
+// conversations opened), for the next free agent, who reads how it went
+// so far (takeFromQueue). The agent who left it is told, if still one of
+// the desk's.
+func (s *Store) requeue(ctx context.Context, tx *sql.Tx, c idleConv, now time.Time) (bool, error) {
+	if err := s.lockCustomer(ctx, tx, c.openid); err != nil {
+		return false, err
+	}
+	cond, args := s.leftCondition(now)
+	res, err := s.exec(ctx, tx, `UPDATE conversations SET agent = '', queued_at = ?, requeued_from = ?
+		WHERE id IN (SELECT v.id FROM conversations v WHERE v.id = ? AND v.agent = ? AND `+cond+`)`,
+		append([]any{now.UnixMilli(), c.agent, c.id, c.agent}, args...)...)
+	if err != nil {
+		return false, err
+	}
+	if n, err := res.RowsAffected(); err != nil || n == 0 {
+		return false, err
+	}
+	s.noteConversation(c.openid, 0, "")
+	if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, c.agent); err != nil {
+		return false, err
+	}
+	if !s.desk.agentListed(c.agent) {
+		return true, nil
+	}
+	return true, s.tellAgent(ctx, tx, c.openid, c.agent, "The customer wrote while you were away: the conversation went to the next free agent.", now)
 }
 
 // DeskStats are the desk's figures for /metrics.

@@ -14,6 +14,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -274,6 +275,23 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	if err := s.assigned(ctx, tx, openid, agent, now); err != nil {
 		return false, err
 	}
+	// A conversation an agent left: its new agent reads how it went first.
+	var from string
+	if err := s.queryRow(ctx, tx, `SELECT requeued_from FROM conversations WHERE id = ?`, conv).Scan(&from); err != nil {
+		return false, err
+	}
+	if from != "" {
+		if _, err := s.exec(ctx, tx, `UPDATE conversations SET requeued_from = '' WHERE id = ?`, conv); err != nil {
+			return false, err
+		}
+		summary, err := s.summary(ctx, tx, openid, conv, from+" was away, and the customer wrote: the conversation is yours now.")
+		if err == nil {
+			err = s.tellAgent(ctx, tx, openid, agent, summary, now)
+		}
+		if err != nil {
+			return false, err
+		}
+	}
 	parked, err := s.parked(ctx, tx, openid, "waiting")
 	if err != nil {
 		return false, err
@@ -287,6 +305,70 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	d := Delivery{Kind: deliverWeChat, OpenID: openid, IMUser: s.desk.imUser(openid), Agent: agent, Text: s.desk.Texts.Joined}
 	_, err = s.toCustomer(ctx, tx, conv, d, "", now)
 	return err == nil, err
+}
+
+// errParked is Recipient's word that a customer's message waits with its
+// conversation in the queue: the item is finished, and the message goes
+// to the agent who takes the conversation.
+var errParked = errors.New("parked: the conversation waits for an agent")
+
+// Recipient returns the agent a customer's message goes to: whoever has
+// its conversation now, who may not be the agent it was queued for (a
+// transfer; an agent who left it). While the conversation waits in the
+// queue, the message waits with it: its history row waiting again, its
+// item finished, and errParked returned. A message with no conversation
+// recorded, or a later part of a long one, goes where it was queued.
+func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
+	d := it.Delivery
+	var agent string
+	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT agent FROM conversations WHERE id = ?`), d.Conv).Scan(&agent)
+	switch {
+	case d.Conv == 0 || errors.Is(err, sql.ErrNoRows):
+		return d.Agent, nil
+	case err != nil:
+		return "", fmt.Errorf("recipient: %w", err)
+	case agent != "":
+		return agent, nil
+	}
+	// It waits: under the customer's lock, as takeFromQueue takes it, so
+	// that the message is either taken with the conversation or sent on.
+	waiting := d
+	waiting.MsgSeq = 0 // a new item, a new MsgSeq
+	b, err := json.Marshal(waiting)
+	if err != nil {
+		return "", err
+	}
+	agent, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (string, error) {
+		if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
+			return "", err
+		}
+		var now string
+		if err := s.queryRow(ctx, tx, `SELECT agent FROM conversations WHERE id = ?`, d.Conv).Scan(&now); err != nil || now != "" {
+			return now, err
+		}
+		res, err := s.exec(ctx, tx, `UPDATE messages SET state = 'waiting', delivery = ?, outbox_id = 0
+			WHERE outbox_id = ? AND openid = ? AND direction = 'in' AND state = 'queued'`, string(b), it.ID, d.OpenID)
+		if err != nil {
+			return "", err
+		}
+		if n, err := res.RowsAffected(); err != nil || n == 0 {
+			return d.Agent, err
+		}
+		switch ended, err := s.finish(ctx, tx, it, "done", errParked.Error(), time.Now()); {
+		case err != nil:
+			return "", err
+		case !ended:
+			return "", errNotHeld
+		}
+		return "", nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("recipient: %w", err)
+	}
+	if agent == "" {
+		return "", errParked
+	}
+	return agent, nil
 }
 
 // rating returns the rating a customer's message gives, if it is one: a

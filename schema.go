@@ -42,6 +42,9 @@ var addedColumns = []struct{ table, column string }{
 	{"agent_load", "online INTEGER NOT NULL DEFAULT 1"},
 	{"agent_load", "presence_at BIGINT NOT NULL DEFAULT 0"},
 	{"agent_load", "assigned_at BIGINT NOT NULL DEFAULT 0"},
+	{"agent_load", "events BIGINT NOT NULL DEFAULT 0"}, // presence, presence.go
+	{"agent_load", "gone_at BIGINT NOT NULL DEFAULT 0"},
+	{"conversations", "requeued_from TEXT NOT NULL DEFAULT ''"},
 }
 
 // applySQLiteSchema applies the schema on SQLite, then adds the columns a

@@ -24,8 +24,9 @@ CREATE TABLE IF NOT EXISTS customers (
 -- A conversation runs from a customer's first message until an agent
 -- ends it, it stays idle, or the customer unfollows (closed_by: agent,
 -- idle, unfollow). A customer has at most one open conversation (closed_at
--- IS NULL); while it waits for an agent its agent is '' (queue.go).
--- rating is the customer's, 1 to 5, 0 for none.
+-- IS NULL); while it waits for an agent its agent is '' (queue.go), and
+-- requeued_from the agent who left it, if one did. rating is the
+-- customer's, 1 to 5, 0 for none.
 CREATE TABLE IF NOT EXISTS conversations (
     id             BIGSERIAL PRIMARY KEY,
     openid         TEXT NOT NULL,
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     assigned_at    BIGINT NOT NULL DEFAULT 0,
     first_reply_at BIGINT NOT NULL DEFAULT 0,
     closed_by      TEXT NOT NULL DEFAULT '',
-    rating         INTEGER NOT NULL DEFAULT 0
+    rating         INTEGER NOT NULL DEFAULT 0,
+    requeued_from  TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS conversations_open ON conversations (openid) WHERE closed_at IS NULL;
 -- conversations_queued is the queue, longest-waiting first (ids increase);
@@ -48,13 +50,18 @@ CREATE INDEX IF NOT EXISTS conversations_customer ON conversations (openid, id);
 -- new customer's assignment reads one small row an agent; online is IM's
 -- last word on the agent (1 until IM says otherwise), presence_at that
 -- word's EventTime, assigned_at when the agent was last given a
--- conversation (the one idle longest wins a tie).
+-- conversation (the one idle longest wins a tie); events counts IM's words
+-- (a reading asked before one is not taken), gone_at is when the agent's
+-- conversations are left without them if they are still away (0 while they
+-- are here: presence.go).
 CREATE TABLE IF NOT EXISTS agent_load (
     agent       TEXT PRIMARY KEY,
     open        INTEGER NOT NULL DEFAULT 0,
     online      INTEGER NOT NULL DEFAULT 1,
     presence_at BIGINT NOT NULL DEFAULT 0,
-    assigned_at BIGINT NOT NULL DEFAULT 0
+    assigned_at BIGINT NOT NULL DEFAULT 0,
+    events      BIGINT NOT NULL DEFAULT 0,
+    gone_at     BIGINT NOT NULL DEFAULT 0
 );
 
 -- messages keeps every message of every conversation, both ways (history.go):
@@ -187,6 +194,9 @@ ALTER TABLE conversations ADD COLUMN IF NOT EXISTS rating INTEGER NOT NULL DEFAU
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS online INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS presence_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS assigned_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS events BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS gone_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN IF NOT EXISTS requeued_from TEXT NOT NULL DEFAULT '';
 -- media's bytes moved from media.data to media_parts, in parts of 256 KB.
 DO $$
 BEGIN

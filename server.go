@@ -27,8 +27,11 @@ type bridge struct {
 	// recovery, if set, holds the replies of the conversations whose
 	// history it has yet to read back (recover.go).
 	recovery *replyRecovery
-	log      *slog.Logger
-	now      func() time.Time
+	// readPresence asks the desk's clock for a reading of the agents'
+	// presence soon (sessions.go); it never blocks the handler.
+	readPresence chan struct{}
+	log          *slog.Logger
+	now          func() time.Time
 }
 
 // routes registers the bridge's whole HTTP surface.

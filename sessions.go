@@ -37,15 +37,23 @@ type deskClock struct {
 	agents  []string
 	idle    time.Duration // SESSION_IDLE_TIMEOUT; 0: conversations never close by themselves
 	// nextRead is when presence is read next: presenceEvery after a
-	// reading, presenceRetry after a failed one.
+	// reading, presenceRetry after a failed one, or at once when asked
+	// (after a logout or a lost connection).
 	nextRead time.Time
+	asked    <-chan struct{}
 }
 
 // readPresence records each agent's presence as IM gives it now. Only
-// Online counts as online: an agent whose app is in the background
-// (PushOnline) is disconnected, as State.StateChange says of them.
+// Online counts as online: an agent whose app was killed (PushOnline) is
+// not at their desk. A reading is taken for an agent only if no word of
+// IM's on them came since it was asked for (Store.ReadingTaken).
 func (d *deskClock) readPresence(ctx context.Context) {
 	d.nextRead = time.Now().Add(presenceRetry)
+	events, err := d.store.PresenceEvents(ctx)
+	if err != nil {
+		d.log.Error("agents' presence not read", "err", err)
+		return
+	}
 	status := map[string]string{}
 	for batch := range slices.Chunk(d.agents, maxStatusQuery) {
 		got, err := d.im.OnlineStatus(ctx, batch)
@@ -55,14 +63,13 @@ func (d *deskClock) readPresence(ctx context.Context) {
 		}
 		maps.Copy(status, got)
 	}
-	now := d.now()
 	online := 0
 	for _, a := range d.agents {
 		on := status[a] == "Online"
 		if on {
 			online++
 		}
-		assigned, err := d.store.SetPresence(ctx, a, on, now, now)
+		assigned, err := d.store.ReadingTaken(ctx, a, on, events[a], d.now())
 		if err != nil {
 			d.log.Error("agent presence not recorded", "agent", a, "err", err)
 			return
@@ -84,6 +91,8 @@ func (d *deskClock) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-d.asked:
+			d.nextRead = time.Time{}
 		}
 		if time.Now().After(d.nextRead) {
 			d.readPresence(ctx)
@@ -96,8 +105,8 @@ func (d *deskClock) Run(ctx context.Context) {
 			continue
 		}
 		d.metrics.assigned(sw.Assigned)
-		if sw.Closed > 0 || len(sw.Assigned) > 0 {
-			d.log.Info("desk swept", "idle_closed", sw.Closed, "assigned", len(sw.Assigned))
+		if sw.Closed > 0 || sw.Requeued > 0 || len(sw.Assigned) > 0 {
+			d.log.Info("desk swept", "idle_closed", sw.Closed, "requeued", sw.Requeued, "assigned", len(sw.Assigned))
 			d.worker.Notify()
 		}
 	}

@@ -360,7 +360,7 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		}
 	}
 	d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: c.agent, Text: in.Text, Elems: in.Elems, Media: in.Media,
-		MsgRandom: in.NewRandom()}
+		MsgRandom: in.NewRandom(), Conv: c.id}
 	h := historyRow{conv: c.id, openid: in.OpenID, direction: "in", agent: c.agent, text: in.Text, parts: max(len(d.parts()), 1)}
 	if c.agent == "" {
 		h.state = "waiting"

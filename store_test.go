@@ -227,7 +227,7 @@ func TestConversationClosedAndOpenedInOneTransaction(t *testing.T) {
 	if acc, err := st.AcceptPush(ctx, message("k1", "o1", "hi"), now); err != nil || acc.Reply != replyConnecting {
 		t.Fatalf("first message: %+v, %v", acc, err)
 	}
-	if _, err := st.SetPresence(ctx, "a1", false, now, now); err != nil { // a1, who had the customer, goes
+	if _, err := st.PresenceEvent(ctx, "a1", "Logout", now, now); err != nil { // a1, who had the customer, goes
 		t.Fatal(err)
 	}
 	in := message("k2", "o1", "hi")

@@ -254,6 +254,9 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 		return true
 	case ctx.Err() != nil:
 		return false // stopping: the item is handed back as it was
+	case errors.Is(err, errParked):
+		log.Debug("parked with its conversation in the queue")
+		return false // Recipient finished the item
 	case permanent(err) || now.Sub(it.CreatedAt) >= window:
 		reason := explain(err)
 		if !permanent(err) {
@@ -296,6 +299,13 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 		from := d.IMUser
 		if from == "" {
 			from = w.Admin
+		}
+		if d.Kind == deliverIMSend {
+			agent, err := w.Store.Recipient(ctx, it) // queue.go
+			if err != nil {
+				return err
+			}
+			d.Agent, it.Delivery.Agent = agent, agent
 		}
 		msg := textMessage(from, d.Agent, d.Text, d.MsgSeq, d.MsgRandom)
 		if len(d.Elems) > 0 {

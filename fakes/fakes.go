@@ -48,10 +48,14 @@
 //     After not made again. State.StateChange (2570) on an agent's Login
 //     (Register), Logout (Unregister) or Disconnect (LinkClose), with
 //     EventTime in ms.
-//   - query_online_status (2566): 1 to 500 accounts; Online or Offline each
-//     (PushOnline, an app in the background, is not modelled); an account
-//     IM does not have in ErrorList, 70107. Injected faults pass it by, so
-//     that a test's faults meet the calls it means.
+//   - query_online_status (2566): 1 to 500 accounts; an account IM does
+//     not have in ErrorList, 70107. Injected faults pass it by, so that a
+//     test's faults meet the calls it means.
+//   - Presence (2570, 2566, 3665): an agent may be logged in on several
+//     devices; they are Online while any device is, PushOnline while none
+//     is but a mobile app killed with offline push registered, else
+//     Offline. State.StateChange does not say which device changed: an
+//     agent who loses one of two gets a Disconnect while still Online.
 //
 // Not modelled: WeChat's permanent media, the multi-agent (kf) APIs, force_refresh's daily limit, daily API quotas and the IP allow-list;
 // IM's groups, profiles, offline push, deleting messages from a history, a

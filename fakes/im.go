@@ -48,6 +48,10 @@ type IMOptions struct {
 	Trace  func(string) // narration for the demo
 	// OnMessage, if set, is called with each message as it is delivered.
 	OnMessage func(Message)
+	// OnStatusRead, if set, is called after query_online_status has read
+	// the accounts' presence and before it answers: what a test does
+	// there happens while the answer is on its way.
+	OnStatusRead func()
 }
 
 // IM is a fake Tencent IM app: the REST API the bridge calls as admin, the
@@ -69,12 +73,12 @@ type IM struct {
 	callbackURL string
 	callbacks   []CallbackResult
 	cbHTTP      *http.Client
-	lastSweep   time.Time          // when recent was last swept
-	unread      map[string]int     // messages delivered to each account
-	buckets     map[string]*bucket // rate limit, by command
-	limited     int                // requests answered 60007
-	clientSeq   uint32             // MsgSeq of the agents' clients' last message
-	online      map[string]bool    // accounts logged in
+	lastSweep   time.Time                    // when recent was last swept
+	unread      map[string]int               // messages delivered to each account
+	buckets     map[string]*bucket           // rate limit, by command
+	limited     int                          // requests answered 60007
+	clientSeq   uint32                       // MsgSeq of the agents' clients' last message
+	devices     map[string]map[string]string // account → platform → device state (im_agent.go)
 }
 
 // bucket is a token bucket: RateLimit tokens, refilled at RateLimit a second.
@@ -146,9 +150,9 @@ func NewIM(t T, opts IMOptions) *IM {
 	for _, a := range opts.Accounts {
 		im.accounts[a] = true
 	}
-	im.online = map[string]bool{}
+	im.devices = map[string]map[string]string{}
 	for _, a := range opts.Online {
-		im.online[a] = true
+		im.devices[a] = map[string]string{"Web": deviceOnline}
 	}
 	im.srv = httptest.NewServer(http.HandlerFunc(im.serve))
 	im.URL = im.srv.URL

@@ -191,34 +191,92 @@ func randUint32() uint32 {
 	return binary.BigEndian.Uint32(b[:])
 }
 
-// Login logs account's client in: IM fires State.StateChange (Action
-// Login, Reason Register) and answers Online for it from then on.
+// Login logs account's client in on the Web: IM fires State.StateChange
+// (Action Login, Reason Register) and answers Online for it from then on.
 func (im *IM) Login(ctx context.Context, account string) CallbackResult {
-	return im.stateChange(ctx, account, true, "Login", "Register")
+	return im.LoginOn(ctx, account, "Web")
 }
 
-// Logout logs account's client out (Action Logout, Reason Unregister).
+// Logout logs account's Web client out (Action Logout, Reason Unregister).
 func (im *IM) Logout(ctx context.Context, account string) CallbackResult {
-	return im.stateChange(ctx, account, false, "Logout", "Unregister")
+	return im.LogoutOn(ctx, account, "Web")
 }
 
-// Disconnect drops account's connection (Action Disconnect, Reason
-// LinkClose: the app killed or the network gone).
+// Disconnect drops the connection of account's Web client (Action
+// Disconnect, Reason LinkClose: the app killed or the network gone).
 func (im *IM) Disconnect(ctx context.Context, account string) CallbackResult {
-	return im.stateChange(ctx, account, false, "Disconnect", "LinkClose")
+	return im.DisconnectOn(ctx, account, "Web")
 }
 
-// stateChange records account's presence and fires State.StateChange, as
-// 269/2570 shows it.
-func (im *IM) stateChange(ctx context.Context, account string, online bool, action, reason string) CallbackResult {
+// LoginOn logs account in on a device of platform (Web, iOS, Android, …):
+// an agent may be logged in on several at once, and is Online while any of
+// them is.
+func (im *IM) LoginOn(ctx context.Context, account, platform string) CallbackResult {
+	return im.stateChange(ctx, account, platform, deviceOnline, "Login", "Register")
+}
+
+// LogoutOn logs account's client on platform out.
+func (im *IM) LogoutOn(ctx context.Context, account, platform string) CallbackResult {
+	return im.stateChange(ctx, account, platform, "", "Logout", "Unregister")
+}
+
+// DisconnectOn drops the connection of account's client on platform. The
+// callback does not say which device it was: an agent still online on
+// another is Online to query_online_status (tencent-im.md, 4.5).
+func (im *IM) DisconnectOn(ctx context.Context, account, platform string) CallbackResult {
+	return im.stateChange(ctx, account, platform, "", "Disconnect", "LinkClose")
+}
+
+// Background kills account's app on a mobile platform while it has offline
+// push: IM reports the device PushOnline (269/3665) and sends a Disconnect.
+func (im *IM) Background(ctx context.Context, account, platform string) CallbackResult {
+	return im.stateChange(ctx, account, platform, devicePush, "Disconnect", "LinkClose")
+}
+
+// A device's state: online, or reachable by offline push only.
+const (
+	deviceOnline = "online"
+	devicePush   = "push"
+)
+
+// stateChange records the state of account's device on platform ("" for
+// gone) and fires State.StateChange, as 269/2570 shows it.
+func (im *IM) stateChange(ctx context.Context, account, platform, state, action, reason string) CallbackResult {
 	im.mu.Lock()
-	im.online[account] = online
+	if im.devices[account] == nil {
+		im.devices[account] = map[string]string{}
+	}
+	if state == "" {
+		delete(im.devices[account], platform)
+	} else {
+		im.devices[account][platform] = state
+	}
 	im.mu.Unlock()
 	hop(im.opts.Trace, "agent", "IM", "%s: %s", account, action)
-	return im.callback(ctx, "State.StateChange", "Web", map[string]any{
+	cbPlatform := platform
+	if platform == "iOS" {
+		cbPlatform = "IOS" // as State.StateChange spells it
+	}
+	return im.callback(ctx, "State.StateChange", cbPlatform, map[string]any{
 		"CallbackCommand": "State.StateChange", "EventTime": im.opts.Now().UnixMilli(),
 		"Info": map[string]any{"Action": action, "To_Account": account, "Reason": reason},
 	})
+}
+
+// status is account's presence as query_online_status answers it: Online
+// while any device is, else PushOnline while a mobile one has offline push,
+// else Offline. The caller holds im.mu.
+func (im *IM) status(account string) string {
+	status := "Offline"
+	for _, st := range im.devices[account] {
+		switch st {
+		case deviceOnline:
+			return "Online"
+		case devicePush:
+			status = "PushOnline"
+		}
+	}
+	return status
 }
 
 // queryOnlineStatus answers openim/query_online_status (269/2566): 1 to 500
@@ -230,18 +288,17 @@ func (im *IM) queryOnlineStatus(req map[string]json.RawMessage) imAnswer {
 		return imFail(70402, "To_Account must list 1 to 500 accounts")
 	}
 	im.mu.Lock()
-	defer im.mu.Unlock()
 	var results, errs []map[string]any
 	for _, a := range to {
 		if !im.accounts[a] {
 			errs = append(errs, map[string]any{"To_Account": a, "ErrorCode": 70107})
 			continue
 		}
-		status := "Offline"
-		if im.online[a] {
-			status = "Online"
-		}
-		results = append(results, map[string]any{"To_Account": a, "Status": status})
+		results = append(results, map[string]any{"To_Account": a, "Status": im.status(a)})
+	}
+	im.mu.Unlock()
+	if im.opts.OnStatusRead != nil {
+		im.opts.OnStatusRead()
 	}
 	a := imOK()
 	a["QueryResult"] = results

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"wechat-im-bridge/fakes"
+)
+
+// TestTransferTakesPendingMessages: a customer's message still in the
+// outbox when its conversation is transferred (IM failing for a moment)
+// reaches the new agent, not the old one.
+func TestTransferTakesPendingMessages(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"},
+			env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "hello")
+		eventually(t, "c1's message to agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+		h.im.FailNextStatus(1, 502)
+		h.wx.SendText(ctx, "c1", "are you there?")
+		eventually(t, "the message's first attempt failed", func() bool {
+			return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="im"} 1`)
+		})
+		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "/transfer agent_lee")
+		eventually(t, "the message to agent_lee", func() bool {
+			return strings.Join(h.customerTexts("agent_lee", "c1"), "|") == "are you there?"
+		})
+		if got := h.customerTexts("agent_kim", "c1"); len(got) != 1 {
+			t.Errorf("agent_kim read %q from c1, want only the first message", got)
+		}
+	})
+}
+
+// TestLogoutRequeuesWaitingCustomers: an agent who logs out leaves the
+// conversations whose customer wrote last: each goes back to the queue,
+// ahead of new arrivals, and to the next free agent, who first reads how
+// it went; the customer reads AGENT_JOINED_TEXT; the agent who left is
+// told. A conversation the agent answered last stays theirs.
+func TestLogoutRequeuesWaitingCustomers(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"},
+			im: fakes.IMOptions{Online: []string{"agent_kim"}}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "my order is late")
+		h.wx.SendText(ctx, "c2", "thanks!")
+		eventually(t, "both with agent_kim", func() bool {
+			return len(h.customerTexts("agent_kim", "c1")) == 1 && len(h.customerTexts("agent_kim", "c2")) == 1
+		})
+		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c2"), "You are welcome.")
+		eventually(t, "the answer to c2", func() bool { return len(h.sentTo("c2")) == 1 })
+		h.im.Logout(ctx, "agent_kim")
+		h.im.Login(ctx, "agent_lee")
+		h.eventuallyNotice("agent_lee", "c1", "agent_kim was away, and the customer wrote: the conversation is yours now. The last messages:\ncustomer: my order is late")
+		h.eventuallyNotice("agent_kim", "c1", "The customer wrote while you were away: the conversation went to the next free agent.")
+		eventually(t, "c1 told an agent joined", func() bool {
+			return strings.Join(h.sentTexts("c1"), "|") == defaultDeskTexts.Joined
+		})
+		h.wx.SendText(ctx, "c1", "hello?")
+		h.wx.SendText(ctx, "c2", "one more thing")
+		eventually(t, "c1's next message to agent_lee", func() bool { return len(h.customerTexts("agent_lee", "c1")) == 1 })
+		eventually(t, "c2's next message to agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c2")) == 2 })
+	})
+}
+
+// TestDisconnectGrace: an agent who loses their connection keeps their
+// conversations for AGENT_AWAY_GRACE; if they do not log in again within
+// it, the customers who wrote meanwhile go to the next free agent.
+func TestDisconnectGrace(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		clock := &fakeClock{now: time.Now()}
+		h := newHarness(t, harnessOptions{postgres: pg, clock: clock, agents: []string{"agent_kim", "agent_lee"},
+			env: map[string]string{"AGENT_AWAY_GRACE": "5m"}})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "hello")
+		eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+		h.im.Disconnect(ctx, "agent_kim")
+		h.wx.SendText(ctx, "c1", "still there?")
+		eventually(t, "the message to agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 2 })
+		clock.Advance(4 * time.Minute)
+		h.wx.SendText(ctx, "c2", "hi") // agent_kim is offline by a reading: agent_lee takes c2
+		eventually(t, "c2 with agent_lee", func() bool { return len(h.customerTexts("agent_lee", "c2")) == 1 })
+		if got := h.noticesTo("agent_lee", "c1"); len(got) != 0 {
+			t.Fatalf("agent_lee read %q within the grace", got)
+		}
+		clock.Advance(2 * time.Minute)
+		h.eventuallyNotice("agent_lee", "c1", "agent_kim was away, and the customer wrote")
+	})
+}
+
+// TestOnlineOnAnotherDevice: an agent who loses one device while logged in
+// on another stays online and keeps their customers: the Disconnect is
+// checked by a reading, which says Online.
+func TestOnlineOnAnotherDevice(t *testing.T) {
+	clock := &fakeClock{now: time.Now()}
+	h := newHarness(t, harnessOptions{clock: clock, agents: []string{"agent_kim", "agent_lee"},
+		im: fakes.IMOptions{Online: []string{"agent_kim"}}})
+	ctx := context.Background()
+	h.im.LoginOn(ctx, "agent_kim", "iOS")
+	h.wx.SendText(ctx, "c1", "hello")
+	eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	reads := len(h.im.RequestsTo("/v4/openim/query_online_status"))
+	h.im.DisconnectOn(ctx, "agent_kim", "iOS")
+	eventually(t, "a reading after the Disconnect", func() bool {
+		return len(h.im.RequestsTo("/v4/openim/query_online_status")) > reads
+	})
+	h.wx.SendText(ctx, "c1", "and?")
+	clock.Advance(10 * time.Minute)
+	h.wx.SendText(ctx, "c2", "hi")
+	eventually(t, "c2's message", func() bool { return len(h.customerTexts("agent_kim", "c2")) == 1 })
+	h.wx.SendText(ctx, "c3", "a sweep's witness")
+	eventually(t, "c1's second message", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 2 })
+	if got := h.noticesTo("agent_kim", "c1"); len(got) != 0 {
+		t.Errorf("agent_kim was told %q: they never left", got)
+	}
+}
+
+// TestReadingNeverUndoesALaterWord: a reading of presence asked for before
+// a Logout, and answered after it, leaves the agent offline.
+func TestReadingNeverUndoesALaterWord(t *testing.T) {
+	var h *harness
+	var once sync.Once
+	armed := make(chan struct{})
+	opts := fakes.IMOptions{Online: []string{"agent_kim"}, OnStatusRead: func() {
+		select {
+		case <-armed:
+			once.Do(func() { h.im.Logout(context.Background(), "agent_kim") }) // while the reading is on its way
+		default:
+		}
+	}}
+	h = newHarness(t, harnessOptions{agents: []string{"agent_kim", "agent_lee"}, im: opts})
+	ctx := context.Background()
+	h.im.LoginOn(ctx, "agent_lee", "Web")
+	h.im.LoginOn(ctx, "agent_kim", "iOS")
+	close(armed)
+	h.im.DisconnectOn(ctx, "agent_kim", "iOS") // asks for a reading: agent_kim is Online on the Web when it is read
+	eventually(t, "the reading taken", func() bool { return strings.Count(h.logs.String(), "agents' presence read from IM") >= 2 })
+	for i := range 3 {
+		openid := "c" + string(rune('1'+i))
+		h.wx.SendText(ctx, openid, "hello")
+		eventually(t, openid+"'s message", func() bool { return len(h.customerTexts("agent_lee", openid)) == 1 })
+	}
+}
+
+// TestRemovedAgentsConversationsRequeued: an agent no longer in IM_AGENTS
+// has their conversations taken from them when the bridge starts: each
+// goes to the next free agent, who reads how it went.
+func TestRemovedAgentsConversationsRequeued(t *testing.T) {
+	h := newHarness(t, harnessOptions{agents: []string{"agent_kim", "agent_lee"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, "c1", "hello")
+	eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	h.env["IM_AGENTS"] = "agent_lee"
+	h.restart()
+	h.eventuallyNotice("agent_lee", "c1", "agent_kim was away, and the customer wrote: the conversation is yours now.")
+	h.wx.SendText(ctx, "c1", "hello?")
+	eventually(t, "c1's next message to agent_lee", func() bool { return len(h.customerTexts("agent_lee", "c1")) == 1 })
+	if got := h.noticesTo("agent_kim", "c1"); len(got) != 0 {
+		t.Errorf("agent_kim, no longer an agent, was told %q", got)
+	}
+}
