@@ -179,7 +179,7 @@ func TestUnauthenticatedCallbacksWarned(t *testing.T) {
 	h := newHarness(t, harnessOptions{external: true})
 	delete(h.env, "IM_CALLBACK_TOKEN")
 	env := maps.Clone(h.env)
-	err := run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	err := run(context.Background(), nil, mapEnv(env), io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "IM_CALLBACK_TOKEN is required") {
 		t.Fatalf("without IM_CALLBACK_TOKEN run returned %v, want the token required", err)
 	}

@@ -87,10 +87,13 @@ func (s *Store) runCommand(ctx context.Context, tx *sql.Tx, c Command, now time.
 		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, fmt.Sprintf(commandHelp, strings.Join(s.desk.Agents, ", ")), now)
 	}
 	conv, agent, open, err := s.lastConversation(ctx, tx, c.OpenID)
-	if errors.Is(err, errNoConversation) || (err == nil && (!open || agent == "")) {
+	switch {
+	case errors.Is(err, errNoConversation) || (err == nil && (!open || agent == "")):
 		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, "No conversation with this customer is open with an agent: nothing to "+c.Name+".", now)
-	} else if err != nil {
+	case err != nil:
 		return done, err
+	case agent != c.Agent:
+		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, fmt.Sprintf("Not done: the conversation is %s's, and only they can %s it.", agent, c.Name), now)
 	}
 	if c.Name == "end" {
 		return s.end(ctx, tx, c, conv, agent, now)
@@ -106,22 +109,22 @@ func (s *Store) end(ctx context.Context, tx *sql.Tx, c Command, conv int64, agen
 	if err := s.closeConversation(ctx, tx, c.OpenID, conv, agent, "agent", now); err != nil {
 		return done, err
 	}
-	text, answer := s.desk.Texts.Closed, "Conversation ended."
-	if s.desk.Texts.Rating != "" {
-		text = strings.TrimSpace(text + "\n\n" + s.desk.Texts.Rating)
+	text, answer := strings.TrimSpace(s.desk.Texts.Closed+"\n\n"+s.desk.Texts.Rating), "Conversation ended."
+	d := Delivery{Kind: deliverWeChat, OpenID: c.OpenID, IMUser: s.desk.imUser(c.OpenID), Agent: agent, Text: text}
+	state, err := s.toCustomer(ctx, tx, conv, d, "", now)
+	if err != nil {
+		return done, err
+	}
+	// The customer's next message is their rating only if they were asked.
+	if s.desk.Texts.Rating != "" && state == "queued" {
 		answer = "Conversation ended; the customer is asked to rate it."
 		if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = ? WHERE openid = ?`, conv, c.OpenID); err != nil {
 			return done, err
 		}
 	}
-	d := Delivery{Kind: deliverWeChat, OpenID: c.OpenID, IMUser: s.desk.imUser(c.OpenID), Agent: agent, Text: text}
-	if _, err := s.toCustomer(ctx, tx, conv, d, "", now); err != nil {
-		return done, err
-	}
 	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, answer, now); err != nil {
 		return done, err
 	}
-	var err error
 	done.Assigned, err = s.drain(ctx, tx, now)
 	return done, err
 }
@@ -144,6 +147,13 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if err := s.lockDesk(ctx, tx); err != nil {
 		return done, err
 	}
+	states, err := s.agentStates(ctx, tx)
+	if err != nil {
+		return done, err
+	}
+	if st := states[to]; s.desk.MaxOpen > 0 && st.open >= s.desk.MaxOpen {
+		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, fmt.Sprintf("Not transferred: %s has %d open conversations, as many as IM_AGENT_MAX_OPEN allows.", to, st.open), now)
+	}
 	if _, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ?, first_reply_at = 0 WHERE id = ?`, to, now.UnixMilli(), conv); err != nil {
 		return done, err
 	}
@@ -153,7 +163,8 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if err := s.assigned(ctx, tx, c.OpenID, to, now); err != nil {
 		return done, err
 	}
-	summary, err := s.summary(ctx, tx, c.OpenID, conv, "Transferred to you by "+agent+".")
+	var summary string
+	summary, err = s.summary(ctx, tx, c.OpenID, conv, "Transferred to you by "+agent+".")
 	if err != nil {
 		return done, err
 	}
@@ -165,9 +176,7 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 		return done, err
 	}
 	answer := "Transferred to " + to + "."
-	if states, err := s.agentStates(ctx, tx); err != nil {
-		return done, err
-	} else if st, ok := states[to]; ok && st.online == 0 {
+	if st, ok := states[to]; ok && st.online == 0 {
 		answer = "Transferred to " + to + ", who is offline: they read it when they log in."
 	}
 	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, answer, now); err != nil {

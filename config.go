@@ -111,8 +111,23 @@ var wechatTokenPattern = regexp.MustCompile(`^[A-Za-z0-9]{3,32}$`)
 
 // env reads the environment and gathers what is wrong with it.
 type env struct {
-	getenv   func(string) string
+	lookup   func(string) (string, bool) // os.LookupEnv, or a test's
 	problems []string
+}
+
+// getenv returns name's value, "" when it is not set.
+func (e *env) getenv(name string) string {
+	v, _ := e.lookup(name)
+	return v
+}
+
+// mapEnv looks variables up in m, as os.LookupEnv does in the process's
+// environment: for the demo and the tests.
+func mapEnv(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) {
+		v, ok := m[k]
+		return v, ok
+	}
 }
 
 // bad records a problem.
@@ -172,10 +187,11 @@ const (
 	unfollowDelete = "delete"
 )
 
-// loadConfig reads and validates the configuration. Its error names every
-// missing or malformed variable at once, and never includes a secret's value.
-func loadConfig(getenv func(string) string) (Config, error) {
-	e := &env{getenv: getenv}
+// loadConfig reads and validates the configuration from lookup (as
+// os.LookupEnv). Its error names every missing or malformed variable at
+// once, and never includes a secret's value.
+func loadConfig(lookup func(string) (string, bool)) (Config, error) {
+	e := &env{lookup: lookup}
 	c := Config{
 		ListenAddr:           e.get("LISTEN_ADDR", ":8080"),
 		WeChatToken:          e.required("WECHAT_TOKEN"),
@@ -329,7 +345,9 @@ func readDesk(e *env, c *Config) {
 		text *string
 	}{{"QUEUED_TEXT", &t.Queued}, {"OFFLINE_TEXT", &t.Offline}, {"AGENT_JOINED_TEXT", &t.Joined}, {"CLOSED_TEXT", &t.Closed},
 		{"RATING_TEXT", &t.Rating}, {"RATED_TEXT", &t.Rated}, {"TRANSFER_TEXT", &t.Transfer}, {"IDLE_CLOSED_TEXT", &t.IdleClosed}} {
-		*v.text = e.get(v.name, *v.text)
+		if text, set := e.lookup(v.name); set {
+			*v.text = strings.TrimSpace(text) // set empty: the text is not sent
+		}
 	}
 	c.Desk = Desk{Agents: c.IMAgents, UserPrefix: c.IMUserPrefix, Texts: t,
 		MaxOpen:    e.count("IM_AGENT_MAX_OPEN", 10, 0, "a whole number of conversations (0: no cap)"),

@@ -16,7 +16,7 @@ func validEnv() map[string]string {
 
 func TestLoadConfigDefaults(t *testing.T) {
 	env := validEnv()
-	c, err := loadConfig(func(k string) string { return env[k] })
+	c, err := loadConfig(mapEnv(env))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +67,7 @@ func TestLoadConfigProblems(t *testing.T) {
 			for k, v := range tc.set {
 				env[k] = v
 			}
-			_, err := loadConfig(func(k string) string { return env[k] })
+			_, err := loadConfig(mapEnv(env))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.want)
 			}
@@ -83,7 +83,7 @@ func TestLoadConfigProblems(t *testing.T) {
 func TestLoadConfigDatabaseMaxConns(t *testing.T) {
 	env := validEnv()
 	env["DATABASE_URL"], env["DATABASE_MAX_CONNS"] = "postgres://bridge@db.internal/bridge", "4"
-	c, err := loadConfig(func(k string) string { return env[k] })
+	c, err := loadConfig(mapEnv(env))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +94,7 @@ func TestLoadConfigDatabaseMaxConns(t *testing.T) {
 
 func TestLoadConfigDesk(t *testing.T) {
 	env := validEnv()
-	c, err := loadConfig(func(k string) string { return env[k] })
+	c, err := loadConfig(mapEnv(env))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestLoadConfigDesk(t *testing.T) {
 	}
 	env["BUSINESS_HOURS"], env["BUSINESS_TIMEZONE"], env["SESSION_IDLE_TIMEOUT"] = "Mon-Fri 09:00-18:00", "Europe/Berlin", "off"
 	env["QUEUED_TEXT"] = "Place {position}."
-	if c, err = loadConfig(func(k string) string { return env[k] }); err != nil {
+	if c, err = loadConfig(mapEnv(env)); err != nil {
 		t.Fatal(err)
 	}
 	monday9 := time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC) // 10:00 in Berlin

@@ -132,7 +132,7 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 		// nothing it is not told to.
 		"MEDIA_FETCH_ALLOW": strings.TrimPrefix(wx.URL, "http://") + "," + strings.TrimPrefix(im.URL, "http://"),
 	}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
+	cfg, err := loadConfig(mapEnv(env))
 	if err != nil {
 		ln.Close()
 		return Config{}, nil, err

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"unicode"
 )
 
 // pushElems returns the IM elements that carry p natively, or nil when it
@@ -146,4 +147,44 @@ func partKey(key string, i int) string {
 		return key
 	}
 	return key + "#" + strconv.Itoa(i)
+}
+
+// customerMark is what an agent reads before a customer's text that begins
+// as the bridge's notices do (noticeMark), so that no customer can write
+// what an agent would take for the bridge's word.
+const customerMark = "[customer] "
+
+// unmistakable returns a customer's text as an agent reads it: as it is,
+// unless it begins like the bridge's notices, in any case or width, with
+// spaces or invisible characters, or with letters that look alike; then
+// behind customerMark.
+func unmistakable(text string) string {
+	var head []rune
+	for _, r := range text {
+		if len(head) == len("[bridge]") {
+			break
+		}
+		if unicode.IsSpace(r) || unicode.Is(unicode.Cf, r) {
+			continue // spaces, and zero-width and direction marks
+		}
+		if r >= 0xFF01 && r <= 0xFF5E { // full-width ASCII
+			r -= 0xFEE0
+		}
+		if l, ok := lookAlike[r]; ok {
+			r = l
+		}
+		head = append(head, unicode.ToLower(r))
+	}
+	if string(head) == "[bridge]" {
+		return customerMark + text
+	}
+	return text
+}
+
+// lookAlike maps the characters that look like those of "[bridge]" to them.
+var lookAlike = map[rune]rune{
+	'【': '[', '〔': '[', '「': '[', '〖': '[', '〘': '[', '】': ']', '〕': ']', '」': ']', '〗': ']', '〙': ']',
+	'Ь': 'b', 'ь': 'b', 'Ƅ': 'b', 'ƅ': 'b', 'ḃ': 'b', 'г': 'r', 'ŗ': 'r', 'ṛ': 'r',
+	'і': 'i', 'Ι': 'i', 'ι': 'i', 'ı': 'i', 'ɩ': 'i', 'ӏ': 'i', 'í': 'i', 'ì': 'i',
+	'ԁ': 'd', 'ď': 'd', 'ḍ': 'd', 'ɡ': 'g', 'ġ': 'g', 'ģ': 'g', 'е': 'e', 'ё': 'e', 'ė': 'e', 'é': 'e', 'è': 'e',
 }

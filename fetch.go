@@ -80,7 +80,9 @@ func refusePrivate(network, address string, _ syscall.RawConn) error {
 		return mediaError{fmt.Sprintf("its address %q cannot be checked", address), true}
 	}
 	if why := notPublic(ap.Addr().Unmap()); why != "" {
-		return mediaError{fmt.Sprintf("the bridge fetches media only from public addresses, and %s is %s", ap.Addr().Unmap(), why), true}
+		// The address itself stays out of the reason, which the agent
+		// reads: it would tell what names resolve to inside.
+		return mediaError{"the bridge fetches media only from public addresses, and its host's is " + why, true}
 	}
 	return nil
 }

@@ -30,7 +30,7 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+	if err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
@@ -38,14 +38,14 @@ func main() {
 
 // run is the whole program: "demo" plays the offline demo, no argument
 // serves until ctx is done.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) error {
 	switch {
 	case len(args) == 1 && args[0] == "demo":
 		return runDemo(ctx, stdout, stderr)
 	case len(args) > 0:
 		return fmt.Errorf("usage: wechat-im-bridge [demo] (unknown arguments %q)", args)
 	}
-	cfg, err := loadConfig(getenv)
+	cfg, err := loadConfig(lookupEnv)
 	if err != nil {
 		return err
 	}

@@ -138,7 +138,7 @@ func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now
 	done := make(chan error, 1)
 	mark := logs.Len()
 	env = maps.Clone(env)
-	getenv := func(k string) string { return env[k] }
+	getenv := mapEnv(env)
 	go func() {
 		if now == nil {
 			done <- run(ctx, nil, getenv, io.Discard, logs)
@@ -365,7 +365,7 @@ func goldenJSON(t testing.TB, name string, body []byte, vary ...string) {
 
 func TestRunRejectsBadConfiguration(t *testing.T) {
 	env := map[string]string{"IM_SECRET_KEY": "s3cr3t-im-key", "WECHAT_APPSECRET": "s3cr3t-app", "IM_SDKAPPID": "abc"}
-	err := run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	err := run(context.Background(), nil, mapEnv(env), io.Discard, io.Discard)
 	if err == nil {
 		t.Fatal("run started without WECHAT_TOKEN, WECHAT_APPID and IM_AGENTS")
 	}
@@ -382,14 +382,14 @@ func TestRunRejectsBadConfiguration(t *testing.T) {
 }
 
 func TestRunRejectsUnknownArguments(t *testing.T) {
-	if err := run(context.Background(), []string{"serve"}, func(string) string { return "" }, io.Discard, io.Discard); err == nil {
+	if err := run(context.Background(), []string{"serve"}, mapEnv(nil), io.Discard, io.Discard); err == nil {
 		t.Fatal("run accepted an unknown argument")
 	}
 }
 
 func TestDemo(t *testing.T) {
 	var out bytes.Buffer
-	if err := run(context.Background(), []string{"demo"}, func(string) string { return "" }, &out, io.Discard); err != nil {
+	if err := run(context.Background(), []string{"demo"}, mapEnv(nil), &out, io.Discard); err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
 	for _, want := range []string{demoQuestion, demoAnswer, "openim/sendmsg", "C2C.CallbackAfterSendMsg", "custom/send",

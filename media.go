@@ -109,8 +109,9 @@ func (s *Store) placeMedia(id string, sp *spool) error {
 
 // cleanMediaDir removes what a crash can leave in MEDIA_DIR, which is the
 // bridge's own: spools, and files renamed into place whose row was never
-// written or was pruned. It touches no file of a name the bridge does not
-// give.
+// written or was pruned, older than a minute (a file younger may be one
+// being written). It touches no file of a name the bridge does not give.
+// The store runs it when it opens, and the hourly prune.
 func (s *Store) cleanMediaDir(ctx context.Context) error {
 	entries, err := os.ReadDir(s.mediaDir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -136,8 +137,12 @@ func (s *Store) cleanMediaDir(ctx context.Context) error {
 	}
 	for _, e := range entries {
 		name := e.Name()
-		spool := strings.HasPrefix(name, spoolPrefix) && strings.HasSuffix(name, spoolSuffix)
-		if spool || mediaIDPattern.MatchString(name) && !kept[name] {
+		id, spool := strings.CutSuffix(name, spoolSuffix) // an earlier version's spools were ID.tmp
+		spool = spool && (strings.HasPrefix(name, spoolPrefix) || mediaIDPattern.MatchString(id))
+		if !spool && (!mediaIDPattern.MatchString(name) || kept[name]) {
+			continue
+		}
+		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Minute {
 			os.Remove(filepath.Join(s.mediaDir, name))
 		}
 	}
@@ -260,6 +265,9 @@ func (s *Store) PruneMedia(ctx context.Context, cutoff time.Time) error {
 	}
 	for _, id := range ids { // the rows are gone: no one is served these files
 		os.Remove(filepath.Join(s.mediaDir, id))
+	}
+	if !s.postgres {
+		return s.cleanMediaDir(ctx)
 	}
 	return nil
 }

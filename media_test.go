@@ -163,15 +163,15 @@ func TestFetchCannotBeAimedInward(t *testing.T) {
 	h.agentReady()
 	port := internal.URL[strings.LastIndex(internal.URL, ":"):]
 	cases := []struct{ url, why string }{
-		{internal.URL + "/latest/meta-data", "and 127.0.0.1 is loopback"},
-		{"http://169.254.169.254/latest/meta-data/iam", "and 169.254.169.254 is link-local"},
-		{"http://[::1]" + port + "/x", "and ::1 is loopback"},
-		{"http://100.64.0.1/x", "and 100.64.0.1 is shared"},
-		{"http://10.1.2.3/x", "and 10.1.2.3 is private"},
-		{"http://0.0.0.0" + port + "/x", "and 0.0.0.0 is unspecified"},
+		{internal.URL + "/latest/meta-data", "and its host's is loopback"},
+		{"http://169.254.169.254/latest/meta-data/iam", "and its host's is link-local"},
+		{"http://[::1]" + port + "/x", "and its host's is loopback"},
+		{"http://100.64.0.1/x", "and its host's is shared"},
+		{"http://10.1.2.3/x", "and its host's is private"},
+		{"http://0.0.0.0" + port + "/x", "and its host's is unspecified"},
 		{redirector.URL + "/?to=file:///etc/passwd", `only over http(s), not "file"`},
-		{redirector.URL + "/?to=" + internal.URL + "/x", "and 127.0.0.1 is loopback"},
-		{redirector.URL + "/?to=http://169.254.169.254/x", "and 169.254.169.254 is link-local"},
+		{redirector.URL + "/?to=" + internal.URL + "/x", "and its host's is loopback"},
+		{redirector.URL + "/?to=http://169.254.169.254/x", "and its host's is link-local"},
 	}
 	for i, c := range cases {
 		if i > 0 { // WeChat takes five replies a message: the customer writes again
@@ -331,7 +331,8 @@ func TestMediaStreamedByRanges(t *testing.T) {
 
 // TestMediaDirCleanedAtStart: what a crash leaves in MEDIA_DIR, a spool or
 // a file whose row was never written, is removed when the store opens;
-// kept media stays.
+// kept media stays, and so do a file the bridge did not name and one
+// written in the last minute.
 func TestMediaDirCleanedAtStart(t *testing.T) {
 	dir := t.TempDir()
 	db := "sqlite:" + filepath.Join(dir, "bridge.db")
@@ -343,10 +344,16 @@ func TestMediaDirCleanedAtStart(t *testing.T) {
 	keepBytes(t, st, kept, "image/png", []byte("kept"), time.Now())
 	st.Close()
 	orphan, spool := filepath.Join(dir, "media", newMediaID()), filepath.Join(dir, "media", spoolPrefix+"123"+spoolSuffix)
+	old := filepath.Join(dir, "media", newMediaID()+".tmp") // an earlier version's spool
 	foreign := filepath.Join(dir, "media", "report.tmp")
-	for _, f := range []string{orphan, spool, foreign} {
+	young := filepath.Join(dir, "media", spoolPrefix+"456"+spoolSuffix) // being written, maybe
+	for _, f := range []string{orphan, spool, old, foreign, young} {
 		if err := os.WriteFile(f, []byte("left by a crash"), 0o600); err != nil {
 			t.Fatal(err)
+		}
+		if f != young {
+			an := time.Now().Add(-2 * time.Minute)
+			os.Chtimes(f, an, an)
 		}
 	}
 	st, err = openStore(context.Background(), db, storeOptions{})
@@ -354,13 +361,15 @@ func TestMediaDirCleanedAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	for _, f := range []string{orphan, spool} {
+	for _, f := range []string{orphan, spool, old} {
 		if _, err := os.Stat(f); !os.IsNotExist(err) {
 			t.Errorf("%s: %v, want it removed", filepath.Base(f), err)
 		}
 	}
-	if _, err := os.Stat(foreign); err != nil {
-		t.Errorf("a file the bridge did not name: %v, want it left alone", err)
+	for _, f := range []string{foreign, young} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("%s: %v, want it left alone", filepath.Base(f), err)
+		}
 	}
 	if data, err := readMedia(st, kept); string(data) != "kept" {
 		t.Errorf("kept media: %q, %v", data, err)
@@ -381,8 +390,11 @@ func TestMediaMovedToParts(t *testing.T) {
 		created_at BIGINT NOT NULL, data BYTEA NOT NULL)`); err != nil {
 		t.Fatal(err)
 	}
-	id := newMediaID()
-	if _, err := db.Exec(`INSERT INTO media VALUES ($1, 'image/png', 5, $2, 'older')`, id, time.Now().UnixMilli()); err != nil {
+	id, older := newMediaID(), make([]byte, 2*mediaPart+7)
+	for i := range older {
+		older[i] = byte(i % 251)
+	}
+	if _, err := db.Exec(`INSERT INTO media VALUES ($1, 'video/mp4', $2, $3, $4)`, id, len(older), time.Now().UnixMilli(), older); err != nil {
 		t.Fatal(err)
 	}
 	for range 2 { // the second open finds nothing to move
@@ -390,8 +402,13 @@ func TestMediaMovedToParts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if data, err := readMedia(st, id); err != nil || string(data) != "older" {
-			t.Errorf("the older file: %q, %v", data, err)
+		if data, err := readMedia(st, id); err != nil || !bytes.Equal(data, older) {
+			t.Errorf("the older file: %d bytes, %v; want its %d", len(data), err, len(older))
+		}
+		var parts int
+		st.db.QueryRow(`SELECT count(*) FROM media_parts WHERE id = $1 AND length(data) <= $2`, id, mediaPart).Scan(&parts)
+		if parts != 3 {
+			t.Errorf("the older file is in %d parts of %d bytes at most, want 3", parts, mediaPart)
 		}
 		st.Close()
 	}
@@ -441,7 +458,7 @@ func TestFailingHostBlocksNoLane(t *testing.T) {
 			t.Errorf("%s: the customer read %q, want the reply alone", u, got)
 		}
 	}
-	h.eventuallyNotice("agent_kim", customer, "it could not be fetched in 3 attempts")
+	h.eventuallyNotice("agent_kim", customer, "it could not be carried in 3 attempts")
 	h.eventuallyNotice("agent_kim", customer, "was not fetched: its URL answers HTTP 204")
 	if n := calls.Load(); n != 3+1 {
 		t.Errorf("the host was asked %d times, want 3 for the busy file and 1 for the empty one", n)
@@ -562,5 +579,71 @@ func TestNotPublic(t *testing.T) {
 		if got := notPublic(netip.MustParseAddr(c.addr)); got != c.want {
 			t.Errorf("%s: %q, want %q", c.addr, got, c.want)
 		}
+	}
+}
+
+// TestMediaPassingFailures: a passing failure holds a media message up for
+// one more attempt, not for good and not as its text: WeChat's media/get
+// answering 503 once, IM's sendmsg 500 twice (the file is fetched once,
+// and every attempt sends IM the same message), an upload answering 503.
+// An upload WeChat refuses as a type it does not take (40113) sends the
+// sound as a link.
+func TestMediaPassingFailures(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com",
+		"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
+	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+
+	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
+	h.wx.FailNextStatus(1, http.StatusServiceUnavailable)
+	h.im.FailNextStatus(2, http.StatusInternalServerError)
+	h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
+	eventually(t, "the photo in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
+	if m := h.messagesTo("agent_kim")[1]; !strings.Contains(string(m.Body), "TIMImageElem") {
+		t.Errorf("the agent got %s, want the photo", m.Body)
+	}
+	if n := len(h.wx.RequestsTo("/cgi-bin/media/get")); n != 2 {
+		t.Errorf("media/get called %d times, want 2: the 503, then once", n)
+	}
+
+	voice := testAMR(50)
+	h.wx.FailNextStatus(1, http.StatusServiceUnavailable)
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(h.im.AddFile(voice, "audio/amr"), len(voice), 1))
+	eventually(t, "the voice message", func() bool { return len(h.sentTo(customer)) == 2 })
+	if got := h.sentTo(customer)[1]; got.MsgType != "voice" {
+		t.Errorf("the customer got %+v, want the voice message", got)
+	}
+
+	h.wx.FailNext(1, 40113)
+	u := h.im.AddFile(voice, "audio/amr")
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(u, len(voice), 1))
+	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 3 })
+	if got := h.sentTexts(customer)[2]; !strings.HasPrefix(got, "voice message: https://bridge.example.com/media/") {
+		t.Errorf("the customer read %q, want a link to the voice at the bridge", got)
+	}
+	h.eventuallyNotice("agent_kim", customer, "and it refused it: wechat media/upload: errcode 40113")
+}
+
+// TestLinkKeptOnce: an agent's file sent as a link is kept once, whatever
+// the number of attempts the link takes to reach WeChat.
+func TestLinkKeptOnce(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com",
+		"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
+	ctx := context.Background()
+	h.agentReady()
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
+	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	long := testAMR(3500) // 70 s: a link
+	h.wx.FailNextStatus(2, http.StatusBadGateway)
+	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(h.im.AddFile(long, "audio/amr"), len(long), 70))
+	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 2 })
+	db := h.openStoreDB(false)
+	defer db.Close()
+	var kept int
+	db.QueryRow(`SELECT count(*) FROM media`).Scan(&kept)
+	if kept != 1 {
+		t.Errorf("%d files kept for one link, want 1", kept)
 	}
 }

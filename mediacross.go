@@ -38,7 +38,7 @@ func (w *Worker) mediaElems(ctx context.Context, it OutboxItem) ([]MsgElem, erro
 	m := it.Delivery.Media
 	sp, thumb, err := w.fetchPushMedia(ctx, it)
 	if err != nil {
-		return nil, err
+		return nil, w.mediaTrouble(ctx, &it, err)
 	}
 	defer sp.Close()
 	u := w.PublicURL + "/media/" + m.Keep
@@ -86,12 +86,12 @@ func (w *Worker) fetchPushMedia(ctx context.Context, it OutboxItem) (sp, thumb *
 	defer cancel()
 	m := it.Delivery.Media
 	if sp, err = w.WeChat.FetchMedia(ctx, w.Fetch, m.MediaID); err != nil {
-		return nil, nil, fetchGaveUp(it, err)
+		return nil, nil, err
 	}
 	if m.Type == msgVideo || m.Type == msgShortVideo {
 		if thumb, err = w.WeChat.FetchMedia(ctx, w.Fetch, m.ThumbMediaID); err != nil {
 			sp.Close()
-			return nil, nil, fetchGaveUp(it, err)
+			return nil, nil, err
 		}
 	}
 	return sp, thumb, nil
@@ -130,18 +130,32 @@ func (w *Worker) keepIDs(ctx context.Context, it *OutboxItem) error {
 	return nil
 }
 
-// mediaFetchTries is how many attempts try to fetch a message's media; then
-// it crosses without the file, whoever's trouble kept it: a host that fails
-// for longer would hold up every message behind it in its lane.
-const mediaFetchTries = 3
+// mediaTries is how many attempts may fail to fetch or upload a message's
+// media for a passing reason (a host's 5xx, a broken connection, a
+// time-out); then it crosses without the file, whoever's trouble kept it:
+// a host that fails for longer would hold up every message behind it in
+// its lane.
+const mediaTries = 3
 
-// fetchGaveUp returns err, the failure of a fetch, as the file's own at the
-// last of mediaFetchTries attempts.
-func fetchGaveUp(it OutboxItem, err error) error {
-	if _, ok := fileFailure(err); ok || it.Attempts+1 < mediaFetchTries {
+// mediaTrouble judges err, the failure of this attempt's fetch or upload: a
+// failure of the file itself as it is; a passing one counted with the item
+// (Media.Tries), and at the last of mediaTries the file's failure too.
+func (w *Worker) mediaTrouble(ctx context.Context, it *OutboxItem, err error) error {
+	if _, ok := fileFailure(err); ok || err == nil {
 		return err
 	}
-	return mediaError{why: fmt.Sprintf("it could not be fetched in %d attempts (%v)", mediaFetchTries, err)}
+	m := *it.Delivery.Media
+	if m.Tries++; m.Tries >= mediaTries {
+		return mediaError{why: fmt.Sprintf("it could not be carried in %d attempts (%v)", mediaTries, err)}
+	}
+	d := it.Delivery
+	d.Media = &m
+	if rerr := w.Store.Rewrite(ctx, *it, d); rerr != nil {
+		w.Log.Warn("media attempt not counted", "err", rerr)
+		return err
+	}
+	it.Delivery = d
+	return err
 }
 
 // fileFailure reports why a media delivery failed for the file's own sake,
@@ -268,6 +282,7 @@ var wechatMediaRules = map[string]struct {
 func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 	m, rule := it.Delivery.Media, wechatMediaRules[it.Delivery.Media.Type]
 	sp, thumb, err := w.fetchReplyMedia(ctx, it)
+	err = w.mediaTrouble(ctx, &it, err)
 	var me mediaError
 	switch {
 	case errors.As(err, &me) && (me.unreachable || m.Type == msgImage):
@@ -297,10 +312,18 @@ func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 	if why == "" {
 		err := w.upload(ctx, it, ct, sp, thumb)
 		var we *WeChatError
-		if !errors.As(err, &we) || !uploadRefused[we.Code] || m.Type == msgImage {
+		var uf uploadFailed
+		switch {
+		case errors.As(err, &we) && uploadRefused[we.Code] && m.Type != msgImage:
+			why = "it refused it: " + explain(err)
+		case errors.As(err, &uf):
+			if err = w.mediaTrouble(ctx, &it, uf.error); !errors.As(err, &me) {
+				return err
+			}
+			why = me.why
+		default:
 			return err
 		}
-		why = "it refused it: " + explain(err)
 	}
 	if m.Type == msgImage {
 		return permanentError{fmt.Errorf("WeChat takes %s, and %s: send it as one", rule.what, why)}
@@ -309,8 +332,15 @@ func (w *Worker) sendMedia(ctx context.Context, it OutboxItem) error {
 }
 
 // uploadRefused are media/upload's codes for a file WeChat does not take:
-// of a kind, a type or a size it refuses.
-var uploadRefused = map[int]bool{40004: true, 40005: true, 40006: true}
+// of a kind, a type or a size it refuses (40113 as SDK users report it,
+// wechat.md; 45001 in WeChat's global return codes).
+var uploadRefused = map[int]bool{40004: true, 40005: true, 40006: true, 40113: true, 45001: true}
+
+// uploadFailed is an upload's failure for a passing reason, which
+// mediaTrouble counts.
+type uploadFailed struct{ error }
+
+func (e uploadFailed) Unwrap() error { return e.error }
 
 // fetchReplyMedia fetches an agent's file and, for a video, its thumbnail,
 // within MEDIA_FETCH_TIMEOUT.
@@ -319,7 +349,7 @@ func (w *Worker) fetchReplyMedia(ctx context.Context, it OutboxItem) (sp, thumb 
 	defer cancel()
 	m := it.Delivery.Media
 	if sp, err = w.Fetch.get(ctx, "im "+m.Name, m.PicURL, int64(wechatMediaRules[m.Type].max)); err != nil {
-		return nil, nil, fetchGaveUp(it, err)
+		return nil, nil, err
 	}
 	if m.Type == msgVideo {
 		var me mediaError
@@ -330,7 +360,7 @@ func (w *Worker) fetchReplyMedia(ctx context.Context, it OutboxItem) (sp, thumb 
 		}
 		if err != nil {
 			sp.Close()
-			return nil, nil, fetchGaveUp(it, err)
+			return nil, nil, err
 		}
 	}
 	return sp, thumb, nil
@@ -340,9 +370,15 @@ func (w *Worker) fetchReplyMedia(ctx context.Context, it OutboxItem) (sp, thumb 
 // sends the customer the message that carries it.
 func (w *Worker) upload(ctx context.Context, it OutboxItem, ct string, sp, thumb *spool) error {
 	d := it.Delivery
+	passing := func(err error) error { // an upload's failure to count, or as it is
+		if _, file := fileFailure(err); err == nil || file {
+			return err
+		}
+		return uploadFailed{err}
+	}
 	mediaID, err := w.WeChat.Upload(ctx, d.Media.Type, ct, sp)
 	if err != nil {
-		return err
+		return passing(err)
 	}
 	switch d.Media.Type {
 	case msgImage:
@@ -352,7 +388,7 @@ func (w *Worker) upload(ctx context.Context, it OutboxItem, ct string, sp, thumb
 	}
 	thumbID, err := w.WeChat.Upload(ctx, "thumb", "image/jpeg", thumb)
 	if err != nil {
-		return err
+		return passing(err)
 	}
 	return w.WeChat.SendMedia(ctx, d.OpenID, "video", map[string]string{"media_id": mediaID, "thumb_media_id": thumbID})
 }

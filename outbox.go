@@ -69,6 +69,9 @@ type PushMedia struct {
 	// every attempt gives IM the same message, which IM drops if repeated.
 	Keep      string `json:"keep,omitempty"`
 	KeepThumb string `json:"keep_thumb,omitempty"`
+	// Tries counts the attempts whose fetch or upload failed for a passing
+	// reason (mediaTrouble, mediacross.go).
+	Tries int `json:"tries,omitempty"`
 }
 
 // lane is the outbox lane of d: one per customer and direction, so that a

@@ -318,6 +318,10 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushR
 			return nil, false, err
 		}
 		if agent != "" {
+			// Before the account's deletion, if asked for: the same lane.
+			if err := s.tellAgent(ctx, tx, in.OpenID, agent, "The customer unfollowed the Official Account: the conversation is closed, and nothing more reaches them.", now); err != nil {
+				return nil, false, err
+			}
 			if assigned, err = s.drain(ctx, tx, now); err != nil {
 				return nil, false, err
 			}

@@ -51,6 +51,8 @@ var wechatPermanent = map[int]string{
 	40004: "WeChat does not take this kind of media",
 	40005: "WeChat does not take this file type",
 	40006: "the file is larger than WeChat takes",
+	40113: "WeChat does not take this file type",
+	45001: "the file is larger than WeChat takes",
 }
 
 // WeChatClient calls the WeChat Official Account API. It owns the
@@ -203,8 +205,10 @@ func (c *WeChatClient) FetchMedia(ctx context.Context, fetch *fetcher, mediaID s
 		if err != nil {
 			return nil, fetchFailed(ctx, "wechat media/get", err)
 		}
+		// A file, or an answer other than 200 (save judges its status),
+		// or else JSON: an errcode, or where a video is.
 		ct := resp.Header.Get("Content-Type")
-		if !strings.HasPrefix(ct, "application/json") && !strings.HasPrefix(ct, "text/plain") {
+		if resp.StatusCode != http.StatusOK || !strings.HasPrefix(ct, "application/json") && !strings.HasPrefix(ct, "text/plain") {
 			return fetch.save(ctx, "wechat media/get", resp, maxMediaBytes)
 		}
 		defer resp.Body.Close()

@@ -329,7 +329,20 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			case err != nil:
 				return err
 			case elems != nil:
+				// Every attempt after this one sends these very elements,
+				// fetching nothing again: IM drops a repeat of the same.
+				d.Elems, d.Media = elems, nil
+				if err := w.Store.Rewrite(ctx, it, d); err != nil {
+					return err
+				}
 				msg.MsgBody = elems
+			}
+		}
+		if d.Kind == deliverIMSend {
+			for _, e := range msg.MsgBody {
+				if t, ok := e.MsgContent["Text"].(string); ok && e.MsgType == "TIMTextElem" {
+					e.MsgContent["Text"] = unmistakable(t) // elems.go
+				}
 			}
 		}
 		err := w.IM.Send(ctx, msg)

@@ -427,6 +427,9 @@ func (wx *WeChat) handleUpload(w http.ResponseWriter, r *http.Request) {
 	limit, known := uploadLimits[typ]
 	f, fh, err := r.FormFile("media")
 	wx.record(r, now)
+	if wx.injected(w, r) {
+		return
+	}
 	switch {
 	case !known:
 		writeWeChatError(w, 40004, "invalid media type")
