@@ -132,8 +132,10 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 // since is left to it: then Delivered returns errNotHeld, having recorded
 // the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
-	// In id order, so that two instances lock their lanes in one order.
-	sorted := slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
+	// In lane order, the order every transaction locks lanes in (db.go).
+	sorted := slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int {
+		return cmp.Or(cmp.Compare(a.Lane, b.Lane), cmp.Compare(a.ID, b.ID))
+	})
 	finished, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
 		finished := 0
 		for _, it := range sorted {
@@ -207,6 +209,11 @@ func (s *Store) Rewrite(ctx context.Context, it OutboxItem, d Delivery) error {
 // one is told.
 func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice *Delivery, now time.Time) error {
 	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		// The customer first, then the lanes: the order of every
+		// transaction that locks both (db.go).
+		if err := s.lockCustomer(ctx, tx, it.Delivery.OpenID); err != nil && !errors.Is(err, errUnknownCustomer) {
+			return err
+		}
 		switch ended, err := s.finish(ctx, tx, it, "failed", reason, now); {
 		case err != nil:
 			return err

@@ -91,6 +91,9 @@ type Config struct {
 	// clock is the bridge's clock, which tests move by hand (business
 	// hours, idle conversations, WeChat's window); nil: time.Now.
 	clock func() time.Time
+	// sweepEvery, if set, is how often the desk's clock sweeps (sweepEvery
+	// by default): the model test's sequences run faster.
+	sweepEvery time.Duration
 }
 
 // Default texts for WELCOME_TEXT and CONNECTING_TEXT.

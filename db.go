@@ -69,6 +69,17 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 	return tx.QueryRowContext(ctx, s.q(query), args...)
 }
 
+// The lock order on PostgreSQL, which every transaction follows, so that no
+// two wait for each other (SQLite's transactions are serial):
+//
+//  1. one customer's row (lockCustomer, or findConversation reading it), and
+//     no other customer's while holding this one or the desk except by
+//     tryLockCustomer, which never waits;
+//  2. the desk (lockDesk): who serves whom;
+//  3. lanes (lockLane), in lane order when a transaction finishes several.
+//
+// A transaction may skip a step, never go back to one.
+
 // lockRow is the clause that locks the rows a SELECT reads (of the named
 // tables, if any) until the transaction ends. SQLite needs none: its
 // transactions take the whole database for writing from their start.

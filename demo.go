@@ -267,9 +267,17 @@ func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string
 			return false
 		}
 	}
-	step("8. " + demoSecondAgent + " logs in and takes the waiting customer")
+	step("8. " + demoSecondAgent + " logs in, takes the waiting customer, and ends that conversation")
 	im.Login(ctx, demoSecondAgent)
 	if err := fakes.WaitFor(ctx, "the waiting message to reach "+demoSecondAgent, received(demoSecondAgent, second, "Sunday")); err != nil {
+		return err
+	}
+	// A transfer goes only to an agent below IM_AGENT_MAX_OPEN: the second
+	// agent ends their conversation first.
+	if _, err := im.SendAsAgent(ctx, demoSecondAgent, second, "/end"); err != nil {
+		return err
+	}
+	if err := fakes.WaitFor(ctx, "the second conversation closed", received(demoSecondAgent, second, "Conversation ended")); err != nil {
 		return err
 	}
 	step("9. " + demoAgent + " hands the first customer to " + demoSecondAgent + ", who reads a summary first")

@@ -51,6 +51,35 @@ type Reply struct {
 // the customer openid follow (for every customer if openid is ""). It
 // returns how many replies not seen before it took.
 func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply, now time.Time) (taken int, err error) {
+	if openid == "" && len(replies) == 0 {
+		// Every customer's, each in a transaction holding that customer
+		// (the lock order, db.go).
+		rows, err := s.rdb.QueryContext(ctx, `SELECT DISTINCT openid FROM held_replies`)
+		if err != nil {
+			return 0, fmt.Errorf("take history: %w", err)
+		}
+		var openids []string
+		for rows.Next() {
+			var o string
+			if err := rows.Scan(&o); err != nil {
+				rows.Close()
+				return 0, fmt.Errorf("take history: %w", err)
+			}
+			openids = append(openids, o)
+		}
+		if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
+			return 0, fmt.Errorf("take history: %w", err)
+		}
+		for _, o := range openids {
+			if o == "" {
+				continue
+			}
+			if _, err := s.TakeHistory(ctx, o, nil, now); err != nil {
+				return 0, err
+			}
+		}
+		return 0, nil
+	}
 	taken, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
 		if openid != "" { // as AcceptReply does
 			if err := s.lockCustomer(ctx, tx, openid); err != nil && !errors.Is(err, errUnknownCustomer) {

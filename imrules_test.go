@@ -181,7 +181,7 @@ func TestUnfollowAndFollowAgain(t *testing.T) {
 			clock := &fakeClock{now: time.Now()}
 			h := newHarness(t, harnessOptions{wechat: fakes.WeChatOptions{Now: clock.Now}, im: fakes.IMOptions{Trial: tc.trial}, env: tc.env})
 			again(t, h, clock)
-			eventually(t, "the message after re-follow in IM", func() bool { return len(h.messagesTo("agent_kim")) == 2 })
+			eventually(t, "the message after re-follow in IM", func() bool { return len(h.customerTexts("agent_kim", customer)) == 2 })
 			del := h.im.RequestsTo("/v4/im_open_login_svc/account_delete")
 			if len(del) != tc.deletes {
 				t.Fatalf("got %d account_delete calls, want %d", len(del), tc.deletes)

@@ -175,6 +175,6 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	st.SetDesk(&cfg.Desk)
 	b.readPresence = make(chan struct{}, 1)
 	desk := &deskClock{store: st, im: im, worker: worker, metrics: m, log: log, now: now, agents: cfg.IMAgents, idle: cfg.Desk.IdleTimeout,
-		asked: b.readPresence}
+		asked: b.readPresence, every: cfg.sweepEvery}
 	return b, recovery, desk, nil
 }

@@ -34,8 +34,9 @@ type harness struct {
 	base string // the running bridge's URL
 	logs *syncBuffer
 
-	stop  func() error
-	clock *fakeClock // the bridge's and the fakes' clock, if the test moves it
+	stop       func() error
+	clock      *fakeClock    // the bridge's and the fakes' clock, if the test moves it
+	sweepEvery time.Duration // how often the desk sweeps, if not its default
 }
 
 // harnessOptions adjusts a harness before the bridge starts.
@@ -49,6 +50,8 @@ type harnessOptions struct {
 	// clock, if set, is the bridge's clock and the fakes', which the test
 	// moves by hand.
 	clock *fakeClock
+	// sweepEvery, if set, is how often the desk sweeps.
+	sweepEvery time.Duration
 }
 
 // newHarness starts the fakes and a bridge configured for them.
@@ -57,7 +60,7 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 	if o.agents == nil {
 		o.agents = []string{"agent_kim"}
 	}
-	h := &harness{t: t, logs: &syncBuffer{}, clock: o.clock}
+	h := &harness{t: t, logs: &syncBuffer{}, clock: o.clock, sweepEvery: o.sweepEvery}
 	if o.clock != nil {
 		// IM keeps the real time: a UserSig is made with it, whatever the
 		// bridge's clock says. Its callbacks' RequestTime is then as far
@@ -117,7 +120,7 @@ func (h *harness) start() {
 	if h.clock != nil {
 		now = h.clock.Now
 	}
-	h.base, h.stop = startBridgeClock(h.t, h.env, h.logs, now)
+	h.base, h.stop = startBridgeClock(h.t, h.env, h.logs, now, h.sweepEvery)
 	h.wx.SetTarget(h.base + "/wechat")
 	h.im.SetCallbackURL(h.base + "/imcallback")
 }
@@ -127,12 +130,12 @@ func (h *harness) start() {
 // it and returns run's error.
 func startBridge(t testing.TB, env map[string]string, logs *syncBuffer) (base string, stop func() error) {
 	t.Helper()
-	return startBridgeClock(t, env, logs, nil)
+	return startBridgeClock(t, env, logs, nil, 0)
 }
 
 // startBridgeClock is startBridge with the bridge's clock now, if not nil:
 // it serves as run does, with the configuration's clock set.
-func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now func() time.Time) (base string, stop func() error) {
+func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now func() time.Time, sweepEvery time.Duration) (base string, stop func() error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -140,7 +143,7 @@ func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now
 	env = maps.Clone(env)
 	getenv := mapEnv(env)
 	go func() {
-		if now == nil {
+		if now == nil && sweepEvery == 0 {
 			done <- run(ctx, nil, getenv, io.Discard, logs)
 			return
 		}
@@ -149,7 +152,7 @@ func startBridgeClock(t testing.TB, env map[string]string, logs *syncBuffer, now
 			done <- err
 			return
 		}
-		cfg.clock = now
+		cfg.clock, cfg.sweepEvery = now, sweepEvery
 		ln, err := net.Listen("tcp", cfg.ListenAddr)
 		if err != nil {
 			done <- err
@@ -235,7 +238,7 @@ func (h *harness) openStoreDB(writable bool) *sql.DB {
 	if writable {
 		mode = ""
 	}
-	db, err := sql.Open("sqlite", "file:"+filepath.ToSlash(path)+"?"+mode+"_pragma=busy_timeout(5000)")
+	db, err := sql.Open("sqlite", "file:"+fileURIPath(filepath.ToSlash(path))+"?"+mode+"_pragma=busy_timeout(5000)")
 	if err != nil {
 		h.t.Fatal(err)
 	}

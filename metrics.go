@@ -25,6 +25,7 @@ type metrics struct {
 	wait            prometheus.Histogram     // a customer's wait for an agent
 	firstReply      prometheus.Histogram     // a conversation given to an agent, to their first reply
 	ratings         *prometheus.CounterVec   // by rating, 1 to 5
+	sweeps          prometheus.Counter       // the desk's sweeps done
 }
 
 // newMetrics registers the bridge's metrics; the outbox gauges read st at
@@ -60,9 +61,11 @@ func newMetrics(st *Store) *metrics {
 			Buckets: []float64{5, 15, 30, 60, 120, 300, 600, 1800, 3600}}),
 		ratings: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_ratings_total",
 			Help: "Customers' ratings of ended conversations, by rating (1 to 5)."}, []string{"rating"}),
+		sweeps: prometheus.NewCounter(prometheus.CounterOpts{Name: "bridge_desk_sweeps_total",
+			Help: "Sweeps of the desk done: idle conversations closed, conversations agents left requeued, the queue drained."}),
 	}
 	m.reg.MustRegister(m.pushes, m.callbacks, m.deliveries, m.retries, m.deadLetters, m.uncertain, m.webhookLatency, m.deliveryLatency,
-		m.wait, m.firstReply, m.ratings,
+		m.wait, m.firstReply, m.ratings, m.sweeps,
 		outboxCollector{st: st,
 			depth:  prometheus.NewDesc("bridge_outbox_depth", "Deliveries not yet made.", nil, nil),
 			oldest: prometheus.NewDesc("bridge_outbox_oldest_age_seconds", "Age of the oldest delivery not yet made; 0 when there is none.", nil, nil),

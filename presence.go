@@ -204,40 +204,40 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 	if len(stale) == 0 && len(left) == 0 && away == 0 && (waiting == 0 || !s.desk.Hours.Open(now)) {
 		return Swept{}, nil
 	}
-	sw, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Swept, error) {
-		var sw Swept
+	// Each conversation in a transaction of its own: the customer, then
+	// the desk (the lock order, db.go).
+	var sw Swept
+	for _, c := range stale {
+		closed, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (bool, error) { return s.closeIdle(ctx, tx, c, idle, now) })
+		if err != nil {
+			return sw, fmt.Errorf("sweep: %w", err)
+		}
+		if closed {
+			sw.Closed++
+		}
+	}
+	for _, c := range left {
+		requeued, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (bool, error) { return s.requeue(ctx, tx, c, now) })
+		if err != nil {
+			return sw, fmt.Errorf("sweep: %w", err)
+		}
+		if requeued {
+			sw.Requeued++
+		}
+	}
+	sw.Assigned, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]Assignment, error) {
 		if err := s.lockDesk(ctx, tx); err != nil {
-			return sw, err
+			return nil, err
 		}
 		// Agents away for AGENT_AWAY_GRACE, no reading or Login having
 		// said otherwise, are offline.
 		if _, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 0 WHERE online = 1 AND gone_at > 0 AND gone_at <= ?`, now.UnixMilli()); err != nil {
-			return sw, err
+			return nil, err
 		}
-		for _, c := range stale {
-			closed, err := s.closeIdle(ctx, tx, c, idle, now)
-			if err != nil {
-				return sw, err
-			}
-			if closed {
-				sw.Closed++
-			}
-		}
-		for _, c := range left {
-			requeued, err := s.requeue(ctx, tx, c, now)
-			if err != nil {
-				return sw, err
-			}
-			if requeued {
-				sw.Requeued++
-			}
-		}
-		var err error
-		sw.Assigned, err = s.drain(ctx, tx, now)
-		return sw, err
+		return s.drain(ctx, tx, now)
 	})
 	if err != nil {
-		return Swept{}, fmt.Errorf("sweep: %w", err)
+		return sw, fmt.Errorf("sweep: %w", err)
 	}
 	return sw, nil
 }
@@ -308,6 +308,9 @@ func (s *Store) requeue(ctx context.Context, tx *sql.Tx, c idleConv, now time.Ti
 		return false, err
 	}
 	s.noteConversation(c.openid, 0, "")
+	if err := s.lockDesk(ctx, tx); err != nil {
+		return false, err
+	}
 	if _, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, c.agent); err != nil {
 		return false, err
 	}

@@ -244,6 +244,13 @@ func (s *Store) drain(ctx context.Context, tx *sql.Tx, now time.Time) ([]Assignm
 		if err != nil || agent == "" {
 			return out, err
 		}
+		// The customer's row, as a message of theirs takes it: one being
+		// committed now is among the waiting ones taken. Held by such a
+		// transaction, the customer is left to the next drain, and the
+		// queue behind them too, so that it keeps its order.
+		if got, err := s.tryLockCustomer(ctx, tx, openid); err != nil || !got {
+			return out, err
+		}
 		took, err := s.takeFromQueue(ctx, tx, openid, conv, agent, now)
 		if err != nil {
 			return nil, err
@@ -258,12 +265,8 @@ func (s *Store) drain(ctx context.Context, tx *sql.Tx, now time.Time) ([]Assignm
 // takeFromQueue gives waiting conversation conv to agent: the customer's
 // waiting messages go to the agent in order, and the customer is told. It
 // reports false if the conversation no longer waits (it closed meanwhile).
+// The caller holds the customer's row.
 func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, now time.Time) (bool, error) {
-	// The customer's row first, as a message of theirs takes it: one
-	// being committed now is among the waiting ones read below.
-	if err := s.lockCustomer(ctx, tx, openid); err != nil {
-		return false, err
-	}
 	res, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ? WHERE id = ? AND closed_at IS NULL AND agent = ''`,
 		agent, now.UnixMilli(), conv)
 	if err != nil {
@@ -307,6 +310,11 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 	return err == nil, err
 }
 
+// itemMessage selects the history's row of a customer's message by its
+// outbox item and the customer: the newest, as SQLite may give a pruned
+// item's id to a new one.
+const itemMessage = `SELECT MAX(id) FROM messages WHERE outbox_id = ? AND openid = ? AND direction = 'in'`
+
 // errParked is Recipient's word that a customer's message waits with its
 // conversation in the queue: the item is finished, and the message goes
 // to the agent who takes the conversation.
@@ -327,7 +335,20 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 		return d.Agent, nil
 	case err != nil:
 		return "", fmt.Errorf("recipient: %w", err)
+	case agent == d.Agent:
+		return agent, nil
 	case agent != "":
+		// The history says who received it.
+		_, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (struct{}, error) {
+			if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
+				return struct{}{}, err
+			}
+			_, err := s.exec(ctx, tx, `UPDATE messages SET agent = ? WHERE id = (`+itemMessage+`)`, agent, it.ID, d.OpenID)
+			return struct{}{}, err
+		})
+		if err != nil {
+			return "", fmt.Errorf("recipient: %w", err)
+		}
 		return agent, nil
 	}
 	// It waits: under the customer's lock, as takeFromQueue takes it, so
@@ -347,7 +368,7 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 			return now, err
 		}
 		res, err := s.exec(ctx, tx, `UPDATE messages SET state = 'waiting', delivery = ?, outbox_id = 0
-			WHERE outbox_id = ? AND openid = ? AND direction = 'in' AND state = 'queued'`, string(b), it.ID, d.OpenID)
+			WHERE id = (`+itemMessage+`) AND state = 'queued'`, string(b), it.ID, d.OpenID)
 		if err != nil {
 			return "", err
 		}
@@ -414,6 +435,9 @@ func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string
 	if agent == "" {
 		// It closed waiting: its messages reach no agent.
 		_, err := s.exec(ctx, tx, `UPDATE messages SET state = 'not_sent', delivery = '' WHERE openid = ? AND state = 'waiting'`, openid)
+		return err
+	}
+	if err := s.lockDesk(ctx, tx); err != nil { // agent_load is the desk's
 		return err
 	}
 	_, err := s.exec(ctx, tx, `UPDATE agent_load SET open = open - 1 WHERE agent = ?`, agent)

@@ -7,6 +7,7 @@ package main
 // free agents, as when business hours begin (Store.Sweep).
 
 import (
+	"cmp"
 	"context"
 	"log/slog"
 	"maps"
@@ -41,6 +42,7 @@ type deskClock struct {
 	// (after a logout or a lost connection).
 	nextRead time.Time
 	asked    <-chan struct{}
+	every    time.Duration // sweepEvery, or a test's
 }
 
 // readPresence records each agent's presence as IM gives it now. Only
@@ -84,7 +86,7 @@ func (d *deskClock) readPresence(ctx context.Context) {
 // Run sweeps every sweepEvery, and reads presence when it is due, until
 // ctx is done. The reading at start is serve's, before the first push.
 func (d *deskClock) Run(ctx context.Context) {
-	tick := time.NewTicker(sweepEvery)
+	tick := time.NewTicker(cmp.Or(d.every, sweepEvery))
 	defer tick.Stop()
 	for {
 		select {
@@ -105,6 +107,7 @@ func (d *deskClock) Run(ctx context.Context) {
 			continue
 		}
 		d.metrics.assigned(sw.Assigned)
+		d.metrics.sweeps.Inc()
 		if sw.Closed > 0 || sw.Requeued > 0 || len(sw.Assigned) > 0 {
 			d.log.Info("desk swept", "idle_closed", sw.Closed, "requeued", sw.Requeued, "assigned", len(sw.Assigned))
 			d.worker.Notify()

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,6 +75,12 @@ type storeOptions struct {
 	MediaDir   string        // SQLite: where media's bytes are kept (default: "media" beside the database)
 }
 
+// fileURIPath escapes what a file: URI would read otherwise in a path: a
+// '#' begins its fragment, a '?' its query.
+func fileURIPath(path string) string {
+	return strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(path)
+}
+
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
 // postgres://…, creating what is missing, and applies the schema.
 func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Store, error) {
@@ -81,7 +88,7 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
 		// synchronous(FULL): a commit returns once the log is on disk.
-		dsn := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
+		dsn := "file:" + fileURIPath(path) + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
 		if s.db, err = sql.Open("sqlite", dsn+"&_txlock=immediate"); err != nil {
 			return nil, fmt.Errorf("open store: %w", err)
 		}
@@ -431,6 +438,23 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 		return Taken{}, fmt.Errorf("accept reply: %w", err)
 	}
 	return t, nil
+}
+
+// tryLockCustomer holds the customer's row until the transaction ends, if
+// no other transaction holds it (on PostgreSQL), and reports whether it
+// does: a transaction holding the desk or another customer takes a
+// customer so, never waiting (the lock order, db.go).
+func (s *Store) tryLockCustomer(ctx context.Context, tx *sql.Tx, openid string) (bool, error) {
+	var one int
+	lock := ""
+	if s.postgres {
+		lock = " FOR UPDATE SKIP LOCKED"
+	}
+	err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+lock, openid).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // lockCustomer holds the customer's row until the transaction ends (on

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -637,4 +638,22 @@ func TestDeadLetterLetsItsLaneGoOn(t *testing.T) {
 			t.Errorf("after the dead letter, delivered %q, want two", got)
 		}
 	})
+}
+
+// TestSQLitePathWithHash: a database file whose path holds '#' or '?' is
+// that file, not the part of its path before them (a file: URI reads them
+// as its fragment and query).
+func TestSQLitePathWithHash(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "a#b?c")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	st, err := openStore(context.Background(), "sqlite:"+filepath.Join(dir, "bridge.db"), storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	if _, err := os.Stat(filepath.Join(dir, "bridge.db")); err != nil {
+		t.Errorf("the database is not where DATABASE_URL says: %v", err)
+	}
 }
