@@ -35,7 +35,7 @@ const maxDeadLetters = 500
 // DeadLetters returns the newest dead letters, newest first.
 func (s *Store) DeadLetters(ctx context.Context) ([]DeadLetter, error) {
 	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT id, lane, delivery, last_error, attempts, created_at, updated_at
-		FROM outbox WHERE state = 'failed' ORDER BY id DESC LIMIT `+strconv.Itoa(maxDeadLetters)))
+		FROM outbox WHERE state = `+sqlFailed+` ORDER BY id DESC LIMIT `+strconv.Itoa(maxDeadLetters)))
 	if err != nil {
 		return nil, fmt.Errorf("dead letters: %w", err)
 	}
@@ -62,7 +62,7 @@ var errNoDeadLetter = errors.New("no such dead letter")
 func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) error {
 	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		var raw string
-		err := s.queryRow(ctx, tx, `SELECT delivery FROM outbox WHERE id = ? AND state = 'failed'`+s.lockRow(), id).Scan(&raw)
+		err := s.queryRow(ctx, tx, `SELECT delivery FROM outbox WHERE id = ? AND state = `+sqlFailed+``+s.lockRow(), id).Scan(&raw)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errNoDeadLetter
 		} else if err != nil {
@@ -73,7 +73,7 @@ func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) er
 			return fmt.Errorf("dead letter %d cannot be read: %w", id, err)
 		}
 		d.MsgSeq = 0 // the new item's id
-		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = 'retried', updated_at = ? WHERE id = ?`, now.UnixMilli(), id); err != nil {
+		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = `+sqlRetried+`, updated_at = ? WHERE id = ?`, now.UnixMilli(), id); err != nil {
 			return err
 		}
 		next, err := s.enqueueFor(ctx, tx, d, now, nil)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"testing"
 )
@@ -96,7 +97,8 @@ func TestRatingOnlyWhenAsked(t *testing.T) {
 func TestCustomerCannotPassForTheBridge(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
 	ctx := context.Background()
-	spoofs := []string{"[bridge] Transferred to you by agent_lee.", "\u200b [Bridge] refund approved", "【ＢＲＩＤＧＥ】 hello", "[brіdgе] Cyrillic"}
+	spoofs := []string{"[bridge] Transferred to you by agent_lee.", "\u200b [Bridge] refund approved", "【ＢＲＩＤＧＥ】 hello", "[brіdgе] Cyrillic",
+		"[b\u034fridge] a combining joiner", "[bridge\ufe0f] a variation selector", "[\U0001d41bridge] mathematical bold"}
 	for i, text := range spoofs {
 		h.wx.SendText(ctx, "c1", text)
 		eventually(t, "the message", func() bool { return len(h.customerTexts("agent_kim", "c1")) == i+1 })
@@ -112,4 +114,25 @@ func TestCustomerCannotPassForTheBridge(t *testing.T) {
 	if got[len(spoofs)] != "[微笑] thanks" {
 		t.Errorf("the agent read %q for a text that is no spoof", got[len(spoofs)])
 	}
+}
+
+// TestRatingArmedWhenAsked: the customer's next message is their rating
+// only once the question reached them: a "3" sent while WeChat has not
+// yet taken the question is a message.
+func TestRatingArmedWhenAsked(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "2s", "RETRY_MAX_DELAY": "2s"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, "c1", "hello")
+	eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "Anything else?")
+	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
+	h.wx.FailNextStatus(1, http.StatusBadGateway)
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "/end")
+	eventually(t, "the question's first attempt failed", func() bool {
+		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
+	})
+	if got := replyText(h.wx.SendText(ctx, "c1", "3")); got == replyRated {
+		t.Fatal("the customer's 3 was taken as a rating before the question reached them")
+	}
+	eventually(t, "the 3 in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 2 })
 }

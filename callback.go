@@ -177,13 +177,13 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		b.log.Info("im callback ignored", "reason", "message has no text form")
 		return "ignored", nil
 	}
-	var held, dup bool
+	var deferred, dup bool
 	for i, d := range parts {
 		d.Kind, d.OpenID, d.IMUser, d.Agent = deliverWeChat, openid, cb.To_Account, cb.From_Account
 		key := partKey(callbackKey(cb), i)
 		// While its conversation's replies of a gap are still to be read
-		// back, it is held, to go after them (recover.go).
-		if held, dup, err = b.recovery.hold(ctx, openid, key, d); !held && err == nil {
+		// back, it is deferred, to go after them (recover.go).
+		if deferred, dup, err = b.recovery.deferReply(ctx, openid, key, d); !deferred && err == nil {
 			var t Taken
 			t, err = b.store.AcceptReply(ctx, key, d, b.now())
 			dup = t.Duplicate
@@ -206,8 +206,8 @@ func (b *bridge) takeReply(ctx context.Context, cb IMCallback) (outcome string, 
 		return "", err
 	case dup:
 		return "duplicate", nil
-	case held:
-		return "held", nil
+	case deferred:
+		return "deferred", nil
 	}
 	b.worker.Notify()
 	b.log.Debug("agent reply accepted", "agent", cb.From_Account)
@@ -257,7 +257,7 @@ func (b *bridge) takePresence(ctx context.Context, cb IMCallback) (string, error
 	}
 	if cb.Info.Action != "Login" {
 		// The word does not say which device: a reading tells whether
-		// another is still online (sessions.go).
+		// another is still online (deskclock.go).
 		select {
 		case b.readPresence <- struct{}{}:
 		default:

@@ -55,7 +55,7 @@ var errNotHeld = errors.New("outcome not recorded: the item is no longer held by
 // fenced is the condition under which an outcome is written on PostgreSQL
 // (on SQLite, holds): the item is still pending and held by the claim that
 // took it. Its arguments are the claim's owner and claimed_until.
-const fenced = `state = 'pending' AND claimed_by = ? AND claimed_until = ?`
+const fenced = `state = ` + sqlPending + ` AND claimed_by = ? AND claimed_until = ?`
 
 // Claim takes up to limit lane heads that are due at now and held by no
 // claim, and holds them for owner until now+lease, oldest first.
@@ -96,11 +96,11 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 		// and returned as it was.
 		rows, err := s.query(ctx, tx, `
 		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
-			WHERE state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
+			WHERE state = `+sqlPending+` AND head = 1 AND next_at <= ? AND claimed_until <= ?
 			ORDER BY next_at, id LIMIT `+lim+`)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
 			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
-		WHERE outbox.id = due.id AND state = 'pending' AND head = 1 AND next_at <= ? AND claimed_until <= ?
+		WHERE outbox.id = due.id AND state = `+sqlPending+` AND head = 1 AND next_at <= ? AND claimed_until <= ?
 		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at`, ms, ms, owner, until, ms, ms, ms)
 		if err != nil {
 			return nil, err
@@ -132,25 +132,34 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 // since is left to it: then Delivered returns errNotHeld, having recorded
 // the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
-	// In lane order, the order every transaction locks lanes in (db.go).
-	sorted := slices.SortedFunc(slices.Values(items), func(a, b OutboxItem) int {
-		return cmp.Or(cmp.Compare(a.Lane, b.Lane), cmp.Compare(a.ID, b.ID))
-	})
-	finished, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
-		finished := 0
-		for _, it := range sorted {
-			ended, err := s.finish(ctx, tx, it, "done", "", now)
-			if err != nil {
-				return 0, err
-			}
-			if ended {
-				finished++
-			}
+	// On SQLite all in one write; on PostgreSQL one item a transaction,
+	// which then holds one customer's lanes at most (the lock order, db.go).
+	batches := [][]OutboxItem{items}
+	if s.postgres {
+		batches = nil
+		for _, it := range items {
+			batches = append(batches, []OutboxItem{it})
 		}
-		return finished, nil
-	})
-	if err != nil {
-		return fmt.Errorf("outbox set done: %w", err)
+	}
+	finished := 0
+	for _, batch := range batches {
+		n, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
+			n := 0
+			for _, it := range batch {
+				ended, err := s.finish(ctx, tx, it, itemDone, "", now)
+				if err != nil {
+					return 0, err
+				}
+				if ended {
+					n++
+				}
+			}
+			return n, nil
+		})
+		if err != nil {
+			return fmt.Errorf("outbox set done: %w", err)
+		}
+		finished += n
 	}
 	if finished < len(items) {
 		return fmt.Errorf("%w: %d of %d items delivered", errNotHeld, len(items)-finished, len(items))
@@ -167,7 +176,7 @@ func (s *Store) RetryLater(ctx context.Context, it OutboxItem, reason string, un
 		tried = it.triedNow
 	}
 	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		held, err := s.setState(ctx, tx, it, "pending", reason, next.UnixMilli(), tried, now)
+		held, err := s.setState(ctx, tx, it, itemPending, reason, next.UnixMilli(), tried, now)
 		if err == nil && !held {
 			err = errNotHeld
 		}
@@ -214,7 +223,7 @@ func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice
 		if err := s.lockCustomer(ctx, tx, it.Delivery.OpenID); err != nil && !errors.Is(err, errUnknownCustomer) {
 			return err
 		}
-		switch ended, err := s.finish(ctx, tx, it, "failed", reason, now); {
+		switch ended, err := s.finish(ctx, tx, it, itemFailed, reason, now); {
 		case err != nil:
 			return err
 		case !ended:
@@ -229,7 +238,7 @@ func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice
 // finish ends an item, done or failed, and makes the next pending item of
 // its lane the head. It reports false, and changes nothing, if another
 // claim has taken the item since.
-func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, now time.Time) (bool, error) {
+func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state ItemState, reason string, now time.Time) (bool, error) {
 	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
 		return false, err
 	}
@@ -238,13 +247,13 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state, re
 	}
 	// The lane's next pending item, if any, heads it now.
 	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1
-		WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = 'pending') AND head = 0`, it.Lane)
+		WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = `+sqlPending+`) AND head = 0`, it.Lane)
 	return err == nil, err
 }
 
 // setState writes an attempt's outcome if the claim that took the item
 // still holds it, and reports whether it did.
-func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, reason string, next, tried int64, now time.Time) (bool, error) {
+func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state ItemState, reason string, next, tried int64, now time.Time) (bool, error) {
 	if !s.postgres {
 		// In the writer's memory (heads.go): the head is let go (pending:
 		// due at next), or finished and its lane's next item heads it.
@@ -255,7 +264,7 @@ func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state, 
 			tried_at = ?, updated_at = ? WHERE id = ?`, state, reason, next, tried, now.UnixMilli(), it.ID); err != nil {
 			return false, fmt.Errorf("outbox set %s: %w", state, err)
 		}
-		if state == "pending" {
+		if state == itemPending {
 			s.setHead(it.ID, headState{lane: it.Lane, at: next})
 			return true, nil
 		}
@@ -282,7 +291,7 @@ func (s *Store) Release(ctx context.Context, owner string) error {
 			s.releaseHeads(owner)
 			return nil
 		}
-		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = 'pending'`, owner)
+		_, err := s.exec(ctx, tx, `UPDATE outbox SET claimed_until = 0 WHERE claimed_by = ? AND state = `+sqlPending+``, owner)
 		return err
 	})
 	if err != nil {
@@ -303,7 +312,7 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	}
 	var next sql.NullInt64
 	if err := s.rdb.QueryRowContext(ctx, `SELECT MIN(CASE WHEN claimed_until > next_at THEN claimed_until ELSE next_at END)
-		FROM outbox WHERE state = 'pending' AND head = 1`).Scan(&next); err != nil {
+		FROM outbox WHERE state = `+sqlPending+` AND head = 1`).Scan(&next); err != nil {
 		return time.Time{}, false, fmt.Errorf("next due: %w", err)
 	}
 	return time.UnixMilli(next.Int64), next.Valid, nil

@@ -106,21 +106,20 @@ func (s *Store) runCommand(ctx context.Context, tx *sql.Tx, c Command, now time.
 // customer.
 func (s *Store) end(ctx context.Context, tx *sql.Tx, c Command, conv int64, agent string, now time.Time) (CommandDone, error) {
 	var done CommandDone
-	if err := s.closeConversation(ctx, tx, c.OpenID, conv, agent, "agent", now); err != nil {
+	if err := s.closeConversation(ctx, tx, c.OpenID, conv, agent, closedByAgent, now); err != nil {
 		return done, err
 	}
 	text, answer := strings.TrimSpace(s.desk.Texts.Closed+"\n\n"+s.desk.Texts.Rating), "Conversation ended."
 	d := Delivery{Kind: deliverWeChat, OpenID: c.OpenID, IMUser: s.desk.imUser(c.OpenID), Agent: agent, Text: text}
+	if s.desk.Texts.Rating != "" {
+		d.RatingConv = conv // their next message is their rating once the question reached them
+	}
 	state, err := s.toCustomer(ctx, tx, conv, d, "", now)
 	if err != nil {
 		return done, err
 	}
-	// The customer's next message is their rating only if they were asked.
-	if s.desk.Texts.Rating != "" && state == "queued" {
+	if d.RatingConv != 0 && state == stateQueued {
 		answer = "Conversation ended; the customer is asked to rate it."
-		if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = ? WHERE openid = ?`, conv, c.OpenID); err != nil {
-			return done, err
-		}
 	}
 	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, answer, now); err != nil {
 		return done, err
@@ -151,8 +150,12 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if err != nil {
 		return done, err
 	}
-	if st := states[to]; s.desk.MaxOpen > 0 && st.open >= s.desk.MaxOpen {
+	switch st, known := states[to]; {
+	case s.desk.MaxOpen > 0 && st.open >= s.desk.MaxOpen:
 		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, fmt.Sprintf("Not transferred: %s has %d open conversations, as many as IM_AGENT_MAX_OPEN allows.", to, st.open), now)
+	case known && st.online == 0:
+		// Their customers who write go to the next free agent (presence.go).
+		return done, s.tellAgent(ctx, tx, c.OpenID, c.Agent, "Not transferred: "+to+" is offline.", now)
 	}
 	if _, err := s.exec(ctx, tx, `UPDATE conversations SET agent = ?, assigned_at = ?, first_reply_at = 0 WHERE id = ?`, to, now.UnixMilli(), conv); err != nil {
 		return done, err
@@ -175,11 +178,7 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 	if _, err := s.toCustomer(ctx, tx, conv, d, "", now); err != nil {
 		return done, err
 	}
-	answer := "Transferred to " + to + "."
-	if st, ok := states[to]; ok && st.online == 0 {
-		answer = "Transferred to " + to + ", who is offline: they read it when they log in."
-	}
-	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, answer, now); err != nil {
+	if err := s.tellAgent(ctx, tx, c.OpenID, c.Agent, "Transferred to "+to+".", now); err != nil {
 		return done, err
 	}
 	done.Assigned, err = s.drain(ctx, tx, now)

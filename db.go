@@ -76,7 +76,9 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 //     no other customer's while holding this one or the desk except by
 //     tryLockCustomer, which never waits;
 //  2. the desk (lockDesk): who serves whom;
-//  3. lanes (lockLane), in lane order when a transaction finishes several.
+//  3. a customer's lanes (lockLane): their IM lane before their WeChat lane,
+//     which lockLane takes care of; the worker finishes delivered items one
+//     a transaction, so that it holds one customer's lanes at most.
 //
 // A transaction may skip a step, never go back to one.
 

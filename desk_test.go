@@ -340,10 +340,11 @@ func TestTransferWithSummary(t *testing.T) {
 			!strings.Contains(m, `bridge_agent_open_conversations{agent="agent_lee"} 1`) {
 			t.Error("/metrics does not show the conversation moved to agent_lee")
 		}
-		// Back to agent_kim, who has logged out: agent_lee is told.
+		// Back to agent_kim, who has logged out: not done, and agent_lee is
+		// told (a customer waiting on an agent away goes to the next free one).
 		h.im.Logout(ctx, "agent_kim")
 		h.im.SendAsAgent(ctx, "agent_lee", customerIM("c1"), "/transfer agent_kim")
-		h.eventuallyNotice("agent_lee", "c1", "Transferred to agent_kim, who is offline: they read it when they log in.")
+		h.eventuallyNotice("agent_lee", "c1", "Not transferred: agent_kim is offline.")
 	})
 }
 

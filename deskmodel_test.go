@@ -36,24 +36,31 @@ const (
 	modelIdle = 30 * time.Minute
 )
 
-// deskStep is one thing that happens: kind, to customer c, by agent a.
+// deskStep is one thing that happens: kind, to customer c, by agent a;
+// rush, if set, goes on to the next step without waiting for the bridge
+// to settle, so that steps meet messages on their way.
 type deskStep struct {
 	kind string
 	c, a int
+	rush bool
 }
 
 func (s deskStep) String() string {
-	return fmt.Sprintf("%s(%s, %s)", s.kind, modelCustomers[s.c], modelAgents[s.a])
+	rush := ""
+	if s.rush {
+		rush = ", rushed"
+	}
+	return fmt.Sprintf("%s(%s, %s%s)", s.kind, modelCustomers[s.c], modelAgents[s.a], rush)
 }
 
 // deskSteps are the kinds of step, each as likely as the others but for
 // writing, which most steps are.
 var deskSteps = []string{"write", "write", "write", "follow", "unfollow", "reply", "reply", "replies", "end", "end",
-	"transfer", "other", "login", "logout", "disconnect", "idle", "window", "imfails", "restart"}
+	"transfer", "other", "login", "logout", "disconnect", "idle", "window", "imfails", "wechatfails", "restart"}
 
 func TestDeskModel(t *testing.T) {
 	if f := flag.Lookup("rapid.checks"); f != nil && f.Value.String() == f.DefValue {
-		f.Value.Set("3") // CI's short pass; -rapid.checks=N for more
+		f.Value.Set("6") // CI's short pass; -rapid.checks=N for more
 	}
 	forStores(t, func(t *testing.T, pg bool) {
 		if pg {
@@ -63,7 +70,8 @@ func TestDeskModel(t *testing.T) {
 			steps := rapid.SliceOfN(rapid.Custom(func(rt *rapid.T) deskStep {
 				return deskStep{rapid.SampledFrom(deskSteps).Draw(rt, "kind"),
 					rapid.IntRange(0, len(modelCustomers)-1).Draw(rt, "customer"),
-					rapid.IntRange(0, len(modelAgents)-1).Draw(rt, "agent")}
+					rapid.IntRange(0, len(modelAgents)-1).Draw(rt, "agent"),
+					rapid.Bool().Draw(rt, "rush")}
 			}), 1, 25).Draw(rt, "steps")
 			var broken string
 			t.Run("sequence", func(t *testing.T) { broken = runDeskSequence(t, pg, steps) })
@@ -92,8 +100,25 @@ func runDeskSequence(t *testing.T, pg bool, steps []deskStep) string {
 	}
 	defer db.Close()
 	ctx := context.Background()
+	// owners are the agents who had each customer's open conversation at
+	// some point since the last check, as the conversations say (not the
+	// history, which the bridge writes as it delivers): a customer's
+	// message may reach any of them, and no one else.
+	owners := map[string]map[string]bool{}
+	noteOwners := func() {
+		for _, c := range modelCustomers {
+			if owners[c] == nil {
+				owners[c] = map[string]bool{}
+			}
+			if o := modelOwner(db, c); o != "" {
+				owners[c][o] = true
+			}
+		}
+	}
+	seenIM := 0
 	for i, s := range steps {
 		c, a := modelCustomers[s.c], modelAgents[s.a]
+		noteOwners()
 		owner := modelOwner(db, c)
 		switch s.kind {
 		case "write":
@@ -130,14 +155,32 @@ func runDeskSequence(t *testing.T, pg bool, steps []deskStep) string {
 			clock.Advance(49 * time.Hour)
 		case "imfails":
 			h.im.FailNextStatus(1, http.StatusBadGateway)
+		case "wechatfails":
+			h.wx.FailNextStatus(1, http.StatusBadGateway)
 		case "restart":
 			h.restart()
+		}
+		if s.rush && s.kind != "restart" && i < len(steps)-1 {
+			continue
 		}
 		if !modelQuiet(h, db, clock) {
 			return fmt.Sprintf("after %v: the bridge did not settle", steps[:i+1])
 		}
+		noteOwners()
 		if broken := modelCheck(h, db); broken != "" {
 			return fmt.Sprintf("after %v: %s", steps[:i+1], broken)
+		}
+		msgs := h.im.Messages()
+		for _, m := range msgs[seenIM:] {
+			openid, isCustomer := strings.CutPrefix(m.From, "wx_")
+			if isCustomer && !bridgeNotice(m) && !owners[openid][m.To] {
+				return fmt.Sprintf("after %v: %s's %q reached %s, who never had the conversation meanwhile (%v)",
+					steps[:i+1], openid, m.Text, m.To, owners[openid])
+			}
+		}
+		seenIM = len(msgs)
+		for _, c := range modelCustomers {
+			owners[c] = nil
 		}
 	}
 	return ""

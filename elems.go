@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"unicode"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // pushElems returns the IM elements that carry p natively, or nil when it
@@ -155,20 +157,19 @@ func partKey(key string, i int) string {
 const customerMark = "[customer] "
 
 // unmistakable returns a customer's text as an agent reads it: as it is,
-// unless it begins like the bridge's notices, in any case or width, with
-// spaces or invisible characters, or with letters that look alike; then
-// behind customerMark.
+// unless it begins like the bridge's notices, in any case, width or style
+// (NFKC folds full-width and mathematical letters), with spaces, invisible
+// characters or combining marks between, or with letters that look alike;
+// then behind customerMark.
 func unmistakable(text string) string {
 	var head []rune
-	for _, r := range text {
+	start := text[:min(len(text), 256)] // the mark is within, whatever comes between its letters
+	for _, r := range norm.NFKC.String(start) {
 		if len(head) == len("[bridge]") {
 			break
 		}
-		if unicode.IsSpace(r) || unicode.Is(unicode.Cf, r) {
-			continue // spaces, and zero-width and direction marks
-		}
-		if r >= 0xFF01 && r <= 0xFF5E { // full-width ASCII
-			r -= 0xFEE0
+		if unicode.IsSpace(r) || unicode.In(r, unicode.Cf, unicode.Mn, unicode.Me) {
+			continue // spaces; zero-width, direction and variation marks; combining marks
 		}
 		if l, ok := lookAlike[r]; ok {
 			r = l

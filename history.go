@@ -23,8 +23,8 @@ type historyRow struct {
 	direction string // in: the customer's; out: to the customer
 	agent     string // the agent who received or wrote it; "" for the bridge's own
 	text      string
-	parts     int    // the messages it takes at WeChat (out) or IM (in)
-	state     string // queued, waiting, held or not_sent
+	parts     int // the messages it takes at WeChat (out) or IM (in)
+	state     MessageState
 	outbox    int64  // its (first) outbox item, while queued
 	delivery  string // its delivery, while waiting or held
 	grant     int64  // to the customer: the allowance it was sent under (quota.go)
@@ -47,7 +47,7 @@ type parkedMessage struct {
 }
 
 // parked returns the customer's messages in state, oldest first.
-func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid, state string) ([]parkedMessage, error) {
+func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid string, state MessageState) ([]parkedMessage, error) {
 	rows, err := s.query(ctx, tx, `SELECT id, parts, delivery FROM messages WHERE openid = ? AND state = ? ORDER BY id`, openid, state)
 	if err != nil {
 		return nil, err
@@ -79,11 +79,11 @@ func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent 
 		return err
 	}
 	if p.d.Kind != deliverWeChat {
-		_, err = s.exec(ctx, tx, `UPDATE messages SET state = 'queued', outbox_id = ?, delivery = '', agent = ? WHERE id = ?`, id, agent, p.id)
+		_, err = s.exec(ctx, tx, `UPDATE messages SET state = `+sqlQueued+`, outbox_id = ?, delivery = '', agent = ? WHERE id = ?`, id, agent, p.id)
 		return err
 	}
 	_, err = s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
-		SELECT conversation, openid, direction, agent, text, parts, 'queued', ?, '', created_at, ? FROM messages WHERE id = ?`, id, grant, p.id)
+		SELECT conversation, openid, direction, agent, text, parts, `+sqlQueued+`, ?, '', created_at, ? FROM messages WHERE id = ?`, id, grant, p.id)
 	if err == nil {
 		_, err = s.exec(ctx, tx, `DELETE FROM messages WHERE id = ?`, p.id)
 	}
@@ -175,9 +175,9 @@ func (s *Store) CustomerHistory(ctx context.Context, openid string) ([]HistoryCo
 		if err := rows.Scan(&m.ID, &conv, &m.Time, &m.Direction, &m.Agent, &m.Text, &m.State, &item, &reason); err != nil {
 			return nil, fmt.Errorf("history: %w", err)
 		}
-		if m.State == "queued" {
-			m.State = deliveryState(item)
-			if m.State == "failed" {
+		if m.State == string(stateQueued) {
+			m.State = deliveryState(ItemState(item))
+			if m.State == string(itemFailed) {
 				m.Reason = reason
 			}
 		}
@@ -198,10 +198,10 @@ func (s *Store) CustomerHistory(ctx context.Context, openid string) ([]HistoryCo
 }
 
 // deliveryState is a queued message's state from its outbox item's.
-func deliveryState(item string) string {
+func deliveryState(item ItemState) string {
 	switch item {
-	case "pending", "failed", "retried":
-		return item
+	case itemPending, itemFailed, itemRetried:
+		return string(item)
 	}
 	return "delivered" // done, or pruned once done
 }

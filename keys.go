@@ -46,7 +46,7 @@ func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
 		}
 		// Delivered items, and dead letters queued again, are history;
 		// dead letters stay.
-		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state IN ('done', 'retried') AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
+		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state IN (`+sqlDone+`, `+sqlRetried+`) AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
 			return err
 		}
 		// A safety net: a lane whose first pending item is not marked

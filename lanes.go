@@ -38,7 +38,7 @@ func (s *Store) pendingSnapshot() (n int, oldest int64) {
 // loadLanes reads the pending items of every lane, in order, and makes the
 // first of each its head, held by no one.
 func (s *Store) loadLanes(ctx context.Context) error {
-	rows, err := s.db.QueryContext(ctx, `SELECT lane, id, next_at FROM outbox WHERE state = 'pending' ORDER BY id`)
+	rows, err := s.db.QueryContext(ctx, `SELECT lane, id, next_at FROM outbox WHERE state = `+sqlPending+` ORDER BY id`)
 	if err != nil {
 		return err
 	}

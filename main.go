@@ -68,7 +68,7 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 
 // serve runs the bridge on ln until ctx is done: it opens the store, reads
 // back the replies of a gap (recover.go) and the agents' presence
-// (sessions.go), starts the delivery worker, the desk's clock and the HTTP
+// (deskclock.go), starts the delivery worker, the desk's clock and the HTTP
 // server, and on the way out stops taking requests, lets the worker
 // finish its in-flight calls, and closes the store.
 func serve(ctx context.Context, cfg Config, ln net.Listener, log *slog.Logger) error {

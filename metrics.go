@@ -37,7 +37,7 @@ func newMetrics(st *Store) *metrics {
 			Help: "WeChat pushes by MsgType (or event) and outcome: accepted, duplicate, ignored, refused, failed."},
 			[]string{"type", "outcome"}),
 		callbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_im_callbacks_total",
-			Help: "IM callbacks by outcome: forwarded, duplicate, ignored, refused, failed; held: replies kept in held_replies until their conversation's history is read; recovered: agents' replies read back from IM's history after a gap; unrecovered: conversations whose history could not be read."}, []string{"outcome"}),
+			Help: "IM callbacks by outcome: forwarded, duplicate, ignored, refused, failed; deferred: replies kept in deferred_replies until their conversation's history is read; recovered: agents' replies read back from IM's history after a gap; unrecovered: conversations whose history could not be read."}, []string{"outcome"}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_deliveries_total",
 			Help: "Delivery attempts by target (im, wechat) and outcome: delivered, retry, dead."}, []string{"target", "outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "bridge_delivery_retries_total",

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	mrand "math/rand/v2"
+	"strings"
 	"time"
 )
 
@@ -49,6 +50,12 @@ type Delivery struct {
 	// Conv is a customer's message's conversation: it goes to whoever
 	// has the conversation when it is delivered (Store.Recipient).
 	Conv int64 `json:"conv,omitempty"`
+	// Part is which part of a long message this is, from 0 (split.go).
+	Part int `json:"part,omitempty"`
+	// RatingConv, on the question that ends a conversation, is that
+	// conversation: once the question reaches the customer, their next
+	// message may rate it (Store.ArmRating).
+	RatingConv int64 `json:"rating_conv,omitempty"`
 }
 
 // PushMedia is where media is kept: for a customer's image, voice message
@@ -90,8 +97,8 @@ func (d Delivery) lane() string {
 }
 
 // markHeads marks each lane's first pending item its head, where it is not.
-const markHeads = `UPDATE outbox SET head = 1 WHERE state = 'pending' AND head = 0 AND NOT EXISTS
-	(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = 'pending' AND p.id < outbox.id)`
+const markHeads = `UPDATE outbox SET head = 1 WHERE state = ` + sqlPending + ` AND head = 0 AND NOT EXISTS
+	(SELECT 1 FROM outbox p WHERE p.lane = outbox.lane AND p.state = ` + sqlPending + ` AND p.id < outbox.id)`
 
 // tellAgent queues a notice to agent inside the customer's conversation,
 // marked as the bridge's.
@@ -163,7 +170,7 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 		}
 		var id int64
 		err = s.queryRow(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
-			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = 'pending') THEN 0 ELSE 1 END)
+			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = `+sqlPending+`) THEN 0 ELSE 1 END)
 			RETURNING id`, lane, string(b), ms, ms, ms, lane).Scan(&id)
 		return id, err
 	}
@@ -194,6 +201,13 @@ func (s *Store) lockLane(ctx context.Context, tx *sql.Tx, lane string) error {
 	if !s.postgres {
 		return nil
 	}
+	if openid, ok := strings.CutPrefix(lane, "wx:"); ok {
+		// The customer's IM lane first, always (the lock order, db.go):
+		// a transaction may go on to queue a notice there.
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, "im:"+openid); err != nil {
+			return err
+		}
+	}
 	_, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, lane)
 	return err
 }
@@ -214,13 +228,13 @@ func (s *Store) Stats(ctx context.Context) (OutboxStats, error) {
 	var err error
 	if s.postgres {
 		err = s.rdb.QueryRowContext(ctx, `SELECT
-			(SELECT COUNT(*) FROM outbox WHERE state = 'pending'),
-			(SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
-			(SELECT MIN(created_at) FROM outbox WHERE state = 'pending')`).Scan(&st.Pending, &st.Failed, &oldest)
+			(SELECT COUNT(*) FROM outbox WHERE state = `+sqlPending+`),
+			(SELECT COUNT(*) FROM outbox WHERE state = `+sqlFailed+`),
+			(SELECT MIN(created_at) FROM outbox WHERE state = `+sqlPending+`)`).Scan(&st.Pending, &st.Failed, &oldest)
 	} else {
 		var id int64
 		st.Pending, id = s.pendingSnapshot()
-		err = s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'failed'),
+		err = s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM outbox WHERE state = `+sqlFailed+`),
 			(SELECT created_at FROM outbox WHERE id = ?)`, id).Scan(&st.Failed, &oldest)
 	}
 	if err != nil {

@@ -1,6 +1,6 @@
 package main
 
-// The store's part of the desk's clock and presence (sessions.go,
+// The store's part of the desk's clock and presence (deskclock.go,
 // callback.go): an agent's login, logout or lost connection recorded, idle
 // conversations closed, waiting customers given to agents who came free,
 // and the desk's figures for /metrics. Who gets whom is queue.go's.
@@ -17,11 +17,12 @@ import (
 
 // Presence, as the desk keeps it in agent_load: online decides who gets new
 // customers; gone_at is when the agent's conversations are left without
-// them if they are still away, 0 while they are here. A Logout takes the
-// agent offline and leaves their conversations at once; a Disconnect (one
-// device of several, perhaps) leaves them online until a reading says
-// otherwise or AGENT_AWAY_GRACE passes without a Login, and then leaves
-// their conversations. IM's words (State.StateChange) are ordered by their
+// them if they are still away, 0 while they are here. Neither word says
+// which device: a Logout takes the agent offline for new customers, and
+// leaves their conversations once a reading asked after it says they are
+// offline everywhere; a Disconnect leaves them online until a reading says
+// otherwise, and their conversations until AGENT_AWAY_GRACE passes without
+// a Login. Readings that fail leave either to the grace. IM's words (State.StateChange) are ordered by their
 // EventTime and counted in events; a reading of query_online_status is
 // taken only if no word came since it was asked for (ReadingTaken), so it
 // never undoes one.
@@ -34,18 +35,15 @@ func (s *Store) PresenceEvent(ctx context.Context, agent, action string, at, now
 	var set string
 	switch action {
 	case "Login":
-		set = `online = 1, gone_at = 0`
-	case "Logout":
-		set = `online = 0, gone_at = ?`
+		set = `online = 1, gone_at = 0, logged_out = 0`
+	case "Logout": // from one device: a reading tells whether another is still online
+		set = `online = 0, logged_out = 1, gone_at = CASE WHEN agent_load.gone_at = 0 THEN ? ELSE agent_load.gone_at END`
 	case "Disconnect":
 		set = `gone_at = CASE WHEN agent_load.gone_at = 0 THEN ? ELSE agent_load.gone_at END`
 	default:
 		return nil, fmt.Errorf("presence: unknown action %q", action)
 	}
-	gone := now.UnixMilli()
-	if action == "Disconnect" {
-		gone = now.Add(s.desk.AwayGrace).UnixMilli()
-	}
+	gone := now.Add(s.desk.AwayGrace).UnixMilli()
 	out, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]Assignment, error) {
 		if err := s.lockDesk(ctx, tx); err != nil {
 			return nil, err
@@ -107,15 +105,17 @@ func (s *Store) ReadingTaken(ctx context.Context, agent string, online bool, eve
 			return nil, err
 		}
 		if online {
-			_, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 1, gone_at = 0 WHERE agent = ? AND events = ?`, agent, events)
+			_, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 1, gone_at = 0, logged_out = 0 WHERE agent = ? AND events = ?`, agent, events)
 			if err != nil {
 				return nil, err
 			}
 			return s.drain(ctx, tx, now)
 		}
+		// Offline after a Logout: gone now, on every device. Else (a lost
+		// connection, or no word at all) the grace runs.
 		_, err := s.exec(ctx, tx, `UPDATE agent_load SET online = 0,
-			gone_at = CASE WHEN gone_at = 0 THEN ? ELSE gone_at END WHERE agent = ? AND events = ?`,
-			now.Add(s.desk.AwayGrace).UnixMilli(), agent, events)
+			gone_at = CASE WHEN logged_out = 1 THEN ? WHEN gone_at = 0 THEN ? ELSE gone_at END WHERE agent = ? AND events = ?`,
+			now.UnixMilli(), now.Add(s.desk.AwayGrace).UnixMilli(), agent, events)
 		return nil, err
 	})
 	if err != nil {
@@ -257,7 +257,7 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 	} else if err != nil {
 		return false, err
 	}
-	if err := s.closeConversation(ctx, tx, c.openid, c.id, c.agent, "idle", now); err != nil {
+	if err := s.closeConversation(ctx, tx, c.openid, c.id, c.agent, closedByIdle, now); err != nil {
 		return false, err
 	}
 	d := Delivery{Kind: deliverWeChat, OpenID: c.openid, IMUser: s.desk.imUser(c.openid), Agent: c.agent, Text: s.desk.Texts.IdleClosed}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -160,5 +161,60 @@ func TestRemovedAgentsConversationsRequeued(t *testing.T) {
 	eventually(t, "c1's next message to agent_lee", func() bool { return len(h.customerTexts("agent_lee", "c1")) == 1 })
 	if got := h.noticesTo("agent_kim", "c1"); len(got) != 0 {
 		t.Errorf("agent_kim, no longer an agent, was told %q", got)
+	}
+}
+
+// TestLogoutOnOneDevice: an agent who logs out of one device while online
+// on another keeps their conversations: the reading after the Logout says
+// Online.
+func TestLogoutOnOneDevice(t *testing.T) {
+	h := newHarness(t, harnessOptions{agents: []string{"agent_kim", "agent_lee"}, sweepEvery: 20 * time.Millisecond})
+	ctx := context.Background()
+	h.im.LoginOn(ctx, "agent_kim", "iOS")
+	h.wx.SendText(ctx, "c1", "hello")
+	eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	reads := strings.Count(h.logs.String(), "agents' presence read from IM")
+	h.im.LogoutOn(ctx, "agent_kim", "iOS")
+	eventually(t, "the reading after the Logout", func() bool {
+		return strings.Count(h.logs.String(), "agents' presence read from IM") > reads
+	})
+	sweeps := metricValue(h.metricsText(), "bridge_desk_sweeps_total")
+	eventually(t, "a sweep after the reading", func() bool { return metricValue(h.metricsText(), "bridge_desk_sweeps_total") != sweeps })
+	h.wx.SendText(ctx, "c1", "still there?")
+	eventually(t, "c1's message to agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 2 })
+	if got := h.noticesTo("agent_kim", "c1"); len(got) != 0 {
+		t.Errorf("agent_kim was told %q: they are online on the Web", got)
+	}
+}
+
+// TestWaitingMessageNotSentWhenClosed: a customer's message still on its
+// way when its conversation went back to the queue, and then closed there
+// (the customer unfollowed), is not sent, and says so in the history.
+func TestWaitingMessageNotSentWhenClosed(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "3s", "RETRY_MAX_DELAY": "3s", "ADMIN_TOKEN": "t0ken-for-the-history"},
+		sweepEvery: 20 * time.Millisecond})
+	ctx := context.Background()
+	h.wx.SendText(ctx, "c1", "hello")
+	eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	h.im.FailNextStatus(1, http.StatusBadGateway)
+	h.wx.SendText(ctx, "c1", "my parcel")
+	eventually(t, "the message's first attempt failed", func() bool {
+		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="im"} 1`)
+	})
+	h.im.Logout(ctx, "agent_kim")
+	eventually(t, "the conversation back in the queue", func() bool { return strings.Contains(h.metricsText(), "bridge_customers_waiting 1") })
+	h.wx.Unfollow(ctx, "c1")
+	eventually(t, "the message not sent", func() bool {
+		for _, c := range h.history("c1") {
+			for _, m := range c.Messages {
+				if m.Text == "my parcel" {
+					return m.State == string(stateNotSent)
+				}
+			}
+		}
+		return false
+	})
+	if got := h.customerTexts("agent_kim", "c1"); len(got) != 1 {
+		t.Errorf("agent_kim read %q, want only the first message", got)
 	}
 }

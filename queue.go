@@ -295,7 +295,7 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 			return false, err
 		}
 	}
-	parked, err := s.parked(ctx, tx, openid, "waiting")
+	parked, err := s.parked(ctx, tx, openid, stateWaiting)
 	if err != nil {
 		return false, err
 	}
@@ -316,20 +316,22 @@ func (s *Store) takeFromQueue(ctx context.Context, tx *sql.Tx, openid string, co
 const itemMessage = `SELECT MAX(id) FROM messages WHERE outbox_id = ? AND openid = ? AND direction = 'in'`
 
 // errParked is Recipient's word that a customer's message waits with its
-// conversation in the queue: the item is finished, and the message goes
-// to the agent who takes the conversation.
-var errParked = errors.New("parked: the conversation waits for an agent")
+// conversation in the queue, or will never go (the conversation closed
+// while it waited): the item is finished either way.
+var errParked = errors.New("parked: the conversation waits for an agent, or closed waiting")
 
 // Recipient returns the agent a customer's message goes to: whoever has
 // its conversation now, who may not be the agent it was queued for (a
 // transfer; an agent who left it). While the conversation waits in the
-// queue, the message waits with it: its history row waiting again, its
-// item finished, and errParked returned. A message with no conversation
-// recorded, or a later part of a long one, goes where it was queued.
+// queue, the message waits with it, whole (its history row waiting again,
+// its items finished), and errParked is returned; if the conversation
+// closed while it waited, the message is not sent. A message with no
+// conversation recorded goes where it was queued.
 func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 	d := it.Delivery
 	var agent string
-	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT agent FROM conversations WHERE id = ?`), d.Conv).Scan(&agent)
+	var closed bool
+	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`), d.Conv).Scan(&agent, &closed)
 	switch {
 	case d.Conv == 0 || errors.Is(err, sql.ErrNoRows):
 		return d.Agent, nil
@@ -337,59 +339,83 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 		return "", fmt.Errorf("recipient: %w", err)
 	case agent == d.Agent:
 		return agent, nil
-	case agent != "":
-		// The history says who received it.
-		_, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (struct{}, error) {
-			if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
-				return struct{}{}, err
-			}
-			_, err := s.exec(ctx, tx, `UPDATE messages SET agent = ? WHERE id = (`+itemMessage+`)`, agent, it.ID, d.OpenID)
-			return struct{}{}, err
-		})
-		if err != nil {
-			return "", fmt.Errorf("recipient: %w", err)
-		}
-		return agent, nil
 	}
-	// It waits: under the customer's lock, as takeFromQueue takes it, so
-	// that the message is either taken with the conversation or sent on.
-	waiting := d
-	waiting.MsgSeq = 0 // a new item, a new MsgSeq
-	b, err := json.Marshal(waiting)
-	if err != nil {
-		return "", err
-	}
+	// Under the customer's lock, as a transfer or takeFromQueue changes
+	// who has the conversation: the message goes to whoever has it now.
 	agent, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (string, error) {
 		if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
 			return "", err
 		}
 		var now string
-		if err := s.queryRow(ctx, tx, `SELECT agent FROM conversations WHERE id = ?`, d.Conv).Scan(&now); err != nil || now != "" {
+		if err := s.queryRow(ctx, tx, `SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`, d.Conv).Scan(&now, &closed); err != nil {
+			return "", err
+		}
+		if now != "" { // the history says who received it
+			_, err := s.exec(ctx, tx, `UPDATE messages SET agent = ? WHERE id = (`+itemMessage+`)`, now, it.ID, d.OpenID)
 			return now, err
 		}
-		res, err := s.exec(ctx, tx, `UPDATE messages SET state = 'waiting', delivery = ?, outbox_id = 0
-			WHERE id = (`+itemMessage+`) AND state = 'queued'`, string(b), it.ID, d.OpenID)
-		if err != nil {
-			return "", err
-		}
-		if n, err := res.RowsAffected(); err != nil || n == 0 {
-			return d.Agent, err
-		}
-		switch ended, err := s.finish(ctx, tx, it, "done", errParked.Error(), time.Now()); {
-		case err != nil:
-			return "", err
-		case !ended:
-			return "", errNotHeld
-		}
-		return "", nil
+		return "", s.park(ctx, tx, it, closed)
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, errCarried):
+		return d.Agent, nil
+	case err != nil:
 		return "", fmt.Errorf("recipient: %w", err)
-	}
-	if agent == "" {
+	case agent == "":
 		return "", errParked
 	}
 	return agent, nil
+}
+
+// errCarried is park's word that a message's item is not the one its
+// history row names (a later part of a long message whose first part
+// went on): it goes where it was queued, with the rest of its message.
+var errCarried = errors.New("carried where it was queued")
+
+// park keeps the customer's message of item it waiting with its
+// conversation, whole, or marks it not sent if the conversation closed,
+// and finishes the item. A later part of a long message follows its first
+// part: finished if that waits, else errCarried.
+func (s *Store) park(ctx context.Context, tx *sql.Tx, it OutboxItem, closed bool) error {
+	d := it.Delivery
+	if d.Part > 0 {
+		var n int
+		if err := s.queryRow(ctx, tx, `SELECT count(*) FROM messages WHERE conversation = ? AND state IN (`+sqlWaiting+`, `+sqlNotSent+`)
+			AND direction = 'in' AND delivery LIKE ?`, d.Conv, fmt.Sprintf(`%%"msg_random":%d,%%`, d.MsgRandom-uint32(d.Part))).Scan(&n); err != nil {
+			return err
+		}
+		if n == 0 {
+			return errCarried
+		}
+	} else {
+		var text string
+		if err := s.queryRow(ctx, tx, `SELECT text FROM messages WHERE id = (`+itemMessage+`)`, it.ID, d.OpenID).Scan(&text); errors.Is(err, sql.ErrNoRows) {
+			return errCarried
+		} else if err != nil {
+			return err
+		}
+		whole := d
+		whole.MsgSeq, whole.Text = 0, text // a new item, a new MsgSeq; the whole text, split again when it goes
+		state, delivery := stateWaiting, ""
+		if closed {
+			state = stateNotSent
+		} else if b, err := json.Marshal(whole); err != nil {
+			return err
+		} else {
+			delivery = string(b)
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE messages SET state = ?, delivery = ?, outbox_id = 0 WHERE id = (`+itemMessage+`)`,
+			string(state), delivery, it.ID, d.OpenID); err != nil {
+			return err
+		}
+	}
+	switch ended, err := s.finish(ctx, tx, it, itemDone, errParked.Error(), time.Now()); {
+	case err != nil:
+		return err
+	case !ended:
+		return errNotHeld
+	}
+	return nil
 }
 
 // rating returns the rating a customer's message gives, if it is one: a
@@ -409,6 +435,24 @@ func rating(text string, elems []MsgElem) (int, bool) {
 	return n, true
 }
 
+// ArmRating makes the customer's next message their rating of conversation
+// conv, the question having reached them: unless they have written since,
+// opening another.
+func (s *Store) ArmRating(ctx context.Context, openid string, conv int64) error {
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if err := s.lockCustomer(ctx, tx, openid); err != nil {
+			return err
+		}
+		_, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = ? WHERE openid = ?
+			AND NOT EXISTS (SELECT 1 FROM conversations WHERE openid = ? AND (closed_at IS NULL OR id > ?))`, conv, openid, openid, conv)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("arm rating: %w", err)
+	}
+	return nil
+}
+
 // rate stores a customer's rating with conversation conv, and shows it to
 // its agent.
 func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n int, now time.Time) error {
@@ -419,7 +463,7 @@ func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n 
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
 		return err
 	}
-	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: "rating"}, now); err != nil {
+	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: stateRating}, now); err != nil {
 		return err
 	}
 	return s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)
@@ -427,14 +471,14 @@ func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n 
 
 // closeConversation closes conv, by agent, idle or unfollow, and frees its
 // agent's place; one closed while it waited keeps its messages unsent.
-func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent, by string, now time.Time) error {
+func (s *Store) closeConversation(ctx context.Context, tx *sql.Tx, openid string, conv int64, agent string, by ClosedBy, now time.Time) error {
 	s.noteConversation(openid, 0, "")
 	if _, err := s.exec(ctx, tx, `UPDATE conversations SET closed_at = ?, closed_by = ? WHERE id = ?`, now.UnixMilli(), by, conv); err != nil {
 		return err
 	}
 	if agent == "" {
 		// It closed waiting: its messages reach no agent.
-		_, err := s.exec(ctx, tx, `UPDATE messages SET state = 'not_sent', delivery = '' WHERE openid = ? AND state = 'waiting'`, openid)
+		_, err := s.exec(ctx, tx, `UPDATE messages SET state = `+sqlNotSent+`, delivery = '' WHERE openid = ? AND state = `+sqlWaiting+``, openid)
 		return err
 	}
 	if err := s.lockDesk(ctx, tx); err != nil { // agent_load is the desk's

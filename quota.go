@@ -56,7 +56,7 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	// What was sent under the grant came after the customer's last message.
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND id > ? AND direction = 'out'
-		AND state = 'queued' AND grant_of = ?`, openid, inID, grant).Scan(&used)
+		AND state = `+sqlQueued+` AND grant_of = ?`, openid, inID, grant).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
 }
 
@@ -66,7 +66,7 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 // beyond the quota is held, and one past the window is not sent, the agent
 // told at once; the bridge's own text then is not sent, and an empty one
 // never. It returns the message's state.
-func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delivery, from string, now time.Time) (string, error) {
+func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delivery, from string, now time.Time) (MessageState, error) {
 	if d.Text == "" && d.Media == nil && len(d.Elems) == 0 {
 		return "", nil
 	}
@@ -78,7 +78,7 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 	h := historyRow{conv: conv, openid: d.OpenID, direction: "out", agent: from, text: d.Text, parts: parts}
 	switch {
 	case !open:
-		h.state = "not_sent"
+		h.state = stateNotSent
 		if from != "" {
 			when := "never"
 			if !lastIn.IsZero() {
@@ -87,7 +87,7 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 			err = s.tellAgent(ctx, tx, d.OpenID, from, fmt.Sprintf("Not sent: WeChat takes replies only within 48 hours of the customer's last message, and they last wrote %s. %q", when, d.Text), now)
 		}
 	case left < parts && from != "":
-		h.state = "held"
+		h.state = stateHeld
 		b, merr := json.Marshal(d)
 		if merr != nil {
 			return "", merr
@@ -98,9 +98,9 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 			err = s.tellAgent(ctx, tx, d.OpenID, from, fmt.Sprintf("Held: WeChat takes no more replies until the customer writes again; this one goes then. %q", d.Text), now)
 		}
 	case left < parts:
-		h.state = "not_sent"
+		h.state = stateNotSent
 	default:
-		h.state, h.grant = "queued", grant
+		h.state, h.grant = stateQueued, grant
 		if h.outbox, err = s.enqueueFor(ctx, tx, d, now, nil); err == nil && from != "" && left-parts == 1 {
 			err = s.tellAgent(ctx, tx, d.OpenID, from, "One reply left: WeChat takes no more until the customer writes again.", now)
 		}
@@ -114,7 +114,7 @@ func (s *Store) toCustomer(ctx context.Context, tx *sql.Tx, conv int64, d Delive
 // releaseHeldReplies sends the replies held for the customer, in order, as
 // far as their new quota goes; those it does not reach stay held.
 func (s *Store) releaseHeldReplies(ctx context.Context, tx *sql.Tx, openid string, now time.Time) error {
-	held, err := s.parked(ctx, tx, openid, "held")
+	held, err := s.parked(ctx, tx, openid, stateHeld)
 	if err != nil {
 		return err
 	}

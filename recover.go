@@ -11,7 +11,7 @@ package main
 // share its MsgKey, so a reply is taken once whichever way it comes.
 //
 // Until its history is read, a conversation's new replies are committed to
-// held_replies rather than the outbox, so that they do not go ahead of the
+// deferred_replies rather than the outbox, so that they do not go ahead of the
 // replies of the gap: its sweep moves each to the outbox in its place among
 // the history's replies, or after them (Store.TakeHistory).
 //
@@ -73,7 +73,7 @@ type sweep struct {
 	Conversation
 	from   time.Time  // its history is read from then
 	retake bool       // asked for by a callback that failed, not by a gap
-	mu     sync.Mutex // held while a reply is held, and while what was read of its history is taken
+	mu     sync.Mutex // held while a reply is deferred, and while what was read of its history is taken
 	done   bool
 }
 
@@ -105,10 +105,10 @@ func (r *replyRecovery) prepare(ctx context.Context) error {
 	return nil
 }
 
-// hold commits a reply that came by callback to held_replies, for its
-// conversation's sweep, if that has yet to run; held reports whether it
-// did, and duplicate whether the reply's key was taken before.
-func (r *replyRecovery) hold(ctx context.Context, openid, key string, d Delivery) (held, duplicate bool, err error) {
+// deferReply commits a reply that came by callback to deferred_replies,
+// for its conversation's sweep, if that has yet to run; deferred reports
+// whether it did, and duplicate whether the reply's key was taken before.
+func (r *replyRecovery) deferReply(ctx context.Context, openid, key string, d Delivery) (deferred, duplicate bool, err error) {
 	if r == nil {
 		return false, false, nil
 	}
@@ -123,14 +123,14 @@ func (r *replyRecovery) hold(ctx context.Context, openid, key string, d Delivery
 	if sw.done || sw.Agent != d.Agent {
 		return false, false, nil
 	}
-	duplicate, err = r.store.HoldReply(ctx, key, d, r.now())
+	duplicate, err = r.store.DeferReply(ctx, key, d, r.now())
 	return err == nil, duplicate, err
 }
 
 // retake asks for the conversation's replies since a little before msgTime
 // to be read back from IM's history: the callback of the agent's reply sent
 // then could not be committed. Until that has run, the conversation's new
-// replies are held behind it, and no heartbeat is recorded, so that if this
+// replies are deferred behind it, and no heartbeat is recorded, so that if this
 // bridge stops first the next start reads the gap that holds the reply.
 func (r *replyRecovery) retake(openid, agent string, msgTime time.Time) {
 	if r == nil {
@@ -243,7 +243,7 @@ func (r *replyRecovery) Run(ctx context.Context) {
 
 // recoverGap reads each conversation's history from the gap's start until
 // the moment it reads it, and takes the replies not taken yet, then those
-// held for it; it reads the histories IM did not give again, a few times.
+// deferred for it; it reads the histories IM did not give again, a few times.
 // It reports false if ctx ended first.
 func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	log := r.log
@@ -284,7 +284,7 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 		}
 	}
 	r.mu.Unlock()
-	// Replies an earlier run held for conversations not read this time
+	// Replies an earlier run deferred for conversations not read this time
 	// (closed since, or their agent gone from IM_AGENTS) go now.
 	for attempt := 1; ; attempt++ {
 		_, err := r.store.TakeHistory(ctx, "", nil, r.now())
@@ -295,21 +295,21 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 		if ctx.Err() != nil || !sleepCtx(ctx, backoff(attempt-1, r.minBackoff, r.maxBackoff)) {
 			return false
 		}
-		log.Error("reply recovery: held replies not released", "err", err)
+		log.Error("reply recovery: deferred replies not released", "err", err)
 	}
 	log.Info("reply recovery done", "recovered", recovered, "conversations", total, "from", r.from)
 	return true
 }
 
 // recoverConversation takes the replies sw's agent sent to its customer
-// since the gap's start that were not taken yet, oldest first, each held
-// one in its place, then moves those held for it since the history was
+// since the gap's start that were not taken yet, oldest first, each
+// deferred one in its place, then moves those deferred for it since the history was
 // read, and returns how many it recovered. On its last attempt it moves
-// the held ones even if the history failed: better out of order than late.
+// the deferred ones even if the history failed: better out of order than late.
 func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last bool) (int, error) {
 	customer := r.userPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
-	// callbacks that come meanwhile are held, not kept waiting on IM.
+	// callbacks that come meanwhile are deferred, not kept waiting on IM.
 	msgs, err := r.im.History(ctx, sw.Agent, customer, sw.from.Unix(), r.now().Unix()+1)
 	if err != nil && !last {
 		return 0, err

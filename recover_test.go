@@ -196,10 +196,10 @@ func TestLiveReplyWaitsForItsConversationsRecovery(t *testing.T) {
 	})
 }
 
-// TestHeldReplyFollowsTheHistory: a reply held for its conversation's sweep
+// TestDeferredReplyFollowsTheHistory: a reply deferred for its conversation's sweep
 // is committed at once, and queued once: in its place among the history's
 // replies if the sweep read it there, after them if not.
-func TestHeldReplyFollowsTheHistory(t *testing.T) {
+func TestDeferredReplyFollowsTheHistory(t *testing.T) {
 	ctx, now := context.Background(), time.Now()
 	st := openTestStore(t, "sqlite")
 	im := fakes.NewIM(t, fakes.IMOptions{Accounts: []string{"a1", "wx_c1"}})
@@ -232,7 +232,7 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	}
 	hold := func(openid, key, text string) bool {
 		t.Helper()
-		held, dup, err := r.hold(ctx, openid, key, reply(text))
+		held, dup, err := r.deferReply(ctx, openid, key, reply(text))
 		if err != nil || dup {
 			t.Fatalf("hold %s: duplicate %v, %v", text, dup, err)
 		}
@@ -245,7 +245,7 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 		t.Error("a reply to a conversation with nothing to read was held")
 	}
 	var n int
-	if err := st.rdb.QueryRowContext(ctx, `SELECT count(*) FROM held_replies`).Scan(&n); err != nil || n != 2 {
+	if err := st.rdb.QueryRowContext(ctx, `SELECT count(*) FROM deferred_replies`).Scan(&n); err != nil || n != 2 {
 		t.Fatalf("%d replies committed as held (%v), want 2", n, err)
 	}
 	// One an earlier run held for a conversation not read this time (its
@@ -253,7 +253,7 @@ func TestHeldReplyFollowsTheHistory(t *testing.T) {
 	if _, err := st.AcceptPush(ctx, message("k9", "c9", "hi"), now); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.HoldReply(ctx, "im:earlier", Delivery{Kind: deliverWeChat, OpenID: "c9", IMUser: "wx_c9", Agent: "a1", Text: "earlier"}, now); err != nil {
+	if _, err := st.DeferReply(ctx, "im:earlier", Delivery{Kind: deliverWeChat, OpenID: "c9", IMUser: "wx_c9", Agent: "a1", Text: "earlier"}, now); err != nil {
 		t.Fatal(err)
 	}
 	if !r.recoverGap(ctx) {

@@ -44,12 +44,24 @@ var addedColumns = []struct{ table, column string }{
 	{"agent_load", "assigned_at BIGINT NOT NULL DEFAULT 0"},
 	{"agent_load", "events BIGINT NOT NULL DEFAULT 0"}, // presence, presence.go
 	{"agent_load", "gone_at BIGINT NOT NULL DEFAULT 0"},
+	{"agent_load", "logged_out INTEGER NOT NULL DEFAULT 0"},
 	{"conversations", "requeued_from TEXT NOT NULL DEFAULT ''"},
 }
 
 // applySQLiteSchema applies the schema on SQLite, then adds the columns a
 // database made before them lacks.
 func applySQLiteSchema(ctx context.Context, tx *sql.Tx) error {
+	// held_replies is deferred_replies now; SQLite renames only a table
+	// that is there.
+	var old int
+	if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'held_replies'`).Scan(&old); err != nil {
+		return err
+	}
+	if old > 0 {
+		if _, err := tx.ExecContext(ctx, `ALTER TABLE held_replies RENAME TO deferred_replies`); err != nil {
+			return err
+		}
+	}
 	if _, err := tx.ExecContext(ctx, sqliteSchema); err != nil {
 		return err
 	}

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS agent_load (
     presence_at BIGINT NOT NULL DEFAULT 0,
     assigned_at BIGINT NOT NULL DEFAULT 0,
     events      BIGINT NOT NULL DEFAULT 0,
-    gone_at     BIGINT NOT NULL DEFAULT 0
+    gone_at     BIGINT NOT NULL DEFAULT 0,
+    logged_out  INTEGER NOT NULL DEFAULT 0
 );
 
 -- messages keeps every message of every conversation, both ways (history.go):
@@ -151,10 +152,12 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     name TEXT PRIMARY KEY,
     at   BIGINT NOT NULL
 );
--- held_replies keeps, committed, a reply that came by callback while its
--- conversation's history was still to be read back; it goes to the outbox
--- in its place among the replies of the gap, or after them (recover.go).
-CREATE TABLE IF NOT EXISTS held_replies (
+-- deferred_replies keeps, committed, a reply that came by callback while
+-- its conversation's history was still to be read back; it goes to the
+-- outbox in its place among the replies of the gap, or after them
+-- (recover.go). (It was held_replies: "held" is the quota's word.)
+ALTER TABLE IF EXISTS held_replies RENAME TO deferred_replies;
+CREATE TABLE IF NOT EXISTS deferred_replies (
     id         BIGSERIAL PRIMARY KEY,
     openid     TEXT NOT NULL,
     key        TEXT NOT NULL,
@@ -196,6 +199,7 @@ ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS presence_at BIGINT NOT NULL DEFA
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS assigned_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS events BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS gone_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS logged_out INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN IF NOT EXISTS requeued_from TEXT NOT NULL DEFAULT '';
 -- media's bytes moved from media.data to media_parts, in parts of 256 KB.
 DO $$

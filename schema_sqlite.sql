@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS agent_load (
     presence_at BIGINT NOT NULL DEFAULT 0,
     assigned_at BIGINT NOT NULL DEFAULT 0,
     events      BIGINT NOT NULL DEFAULT 0,
-    gone_at     BIGINT NOT NULL DEFAULT 0
+    gone_at     BIGINT NOT NULL DEFAULT 0,
+    logged_out  INTEGER NOT NULL DEFAULT 0
 );
 
 -- messages keeps every message of every conversation, both ways (history.go):
@@ -151,10 +152,11 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     name TEXT PRIMARY KEY,
     at   BIGINT NOT NULL
 );
--- held_replies keeps, committed, a reply that came by callback while its
--- conversation's history was still to be read back; it goes to the outbox
--- in its place among the replies of the gap, or after them (recover.go).
-CREATE TABLE IF NOT EXISTS held_replies (
+-- deferred_replies keeps, committed, a reply that came by callback while
+-- its conversation's history was still to be read back; it goes to the
+-- outbox in its place among the replies of the gap, or after them
+-- (recover.go). (It was held_replies: "held" is the quota's word.)
+CREATE TABLE IF NOT EXISTS deferred_replies (
     id         INTEGER PRIMARY KEY,
     openid     TEXT NOT NULL,
     key        TEXT NOT NULL,

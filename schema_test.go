@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -70,5 +72,41 @@ func openAndClose(t *testing.T, dsn string) {
 	}
 	if err := st.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestHeldRepliesRenamed: a database made when recovery's deferred replies
+// were held_replies keeps them, as deferred_replies, on both databases.
+func TestHeldRepliesRenamed(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			dsn := "sqlite:" + filepath.Join(t.TempDir(), "bridge.db")
+			driver, source := "sqlite", strings.TrimPrefix(dsn, "sqlite:")
+			if kind == "postgres" {
+				dsn = testPostgres(t)
+				driver, source = "pgx", dsn
+			}
+			db, err := sql.Open(driver, source)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			if _, err := db.Exec(`CREATE TABLE held_replies (id BIGINT PRIMARY KEY, openid TEXT NOT NULL, key TEXT NOT NULL,
+				delivery TEXT NOT NULL, created_at BIGINT NOT NULL)`); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := db.Exec(`INSERT INTO held_replies VALUES (1, 'o1', 'im:k1', '{}', 1)`); err != nil {
+				t.Fatal(err)
+			}
+			st, err := openStore(context.Background(), dsn, storeOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			var n int
+			if err := st.rdb.QueryRow(`SELECT count(*) FROM deferred_replies WHERE key = 'im:k1'`).Scan(&n); err != nil || n != 1 {
+				t.Errorf("deferred_replies: %d rows, %v; want the older reply", n, err)
+			}
+		})
 	}
 }

@@ -28,7 +28,7 @@ type bridge struct {
 	// history it has yet to read back (recover.go).
 	recovery *replyRecovery
 	// readPresence asks the desk's clock for a reading of the agents'
-	// presence soon (sessions.go); it never blocks the handler.
+	// presence soon (deskclock.go); it never blocks the handler.
 	readPresence chan struct{}
 	log          *slog.Logger
 	now          func() time.Time

@@ -30,7 +30,9 @@ func (d Delivery) parts() []Delivery {
 	switch {
 	case d.Kind == deliverWeChat && len(d.Text) > maxWeChatText:
 		texts = splitText(d.Text, maxWeChatText, utf8.RuneLen)
-	case (d.Kind == deliverIMSend || d.Kind == deliverNotice) && len(d.Elems) == 0 && len(d.Text)*6 > maxIMText: // 6: a rune's most, as JSON
+	case d.Kind == deliverNotice && len(d.Text)*6 > maxIMText: // room for the mark each later part gains
+		texts = splitText(d.Text, maxIMText-len(noticeMark), jsonLen)
+	case d.Kind == deliverIMSend && len(d.Elems) == 0 && len(d.Text)*6 > maxIMText: // 6: a rune's most, as JSON
 		texts = splitText(d.Text, maxIMText, jsonLen)
 	}
 	if len(texts) <= 1 {
@@ -40,7 +42,11 @@ func (d Delivery) parts() []Delivery {
 	for i, t := range texts {
 		out[i] = d
 		out[i].Text = t
+		if d.Kind == deliverNotice && i > 0 {
+			out[i].Text = noticeMark + t // every part of a notice is the bridge's, and says so
+		}
 		out[i].MsgRandom = d.MsgRandom + uint32(i) // each part a message of its own to IM
+		out[i].Part = i
 	}
 	return out
 }

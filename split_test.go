@@ -53,3 +53,27 @@ func TestSplitText(t *testing.T) {
 		t.Errorf("got %q, want the first piece to end after the space", got)
 	}
 }
+
+// TestNoticePartsMarked: every part of a long notice begins with the
+// bridge's mark, so no part is a customer's words standing alone.
+func TestNoticePartsMarked(t *testing.T) {
+	d := conversationNotice("wx_c1", "c1", "agent_kim", "Transferred to you by agent_lee. The last messages:\ncustomer: "+strings.Repeat("ab ", 9000))
+	parts := d.parts()
+	if len(parts) < 2 {
+		t.Fatalf("%d parts, want the notice split", len(parts))
+	}
+	for i, p := range parts {
+		if !strings.HasPrefix(p.Text, noticeMark) || jsonLen0(p.Text) > maxIMText {
+			t.Errorf("part %d: %q…, %d bytes as JSON; want the mark first, %d bytes at most", i, p.Text[:20], jsonLen0(p.Text), maxIMText)
+		}
+	}
+}
+
+// jsonLen0 is the bytes of s as JSON.
+func jsonLen0(s string) int {
+	n := 0
+	for _, r := range s {
+		n += jsonLen(r)
+	}
+	return n
+}

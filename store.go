@@ -311,7 +311,7 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushR
 	}
 	// Held replies will never go: WeChat takes nothing for a customer who
 	// does not follow.
-	if _, err := s.exec(ctx, tx, `UPDATE messages SET state = 'not_sent', delivery = '' WHERE openid = ? AND state = 'held'`, in.OpenID); err != nil {
+	if _, err := s.exec(ctx, tx, `UPDATE messages SET state = `+sqlNotSent+`, delivery = '' WHERE openid = ? AND state = `+sqlHeld+``, in.OpenID); err != nil {
 		return nil, false, err
 	}
 	var assigned []Assignment
@@ -321,7 +321,7 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushR
 	case err != nil:
 		return nil, false, err
 	case open:
-		if err := s.closeConversation(ctx, tx, in.OpenID, conv, agent, "unfollow", now); err != nil {
+		if err := s.closeConversation(ctx, tx, in.OpenID, conv, agent, closedByUnfollow, now); err != nil {
 			return nil, false, err
 		}
 		if agent != "" {
@@ -374,7 +374,7 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		MsgRandom: in.NewRandom(), Conv: c.id}
 	h := historyRow{conv: c.id, openid: in.OpenID, direction: "in", agent: c.agent, text: in.Text, parts: max(len(d.parts()), 1)}
 	if c.agent == "" {
-		h.state = "waiting"
+		h.state = stateWaiting
 		if acc.Reply, err = s.waitingReply(ctx, tx, c.id, now); err != nil {
 			return acc, false, err
 		}
@@ -384,7 +384,7 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		}
 		h.delivery = string(b)
 	} else {
-		h.state = "queued"
+		h.state = stateQueued
 		if h.outbox, err = s.carry(ctx, tx, d, rec, acc.Reply, now); err != nil {
 			return acc, false, err
 		}

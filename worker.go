@@ -248,6 +248,11 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	var rerr error
 	switch {
 	case err == nil:
+		if d.RatingConv != 0 {
+			if err := w.Store.ArmRating(ctx, d.OpenID, d.RatingConv); err != nil {
+				log.Error("rating not armed: the customer's next message is a message", "err", err)
+			}
+		}
 		w.Metrics.deliveries.WithLabelValues(tgt, "delivered").Inc()
 		w.Metrics.deliveryLatency.WithLabelValues(tgt).Observe(now.Sub(it.CreatedAt).Seconds())
 		log.Debug("delivered")

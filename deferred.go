@@ -1,24 +1,25 @@
 package main
 
+// The store's part of reply recovery (recover.go): the replies deferred
+// while their conversation's history is read back, taken in their place
+// with the history's, and the open conversations whose histories to read.
+// ("Held" is the quota's word, quota.go.)
+
 import (
 	"cmp"
 	"context"
 	"database/sql"
-	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"time"
-
-	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
-	_ "modernc.org/sqlite"             // registers the pure-Go "sqlite" driver
 )
 
-// HoldReply commits a reply as AcceptReply does, key and all, but keeps it
-// in held_replies rather than the outbox, until ReleaseHeld moves it there:
+// DeferReply commits a reply as AcceptReply does, key and all, but keeps it
+// in deferred_replies rather than the outbox, until TakeHistory moves it there:
 // it waits for its conversation's replies of a gap (recover.go).
-func (s *Store) HoldReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
+func (s *Store) DeferReply(ctx context.Context, key string, d Delivery, now time.Time) (duplicate bool, err error) {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return false, err
@@ -27,7 +28,7 @@ func (s *Store) HoldReply(ctx context.Context, key string, d Delivery, now time.
 		if _, dup, err := s.claimKey(ctx, tx, key, "", now); err != nil || dup {
 			return dup, err
 		}
-		_, err := s.exec(ctx, tx, `INSERT INTO held_replies (openid, key, delivery, created_at) VALUES (?, ?, ?, ?)`,
+		_, err := s.exec(ctx, tx, `INSERT INTO deferred_replies (openid, key, delivery, created_at) VALUES (?, ?, ?, ?)`,
 			d.OpenID, key, string(b), now.UnixMilli())
 		return false, err
 	})
@@ -45,16 +46,16 @@ type Reply struct {
 }
 
 // TakeHistory takes, in one write, the replies read back from a
-// conversation's history, in order: one held since its callback goes to
+// conversation's history, in order: one deferred since its callback goes to
 // the outbox in its place, one not seen yet goes there as AcceptReply
-// would put it, one seen before is skipped. Then the replies still held for
+// would put it, one seen before is skipped. Then the replies still deferred for
 // the customer openid follow (for every customer if openid is ""). It
 // returns how many replies not seen before it took.
 func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply, now time.Time) (taken int, err error) {
 	if openid == "" && len(replies) == 0 {
 		// Every customer's, each in a transaction holding that customer
 		// (the lock order, db.go).
-		rows, err := s.rdb.QueryContext(ctx, `SELECT DISTINCT openid FROM held_replies`)
+		rows, err := s.rdb.QueryContext(ctx, `SELECT DISTINCT openid FROM deferred_replies`)
 		if err != nil {
 			return 0, fmt.Errorf("take history: %w", err)
 		}
@@ -88,11 +89,11 @@ func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply,
 		}
 		taken := 0
 		for _, r := range replies {
-			held, err := s.releaseHeld(ctx, tx, "", r.Key, now)
+			deferred, err := s.releaseDeferred(ctx, tx, "", r.Key, now)
 			if err != nil {
 				return 0, err
 			}
-			if held > 0 {
+			if deferred > 0 {
 				continue
 			}
 			t, err := s.takeReply(ctx, tx, r.Key, r.D, now)
@@ -103,7 +104,7 @@ func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply,
 				taken++
 			}
 		}
-		_, err := s.releaseHeld(ctx, tx, openid, "", now)
+		_, err := s.releaseDeferred(ctx, tx, openid, "", now)
 		return taken, err
 	})
 	if err != nil {
@@ -112,22 +113,22 @@ func (s *Store) TakeHistory(ctx context.Context, openid string, replies []Reply,
 	return taken, nil
 }
 
-// releaseHeld moves the replies held for openid (any customer's if "")
+// releaseDeferred moves the replies deferred for openid (any customer's if "")
 // with key (any key if "") to the outbox, in the order they came, and
 // returns how many it moved.
-func (s *Store) releaseHeld(ctx context.Context, tx *sql.Tx, openid, key string, now time.Time) (int, error) {
-	rows, err := s.query(ctx, tx, `DELETE FROM held_replies WHERE (openid = ? OR ? = '') AND (key = ? OR ? = '')
+func (s *Store) releaseDeferred(ctx context.Context, tx *sql.Tx, openid, key string, now time.Time) (int, error) {
+	rows, err := s.query(ctx, tx, `DELETE FROM deferred_replies WHERE (openid = ? OR ? = '') AND (key = ? OR ? = '')
 		RETURNING id, delivery`, openid, openid, key, key)
 	if err != nil {
 		return 0, err
 	}
-	type held struct {
+	type deferredReply struct {
 		id  int64
 		raw string
 	}
-	var all []held
+	var all []deferredReply
 	for rows.Next() {
-		var h held
+		var h deferredReply
 		if err := rows.Scan(&h.id, &h.raw); err != nil {
 			rows.Close()
 			return 0, err
@@ -137,11 +138,11 @@ func (s *Store) releaseHeld(ctx context.Context, tx *sql.Tx, openid, key string,
 	if err := cmp.Or(rows.Err(), rows.Close()); err != nil {
 		return 0, err
 	}
-	slices.SortFunc(all, func(a, b held) int { return cmp.Compare(a.id, b.id) })
+	slices.SortFunc(all, func(a, b deferredReply) int { return cmp.Compare(a.id, b.id) })
 	for _, h := range all {
 		var d Delivery
 		if err := json.Unmarshal([]byte(h.raw), &d); err != nil {
-			return 0, fmt.Errorf("held reply %d: %w", h.id, err)
+			return 0, fmt.Errorf("deferred reply %d: %w", h.id, err)
 		}
 		if _, err := s.queueReply(ctx, tx, d, now); err != nil { // as WeChat's limits allow
 			return 0, err
@@ -173,35 +174,4 @@ func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
 		out = append(out, c)
 	}
 	return out, rows.Err()
-}
-
-// Heartbeat records name's heartbeat at now, unless it holds a later one:
-// with several instances, the latest of them stands.
-func (s *Store) Heartbeat(ctx context.Context, name string, now time.Time) error {
-	later := "max(heartbeats.at, excluded.at)"
-	if s.postgres {
-		later = "GREATEST(heartbeats.at, excluded.at)"
-	}
-	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		_, err := s.exec(ctx, tx, `INSERT INTO heartbeats (name, at) VALUES (?, ?)
-			ON CONFLICT (name) DO UPDATE SET at = `+later, name, now.UnixMilli())
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("heartbeat %s: %w", name, err)
-	}
-	return nil
-}
-
-// LastHeartbeat returns name's heartbeat; found is false if there has been
-// none.
-func (s *Store) LastHeartbeat(ctx context.Context, name string) (at time.Time, found bool, err error) {
-	var ms int64
-	switch err := s.rdb.QueryRowContext(ctx, s.q(`SELECT at FROM heartbeats WHERE name = ?`), name).Scan(&ms); {
-	case errors.Is(err, sql.ErrNoRows):
-		return time.Time{}, false, nil
-	case err != nil:
-		return time.Time{}, false, fmt.Errorf("heartbeat %s: %w", name, err)
-	}
-	return time.UnixMilli(ms), true, nil
 }
