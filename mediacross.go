@@ -24,6 +24,29 @@ import (
 	"strings"
 )
 
+// carryMedia makes msg, a customer's message of media, carry its file as
+// IM's elements, or, if the file cannot cross, its text and why. Either way
+// the item is rewritten to carry what this attempt sends, so that every
+// attempt after it sends the very same message, fetching nothing again:
+// IM drops a repeat only of the same content.
+func (w *Worker) carryMedia(ctx context.Context, it OutboxItem, msg *SendMsg) error {
+	d := it.Delivery
+	elems, err := w.mediaElems(ctx, it)
+	if why, cannot := fileFailure(err); cannot {
+		d.Text, d.Media = d.Text+"\n(not carried: "+why+")", nil
+		elems = textMessage("", "", d.Text, 0, 0).MsgBody
+	} else if err != nil || elems == nil {
+		return err
+	} else {
+		d.Elems, d.Media = elems, nil
+	}
+	if err := w.Store.Rewrite(ctx, it, d); err != nil {
+		return err
+	}
+	msg.MsgBody = elems
+	return nil
+}
+
 // mediaElems fetches the image, voice message or video of it from WeChat,
 // keeps it, and returns the elements that carry it: a TIMImageElem with its
 // size, width and height (the three sizes IM asks for are the one

@@ -440,34 +440,6 @@ func (s *Store) AcceptReply(ctx context.Context, key string, d Delivery, now tim
 	return t, nil
 }
 
-// tryLockCustomer holds the customer's row until the transaction ends, if
-// no other transaction holds it (on PostgreSQL), and reports whether it
-// does: a transaction holding the desk or another customer takes a
-// customer so, never waiting (the lock order, db.go).
-func (s *Store) tryLockCustomer(ctx context.Context, tx *sql.Tx, openid string) (bool, error) {
-	var one int
-	lock := ""
-	if s.postgres {
-		lock = " FOR UPDATE SKIP LOCKED"
-	}
-	err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+lock, openid).Scan(&one)
-	if errors.Is(err, sql.ErrNoRows) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
-// lockCustomer holds the customer's row until the transaction ends (on
-// PostgreSQL), or returns errUnknownCustomer.
-func (s *Store) lockCustomer(ctx context.Context, tx *sql.Tx, openid string) error {
-	var one int
-	err := s.queryRow(ctx, tx, `SELECT 1 FROM customers WHERE openid = ?`+s.lockRow(), openid).Scan(&one)
-	if errors.Is(err, sql.ErrNoRows) {
-		return errUnknownCustomer
-	}
-	return err
-}
-
 // takeReply records a reply's key and queues it, unless the key was seen
 // before.
 func (s *Store) takeReply(ctx context.Context, tx *sql.Tx, key string, d Delivery, now time.Time) (Taken, error) {

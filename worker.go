@@ -320,27 +320,8 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			return err
 		}
 		if d.Media != nil && w.PublicURL != "" {
-			elems, err := w.mediaElems(ctx, it) // mediacross.go
-			why, cannot := fileFailure(err)
-			switch {
-			case cannot:
-				// The file cannot cross: the message does, as its text,
-				// at this attempt and every one after it.
-				d.Text, d.Media = d.Text+"\n(not carried: "+why+")", nil
-				if err := w.Store.Rewrite(ctx, it, d); err != nil {
-					return err
-				}
-				msg.MsgBody = textMessage(from, d.Agent, d.Text, 0, 0).MsgBody
-			case err != nil:
+			if err := w.carryMedia(ctx, it, &msg); err != nil { // mediacross.go
 				return err
-			case elems != nil:
-				// Every attempt after this one sends these very elements,
-				// fetching nothing again: IM drops a repeat of the same.
-				d.Elems, d.Media = elems, nil
-				if err := w.Store.Rewrite(ctx, it, d); err != nil {
-					return err
-				}
-				msg.MsgBody = elems
 			}
 		}
 		if d.Kind == deliverIMSend {
