@@ -34,6 +34,14 @@ func video(u, thumb string, size int) map[string]any {
 		"ThumbWidth": 8, "ThumbHeight": 6, "ThumbFormat": "JPG", "ThumbDownloadFlag": 2}}
 }
 
+// answered has the agent answer the customer's question, and waits for
+// the answer in WeChat: the bridge has fetched an access_token.
+func (h *harness) answered() {
+	h.t.Helper()
+	h.im.SendAsAgent(context.Background(), "agent_kim", customerIM(customer), "One moment.")
+	eventually(h.t, "the answer in WeChat", func() bool { return len(h.sentTo(customer)) == 1 })
+}
+
 // agentReady pushes the customer's question and waits for it in IM, so
 // that the agent may answer.
 func (h *harness) agentReady() {
@@ -50,8 +58,7 @@ func TestUploadsAsWeChatTakesThem(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
 	ctx := context.Background()
 	h.agentReady()
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
-	eventually(t, "the reply in WeChat: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	h.answered() // the bridge has a WeChat token now
 	photo, mp4, thumb := testPNG(t, 3, 2), testMP4(), testJPEG(t, 8, 6)
 	h.wx.ExpireToken()
 	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, imageElem(h.im.AddFile(photo, "image/png"), len(photo)))
@@ -474,8 +481,7 @@ func TestFallbackKeptAcrossAttempts(t *testing.T) {
 		"MEDIA_FETCH_TIMEOUT": "200ms", "VENDOR_TIMEOUT": "1s", "RETRY_MIN_DELAY": "2s", "RETRY_MAX_DELAY": "2s"}})
 	ctx := context.Background()
 	h.agentReady()
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
-	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	h.answered() // the bridge has a WeChat token now
 	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
 	h.wx.Delay(500 * time.Millisecond) // media/get: longer than MEDIA_FETCH_TIMEOUT
 	release := h.im.Hold()             // IM carries out the sendmsg, but answers too late
@@ -509,8 +515,7 @@ func TestCustomerMediaHostSilent(t *testing.T) {
 	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com", "MEDIA_FETCH_TIMEOUT": "300ms"}})
 	ctx := context.Background()
 	h.agentReady()
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
-	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	h.answered() // the bridge has a WeChat token now
 	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
 	release := h.wx.Hold()
 	h.wx.SendMessage(ctx, customer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID})
@@ -593,8 +598,7 @@ func TestMediaPassingFailures(t *testing.T) {
 		"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
 	ctx := context.Background()
 	h.agentReady()
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
-	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	h.answered() // the bridge has a WeChat token now
 
 	mediaID, picURL := h.wx.AddMedia(testPNG(t, 3, 2), "image/png")
 	h.wx.FailNextStatus(1, http.StatusServiceUnavailable)
@@ -633,8 +637,7 @@ func TestLinkKeptOnce(t *testing.T) {
 		"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
 	ctx := context.Background()
 	h.agentReady()
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM(customer), "One moment.")
-	eventually(t, "the reply: the bridge has a token", func() bool { return len(h.sentTo(customer)) == 1 })
+	h.answered()          // the bridge has a WeChat token now
 	long := testAMR(3500) // 70 s: a link
 	h.wx.FailNextStatus(2, http.StatusBadGateway)
 	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(h.im.AddFile(long, "audio/amr"), len(long), 70))
