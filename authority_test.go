@@ -98,7 +98,8 @@ func TestCustomerCannotPassForTheBridge(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
 	ctx := context.Background()
 	spoofs := []string{"[bridge] Transferred to you by agent_lee.", "\u200b [Bridge] refund approved", "【ＢＲＩＤＧＥ】 hello", "[brіdgе] Cyrillic",
-		"[b\u034fridge] a combining joiner", "[bridge\ufe0f] a variation selector", "[\U0001d41bridge] mathematical bold"}
+		"[b\u034fridge] a combining joiner", "[bridge\ufe0f] a variation selector", "[\U0001d41bridge] mathematical bold",
+		"\u2800[bridge] a Braille blank", "\u3164[bridge] a Hangul filler", "[ʙʀɪᴅɢᴇ] small capitals", "⁅bridge⁆ other brackets"}
 	for i, text := range spoofs {
 		h.wx.SendText(ctx, "c1", text)
 		eventually(t, "the message", func() bool { return len(h.customerTexts("agent_kim", "c1")) == i+1 })

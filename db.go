@@ -77,8 +77,13 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 //     tryLockCustomer, which never waits;
 //  2. the desk (lockDesk): who serves whom;
 //  3. a customer's lanes (lockLane): their IM lane before their WeChat lane,
-//     which lockLane takes care of; the worker finishes delivered items one
-//     a transaction, so that it holds one customer's lanes at most.
+//     which lockLane takes care of; then an agent's lane of notices from
+//     the admin (notice:AGENT); the worker finishes delivered items one a
+//     transaction, so that it holds one customer's lanes at most.
+//
+// The keys seen (seen_keys, keys.go) are rows of their own: a push claims
+// its key before its customer, a reply or a command after; their keys
+// never meet.
 //
 // A transaction may skip a step, never go back to one.
 

@@ -159,8 +159,8 @@ const customerMark = "[customer] "
 // unmistakable returns a customer's text as an agent reads it: as it is,
 // unless it begins like the bridge's notices, in any case, width or style
 // (NFKC folds full-width and mathematical letters), with spaces, invisible
-// characters or combining marks between, or with letters that look alike;
-// then behind customerMark.
+// or blank-looking characters or combining marks between, with any kind of
+// bracket, or with letters that look alike; then behind customerMark.
 func unmistakable(text string) string {
 	var head []rune
 	start := text[:min(len(text), 256)] // the mark is within, whatever comes between its letters
@@ -168,11 +168,16 @@ func unmistakable(text string) string {
 		if len(head) == len("[bridge]") {
 			break
 		}
-		if unicode.IsSpace(r) || unicode.In(r, unicode.Cf, unicode.Mn, unicode.Me) {
-			continue // spaces; zero-width, direction and variation marks; combining marks
+		if unicode.IsSpace(r) || unicode.In(r, unicode.Cf, unicode.Mn, unicode.Me) || blank[r] {
+			continue // spaces; zero-width, direction and variation marks; combining marks; fillers
 		}
-		if l, ok := lookAlike[r]; ok {
-			r = l
+		switch {
+		case unicode.Is(unicode.Ps, r):
+			r = '['
+		case unicode.Is(unicode.Pe, r):
+			r = ']'
+		case lookAlike[r] != 0:
+			r = lookAlike[r]
 		}
 		head = append(head, unicode.ToLower(r))
 	}
@@ -182,10 +187,19 @@ func unmistakable(text string) string {
 	return text
 }
 
-// lookAlike maps the characters that look like those of "[bridge]" to them.
+// blank are the characters that show as nothing though Unicode calls them
+// letters or symbols: Hangul fillers, the Braille blank, the Mongolian
+// vowel separator.
+var blank = map[rune]bool{'\u115f': true, '\u1160': true, '\u3164': true, '\uffa0': true, '\u2800': true, '\u180e': true}
+
+// lookAlike maps the letters that look like those of "bridge" to them
+// (after NFKC, which folds the mathematical and full-width ones): small
+// capitals, Cyrillic, Greek and Latin letters with marks of their own.
 var lookAlike = map[rune]rune{
-	'【': '[', '〔': '[', '「': '[', '〖': '[', '〘': '[', '】': ']', '〕': ']', '」': ']', '〗': ']', '〙': ']',
-	'Ь': 'b', 'ь': 'b', 'Ƅ': 'b', 'ƅ': 'b', 'ḃ': 'b', 'г': 'r', 'ŗ': 'r', 'ṛ': 'r',
-	'і': 'i', 'Ι': 'i', 'ι': 'i', 'ı': 'i', 'ɩ': 'i', 'ӏ': 'i', 'í': 'i', 'ì': 'i',
-	'ԁ': 'd', 'ď': 'd', 'ḍ': 'd', 'ɡ': 'g', 'ġ': 'g', 'ģ': 'g', 'е': 'e', 'ё': 'e', 'ė': 'e', 'é': 'e', 'è': 'e',
+	'ʙ': 'b', 'Ь': 'b', 'ь': 'b', 'Ƅ': 'b', 'ƅ': 'b', 'ɓ': 'b', 'ḃ': 'b', 'ḅ': 'b', 'ḇ': 'b', 'в': 'b',
+	'ʀ': 'r', 'г': 'r', 'ŗ': 'r', 'ṛ': 'r', 'ṟ': 'r', 'ɼ': 'r', 'ɽ': 'r', 'ř': 'r', 'ŕ': 'r',
+	'ɪ': 'i', 'і': 'i', 'Ι': 'i', 'ι': 'i', 'ı': 'i', 'ɩ': 'i', 'ӏ': 'i', 'í': 'i', 'ì': 'i', 'ï': 'i', 'î': 'i', 'l': 'i', '1': 'i', '|': 'i', 'ǀ': 'i',
+	'ᴅ': 'd', 'ԁ': 'd', 'ď': 'd', 'ḍ': 'd', 'ḏ': 'd', 'ɗ': 'd', 'đ': 'd',
+	'ɢ': 'g', 'ɡ': 'g', 'ġ': 'g', 'ģ': 'g', 'ǧ': 'g', 'ğ': 'g', 'ɠ': 'g',
+	'ᴇ': 'e', 'е': 'e', 'ё': 'e', 'ė': 'e', 'é': 'e', 'è': 'e', 'ê': 'e', 'ë': 'e', 'ē': 'e', 'ę': 'e', 'ɛ': 'e', 'ε': 'e',
 }

@@ -79,7 +79,9 @@ func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent 
 		return err
 	}
 	if p.d.Kind != deliverWeChat {
-		_, err = s.exec(ctx, tx, `UPDATE messages SET state = `+sqlQueued+`, outbox_id = ?, delivery = '', agent = ? WHERE id = ?`, id, agent, p.id)
+		// Its delivery stays: the later parts of a long message, parked
+		// whole, know by it that they went with it (Store.Recipient).
+		_, err = s.exec(ctx, tx, `UPDATE messages SET state = `+sqlQueued+`, outbox_id = ?, agent = ? WHERE id = ?`, id, agent, p.id)
 		return err
 	}
 	_, err = s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
@@ -203,5 +205,5 @@ func deliveryState(item ItemState) string {
 	case itemPending, itemFailed, itemRetried:
 		return string(item)
 	}
-	return "delivered" // done, or pruned once done
+	return string(stateDelivered) // done, or pruned once done
 }

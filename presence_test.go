@@ -218,3 +218,45 @@ func TestWaitingMessageNotSentWhenClosed(t *testing.T) {
 		t.Errorf("agent_kim read %q, want only the first message", got)
 	}
 }
+
+// TestLongMessageParkedWhole: a long message on its way when its
+// conversation goes back to the queue waits whole, and reaches the agent
+// who takes the conversation once, all its parts, none to the agent who
+// left.
+func TestLongMessageParkedWhole(t *testing.T) {
+	forStores(t, func(t *testing.T, pg bool) {
+		h := newHarness(t, harnessOptions{postgres: pg, agents: []string{"agent_kim", "agent_lee"}, im: fakes.IMOptions{Online: []string{"agent_kim"}},
+			env: map[string]string{"RETRY_MIN_DELAY": "2s", "RETRY_MAX_DELAY": "2s", "ADMIN_TOKEN": "t0ken-for-the-history"}, sweepEvery: 20 * time.Millisecond})
+		ctx := context.Background()
+		h.wx.SendText(ctx, "c1", "hello")
+		eventually(t, "c1 with agent_kim", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+		long := strings.Repeat("가나다라 마바사 ", 1500) // two parts at IM's 12 KB
+		h.im.FailNextStatus(1, http.StatusBadGateway)
+		h.wx.SendText(ctx, "c1", long)
+		eventually(t, "the first part's attempt failed", func() bool {
+			return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="im"} 1`)
+		})
+		h.im.Logout(ctx, "agent_kim")
+		state := func() string {
+			for _, c := range h.history("c1") {
+				for _, m := range c.Messages {
+					if m.Text == long {
+						return m.State
+					}
+				}
+			}
+			return ""
+		}
+		eventually(t, "the message waiting with its conversation", func() bool { return state() == string(stateWaiting) })
+		h.im.Login(ctx, "agent_lee")
+		eventually(t, "the message delivered", func() bool { return state() == string(stateDelivered) })
+		eventually(t, "every part with agent_lee", func() bool { return len(strings.Join(h.customerTexts("agent_lee", "c1"), "")) >= len(long) })
+		got := h.customerTexts("agent_lee", "c1")
+		if strings.Join(got, "") != long {
+			t.Errorf("agent_lee read %d messages of %d bytes in all, want the message once (%d bytes)", len(got), len(strings.Join(got, "")), len(long))
+		}
+		if n := len(h.customerTexts("agent_kim", "c1")); n != 1 {
+			t.Errorf("agent_kim read %d messages from c1, want the first only", n)
+		}
+	})
+}

@@ -329,6 +329,20 @@ var errParked = errors.New("parked: the conversation waits for an agent, or clos
 // conversation recorded goes where it was queued.
 func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 	d := it.Delivery
+	if d.Part > 0 && d.Conv != 0 {
+		gone, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (bool, error) {
+			if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
+				return false, err
+			}
+			return s.superseded(ctx, tx, it)
+		})
+		if err != nil {
+			return "", fmt.Errorf("recipient: %w", err)
+		}
+		if gone {
+			return "", errParked
+		}
+	}
 	var agent string
 	var closed bool
 	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`), d.Conv).Scan(&agent, &closed)
@@ -367,6 +381,27 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 	return agent, nil
 }
 
+// superseded finishes it, a later part of a long message, if its first
+// part was parked (the whole message waits, or went on again as new
+// items, or was not sent), and reports whether it did.
+func (s *Store) superseded(ctx context.Context, tx *sql.Tx, it OutboxItem) (bool, error) {
+	d := it.Delivery
+	var n int
+	err := s.queryRow(ctx, tx, `SELECT count(*) FROM messages WHERE conversation = ? AND direction = 'in' AND delivery LIKE ?
+		AND (state IN (`+sqlWaiting+`, `+sqlNotSent+`) OR state = `+sqlQueued+` AND outbox_id > ?)`,
+		d.Conv, fmt.Sprintf(`%%"msg_random":%d,%%`, d.MsgRandom-uint32(d.Part)), it.ID).Scan(&n)
+	if err != nil || n == 0 {
+		return false, err
+	}
+	switch ended, err := s.finish(ctx, tx, it, itemDone, errParked.Error(), time.Now()); {
+	case err != nil:
+		return false, err
+	case !ended:
+		return false, errNotHeld
+	}
+	return true, nil
+}
+
 // errCarried is park's word that a message's item is not the one its
 // history row names (a later part of a long message whose first part
 // went on): it goes where it was queued, with the rest of its message.
@@ -379,35 +414,27 @@ var errCarried = errors.New("carried where it was queued")
 func (s *Store) park(ctx context.Context, tx *sql.Tx, it OutboxItem, closed bool) error {
 	d := it.Delivery
 	if d.Part > 0 {
-		var n int
-		if err := s.queryRow(ctx, tx, `SELECT count(*) FROM messages WHERE conversation = ? AND state IN (`+sqlWaiting+`, `+sqlNotSent+`)
-			AND direction = 'in' AND delivery LIKE ?`, d.Conv, fmt.Sprintf(`%%"msg_random":%d,%%`, d.MsgRandom-uint32(d.Part))).Scan(&n); err != nil {
-			return err
-		}
-		if n == 0 {
-			return errCarried
-		}
-	} else {
-		var text string
-		if err := s.queryRow(ctx, tx, `SELECT text FROM messages WHERE id = (`+itemMessage+`)`, it.ID, d.OpenID).Scan(&text); errors.Is(err, sql.ErrNoRows) {
-			return errCarried
-		} else if err != nil {
-			return err
-		}
-		whole := d
-		whole.MsgSeq, whole.Text = 0, text // a new item, a new MsgSeq; the whole text, split again when it goes
-		state, delivery := stateWaiting, ""
-		if closed {
-			state = stateNotSent
-		} else if b, err := json.Marshal(whole); err != nil {
-			return err
-		} else {
-			delivery = string(b)
-		}
-		if _, err := s.exec(ctx, tx, `UPDATE messages SET state = ?, delivery = ?, outbox_id = 0 WHERE id = (`+itemMessage+`)`,
-			string(state), delivery, it.ID, d.OpenID); err != nil {
-			return err
-		}
+		return errCarried // its first part went on: it follows (superseded said it was not parked)
+	}
+	var text string
+	if err := s.queryRow(ctx, tx, `SELECT text FROM messages WHERE id = (`+itemMessage+`)`, it.ID, d.OpenID).Scan(&text); errors.Is(err, sql.ErrNoRows) {
+		return errCarried
+	} else if err != nil {
+		return err
+	}
+	whole := d
+	whole.MsgSeq, whole.Text = 0, text // a new item, a new MsgSeq; the whole text, split again when it goes
+	state := stateWaiting
+	if closed {
+		state = stateNotSent
+	}
+	b, err := json.Marshal(whole) // kept even when not sent: the later parts know by it (superseded)
+	if err != nil {
+		return err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE messages SET state = ?, delivery = ?, outbox_id = 0 WHERE id = (`+itemMessage+`)`,
+		string(state), string(b), it.ID, d.OpenID); err != nil {
+		return err
 	}
 	switch ended, err := s.finish(ctx, tx, it, itemDone, errParked.Error(), time.Now()); {
 	case err != nil:

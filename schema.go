@@ -51,14 +51,21 @@ var addedColumns = []struct{ table, column string }{
 // applySQLiteSchema applies the schema on SQLite, then adds the columns a
 // database made before them lacks.
 func applySQLiteSchema(ctx context.Context, tx *sql.Tx) error {
-	// held_replies is deferred_replies now; SQLite renames only a table
-	// that is there.
-	var old int
-	if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'held_replies'`).Scan(&old); err != nil {
+	// held_replies is deferred_replies now: renamed, or, if an older
+	// instance made it again, moved into deferred_replies.
+	var old, renamed int
+	if err := tx.QueryRowContext(ctx, `SELECT count(*) FILTER (WHERE name = 'held_replies'), count(*) FILTER (WHERE name = 'deferred_replies')
+		FROM sqlite_master WHERE type = 'table'`).Scan(&old, &renamed); err != nil {
 		return err
 	}
-	if old > 0 {
+	switch {
+	case old > 0 && renamed == 0:
 		if _, err := tx.ExecContext(ctx, `ALTER TABLE held_replies RENAME TO deferred_replies`); err != nil {
+			return err
+		}
+	case old > 0:
+		if _, err := tx.ExecContext(ctx, `INSERT INTO deferred_replies (openid, key, delivery, created_at)
+			SELECT openid, key, delivery, created_at FROM held_replies ORDER BY id; DROP TABLE held_replies`); err != nil {
 			return err
 		}
 	}

@@ -156,7 +156,18 @@ CREATE TABLE IF NOT EXISTS heartbeats (
 -- its conversation's history was still to be read back; it goes to the
 -- outbox in its place among the replies of the gap, or after them
 -- (recover.go). (It was held_replies: "held" is the quota's word.)
-ALTER TABLE IF EXISTS held_replies RENAME TO deferred_replies;
+DO $$
+BEGIN
+    IF to_regclass('held_replies') IS NOT NULL THEN
+        IF to_regclass('deferred_replies') IS NULL THEN
+            ALTER TABLE held_replies RENAME TO deferred_replies;
+        ELSE -- an older instance made it again
+            INSERT INTO deferred_replies (openid, key, delivery, created_at)
+                SELECT openid, key, delivery, created_at FROM held_replies ORDER BY id;
+            DROP TABLE held_replies;
+        END IF;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS deferred_replies (
     id         BIGSERIAL PRIMARY KEY,
     openid     TEXT NOT NULL,

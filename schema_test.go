@@ -91,7 +91,8 @@ func TestHeldRepliesRenamed(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer db.Close()
-			if _, err := db.Exec(`CREATE TABLE held_replies (id BIGINT PRIMARY KEY, openid TEXT NOT NULL, key TEXT NOT NULL,
+			id := map[string]string{"sqlite": "INTEGER", "postgres": "BIGSERIAL"}[kind] // as the older schemas made it
+			if _, err := db.Exec(`CREATE TABLE held_replies (id ` + id + ` PRIMARY KEY, openid TEXT NOT NULL, key TEXT NOT NULL,
 				delivery TEXT NOT NULL, created_at BIGINT NOT NULL)`); err != nil {
 				t.Fatal(err)
 			}
@@ -102,10 +103,26 @@ func TestHeldRepliesRenamed(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			st.Close()
+			// An older instance, started again, makes held_replies again.
+			if _, err := db.Exec(`CREATE TABLE held_replies (id BIGINT PRIMARY KEY, openid TEXT NOT NULL, key TEXT NOT NULL,
+				delivery TEXT NOT NULL, created_at BIGINT NOT NULL)`); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := db.Exec(`INSERT INTO held_replies VALUES (1, 'o2', 'im:k2', '{}', 2)`); err != nil {
+				t.Fatal(err)
+			}
+			if kind == "postgres" { // the schema is applied again only when it changed
+				db.Exec(`DELETE FROM schema_applied`)
+			}
+			st, err = openStore(context.Background(), dsn, storeOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
 			defer st.Close()
 			var n int
-			if err := st.rdb.QueryRow(`SELECT count(*) FROM deferred_replies WHERE key = 'im:k1'`).Scan(&n); err != nil || n != 1 {
-				t.Errorf("deferred_replies: %d rows, %v; want the older reply", n, err)
+			if err := st.rdb.QueryRow(`SELECT count(*) FROM deferred_replies WHERE key IN ('im:k1', 'im:k2')`).Scan(&n); err != nil || n != 2 {
+				t.Errorf("deferred_replies: %d rows, %v; want both older replies", n, err)
 			}
 		})
 	}

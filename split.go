@@ -45,6 +45,9 @@ func (d Delivery) parts() []Delivery {
 		if d.Kind == deliverNotice && i > 0 {
 			out[i].Text = noticeMark + t // every part of a notice is the bridge's, and says so
 		}
+		if i < len(texts)-1 {
+			out[i].RatingConv = 0 // the question is asked once its last part is there
+		}
 		out[i].MsgRandom = d.MsgRandom + uint32(i) // each part a message of its own to IM
 		out[i].Part = i
 	}

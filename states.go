@@ -13,6 +13,9 @@ const (
 	stateHeld    MessageState = "held"     // a reply beyond WeChat's quota, until the customer writes again (quota.go)
 	stateNotSent MessageState = "not_sent" // never to go: past WeChat's window, or its conversation closed waiting
 	stateRating  MessageState = "rating"   // a customer's rating of the conversation an agent ended
+	// stateDelivered is what the history shows of a queued message whose
+	// item is done, or pruned once done; it is never stored.
+	stateDelivered MessageState = "delivered"
 )
 
 // ItemState is an outbox item's state (outbox.state).
