@@ -70,6 +70,7 @@ func newMetrics(st *Store) *metrics {
 			depth:  prometheus.NewDesc("bridge_outbox_depth", "Deliveries not yet made.", nil, nil),
 			oldest: prometheus.NewDesc("bridge_outbox_oldest_age_seconds", "Age of the oldest delivery not yet made; 0 when there is none.", nil, nil),
 			dead:   prometheus.NewDesc("bridge_dead_letters", "Dead letters kept in the store.", nil, nil),
+			up:     prometheus.NewDesc("bridge_store_up", "1 if the store was read for this scrape; 0 if not, and then the outbox gauges are absent.", nil, nil),
 		},
 		deskCollector{st: st,
 			waiting: prometheus.NewDesc("bridge_customers_waiting", "Customers waiting for an agent.", nil, nil),
@@ -115,20 +116,28 @@ func target(kind string) string {
 // the store a scrape: on SQLite, counting the pending items reads the
 // whole outbox.
 type outboxCollector struct {
-	st                  *Store
-	depth, oldest, dead *prometheus.Desc
+	st                      *Store
+	depth, oldest, dead, up *prometheus.Desc
 }
 
 func (c outboxCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.depth
 	ch <- c.oldest
 	ch <- c.dead
+	ch <- c.up
 }
 
 func (c outboxCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	s, _ := c.st.Stats(ctx)
+	s, err := c.st.Stats(ctx)
+	if err != nil {
+		// No figure rather than a false zero: an alert on the outbox's age
+		// must not go quiet because the store cannot be read.
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 0)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 1)
 	age := 0.0
 	if !s.OldestSince.IsZero() {
 		age = time.Since(s.OldestSince).Seconds()

@@ -161,3 +161,42 @@ func TestStatsWhileWriting(t *testing.T) {
 		t.Errorf("stats %+v, %v; want 207 pending: the 200 messages and the 7 customers' imports", s, err)
 	}
 }
+
+// TestMetricsWhenTheStoreFails: when the store cannot be read, /metrics
+// says so (bridge_store_up 0) and leaves the outbox gauges out rather than
+// report a false zero, and /readyz answers 503; once it can, both recover.
+func TestMetricsWhenTheStoreFails(t *testing.T) {
+	h := newHarness(t, harnessOptions{postgres: true})
+	db, err := sql.Open("pgx", h.env["DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ready := func() int {
+		resp, err := http.Get(h.base + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if m := h.metricsText(); !strings.Contains(m, "bridge_store_up 1") || !strings.Contains(m, "bridge_outbox_depth 0") || ready() != 200 {
+		t.Fatal("a healthy store: want bridge_store_up 1, the outbox gauges, and ready")
+	}
+	if _, err := db.Exec(`ALTER TABLE outbox RENAME TO outbox_away`); err != nil {
+		t.Fatal(err)
+	}
+	m := h.metricsText()
+	if !strings.Contains(m, "bridge_store_up 0") || strings.Contains(m, "bridge_outbox_depth") || strings.Contains(m, "bridge_outbox_oldest_age_seconds") {
+		t.Errorf("the store unreadable, /metrics says:\n%s\n%s", grepLines(m, "bridge_store_up"), grepLines(m, "bridge_outbox"))
+	}
+	if got := ready(); got != http.StatusServiceUnavailable {
+		t.Errorf("/readyz answered %d, want 503", got)
+	}
+	if _, err := db.Exec(`ALTER TABLE outbox_away RENAME TO outbox`); err != nil {
+		t.Fatal(err)
+	}
+	if m := h.metricsText(); !strings.Contains(m, "bridge_store_up 1") || ready() != 200 {
+		t.Error("the store back: want bridge_store_up 1 and ready")
+	}
+}

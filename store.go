@@ -162,8 +162,13 @@ func (s *Store) Close() error {
 // SetDesk sets the desk's rules, before the store takes any work.
 func (s *Store) SetDesk(d *Desk) { s.desk = d }
 
-// Ping reports whether the database answers.
-func (s *Store) Ping(ctx context.Context) error { return s.rdb.PingContext(ctx) }
+// Ping reports whether the store can be read: the database answers a read
+// of the outbox and the customers, not only a connection.
+func (s *Store) Ping(ctx context.Context) error {
+	var n int
+	return s.rdb.QueryRowContext(ctx, `SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM outbox LIMIT 1) o)
+		+ (SELECT COUNT(*) FROM (SELECT 1 FROM customers LIMIT 1) c)`).Scan(&n)
+}
 
 // Reply kinds kept with a push key, so a retried push gets the same answer;
 // a queued customer's is replyQueued followed by their place.
