@@ -579,3 +579,30 @@ func TestHeldReplyKeepsConversationAlive(t *testing.T) {
 		h.eventuallyNotice("agent_kim", "c1", "The conversation closed after 30m0s without a message.")
 	})
 }
+
+// TestQuotaCountsRepliesOnTheirWay: a reply queued before the customer's
+// new message but delivered after it counts, as WeChat counts it, against
+// the quota the new message opens: the bridge holds the reply that would
+// be one too many, and WeChat never refuses (45047). Found by TestDeskModel.
+func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+	ctx := context.Background()
+	h.wx.SendText(ctx, "c1", "question")
+	eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
+	eventually(t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
+	h.wx.FailNextStatus(1, http.StatusBadGateway)
+	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1") // on its way for a second
+	eventually(t, "r1's first attempt failed", func() bool {
+		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
+	})
+	h.wx.SendText(ctx, "c1", "and?")
+	for _, r := range []string{"r2", "r3", "r4", "r5", "r6"} {
+		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
+	}
+	h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
+	eventually(t, "five replies after the message", func() bool { return len(h.sentTo("c1")) == 6 })
+	if d := h.deadLetters(); len(d) != 0 {
+		t.Errorf("dead letters %q, want none: WeChat refused nothing", d)
+	}
+}

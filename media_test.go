@@ -302,18 +302,19 @@ func TestMediaIDsNeverReused(t *testing.T) {
 // served whole and by ranges across parts, from either store.
 func TestMediaStreamedByRanges(t *testing.T) {
 	forStores(t, func(t *testing.T, pg bool) {
-		h := newHarness(t, harnessOptions{postgres: pg, env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
+		h := newHarness(t, harnessOptions{postgres: pg, external: true, env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
 		st, err := openStore(context.Background(), h.env["DATABASE_URL"], storeOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer st.Close()
 		data := make([]byte, 2*mediaPart+1000)
 		for i := range data {
 			data[i] = byte(i * 7)
 		}
 		id := newMediaID()
 		keepBytes(t, st, id, "video/mp4", data, time.Now())
+		st.Close() // one bridge a SQLite file
+		h.start()
 		for _, c := range []struct {
 			rng        string
 			from, to   int
@@ -550,14 +551,15 @@ func TestLongSoundMeasured(t *testing.T) {
 // TestSVGServedAsDownload: a picture that can run script is never served
 // as a picture.
 func TestSVGServedAsDownload(t *testing.T) {
-	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
+	h := newHarness(t, harnessOptions{external: true, env: map[string]string{"PUBLIC_URL": "https://bridge.example.com"}})
 	st, err := openStore(context.Background(), h.env["DATABASE_URL"], storeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := newMediaID()
 	keepBytes(t, st, id, "image/svg+xml", []byte(`<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>`), time.Now())
-	st.Close()
+	st.Close() // one bridge a SQLite file
+	h.start()
 	resp, err := http.Get(h.base + "/media/" + id)
 	if err != nil {
 		t.Fatal(err)

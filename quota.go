@@ -53,10 +53,13 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	if grant == 0 || now.UnixMilli() >= until {
 		return 0, false, 0, lastIn, nil
 	}
-	// What was sent under the grant came after the customer's last message.
+	// What was sent under the grant came after the customer's last message;
+	// and a reply queued before it and still on its way reaches WeChat after
+	// it, so WeChat counts it under this grant too.
 	var used int
-	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(parts), 0) FROM messages WHERE openid = ? AND id > ? AND direction = 'out'
-		AND state = `+sqlQueued+` AND grant_of = ?`, openid, inID, grant).Scan(&used)
+	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
+		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
+			WHERE o.id = m.outbox_id AND o.lane = ? AND o.state = `+sqlPending+`))`, openid, inID, grant, inID, "wx:"+openid).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
 }
 

@@ -8,11 +8,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
@@ -31,6 +33,7 @@ type Store struct {
 	stmts     sync.Map     // SQLite: query → *sql.Stmt (prepared.go)
 	commit    *groupCommit // SQLite: its writer (commit.go); nil on PostgreSQL
 	closeOnce sync.Once
+	owned     *os.File // SQLite: the database file, locked while this store has it (ownSQLite)
 	// SQLite: the pending items of each lane, in order, as committed, and
 	// the changes the transaction running makes to them (lanes.go).
 	lanes   map[string][]int64
@@ -87,9 +90,13 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 	s := &Store{desk: &Desk{}}
 	var err error
 	if path, perr := sqlitePath(databaseURL); perr == nil {
+		if s.owned, err = ownSQLite(path); err != nil {
+			return nil, err
+		}
 		// synchronous(FULL): a commit returns once the log is on disk.
 		dsn := "file:" + fileURIPath(path) + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
 		if s.db, err = sql.Open("sqlite", dsn+"&_txlock=immediate"); err != nil {
+			s.owned.Close()
 			return nil, fmt.Errorf("open store: %w", err)
 		}
 		// Only the writer goroutine writes, one transaction at a time; a
@@ -98,6 +105,7 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		s.db.SetMaxOpenConns(2)
 		if s.rdb, err = sql.Open("sqlite", dsn+"&_pragma=query_only(1)"); err != nil {
 			s.db.Close()
+			s.owned.Close()
 			return nil, fmt.Errorf("open store: %w", err)
 		}
 		s.rdb.SetMaxOpenConns(4)
@@ -131,6 +139,9 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		if s.rdb != s.db {
 			s.rdb.Close()
 		}
+		if s.owned != nil {
+			s.owned.Close()
+		}
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
 	if !s.postgres {
@@ -155,8 +166,32 @@ func (s *Store) Close() error {
 			s.rdb.Close()
 		}
 		err = s.db.Close()
+		if s.owned != nil {
+			s.owned.Close() // and with it the lock
+		}
 	})
 	return err
+}
+
+// ownSQLite takes an OS lock (flock) on the SQLite file at path, made if
+// missing, for as long as the store is open: a second bridge on the same
+// file (a deploy that starts the new before stopping the old, a binary run
+// by hand) would deliver the same work, so it stops at start instead. The
+// lock goes with the process, however it ends. SQLite's own locks are of
+// another kind (fcntl), and do not meet it.
+func ownSQLite(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("open store: %s is in use by another bridge: one bridge a SQLite file (several need PostgreSQL)", path)
+		}
+		return nil, fmt.Errorf("open store: lock %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // SetDesk sets the desk's rules, before the store takes any work.

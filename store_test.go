@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -656,4 +657,17 @@ func TestSQLitePathWithHash(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "bridge.db")); err != nil {
 		t.Errorf("the database is not where DATABASE_URL says: %v", err)
 	}
+}
+
+// TestOneBridgeASQLiteFile: a second bridge on the SQLite file of a
+// running one stops at start, naming the file; PostgreSQL takes several.
+func TestOneBridgeASQLiteFile(t *testing.T) {
+	h := newHarness(t, harnessOptions{})
+	path, _ := sqlitePath(h.env["DATABASE_URL"])
+	err := run(context.Background(), nil, mapEnv(h.env), io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "in use by another bridge") {
+		t.Fatalf("a second bridge on %s: %v, want it refused, naming the file", path, err)
+	}
+	h.wx.SendText(context.Background(), customer, question) // the first one serves on
+	eventually(t, "the question in IM", func() bool { return len(h.messagesTo("agent_kim")) == 1 })
 }
