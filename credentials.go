@@ -5,10 +5,21 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/hex"
 	"fmt"
 	"time"
 )
+
+// credentialName is the name a credential is shared under: what it is, the
+// app it belongs to, and a digest of the secret it is made with, so that a
+// rotated secret, or a second app on the same database, never takes
+// another's. The digest does not give the secret back.
+func credentialName(what, app, secret string) string {
+	sum := sha256.Sum256([]byte("wechat-im-bridge credential\x00" + secret))
+	return what + ":" + app + ":" + hex.EncodeToString(sum[:8])
+}
 
 // SharedCredential returns the credential name as the instances share it on
 // PostgreSQL: the stored value while it is not due for refresh and is not

@@ -119,7 +119,8 @@ func (c *IMClient) userSig(ctx context.Context, stale string) (string, error) {
 	}
 	var err error
 	if c.Shared != nil {
-		c.sig, c.sigExpiry, err = c.Shared(ctx, "im_usersig", stale, now, gen)
+		name := credentialName("im_usersig", fmt.Sprintf("%d/%s", c.SDKAppID, c.Admin), c.SecretKey)
+		c.sig, c.sigExpiry, err = c.Shared(ctx, name, stale, now, gen)
 	} else {
 		c.sig, c.sigExpiry, err = gen()
 	}
@@ -167,8 +168,13 @@ func (c *IMClient) limiter(command string) *rateLimiter {
 	return l
 }
 
+// sigRefused are the codes of an answer refusing the UserSig (error codes,
+// 269/1671: expired, empty, unreadable, not this key's, not this admin's,
+// not this app's): the UserSig is renewed and the call made once more.
+var sigRefused = map[int]bool{imErrSigExpired: true, 70002: true, 70003: true, 70009: true, 70013: true, 70014: true}
+
 // call posts req to v4/command and decodes the answer into resp. An answer
-// with ErrorCode 70001 renews the UserSig and is tried once more.
+// refusing the UserSig renews it, and the call is made once more.
 func (c *IMClient) call(ctx context.Context, command string, req, resp any) error {
 	body, err := marshalJSON(req)
 	if err != nil {
@@ -179,7 +185,7 @@ func (c *IMClient) call(ctx context.Context, command string, req, resp any) erro
 		return fmt.Errorf("im %s: %w", command, err)
 	}
 	err = c.post(ctx, command, body, resp, sig)
-	if e := (*IMError)(nil); errors.As(err, &e) && e.Code == imErrSigExpired {
+	if e := (*IMError)(nil); errors.As(err, &e) && sigRefused[e.Code] {
 		if sig, err = c.userSig(ctx, sig); err != nil {
 			return fmt.Errorf("im %s: %w", command, err)
 		}

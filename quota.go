@@ -55,11 +55,13 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	}
 	// What was sent under the grant came after the customer's last message;
 	// and a reply queued before it and still on its way reaches WeChat after
-	// it, so WeChat counts it under this grant too.
+	// it, so WeChat counts it under this grant too. (Its item is the one
+	// made with it: SQLite gives a pruned item's id to a new one.)
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
 		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
-			WHERE o.id = m.outbox_id AND o.lane = ? AND o.state = `+sqlPending+`))`, openid, inID, grant, inID, "wx:"+openid).Scan(&used)
+			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at = m.created_at AND o.state = `+sqlPending+`))`,
+		openid, inID, grant, inID, "wx:"+openid).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
 }
 

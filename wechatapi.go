@@ -103,7 +103,7 @@ func (c *WeChatClient) accessToken(ctx context.Context, stale string) (string, e
 	}
 	var err error
 	if c.Shared != nil {
-		c.token, c.refresh, err = c.Shared(ctx, "wechat_access_token", stale, now, fetch)
+		c.token, c.refresh, err = c.Shared(ctx, credentialName("wechat_access_token", c.AppID, c.AppSecret), stale, now, fetch)
 	} else {
 		c.token, c.refresh, err = fetch()
 	}

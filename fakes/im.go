@@ -161,7 +161,11 @@ func NewIM(t T, opts IMOptions) *IM {
 }
 
 // Options returns the fake's settings, defaults filled in.
-func (im *IM) Options() IMOptions { return im.opts }
+func (im *IM) Options() IMOptions {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.opts
+}
 
 // SetCallbackURL sets the third-party callback URL (the bridge's
 // POST /imcallback); with none set, IM makes no callbacks.
@@ -207,6 +211,14 @@ func (im *IM) serveFile(w http.ResponseWriter, r *http.Request, id string) {
 	f, ok := im.files[id]
 	im.mu.Unlock()
 	serveStored(w, r, f.data, f.contentType, ok)
+}
+
+// RotateKey changes the app's secret key, as the console's: a UserSig made
+// with the old key is refused from then on (70009).
+func (im *IM) RotateKey(key string) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.opts.SecretKey = key
 }
 
 // SetSensitive makes IM's content security refuse texts holding any of
@@ -394,7 +406,10 @@ func (im *IM) checkQuery(q url.Values, now time.Time) imAnswer {
 	if sig == "" {
 		return imFail(70002, "usersig is empty")
 	}
-	if err := tencentyun.VerifyUserSig(im.opts.SDKAppID, im.opts.SecretKey, id, sig, now); err != nil {
+	im.mu.Lock()
+	key := im.opts.SecretKey // RotateKey may change it
+	im.mu.Unlock()
+	if err := tencentyun.VerifyUserSig(im.opts.SDKAppID, key, id, sig, now); err != nil {
 		switch {
 		case errors.Is(err, tencentyun.ErrExpired):
 			return imFail(70001, "usersig expired")
