@@ -9,8 +9,11 @@ import (
 	"database/sql"
 	_ "embed"
 	"errors"
+	"fmt"
+	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
@@ -168,4 +171,31 @@ func (s *Store) lockCustomer(ctx context.Context, tx *sql.Tx, openid string) err
 		return errUnknownCustomer
 	}
 	return err
+}
+
+// fileURIPath escapes what a file: URI would read otherwise in a path: a
+// '#' begins its fragment, a '?' its query.
+func fileURIPath(path string) string {
+	return strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(path)
+}
+
+// ownSQLite takes an OS lock (flock) on the SQLite file at path, made if
+// missing, for as long as the store is open: a second bridge on the same
+// file (a deploy that starts the new before stopping the old, a binary run
+// by hand) would deliver the same work, so it stops at start instead. The
+// lock goes with the process, however it ends. SQLite's own locks are of
+// another kind (fcntl), and do not meet it.
+func ownSQLite(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("open store: %s is in use by another bridge: one bridge a SQLite file (several need PostgreSQL)", path)
+		}
+		return nil, fmt.Errorf("open store: lock %s: %w", path, err)
+	}
+	return f, nil
 }

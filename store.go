@@ -10,11 +10,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
@@ -76,12 +73,6 @@ type storeOptions struct {
 	PushWindow time.Duration // how long a push is remembered at least (0: defaultPushWindow)
 	recentMax  int           // digests SQLite's writer keeps at most (0: maxRecent); tests set it
 	MediaDir   string        // SQLite: where media's bytes are kept (default: "media" beside the database)
-}
-
-// fileURIPath escapes what a file: URI would read otherwise in a path: a
-// '#' begins its fragment, a '?' its query.
-func fileURIPath(path string) string {
-	return strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(path)
 }
 
 // openStore opens the database DATABASE_URL names, sqlite:PATH or
@@ -171,27 +162,6 @@ func (s *Store) Close() error {
 		}
 	})
 	return err
-}
-
-// ownSQLite takes an OS lock (flock) on the SQLite file at path, made if
-// missing, for as long as the store is open: a second bridge on the same
-// file (a deploy that starts the new before stopping the old, a binary run
-// by hand) would deliver the same work, so it stops at start instead. The
-// lock goes with the process, however it ends. SQLite's own locks are of
-// another kind (fcntl), and do not meet it.
-func ownSQLite(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open store: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("open store: %s is in use by another bridge: one bridge a SQLite file (several need PostgreSQL)", path)
-		}
-		return nil, fmt.Errorf("open store: lock %s: %w", path, err)
-	}
-	return f, nil
 }
 
 // SetDesk sets the desk's rules, before the store takes any work.
@@ -437,16 +407,6 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		err = s.releaseHeldReplies(ctx, tx, in.OpenID, now) // quota.go
 	}
 	return acc, carried, err
-}
-
-// waitingReply is the passive reply to a message of a waiting customer:
-// OFFLINE_TEXT outside business hours, else QUEUED_TEXT with their place.
-func (s *Store) waitingReply(ctx context.Context, tx *sql.Tx, conv int64, now time.Time) (string, error) {
-	if !s.desk.Hours.Open(now) {
-		return replyOffline, nil
-	}
-	pos, err := s.queuePosition(ctx, tx, conv)
-	return replyQueued + strconv.Itoa(pos), err
 }
 
 // errUnknownCustomer is returned for a reply to an IM account the bridge has

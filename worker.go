@@ -306,7 +306,7 @@ func (w *Worker) deliver(ctx context.Context, it OutboxItem) error {
 			from = w.Admin
 		}
 		if d.Kind == deliverIMSend {
-			agent, err := w.Store.Recipient(ctx, it) // queue.go
+			agent, err := w.Store.Recipient(ctx, it) // recipient.go
 			if err != nil {
 				return err
 			}
