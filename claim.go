@@ -94,14 +94,16 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 		// another's claim to commit re-checks them on the row as the other
 		// left it, and skips it. tried_at is recorded before the attempt,
 		// and returned as it was.
+		// A claim whose instance is dead (heartbeat.go) is free too.
+		free := `(claimed_until <= ? OR claimed_by IN (` + deadOwners + `))`
 		rows, err := s.query(ctx, tx, `
 		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
-			WHERE state = `+sqlPending+` AND head = 1 AND next_at <= ? AND claimed_until <= ?
+			WHERE state = `+sqlPending+` AND head = 1 AND next_at <= ? AND `+free+`
 			ORDER BY next_at, id LIMIT `+lim+`)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
 			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
-		WHERE outbox.id = due.id AND state = `+sqlPending+` AND head = 1 AND next_at <= ? AND claimed_until <= ?
-		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at`, ms, ms, owner, until, ms, ms, ms)
+		WHERE outbox.id = due.id AND state = `+sqlPending+` AND head = 1 AND next_at <= ? AND `+free+`
+		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at`, ms, ms, owner, owner, until, ms, ms, ms, owner)
 		if err != nil {
 			return nil, err
 		}

@@ -159,3 +159,57 @@ func TestSIGTERMDrains(t *testing.T) {
 		t.Errorf("agent got %q, want each message once, in order", got)
 	}
 }
+
+// TestCrashCostsSecondsNotALease: on PostgreSQL, with the default timeouts
+// (a claim's lease of 57 s), a message in flight when its bridge is killed
+// is delivered within 15 s of the restart; with a second bridge running, it
+// takes the dead one's lanes within 15 s of the kill. The dead instance's
+// liveness decides, not the lease.
+func TestCrashCostsSecondsNotALease(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		second bool // a second bridge runs before the kill
+	}{{"restart", false}, {"second instance", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, harnessOptions{postgres: true, external: true})
+			bin := buildBridge(t)
+			p := h.startProcess(bin)
+			release := h.im.Hold()
+			ctx := context.Background()
+			for _, text := range []string{"one", "two"} {
+				if r := h.wx.SendText(ctx, customer, text); r.Status != 200 {
+					t.Fatalf("push got %d %q", r.Status, r.Body)
+				}
+			}
+			eventually(t, "the call to IM in flight", func() bool { return len(h.im.Requests()) > 0 })
+			if tc.second {
+				h.startProcess(bin)
+			}
+			p.cmd.Process.Signal(syscall.SIGKILL)
+			p.wait(t, 10*time.Second)
+			release()
+			from := time.Now()
+			if !tc.second {
+				h.startProcess(bin)
+			}
+			within(t, 15*time.Second, "both messages in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 2 })
+			t.Logf("delivered %s after the %s", time.Since(from).Round(100*time.Millisecond), map[bool]string{false: "restart", true: "kill"}[tc.second])
+			if got := h.textsTo("agent_kim", " "); got != "one two" {
+				t.Errorf("agent got %q, want each message once, in order", got)
+			}
+		})
+	}
+}
+
+// within waits for cond, failing the test if it does not hold within limit:
+// for a bound the bridge promises, where eventually's is a test's patience.
+func within(t testing.TB, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not within %s", what, limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -108,7 +108,7 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- letter, with its reason in last_error). head marks the first pending item
 -- of its lane, the only one that may be taken, so finding work reads the
 -- heads alone however long the queues. An instance delivering an item holds
--- it until claimed_until; an instance that dies lets it go then. tried_at is
+-- it until claimed_until, or until it is no longer seen (instances). tried_at is
 -- when an attempt whose outcome is not known (no answer, or the instance
 -- died before recording it) was first made, 0 if none: a later attempt may
 -- find the vendor acted on it (worker.go).
@@ -151,6 +151,13 @@ CREATE TABLE IF NOT EXISTS credentials (
 CREATE TABLE IF NOT EXISTS heartbeats (
     name TEXT PRIMARY KEY,
     at   BIGINT NOT NULL
+);
+-- instances: when each running instance was last seen, by the database's
+-- clock (seen_at, Unix ms); a claim of one not seen for 10 s is free
+-- (heartbeat.go).
+CREATE TABLE IF NOT EXISTS instances (
+    owner   TEXT PRIMARY KEY,
+    seen_at BIGINT NOT NULL
 );
 -- deferred_replies keeps, committed, a reply that came by callback while
 -- its conversation's history was still to be read back; it goes to the

@@ -46,6 +46,8 @@ type Worker struct {
 	MaxBackoff     time.Duration // the longest wait between two attempts
 	StopGrace      time.Duration // how long in-flight deliveries may finish after a stop
 	owner          string        // this instance, in claims
+	epoch          time.Time     // when the worker was made
+	aliveSince     atomic.Int64  // when the last recorded liveness was asked, in ns since epoch (heartbeat.go)
 	wake           chan struct{}
 	running        atomic.Bool
 	lastPruneMilli atomic.Int64
@@ -65,6 +67,7 @@ func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, m *m
 		MaxBackoff:   5 * time.Minute,
 		StopGrace:    10 * time.Second,
 		owner:        hex.EncodeToString(id),
+		epoch:        time.Now(),
 		wake:         make(chan struct{}, 1),
 	}
 }
@@ -112,12 +115,14 @@ func (w *Worker) Run(ctx context.Context) {
 		defer close(completerDone)
 		w.complete(deliverCtx, delivered, freed)
 	}()
+	w.beat(ctx, true)
+	go w.keepAlive(ctx)
 
 	for ctx.Err() == nil {
 		w.pruneKeys(ctx)
 		free := w.Lanes - len(slots)
 		var items []OutboxItem
-		if free > 0 {
+		if free > 0 && w.alive() {
 			var err error
 			items, err = w.Store.Claim(ctx, w.owner, w.Now(), w.Lease, free)
 			if err != nil && ctx.Err() == nil {
@@ -177,7 +182,45 @@ func (w *Worker) release() {
 	defer cancel()
 	if err := w.Store.Release(ctx, w.owner); err != nil {
 		w.Log.Error("outbox release failed", "err", err)
+		return // its claims are freed when it is no longer seen
 	}
+	if err := w.Store.Gone(ctx, w.owner); err != nil {
+		w.Log.Error("instance not forgotten", "err", err)
+	}
+}
+
+// keepAlive records that this instance runs, every aliveEvery until ctx is
+// done (heartbeat.go).
+func (w *Worker) keepAlive(ctx context.Context) {
+	ticker := time.NewTicker(aliveEvery)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+			w.beat(ctx, false)
+		}
+	}
+}
+
+// beat records this instance's liveness once.
+func (w *Worker) beat(ctx context.Context, first bool) {
+	asked := time.Since(w.epoch)
+	if err := w.Store.Alive(ctx, w.owner, first); err != nil {
+		if ctx.Err() == nil {
+			w.Log.Error("liveness not recorded", "err", err)
+		}
+		return
+	}
+	w.aliveSince.Store(int64(asked))
+}
+
+// alive reports whether others still see this instance running, with room
+// for the attempt a claim starts: past deadAfter since its last recorded
+// liveness, they take its claims. Until then it claims nothing.
+func (w *Worker) alive() bool {
+	return time.Since(w.epoch)-time.Duration(w.aliveSince.Load()) < deadAfter-2*aliveEvery
 }
 
 // complete records the items that arrive on delivered as done, all that
