@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,41 +27,17 @@ import (
 func BenchmarkWebhook(b *testing.B) {
 	for _, store := range []string{"sqlite", "postgres"} {
 		b.Run(store, func(b *testing.B) {
-			st := openTestStore(b, store)
-			cfg := Config{WeChatToken: "token123", IMUserPrefix: "wx_", IMAgents: []string{"agent_kim"},
-				WeChatPushMaxSkew: 5 * time.Minute, WelcomeText: "w", ConnectingText: "c"}
-			m := newMetrics(st)
-			log := slog.New(slog.NewTextHandler(io.Discard, nil))
-			br := &bridge{cfg: cfg, store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: m, log: log, now: time.Now}
-			h := br.routes()
-			ts := strconv.FormatInt(time.Now().Unix(), 10)
-			var seq atomic.Int64
-			// push sends the next signed text push, from one of a thousand
-			// customers, as on a busy afternoon.
-			push := func() error {
-				i := seq.Add(1)
-				nonce := strconv.FormatInt(i, 10)
-				q := url.Values{"signature": {fakes.Sign("token123", ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}}
-				body := fmt.Sprintf("<xml><ToUserName><![CDATA[gh_x]]></ToUserName><FromUserName><![CDATA[o_customer_%d]]></FromUserName>"+
-					"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>%d</MsgId></xml>",
-					i%1000, ts, i)
-				req := httptest.NewRequest(http.MethodPost, "/wechat?"+q.Encode(), strings.NewReader(body))
-				rec := httptest.NewRecorder()
-				h.ServeHTTP(rec, req)
-				if rec.Code != 200 {
-					return fmt.Errorf("got %d %s", rec.Code, rec.Body)
-				}
-				return nil
-			}
+			push := webhookPushes(b, openTestStore(b, store))
 			// Each customer's first message opens a conversation, which
 			// takes locks a later one does not; measured alone, those first
 			// thousand would make the figure depend on b.N. They are sent
 			// before the timer starts, so that it measures customers the
 			// bridge knows.
 			var wg sync.WaitGroup
+			var warm atomic.Int64
 			for range 32 {
 				wg.Go(func() {
-					for seq.Load() < 1000 {
+					for warm.Add(1) <= 1000 {
 						if err := push(); err != nil {
 							b.Error(err)
 							return
@@ -84,6 +61,35 @@ func BenchmarkWebhook(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// webhookPushes returns a function that sends the next signed text push
+// through a bridge's routes on st, from one of a thousand customers, as on
+// a busy afternoon. No vendor is called.
+func webhookPushes(b *testing.B, st *Store) func() error {
+	cfg := Config{WeChatToken: "token123", IMUserPrefix: "wx_", IMAgents: []string{"agent_kim"},
+		WeChatPushMaxSkew: 5 * time.Minute, WelcomeText: "w", ConnectingText: "c"}
+	m := newMetrics(st)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	br := &bridge{cfg: cfg, store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: m, log: log, now: time.Now}
+	h := br.routes()
+	ts := strconv.FormatInt(time.Now().Unix(), 10)
+	var seq atomic.Int64
+	return func() error {
+		i := seq.Add(1)
+		nonce := strconv.FormatInt(i, 10)
+		q := url.Values{"signature": {fakes.Sign("token123", ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}}
+		body := fmt.Sprintf("<xml><ToUserName><![CDATA[gh_x]]></ToUserName><FromUserName><![CDATA[o_customer_%d]]></FromUserName>"+
+			"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>%d</MsgId></xml>",
+			i%1000, ts, i)
+		req := httptest.NewRequest(http.MethodPost, "/wechat?"+q.Encode(), strings.NewReader(body))
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != 200 {
+			return fmt.Errorf("got %d %s", rec.Code, rec.Body)
+		}
+		return nil
 	}
 }
 
@@ -177,6 +183,110 @@ func BenchmarkRoundTrip(b *testing.B) {
 				b.Fatal("the reply did not reach WeChat")
 			}
 			time.Sleep(50 * time.Microsecond)
+		}
+	}
+}
+
+// BenchmarkPushDuringPrune measures what a prune costs the pushes that
+// arrive while it runs: a history of 100,000 messages, 20,000 closed
+// conversations and 100,000 delivered items, all past their cutoff, is
+// pruned while sixteen goroutines push. max-stall-ms is the longest a push
+// took, p99-ms its 99th percentile, prune-s how long the prune took; batch
+// is the rows a write (all: the whole prune in one write, each table's).
+// Run it with -benchtime=1x: each iteration seeds and prunes anew.
+func BenchmarkPushDuringPrune(b *testing.B) {
+	for _, store := range []string{"sqlite", "postgres"} {
+		for _, batch := range []int{pruneBatch, 1 << 30} {
+			name := fmt.Sprintf("%s/batch=%d", store, batch)
+			if batch == 1<<30 {
+				name = store + "/batch=all"
+			}
+			b.Run(name, func(b *testing.B) {
+				defer func(n int) { pruneBatch = n }(pruneBatch)
+				pruneBatch = batch
+				st := openTestStore(b, store)
+				push := webhookPushes(b, st)
+				ctx := context.Background()
+				var stalls []time.Duration
+				var pruning time.Duration
+				for range b.N {
+					seedHistory(b, st, 100_000, 20_000)
+					done := make(chan struct{})
+					var mu sync.Mutex
+					var wg sync.WaitGroup
+					for range 16 {
+						wg.Go(func() {
+							for {
+								select {
+								case <-done:
+									return
+								default:
+								}
+								start := time.Now()
+								if err := push(); err != nil {
+									b.Error(err)
+									return
+								}
+								mu.Lock()
+								stalls = append(stalls, time.Since(start))
+								mu.Unlock()
+							}
+						})
+					}
+					start := time.Now()
+					_, _, err := st.PruneHistory(ctx, time.Now().Add(-time.Hour))
+					if err == nil {
+						_, err = st.PruneOutbox(ctx, time.Now().Add(-time.Hour))
+					}
+					pruning += time.Since(start)
+					close(done)
+					wg.Wait()
+					if err != nil {
+						b.Fatal(err)
+					}
+				}
+				slices.Sort(stalls)
+				if len(stalls) == 0 {
+					b.Fatal("no push was made while the prune ran")
+				}
+				b.ReportMetric(float64(stalls[len(stalls)-1])/1e6, "max-stall-ms")
+				b.ReportMetric(float64(stalls[len(stalls)*99/100])/1e6, "p99-ms")
+				b.ReportMetric(pruning.Seconds()/float64(b.N), "prune-s")
+			})
+		}
+	}
+}
+
+// seedHistory writes, made two hours ago, messages finished messages and
+// conversations closed conversations, and as many delivered outbox items as
+// messages, ids following those there are.
+func seedHistory(b *testing.B, st *Store, messages, conversations int) {
+	b.Helper()
+	ctx := context.Background()
+	made := time.Now().Add(-2 * time.Hour).UnixMilli()
+	for done := 0; done < messages; done += 10_000 {
+		err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			for i := done; i < min(done+10_000, messages); i++ {
+				openid := fmt.Sprint("o_old_", i%conversations)
+				if _, err := st.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, text, state, created_at)
+					VALUES (?, ?, 'in', 'a message of an older year, of some length as they are', 'queued', ?)`, i%conversations, openid, made); err != nil {
+					return err
+				}
+				if _, err := st.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, state, next_at, created_at, updated_at)
+					VALUES (?, '{"kind":"im_send","text":"a message of an older year"}', 'done', ?, ?, ?)`, "im:"+openid, made, made, made); err != nil {
+					return err
+				}
+				if i < conversations {
+					if _, err := st.exec(ctx, tx, `INSERT INTO conversations (openid, agent, opened_at, closed_at) VALUES (?, 'agent_kim', ?, ?)`,
+						openid, made, made); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
 		}
 	}
 }

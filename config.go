@@ -54,6 +54,9 @@ type Config struct {
 	MediaDir  string // MEDIA_DIR: SQLite: where media is kept (default: "media" beside the database)
 	// MEDIA_RETENTION: how long media is served, then removed.
 	MediaRetention time.Duration
+	// HISTORY_RETENTION: how long messages and closed conversations are
+	// kept (prune.go); 0 keeps them.
+	HistoryRetention time.Duration
 	// MEDIA_FETCH_ALLOW: hosts ("host" or "host:port") media may be fetched
 	// from whatever their address; every other host must be public.
 	MediaFetchAllow []string
@@ -168,6 +171,28 @@ func (e *env) duration(name string, def time.Duration) time.Duration {
 	return d
 }
 
+// retention returns name's value as a duration, in days if it ends in d
+// (180d), 0 if it is 0 (kept for ever), or def.
+func (e *env) retention(name string, def time.Duration) time.Duration {
+	v := e.get(name, "")
+	if v == "" {
+		return def
+	}
+	if v == "0" {
+		return 0
+	}
+	if days, ok := strings.CutSuffix(v, "d"); ok {
+		if n, err := strconv.Atoi(days); err == nil && n > 0 && n < 100_000 {
+			return time.Duration(n) * 24 * time.Hour
+		}
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		e.bad("%s must be 0 (keep everything), a number of days such as 180d, or a duration such as 720h, got %q", name, v)
+	}
+	return d
+}
+
 // count returns name's value as a whole number of at least least, or def.
 func (e *env) count(name string, def, least int, what string) int {
 	v := e.get(name, "")
@@ -219,6 +244,7 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		AdminToken:           e.get("ADMIN_TOKEN", ""),
 		MediaDir:             e.get("MEDIA_DIR", ""),
 		MediaRetention:       e.duration("MEDIA_RETENTION", 7*24*time.Hour),
+		HistoryRetention:     e.retention("HISTORY_RETENTION", 180*24*time.Hour),
 		MediaFetchTimeout:    e.duration("MEDIA_FETCH_TIMEOUT", 15*time.Second),
 		DatabaseMaxConns:     e.count("DATABASE_MAX_CONNS", defaultPGConns, 1, "a whole number of connections, at least 1"),
 		RetryMinDelay:        e.duration("RETRY_MIN_DELAY", time.Second),

@@ -61,6 +61,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"bad cap", map[string]string{"IM_AGENT_MAX_OPEN": "-1"}, "IM_AGENT_MAX_OPEN must be"},
 		{"bad idle", map[string]string{"SESSION_IDLE_TIMEOUT": "a while"}, "SESSION_IDLE_TIMEOUT must be a positive duration"},
 		{"no quota", map[string]string{"WECHAT_REPLY_QUOTA": "0"}, "WECHAT_REPLY_QUOTA must be"},
+		{"bad retention", map[string]string{"HISTORY_RETENTION": "half a year"}, "HISTORY_RETENTION must be 0 (keep everything), a number of days"},
+		{"negative retention", map[string]string{"HISTORY_RETENTION": "-5d"}, "HISTORY_RETENTION must be"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := validEnv()
@@ -112,5 +114,19 @@ func TestLoadConfigDesk(t *testing.T) {
 	if !c.Desk.Hours.Open(monday9) || c.Desk.Hours.Open(monday9.Add(8*time.Hour)) || c.Desk.IdleTimeout != 0 ||
 		c.Desk.Texts.queuedText(3) != "Place 3." {
 		t.Errorf("desk: got %+v", c.Desk)
+	}
+}
+
+func TestLoadConfigHistoryRetention(t *testing.T) {
+	for v, want := range map[string]time.Duration{"": 180 * 24 * time.Hour, "0": 0, "30d": 30 * 24 * time.Hour, "720h": 720 * time.Hour} {
+		env := validEnv()
+		env["HISTORY_RETENTION"] = v
+		c, err := loadConfig(mapEnv(env))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.HistoryRetention != want {
+			t.Errorf("HISTORY_RETENTION=%q: got %s, want %s", v, c.HistoryRetention, want)
+		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -36,30 +37,29 @@ func (s *Store) claimKey(ctx context.Context, tx *sql.Tx, key, sig string, now t
 	return prev, err == nil, err
 }
 
-// PruneKeys forgets push and callback keys received before cutoff, and
-// items delivered before it; vendors retry within seconds, so old keys only
-// cost space.
-func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) error {
-	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if _, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE received_at < ?`, cutoff.UnixMilli()); err != nil {
+// PruneKeys forgets the push and callback keys received before cutoff,
+// pruneBatch keys a write (prune.go); vendors retry within seconds, so old
+// keys only cost space.
+func (s *Store) PruneKeys(ctx context.Context, cutoff time.Time) (int, error) {
+	deleted := 0
+	for ctx.Err() == nil {
+		var gone int64
+		err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			res, err := s.exec(ctx, tx, `DELETE FROM seen_keys WHERE key IN
+				(SELECT key FROM seen_keys WHERE received_at < ? LIMIT `+strconv.Itoa(pruneBatch)+`)`, cutoff.UnixMilli())
+			if err != nil {
+				return err
+			}
+			gone, err = res.RowsAffected()
 			return err
+		})
+		if err != nil {
+			return deleted, fmt.Errorf("prune keys: %w", err)
 		}
-		// Delivered items, and dead letters queued again, are history;
-		// dead letters stay.
-		if _, err := s.exec(ctx, tx, `DELETE FROM outbox WHERE state IN (`+sqlDone+`, `+sqlRetried+`) AND updated_at < ?`, cutoff.UnixMilli()); err != nil {
-			return err
+		deleted += int(gone)
+		if gone < int64(pruneBatch) {
+			break
 		}
-		// A safety net: a lane whose first pending item is not marked
-		// head would never be taken.
-		// (SQLite's writer keeps the heads in memory.)
-		if !s.postgres {
-			return nil
-		}
-		_, err := s.exec(ctx, tx, markHeads)
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("prune: %w", err)
 	}
-	return nil
+	return deleted, ctx.Err()
 }

@@ -154,7 +154,7 @@ func newBridge(cfg Config, st *Store, log *slog.Logger) (*bridge, *replyRecovery
 	worker := newWorker(st, im, wx, log, m, now)
 	worker.IMWindow, worker.MinBackoff, worker.MaxBackoff = cfg.IMDeliveryWindow, cfg.RetryMinDelay, cfg.RetryMaxDelay
 	worker.StopGrace, worker.Agents, worker.IMDedup = cfg.ShutdownGrace, cfg.IMAgents, cfg.IMDedupWindow
-	worker.PublicURL, worker.MediaRetention = cfg.PublicURL, cfg.MediaRetention
+	worker.PublicURL, worker.MediaRetention, worker.HistoryRetention = cfg.PublicURL, cfg.MediaRetention, cfg.HistoryRetention
 	worker.Fetch = newFetcher(cfg.MediaFetchAllow, cfg.MediaFetchTimeout, st.mediaDir)
 	// A claimed item is held long enough for the calls one delivery may make
 	// (a token or account fetched first, then the call, then once more),

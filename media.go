@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -235,41 +236,57 @@ func (r *partsReader) Seek(offset int64, whence int) (int64, error) {
 	return offset, nil
 }
 
-// PruneMedia removes the media kept before cutoff.
+// PruneMedia removes the media kept before cutoff, a few at a time: on
+// PostgreSQL a medium's parts are up to 10 MB of rows (prune.go).
 func (s *Store) PruneMedia(ctx context.Context, cutoff time.Time) error {
-	var ids []string
-	if !s.postgres {
-		rows, err := s.rdb.QueryContext(ctx, `SELECT id FROM media WHERE created_at < ?`, cutoff.UnixMilli())
+	const batch = 20
+	for ctx.Err() == nil {
+		var ids []string
+		err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+			ids = ids[:0]
+			rows, err := s.query(ctx, tx, `SELECT id FROM media WHERE created_at < ? LIMIT `+strconv.Itoa(batch), cutoff.UnixMilli())
+			if err != nil {
+				return err
+			}
+			for rows.Next() {
+				var id string
+				if err := rows.Scan(&id); err != nil {
+					rows.Close()
+					return err
+				}
+				ids = append(ids, id)
+			}
+			if err := rows.Close(); err != nil {
+				return err
+			}
+			for _, id := range ids {
+				if s.postgres {
+					if _, err := s.exec(ctx, tx, `DELETE FROM media_parts WHERE id = ?`, id); err != nil {
+						return err
+					}
+				}
+				if _, err := s.exec(ctx, tx, `DELETE FROM media WHERE id = ?`, id); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
 		if err != nil {
 			return fmt.Errorf("prune media: %w", err)
 		}
-		for rows.Next() {
-			var id string
-			if err := rows.Scan(&id); err == nil {
-				ids = append(ids, id)
+		for _, id := range ids { // the rows are gone: no one is served these files
+			if !s.postgres {
+				os.Remove(filepath.Join(s.mediaDir, id))
 			}
 		}
-		rows.Close()
-	}
-	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		if s.postgres {
-			if _, err := s.exec(ctx, tx, `DELETE FROM media_parts WHERE id IN (SELECT id FROM media WHERE created_at < ?)`, cutoff.UnixMilli()); err != nil {
-				return err
-			}
+		if len(ids) < batch {
+			break
 		}
-		_, err := s.exec(ctx, tx, `DELETE FROM media WHERE created_at < ?`, cutoff.UnixMilli())
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("prune media: %w", err)
-	}
-	for _, id := range ids { // the rows are gone: no one is served these files
-		os.Remove(filepath.Join(s.mediaDir, id))
 	}
 	if !s.postgres {
 		return s.cleanMediaDir(ctx)
 	}
-	return nil
+	return ctx.Err()
 }
 
 // mediaWriteTimeout is how long one answer of /media/ may take to send: a

@@ -345,19 +345,23 @@ func (s *Store) ArmRating(ctx context.Context, openid string, conv int64) error 
 }
 
 // rate stores a customer's rating with conversation conv, and shows it to
-// its agent.
-func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n int, now time.Time) error {
+// its agent. It reports false, having done nothing, if the conversation is
+// no longer kept (HISTORY_RETENTION, prune.go): the message is a message.
+func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n int, now time.Time) (bool, error) {
 	var agent string
-	if err := s.queryRow(ctx, tx, `UPDATE conversations SET rating = ? WHERE id = ? RETURNING agent`, n, conv).Scan(&agent); err != nil {
-		return err
+	switch err := s.queryRow(ctx, tx, `UPDATE conversations SET rating = ? WHERE id = ? RETURNING agent`, n, conv).Scan(&agent); {
+	case errors.Is(err, sql.ErrNoRows):
+		return false, nil
+	case err != nil:
+		return false, err
 	}
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
-		return err
+		return true, err
 	}
 	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: stateRating}, now); err != nil {
-		return err
+		return true, err
 	}
-	return s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)
+	return true, s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)
 }
 
 // closeConversation closes conv, by agent, idle or unfollow, and frees its

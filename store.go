@@ -363,8 +363,10 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 	}
 	if c.id == 0 && c.ratingConv != 0 {
 		if n, ok := rating(in.Text, in.Elems); ok {
-			acc.Reply, acc.Rating = replyRated, n
-			return acc, false, s.rate(ctx, tx, in, c.ratingConv, n, now) // queue.go
+			if rated, err := s.rate(ctx, tx, in, c.ratingConv, n, now); rated || err != nil { // queue.go
+				acc.Reply, acc.Rating = replyRated, n
+				return acc, false, err
+			}
 		}
 		if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
 			return acc, false, err

@@ -455,7 +455,7 @@ func TestPruneRestoresLaneHeads(t *testing.T) {
 	if got := deliverAll(t, st, now); len(got) != 0 {
 		t.Fatalf("delivered %q from lanes without a head", got)
 	}
-	if err := st.PruneKeys(ctx, now); err != nil {
+	if _, err := st.PruneOutbox(ctx, now); err != nil {
 		t.Fatal(err)
 	}
 	got := deliverAll(t, st, now)

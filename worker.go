@@ -35,8 +35,11 @@ type Worker struct {
 	// is kept. Fetch fetches every URL that came from outside (fetch.go).
 	PublicURL      string
 	MediaRetention time.Duration
-	Fetch          *fetcher
-	typing         typingStates // the typing states shown (typing.go)
+	// HistoryRetention (HISTORY_RETENTION) is how long messages and closed
+	// conversations are kept; 0 keeps them.
+	HistoryRetention time.Duration
+	Fetch            *fetcher
+	typing           typingStates // the typing states shown (typing.go)
 
 	Lanes          int           // lanes delivered at once
 	Lease          time.Duration // how long a claimed item is held
@@ -119,7 +122,7 @@ func (w *Worker) Run(ctx context.Context) {
 	go w.keepAlive(ctx)
 
 	for ctx.Err() == nil {
-		w.pruneKeys(ctx)
+		w.prune(ctx)
 		free := w.Lanes - len(slots)
 		var items []OutboxItem
 		if free > 0 && w.alive() {
@@ -244,19 +247,45 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 	}
 }
 
-// pruneKeys forgets day-old push and callback keys, once an hour.
-func (w *Worker) pruneKeys(ctx context.Context) {
+// prune deletes, once an hour, what is kept for a while only (prune.go):
+// day-old keys and delivered items, media past MediaRetention, the history
+// past HistoryRetention (0 keeps it). Media goes with its history at the
+// latest.
+func (w *Worker) prune(ctx context.Context) {
 	now := w.Now()
 	if now.UnixMilli()-w.lastPruneMilli.Load() < time.Hour.Milliseconds() {
 		return
 	}
 	w.lastPruneMilli.Store(now.UnixMilli())
-	if err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour)); err != nil && ctx.Err() == nil {
-		w.Log.Error("prune keys failed", "err", err)
+	failed := func(what string, err error) bool {
+		if err != nil && ctx.Err() == nil {
+			w.Log.Error("prune "+what+" failed", "err", err)
+		}
+		return err != nil
 	}
-	if err := w.Store.PruneMedia(ctx, now.Add(-w.MediaRetention)); err != nil && ctx.Err() == nil {
-		w.Log.Error("prune media failed", "err", err)
+	keys, err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour))
+	if failed("keys", err) {
+		return
 	}
+	items, err := w.Store.PruneOutbox(ctx, now.Add(-24*time.Hour))
+	if failed("outbox", err) {
+		return
+	}
+	media := w.MediaRetention
+	if w.HistoryRetention > 0 {
+		media = min(media, w.HistoryRetention)
+	}
+	if failed("media", w.Store.PruneMedia(ctx, now.Add(-media))) {
+		return
+	}
+	var messages, conversations int
+	if w.HistoryRetention > 0 {
+		messages, conversations, err = w.Store.PruneHistory(ctx, now.Add(-w.HistoryRetention))
+		if failed("history", err) {
+			return
+		}
+	}
+	w.Log.Info("pruned", "keys", keys, "outbox_items", items, "messages", messages, "conversations", conversations)
 }
 
 // deliverItem makes one attempt at it. It reports true when it was
