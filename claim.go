@@ -267,7 +267,7 @@ func (s *Store) setState(ctx context.Context, tx *sql.Tx, it OutboxItem, state I
 			return false, fmt.Errorf("outbox set %s: %w", state, err)
 		}
 		if state == itemPending {
-			s.setHead(it.ID, headState{lane: it.Lane, at: next})
+			s.setHead(it.ID, headState{at: next})
 			return true, nil
 		}
 		next, ok := s.laneFinish(it.Lane, it.ID) // lanes.go

@@ -1,7 +1,8 @@
 package main
 
-// The credentials the instances share on PostgreSQL: WeChat's access_token
-// and IM's UserSig, refreshed by one instance at a time.
+// The app a database serves, and the credentials the instances share on
+// PostgreSQL: WeChat's access_token and IM's UserSig, refreshed by one
+// instance at a time.
 
 import (
 	"context"
@@ -12,10 +13,33 @@ import (
 	"time"
 )
 
+// BindApp records, the first time, that the database serves app (its
+// Official Account's AppID and its IM app's SDKAppID), and refuses any
+// other: two apps' customers, conversations and outbox would mix in one
+// database, and one app's bridge would deliver the other's messages with
+// its own credentials.
+func (s *Store) BindApp(ctx context.Context, app string) error {
+	var bound string
+	err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if _, err := s.exec(ctx, tx, `INSERT INTO settings (name, value) VALUES ('app', ?) ON CONFLICT (name) DO NOTHING`, app); err != nil {
+			return err
+		}
+		return s.queryRow(ctx, tx, `SELECT value FROM settings WHERE name = 'app'`).Scan(&bound)
+	})
+	if err != nil {
+		return fmt.Errorf("the database's app: %w", err)
+	}
+	if bound != app {
+		return fmt.Errorf("the database serves %s, and this bridge %s: give each app a database of its own "+
+			"(on PostgreSQL a schema of its own will do: search_path in DATABASE_URL), or their customers and messages would mix", bound, app)
+	}
+	return nil
+}
+
 // credentialName is the name a credential is shared under: what it is, the
 // app it belongs to, and a digest of the secret it is made with, so that a
-// rotated secret, or a second app on the same database, never takes
-// another's. The digest does not give the secret back.
+// rotated secret never takes the old one's. The digest does not give the
+// secret back.
 func credentialName(what, app, secret string) string {
 	sum := sha256.Sum256([]byte("wechat-im-bridge credential\x00" + secret))
 	return what + ":" + app + ":" + hex.EncodeToString(sum[:8])

@@ -153,14 +153,17 @@ func (s *Store) releaseDeferred(ctx context.Context, tx *sql.Tx, openid, key str
 
 // Conversation is a customer's open conversation.
 type Conversation struct {
+	ID     int64
 	OpenID string
 	Agent  string
 }
 
-// OpenConversations lists the open conversations with an agent, oldest
-// first.
-func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT openid, agent FROM conversations WHERE closed_at IS NULL AND agent <> '' ORDER BY id`)
+// OpenConversations returns the conversations with an agent open now whose
+// ids are past after and up to last, limit at most, in the order of their
+// ids.
+func (s *Store) OpenConversations(ctx context.Context, after, last int64, limit int) ([]Conversation, error) {
+	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT id, openid, agent FROM conversations
+		WHERE id > ? AND id <= ? AND closed_at IS NULL AND agent <> '' ORDER BY id LIMIT ?`), after, last, limit)
 	if err != nil {
 		return nil, fmt.Errorf("open conversations: %w", err)
 	}
@@ -168,10 +171,38 @@ func (s *Store) OpenConversations(ctx context.Context) ([]Conversation, error) {
 	var out []Conversation
 	for rows.Next() {
 		var c Conversation
-		if err := rows.Scan(&c.OpenID, &c.Agent); err != nil {
-			return nil, err
+		if err := rows.Scan(&c.ID, &c.OpenID, &c.Agent); err != nil {
+			return nil, fmt.Errorf("open conversations: %w", err)
 		}
 		out = append(out, c)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("open conversations: %w", err)
+	}
+	return out, nil
+}
+
+// OpenConversationOf returns the customer's open conversation with an
+// agent, and false if they have none.
+func (s *Store) OpenConversationOf(ctx context.Context, openid string) (Conversation, bool, error) {
+	c := Conversation{OpenID: openid}
+	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT id, agent FROM conversations WHERE openid = ? AND closed_at IS NULL AND agent <> ''`),
+		openid).Scan(&c.ID, &c.Agent)
+	if errors.Is(err, sql.ErrNoRows) {
+		return c, false, nil
+	}
+	if err != nil {
+		return c, false, fmt.Errorf("open conversation of %s: %w", openid, err)
+	}
+	return c, true, nil
+}
+
+// LastConversation returns the largest conversation id there is, 0 if
+// none.
+func (s *Store) LastConversation(ctx context.Context) (int64, error) {
+	var id sql.NullInt64
+	if err := s.rdb.QueryRowContext(ctx, `SELECT max(id) FROM conversations`).Scan(&id); err != nil {
+		return 0, fmt.Errorf("last conversation: %w", err)
+	}
+	return id.Int64, nil
 }

@@ -24,9 +24,9 @@ import (
 	"math"
 )
 
-// headState is a lane head as the writer knows it.
+// headState is a lane head as the writer knows it: 32 bytes a lane with
+// work, besides the lane's queue (docs/MEMORY.md).
 type headState struct {
-	lane  string
 	at    int64  // next_at: due from then (Unix ms)
 	owner string // the claim that holds it, while until is not 0
 	until int64  // claimed_until (Unix ms)
@@ -111,7 +111,7 @@ func (s *Store) finishHead(ctx context.Context, tx *sql.Tx, it OutboxItem, next 
 	if err := s.queryRow(ctx, tx, `SELECT next_at FROM outbox WHERE id = ?`, next).Scan(&at); err != nil {
 		return err
 	}
-	s.setHead(next, headState{lane: it.Lane, at: at})
+	s.setHead(next, headState{at: at})
 	return nil
 }
 

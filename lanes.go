@@ -51,7 +51,7 @@ func (s *Store) loadLanes(ctx context.Context) error {
 			return err
 		}
 		if len(s.lanes[lane]) == 0 {
-			s.heads[id] = headState{lane: lane, at: at}
+			s.heads[id] = headState{at: at}
 		}
 		s.lanes[lane] = append(s.lanes[lane], id)
 	}

@@ -188,7 +188,7 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 		return 0, err
 	}
 	if _, busy := s.laneItem(lane, 0); !busy {
-		s.setHead(id, headState{lane: lane, at: ms}) // heads.go
+		s.setHead(id, headState{at: ms}) // heads.go
 	}
 	s.laneAdd(lane, id)
 	return id, nil

@@ -61,32 +61,39 @@ type replyRecovery struct {
 	minBackoff time.Duration // the first wait before another pass
 	maxBackoff time.Duration
 
-	gap    bool      // a heartbeat was found: there is a gap to read back
-	from   time.Time // where the gap starts
-	mu     sync.Mutex
-	sweeps map[string]*sweep // by openid: the conversations still to read
-	wake   chan struct{}     // a retake was asked for
+	gap  bool      // a heartbeat was found: there is a gap to read back
+	from time.Time // where the gap starts
+	mu   sync.Mutex
+	// The gap is read a page of conversations at a time, in the order of
+	// their ids: swept is the last id of the pages begun, last the last
+	// id there was at the start. A conversation between them is still to
+	// be read; none is kept in memory until its page begins, or a reply
+	// to it must wait for it (sweepFor).
+	swept, last int64
+	sweeps      map[string]*sweep // by openid: the sweeps begun and not done, and the retakes
+	wake        chan struct{}     // a retake was asked for
 }
 
-// sweep is the recovery of one conversation.
+// recoveryPage is how many conversations the gap's sweeps read at a time
+// (a variable, for tests).
+var recoveryPage = 500
+
+// sweep is the recovery of one conversation, held in memory from when its
+// page begins until it is done.
 type sweep struct {
-	Conversation
-	from   time.Time  // its history is read from then
-	retake bool       // asked for by a callback that failed, not by a gap
-	mu     sync.Mutex // held while a reply is deferred, and while what was read of its history is taken
-	done   bool
+	Conversation       // its Agent is one of IM_AGENTS' strings, not a copy
+	from         int64 // its history is read from then (Unix seconds)
+	retake       bool  // asked for by a callback that failed, not by a gap
+	done         bool
+	mu           sync.Mutex // held while a reply is deferred, and while what was read of its history is taken
 }
 
-// prepare reads the last heartbeat and, after a gap, the open conversations
-// whose history is to be read. It runs before the bridge takes callbacks,
-// so that none goes ahead of its conversation's sweep.
+// prepare reads the last heartbeat and, after a gap, where the
+// conversations whose history is to be read end. It runs before the bridge
+// takes callbacks, so that none goes ahead of its conversation's sweep.
 func (r *replyRecovery) prepare(ctx context.Context) error {
 	last, found, err := r.store.LastHeartbeat(ctx, callbacksHeartbeat)
 	if err != nil || !found {
-		return err
-	}
-	convs, err := r.store.OpenConversations(ctx)
-	if err != nil {
 		return err
 	}
 	r.gap, r.from = true, last.Add(-recoveryMargin)
@@ -96,13 +103,43 @@ func (r *replyRecovery) prepare(ctx context.Context) error {
 		r.from = earliest
 	}
 	r.sweeps = map[string]*sweep{}
-	for _, c := range convs {
-		// Replies are taken only from configured agents, as callbacks are.
-		if slices.Contains(r.agents, c.Agent) {
-			r.sweeps[c.OpenID] = &sweep{Conversation: c, from: r.from}
+	r.last, err = r.store.LastConversation(ctx)
+	return err
+}
+
+// gapSweep returns the gap's sweep of c, or nil if c's agent is not one of
+// IM_AGENTS: replies are taken only from them, as callbacks are.
+func (r *replyRecovery) gapSweep(c Conversation) *sweep {
+	i := slices.Index(r.agents, c.Agent)
+	if i < 0 {
+		return nil
+	}
+	c.Agent = r.agents[i]
+	return &sweep{Conversation: c, from: r.from.Unix()}
+}
+
+// sweepFor returns the sweep a reply to openid must wait for: one begun or
+// asked for, or, while the gap is read, a new one for the customer's open
+// conversation if the gap's pages have yet to reach it; nil if none.
+func (r *replyRecovery) sweepFor(ctx context.Context, openid string) (*sweep, error) {
+	r.mu.Lock()
+	sw, reading := r.sweeps[openid], r.swept < r.last
+	r.mu.Unlock()
+	if sw != nil || !reading {
+		return sw, nil
+	}
+	c, ok, err := r.store.OpenConversationOf(ctx, openid)
+	if err != nil || !ok {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if sw = r.sweeps[openid]; sw == nil && c.ID > r.swept && c.ID <= r.last {
+		if sw = r.gapSweep(c); sw != nil {
+			r.sweeps[openid] = sw // its page takes it up
 		}
 	}
-	return nil
+	return sw, nil
 }
 
 // deferReply commits a reply that came by callback to deferred_replies,
@@ -112,11 +149,9 @@ func (r *replyRecovery) deferReply(ctx context.Context, openid, key string, d De
 	if r == nil {
 		return false, false, nil
 	}
-	r.mu.Lock()
-	sw := r.sweeps[openid]
-	r.mu.Unlock()
-	if sw == nil {
-		return false, false, nil
+	sw, err := r.sweepFor(ctx, openid)
+	if sw == nil || err != nil {
+		return false, false, err
 	}
 	sw.mu.Lock() // waits while its sweep takes what it read
 	defer sw.mu.Unlock()
@@ -136,18 +171,21 @@ func (r *replyRecovery) retake(openid, agent string, msgTime time.Time) {
 	if r == nil {
 		return
 	}
-	from := r.now()
-	if msgTime.Before(from) && msgTime.After(from.Add(-recoveryReach)) {
-		from = msgTime // IM's clock, a little apart from this one: the margin covers it
+	at := r.now()
+	if msgTime.Before(at) && msgTime.After(at.Add(-recoveryReach)) {
+		at = msgTime // IM's clock, a little apart from this one: the margin covers it
 	}
-	from = from.Add(-recoveryMargin)
+	from := at.Add(-recoveryMargin).Unix()
 	r.mu.Lock()
+	if r.swept < r.last {
+		from = min(from, r.from.Unix()) // the gap's page may not have reached it: this reads it
+	}
 	if r.sweeps == nil {
 		r.sweeps = map[string]*sweep{}
 	}
 	if sw := r.sweeps[openid]; sw == nil || sw.done || sw.Agent != agent {
 		r.sweeps[openid] = &sweep{Conversation: Conversation{OpenID: openid, Agent: agent}, from: from, retake: true}
-	} else if sw.retake && from.Before(sw.from) {
+	} else if sw.retake && from < sw.from {
 		sw.from = from
 	} // else the gap's sweep, still to run, reads from before
 	r.mu.Unlock()
@@ -242,33 +280,76 @@ func (r *replyRecovery) Run(ctx context.Context) {
 }
 
 // recoverGap reads each conversation's history from the gap's start until
-// the moment it reads it, and takes the replies not taken yet, then those
-// deferred for it; it reads the histories IM did not give again, a few times.
-// It reports false if ctx ended first.
+// the moment it reads it, a page of conversations at a time, and takes the
+// replies not taken yet, then those deferred for it; it reads the histories
+// IM did not give again, a few times. It reports false if ctx ended first.
 func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	log := r.log
-	var pending []*sweep
-	for _, sw := range r.sweeps {
-		pending = append(pending, sw)
-	}
-	total, recovered := len(pending), 0
+	total, recovered := 0, 0
+	var pending []*sweep // the sweeps that failed
 	var lastErr error
-	for attempt := 1; len(pending) > 0 && attempt <= recoveryAttempts; attempt++ {
-		if attempt > 1 && !sleepCtx(ctx, backoff(attempt-2, r.minBackoff, r.maxBackoff)) {
-			return false
+	run := func(sw *sweep, last bool) {
+		n, err := r.recoverConversation(ctx, sw, last)
+		recovered += n
+		if err != nil {
+			pending, lastErr = append(pending, sw), err
+			return
 		}
-		var failed []*sweep
-		for _, sw := range pending {
-			n, err := r.recoverConversation(ctx, sw, attempt == recoveryAttempts)
-			if ctx.Err() != nil {
+		r.mu.Lock()
+		if r.sweeps[sw.OpenID] == sw {
+			delete(r.sweeps, sw.OpenID)
+		}
+		r.mu.Unlock()
+	}
+	for failures := 0; ; {
+		page, err := r.store.OpenConversations(ctx, r.swept, r.last, recoveryPage)
+		if err != nil {
+			log.Error("reply recovery: open conversations not read", "err", err)
+			if !sleepCtx(ctx, backoff(failures, r.minBackoff, r.maxBackoff)) {
 				return false
 			}
-			recovered += n
-			if err != nil {
-				failed, lastErr = append(failed, sw), err
+			failures++
+			continue
+		}
+		var todo []*sweep
+		r.mu.Lock()
+		for _, c := range page {
+			sw := r.sweeps[c.OpenID]
+			if sw == nil {
+				if sw = r.gapSweep(c); sw != nil {
+					r.sweeps[c.OpenID] = sw
+				}
+			}
+			if sw != nil && !sw.retake && !sw.done { // a retake reads from the gap's start itself
+				todo = append(todo, sw)
 			}
 		}
-		pending = failed
+		r.swept = r.last
+		if len(page) == recoveryPage {
+			r.swept = page[len(page)-1].ID
+		}
+		r.mu.Unlock()
+		total += len(todo)
+		for _, sw := range todo {
+			if run(sw, false); ctx.Err() != nil {
+				return false
+			}
+		}
+		if len(page) < recoveryPage {
+			break
+		}
+	}
+	for attempt := 2; len(pending) > 0 && attempt <= recoveryAttempts; attempt++ {
+		if !sleepCtx(ctx, backoff(attempt-2, r.minBackoff, r.maxBackoff)) {
+			return false
+		}
+		failed := pending
+		pending = nil
+		for _, sw := range failed {
+			if run(sw, attempt == recoveryAttempts); ctx.Err() != nil {
+				return false
+			}
+		}
 	}
 	if len(pending) > 0 {
 		// Told, not hidden: these conversations' replies of the gap may be
@@ -310,7 +391,7 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	customer := r.userPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
 	// callbacks that come meanwhile are deferred, not kept waiting on IM.
-	msgs, err := r.im.History(ctx, sw.Agent, customer, sw.from.Unix(), r.now().Unix()+1)
+	msgs, err := r.im.History(ctx, sw.Agent, customer, sw.from, r.now().Unix()+1)
 	if err != nil && !last {
 		return 0, err
 	}

@@ -224,8 +224,8 @@ func TestDeferredReplyFollowsTheHistory(t *testing.T) {
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
 		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
 			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
-	if err := r.prepare(ctx); err != nil || !r.gap || len(r.sweeps) != 1 {
-		t.Fatalf("prepare: %v, gap %v, %d sweeps; want one conversation to read", err, r.gap, len(r.sweeps))
+	if err := r.prepare(ctx); err != nil || !r.gap || r.last == 0 {
+		t.Fatalf("prepare: %v, gap %v, up to conversation %d; want a conversation to read", err, r.gap, r.last)
 	}
 	reply := func(text string) Delivery {
 		return Delivery{Kind: deliverWeChat, OpenID: "c1", IMUser: "wx_c1", Agent: "a1", Text: text}
@@ -315,5 +315,86 @@ func TestReplyWhoseCallbackFailedIsReadBack(t *testing.T) {
 	eventually(t, "the last reply", func() bool { return len(h.sentTo(customer)) == 3 })
 	if s := h.sentTo(customer); s[2].Text != "last" {
 		t.Errorf("the customer read %q last", s[2].Text)
+	}
+}
+
+// TestGapReadPageByPage: the gap is read a few conversations at a time, and
+// none is held in memory before its page: a reply that comes by callback
+// for a conversation whose page has not begun waits for it all the same,
+// and goes after the gap's replies; one for a conversation already read
+// is not deferred. Every conversation's replies of the gap are taken.
+func TestGapReadPageByPage(t *testing.T) {
+	defer func(n int) { recoveryPage = n }(recoveryPage)
+	recoveryPage = 2
+	ctx, now := context.Background(), time.Now()
+	st := openTestStore(t, "sqlite")
+	customers := []string{"c1", "c2", "c3", "c4", "c5"}
+	im := fakes.NewIM(t, fakes.IMOptions{Accounts: []string{"a1", "a2", "wx_c1", "wx_c2", "wx_c3", "wx_c4", "wx_c5"}})
+	agent := map[string]string{}
+	for _, c := range customers {
+		if _, err := st.AcceptPush(ctx, message("k"+c, c, "hello"), now); err != nil {
+			t.Fatal(err)
+		}
+		conv, ok, err := st.OpenConversationOf(ctx, c)
+		if err != nil || !ok {
+			t.Fatalf("%s's conversation: %v %v", c, ok, err)
+		}
+		agent[c] = conv.Agent
+		if _, err := im.SendAsAgent(ctx, conv.Agent, "wx_"+c, "gap reply to "+c); err != nil { // no callback URL: no callback
+			t.Fatal(err)
+		}
+	}
+	if err := st.Heartbeat(ctx, callbacksHeartbeat, now.Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	o := im.Options()
+	r := &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st),
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1", "a2"}, userPrefix: "wx_",
+		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
+			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	if err := r.prepare(ctx); err != nil || !r.gap {
+		t.Fatalf("prepare: %v, gap %v", err, r.gap)
+	}
+	if len(r.sweeps) != 0 {
+		t.Errorf("%d sweeps held before any page began", len(r.sweeps))
+	}
+	live := func(openid, text string) bool {
+		t.Helper()
+		deferred, dup, err := r.deferReply(ctx, openid, "im:live-"+openid, Delivery{Kind: deliverWeChat, OpenID: openid,
+			IMUser: "wx_" + openid, Agent: agent[openid], Text: text})
+		if err != nil || dup {
+			t.Fatalf("live reply to %s: duplicate %v, %v", openid, dup, err)
+		}
+		return deferred
+	}
+	if !live("c5", "live reply to c5") {
+		t.Fatal("a reply to a conversation whose page has not begun did not wait for it")
+	}
+	if len(r.sweeps) != 1 {
+		t.Errorf("%d sweeps held, want only the one a reply waits for", len(r.sweeps))
+	}
+	if !r.recoverGap(ctx) {
+		t.Fatal("recovery did not end")
+	}
+	if len(r.sweeps) != 0 || live("c1", "after") {
+		t.Errorf("after recovery: %d sweeps held, or a reply waited", len(r.sweeps))
+	}
+	rows, err := st.rdb.QueryContext(ctx, `SELECT lane, delivery FROM outbox WHERE lane LIKE 'wx:%' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var got []string
+	for rows.Next() {
+		var lane, raw string
+		var d Delivery
+		if err := rows.Scan(&lane, &raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
+			t.Fatal(err)
+		}
+		got = append(got, d.Text)
+	}
+	want := "gap reply to c1 | gap reply to c2 | gap reply to c3 | gap reply to c4 | gap reply to c5 | live reply to c5"
+	if strings.Join(got, " | ") != want {
+		t.Errorf("queued %q, want %q", strings.Join(got, " | "), want)
 	}
 }

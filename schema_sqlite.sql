@@ -144,6 +144,12 @@ CREATE TABLE IF NOT EXISTS credentials (
     value      TEXT NOT NULL DEFAULT '',
     refresh_at BIGINT NOT NULL DEFAULT 0
 );
+-- settings: name app holds the app the database serves (WeChat's AppID
+-- and IM's SDKAppID): a bridge of another app does not start on it.
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 -- heartbeats: name im_callbacks holds when a bridge was last known to take
 -- IM's callbacks, every gap before that having been recovered. IM makes a
 -- callback once: the replies agents sent while no bridge answered are read

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -130,7 +131,7 @@ func TestLeastLoadedAgent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	convs, err := st.OpenConversations(ctx)
+	convs, err := st.OpenConversations(ctx, 0, math.MaxInt64, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +215,7 @@ func TestRolledBackConversationIsForgotten(t *testing.T) {
 	if err != nil || acc.Reply != replyConnecting {
 		t.Errorf("the next message got %+v, %v; want the connecting reply of a new conversation", acc, err)
 	}
-	convs, err := st.OpenConversations(ctx)
+	convs, err := st.OpenConversations(ctx, 0, math.MaxInt64, 100)
 	if err != nil || len(convs) != 1 {
 		t.Errorf("got open conversations %+v, %v; want one", convs, err)
 	}
