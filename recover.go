@@ -285,7 +285,7 @@ func (r *replyRecovery) Run(ctx context.Context) {
 // IM did not give again, a few times. It reports false if ctx ended first.
 func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	log := r.log
-	total, recovered := 0, 0
+	recovered := 0
 	var pending []*sweep // the sweeps that failed
 	var lastErr error
 	run := func(sw *sweep, last bool) {
@@ -301,43 +301,9 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 		}
 		r.mu.Unlock()
 	}
-	for failures := 0; ; {
-		page, err := r.store.OpenConversations(ctx, r.swept, r.last, recoveryPage)
-		if err != nil {
-			log.Error("reply recovery: open conversations not read", "err", err)
-			if !sleepCtx(ctx, backoff(failures, r.minBackoff, r.maxBackoff)) {
-				return false
-			}
-			failures++
-			continue
-		}
-		var todo []*sweep
-		r.mu.Lock()
-		for _, c := range page {
-			sw := r.sweeps[c.OpenID]
-			if sw == nil {
-				if sw = r.gapSweep(c); sw != nil {
-					r.sweeps[c.OpenID] = sw
-				}
-			}
-			if sw != nil && !sw.retake && !sw.done { // a retake reads from the gap's start itself
-				todo = append(todo, sw)
-			}
-		}
-		r.swept = r.last
-		if len(page) == recoveryPage {
-			r.swept = page[len(page)-1].ID
-		}
-		r.mu.Unlock()
-		total += len(todo)
-		for _, sw := range todo {
-			if run(sw, false); ctx.Err() != nil {
-				return false
-			}
-		}
-		if len(page) < recoveryPage {
-			break
-		}
+	total, ok := r.sweepPages(ctx, run)
+	if !ok {
+		return false
 	}
 	for attempt := 2; len(pending) > 0 && attempt <= recoveryAttempts; attempt++ {
 		if !sleepCtx(ctx, backoff(attempt-2, r.minBackoff, r.maxBackoff)) {
@@ -365,21 +331,72 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 		}
 	}
 	r.mu.Unlock()
-	// Replies an earlier run deferred for conversations not read this time
-	// (closed since, or their agent gone from IM_AGENTS) go now.
+	if !r.releaseLeftovers(ctx) {
+		return false
+	}
+	log.Info("reply recovery done", "recovered", recovered, "conversations", total, "from", r.from)
+	return true
+}
+
+// sweepPages runs the gap's sweeps, a page of open conversations at a time,
+// each once, and returns how many it ran; false if ctx ended first.
+func (r *replyRecovery) sweepPages(ctx context.Context, run func(*sweep, bool)) (total int, ok bool) {
+	for failures := 0; ; {
+		page, err := r.store.OpenConversations(ctx, r.swept, r.last, recoveryPage)
+		if err != nil {
+			r.log.Error("reply recovery: open conversations not read", "err", err)
+			if !sleepCtx(ctx, backoff(failures, r.minBackoff, r.maxBackoff)) {
+				return total, false
+			}
+			failures++
+			continue
+		}
+		var todo []*sweep
+		r.mu.Lock()
+		for _, c := range page {
+			sw := r.sweeps[c.OpenID]
+			if sw == nil {
+				if sw = r.gapSweep(c); sw != nil {
+					r.sweeps[c.OpenID] = sw
+				}
+			}
+			if sw != nil && !sw.retake && !sw.done { // a retake reads from the gap's start itself
+				todo = append(todo, sw)
+			}
+		}
+		r.swept = r.last
+		if len(page) == recoveryPage {
+			r.swept = page[len(page)-1].ID
+		}
+		r.mu.Unlock()
+		total += len(todo)
+		for _, sw := range todo {
+			if run(sw, false); ctx.Err() != nil {
+				return total, false
+			}
+		}
+		if len(page) < recoveryPage {
+			break
+		}
+	}
+	return total, true
+}
+
+// releaseLeftovers moves the replies an earlier run deferred for
+// conversations not read this time (closed since, or their agent gone from
+// IM_AGENTS) to the outbox; false if ctx ended first.
+func (r *replyRecovery) releaseLeftovers(ctx context.Context) bool {
 	for attempt := 1; ; attempt++ {
 		_, err := r.store.TakeHistory(ctx, "", nil, r.now())
 		if err == nil {
 			r.worker.Notify()
-			break
+			return true
 		}
 		if ctx.Err() != nil || !sleepCtx(ctx, backoff(attempt-1, r.minBackoff, r.maxBackoff)) {
 			return false
 		}
-		log.Error("reply recovery: deferred replies not released", "err", err)
+		r.log.Error("reply recovery: deferred replies not released", "err", err)
 	}
-	log.Info("reply recovery done", "recovered", recovered, "conversations", total, "from", r.from)
-	return true
 }
 
 // recoverConversation takes the replies sw's agent sent to its customer
