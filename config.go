@@ -171,8 +171,15 @@ func (e *env) duration(name string, def time.Duration) time.Duration {
 	return d
 }
 
-// retention returns name's value as a duration, in days if it ends in d
-// (180d), 0 if it is 0 (kept for ever), or def.
+// minHistoryRetention is the shortest HISTORY_RETENTION: the quota and
+// WeChat's 48-hour window are read from the customer's last message, and a
+// delivery is retried for up to IM_DELIVERY_WINDOW, so a week keeps what
+// the bridge still reads.
+const minHistoryRetention = 7 * 24 * time.Hour
+
+// retention returns name's value as a duration of at least
+// minHistoryRetention, in days if it ends in d (180d), 0 if it is 0 (kept
+// for ever), or def.
 func (e *env) retention(name string, def time.Duration) time.Duration {
 	v := e.get(name, "")
 	if v == "" {
@@ -181,14 +188,14 @@ func (e *env) retention(name string, def time.Duration) time.Duration {
 	if v == "0" {
 		return 0
 	}
-	if days, ok := strings.CutSuffix(v, "d"); ok {
-		if n, err := strconv.Atoi(days); err == nil && n > 0 && n < 100_000 {
-			return time.Duration(n) * 24 * time.Hour
-		}
-	}
 	d, err := time.ParseDuration(v)
-	if err != nil || d <= 0 {
-		e.bad("%s must be 0 (keep everything), a number of days such as 180d, or a duration such as 720h, got %q", name, v)
+	if days, ok := strings.CutSuffix(v, "d"); ok {
+		var n int
+		n, err = strconv.Atoi(days)
+		d = time.Duration(min(max(n, 0), 100_000)) * 24 * time.Hour
+	}
+	if err != nil || d < minHistoryRetention {
+		e.bad("%s must be 0 (keep everything) or at least 7 days, as days (180d) or a duration (720h), got %q", name, v)
 	}
 	return d
 }

@@ -61,8 +61,10 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"bad cap", map[string]string{"IM_AGENT_MAX_OPEN": "-1"}, "IM_AGENT_MAX_OPEN must be"},
 		{"bad idle", map[string]string{"SESSION_IDLE_TIMEOUT": "a while"}, "SESSION_IDLE_TIMEOUT must be a positive duration"},
 		{"no quota", map[string]string{"WECHAT_REPLY_QUOTA": "0"}, "WECHAT_REPLY_QUOTA must be"},
-		{"bad retention", map[string]string{"HISTORY_RETENTION": "half a year"}, "HISTORY_RETENTION must be 0 (keep everything), a number of days"},
+		{"bad retention", map[string]string{"HISTORY_RETENTION": "half a year"}, "HISTORY_RETENTION must be 0 (keep everything) or at least 7 days"},
 		{"negative retention", map[string]string{"HISTORY_RETENTION": "-5d"}, "HISTORY_RETENTION must be"},
+		{"short retention", map[string]string{"HISTORY_RETENTION": "6d"}, "HISTORY_RETENTION must be"},
+		{"an hour's retention", map[string]string{"HISTORY_RETENTION": "1h"}, "HISTORY_RETENTION must be"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := validEnv()
@@ -118,7 +120,7 @@ func TestLoadConfigDesk(t *testing.T) {
 }
 
 func TestLoadConfigHistoryRetention(t *testing.T) {
-	for v, want := range map[string]time.Duration{"": 180 * 24 * time.Hour, "0": 0, "30d": 30 * 24 * time.Hour, "720h": 720 * time.Hour} {
+	for v, want := range map[string]time.Duration{"": 180 * 24 * time.Hour, "0": 0, "30d": 30 * 24 * time.Hour, "720h": 720 * time.Hour, "7d": 7 * 24 * time.Hour} {
 		env := validEnv()
 		env["HISTORY_RETENTION"] = v
 		c, err := loadConfig(mapEnv(env))

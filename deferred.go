@@ -181,28 +181,3 @@ func (s *Store) OpenConversations(ctx context.Context, after, last int64, limit 
 	}
 	return out, nil
 }
-
-// OpenConversationOf returns the customer's open conversation with an
-// agent, and false if they have none.
-func (s *Store) OpenConversationOf(ctx context.Context, openid string) (Conversation, bool, error) {
-	c := Conversation{OpenID: openid}
-	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT id, agent FROM conversations WHERE openid = ? AND closed_at IS NULL AND agent <> ''`),
-		openid).Scan(&c.ID, &c.Agent)
-	if errors.Is(err, sql.ErrNoRows) {
-		return c, false, nil
-	}
-	if err != nil {
-		return c, false, fmt.Errorf("open conversation of %s: %w", openid, err)
-	}
-	return c, true, nil
-}
-
-// LastConversation returns the largest conversation id there is, 0 if
-// none.
-func (s *Store) LastConversation(ctx context.Context) (int64, error) {
-	var id sql.NullInt64
-	if err := s.rdb.QueryRowContext(ctx, `SELECT max(id) FROM conversations`).Scan(&id); err != nil {
-		return 0, fmt.Errorf("last conversation: %w", err)
-	}
-	return id.Int64, nil
-}

@@ -438,6 +438,9 @@ func TestReplyQuotaAndWindow(t *testing.T) {
 		reply("c1", "r6")
 		h.eventuallyNotice("agent_kim", "c1", `Held: WeChat takes no more replies until the customer writes again; this one goes then. "r6"`)
 		eventually(t, "five replies", func() bool { return len(h.sentTo("c1")) == 5 })
+		// A reply that reached WeChat within the second before the
+		// customer's message may count under it: they write later.
+		clock.Advance(2 * time.Second)
 		h.wx.SendText(ctx, "c1", "and?")
 		eventually(t, "the held reply", func() bool { return len(h.sentTo("c1")) == 6 })
 		if got := strings.Join(h.sentTexts("c1"), ","); got != "r1,r2,r3,r4,r5,r6" {
@@ -585,24 +588,37 @@ func TestHeldReplyKeepsConversationAlive(t *testing.T) {
 // the quota the new message opens: the bridge holds the reply that would
 // be one too many, and WeChat never refuses (45047). Found by TestDeskModel.
 func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
-	h := newHarness(t, harnessOptions{env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
-	ctx := context.Background()
-	h.wx.SendText(ctx, "c1", "question")
-	eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
-	eventually(t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
-	h.wx.FailNextStatus(1, http.StatusBadGateway)
-	h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1") // on its way for a second
-	eventually(t, "r1's first attempt failed", func() bool {
-		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
-	})
-	h.wx.SendText(ctx, "c1", "and?")
-	for _, r := range []string{"r2", "r3", "r4", "r5", "r6"} {
-		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-	}
-	h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
-	eventually(t, "five replies after the message", func() bool { return len(h.sentTo("c1")) == 6 })
-	if d := h.deadLetters(); len(d) != 0 {
-		t.Errorf("dead letters %q, want none: WeChat refused nothing", d)
+	// r1 reaches WeChat after the customer's next message was accepted:
+	// while the agent writes again, or before.
+	for _, settled := range []bool{false, true} {
+		t.Run(map[bool]string{false: "still on its way", true: "arrived since"}[settled], func(t *testing.T) {
+			clock := &fakeClock{now: time.Now()}
+			h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+			ctx := context.Background()
+			h.wx.SendText(ctx, "c1", "question")
+			eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
+			eventually(t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
+			clock.Advance(2 * time.Second) // r0 reached WeChat well before what follows
+			h.wx.FailNextStatus(1, http.StatusBadGateway)
+			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1") // on its way until the clock moves
+			eventually(t, "r1's first attempt failed", func() bool {
+				return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
+			})
+			h.wx.SendText(ctx, "c1", "and?")
+			if settled {
+				clock.Advance(2 * time.Second)
+				eventually(t, "r1 in WeChat", func() bool { return len(h.sentTo("c1")) == 2 })
+			}
+			for _, r := range []string{"r2", "r3", "r4", "r5", "r6"} {
+				h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
+			}
+			h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
+			clock.Advance(2 * time.Second)
+			eventually(t, "five replies after the message", func() bool { return len(h.sentTo("c1")) == 6 })
+			if d := h.deadLetters(); len(d) != 0 {
+				t.Errorf("dead letters %q, want none: WeChat refused nothing", d)
+			}
+		})
 	}
 }

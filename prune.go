@@ -55,23 +55,23 @@ func (s *Store) PruneHistory(ctx context.Context, cutoff time.Time) (messages, c
 
 // pruneWalk deletes table's rows where cond holds (its one argument is
 // cutoff), reading the table in id order pruneBatch rows a write. Ids grow
-// with made (the time a row was made), so it stops at the first batch that
-// reaches rows made at cutoff or later: the primary key is the only index a
-// prune needs, and no write pays for another. It returns how many rows it
-// deleted.
+// with made (the time a row was made), so it stops at the first batch made
+// entirely at cutoff or later: the primary key is the only index a prune
+// needs, and no write pays for another. (A row made while the clock was
+// ahead does not stop it.) It returns how many rows it deleted.
 func (s *Store) pruneWalk(ctx context.Context, table, made, cond string, cutoff time.Time) (int, error) {
 	deleted, after, ms := 0, int64(0), cutoff.UnixMilli()
 	batch := strconv.Itoa(pruneBatch)
 	for {
 		var rows, gone int
-		var last, lastMade int64
+		var last, firstMade int64
 		err := s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
-			var maxID, maxMade sql.NullInt64
-			if err := s.queryRow(ctx, tx, `SELECT count(*), max(id), max(`+made+`) FROM
-				(SELECT id, `+made+` FROM `+table+` WHERE id > ? ORDER BY id LIMIT `+batch+`) AS batch`, after).Scan(&rows, &maxID, &maxMade); err != nil {
+			var maxID, minMade sql.NullInt64
+			if err := s.queryRow(ctx, tx, `SELECT count(*), max(id), min(`+made+`) FROM
+				(SELECT id, `+made+` FROM `+table+` WHERE id > ? ORDER BY id LIMIT `+batch+`) AS batch`, after).Scan(&rows, &maxID, &minMade); err != nil {
 				return err
 			}
-			last, lastMade = maxID.Int64, maxMade.Int64
+			last, firstMade = maxID.Int64, minMade.Int64
 			if rows == 0 {
 				return nil
 			}
@@ -87,7 +87,7 @@ func (s *Store) pruneWalk(ctx context.Context, table, made, cond string, cutoff 
 			return deleted, fmt.Errorf("prune %s: %w", table, err)
 		}
 		deleted += gone
-		if rows < pruneBatch || lastMade >= ms || ctx.Err() != nil {
+		if rows < pruneBatch || firstMade >= ms || ctx.Err() != nil {
 			return deleted, ctx.Err()
 		}
 		after = last

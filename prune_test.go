@@ -26,12 +26,16 @@ func TestHistoryRetention(t *testing.T) {
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "It leaves today.")
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "/end")
 		eventually(t, "c1's closing text", func() bool { return len(h.sentTo("c1")) == 2 })
+		// Each move of the clock waits for the deliveries to be recorded,
+		// which they are at the bridge's time.
+		eventually(t, "the outbox empty", func() bool { return outboxDepth(t, h.base) == 0 })
 
 		// (IM's callbacks keep the real time: no agent acts after the
 		// clock moves.)
 		clock.Advance(20 * 24 * time.Hour)
 		h.wx.SendText(ctx, "c3", "hello")
 		eventually(t, "c3's message in IM", func() bool { return len(h.customerTexts("agent_kim", "c3")) == 1 })
+		eventually(t, "the outbox empty", func() bool { return outboxDepth(t, h.base) == 0 })
 
 		clock.Advance(11 * 24 * time.Hour) // c1's conversation closed 31 days ago; c3 wrote 11 days ago
 		eventually(t, "c1's history pruned", func() bool { return h.adminStatus("/admin/customers/c1/messages") == http.StatusNotFound })
@@ -95,7 +99,8 @@ func TestPruneInBatches(t *testing.T) {
 			ctx := context.Background()
 			cutoff := time.UnixMilli(1_000_000)
 			// Rows made one a second from 40 s before the cutoff to 40 s
-			// after, in id order, in every state.
+			// after, in id order, in every state; one message made while
+			// the clock was a year ahead stops nothing.
 			var wantMessages, wantConvs, wantItems []int64
 			states := []MessageState{stateQueued, stateWaiting, stateHeld, stateNotSent, stateRating}
 			items := []ItemState{itemDone, itemPending, itemFailed, itemRetried}
@@ -103,11 +108,15 @@ func TestPruneInBatches(t *testing.T) {
 				for i := range int64(80) {
 					made := cutoff.UnixMilli() + (i-40)*1000
 					state := states[i%int64(len(states))]
+					madeMsg := made
+					if i == 4 {
+						madeMsg = cutoff.Add(365 * 24 * time.Hour).UnixMilli()
+					}
 					if _, err := st.exec(ctx, tx, `INSERT INTO messages (id, conversation, openid, direction, text, state, created_at)
-						VALUES (?, 1, 'o1', 'in', 'x', ?, ?)`, i+1, string(state), made); err != nil {
+						VALUES (?, 1, 'o1', 'in', 'x', ?, ?)`, i+1, string(state), madeMsg); err != nil {
 						return err
 					}
-					if made >= cutoff.UnixMilli() || state == stateWaiting || state == stateHeld {
+					if madeMsg >= cutoff.UnixMilli() || state == stateWaiting || state == stateHeld {
 						wantMessages = append(wantMessages, i+1)
 					}
 					var closed any // every third is open; the others close 5 s after opening

@@ -22,7 +22,9 @@ package main
 import (
 	"context"
 	"log/slog"
+	"math"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -64,14 +66,21 @@ type replyRecovery struct {
 	gap  bool      // a heartbeat was found: there is a gap to read back
 	from time.Time // where the gap starts
 	mu   sync.Mutex
-	// The gap is read a page of conversations at a time, in the order of
-	// their ids: swept is the last id of the pages begun, last the last
-	// id there was at the start. A conversation between them is still to
-	// be read; none is kept in memory until its page begins, or a reply
-	// to it must wait for it (sweepFor).
-	swept, last int64
-	sweeps      map[string]*sweep // by openid: the sweeps begun and not done, and the retakes
-	wake        chan struct{}     // a retake was asked for
+	// The gap's conversations: those open with an agent at the start,
+	// sorted by customer, each its customer's openid and its agent's
+	// place in IM_AGENTS (about 60 bytes). Their sweeps begin a page at a
+	// time, in this order; begun is how many have begun. A reply to a
+	// conversation whose sweep has not begun waits for it (sweepFor).
+	gapConvs []gapConv
+	begun    int
+	sweeps   map[string]*sweep // by openid: the sweeps begun and not done, and the retakes
+	wake     chan struct{}     // a retake was asked for
+}
+
+// gapConv is a conversation of the gap.
+type gapConv struct {
+	openid string
+	agent  int // its index in IM_AGENTS
 }
 
 // recoveryPage is how many conversations the gap's sweeps read at a time
@@ -88,8 +97,9 @@ type sweep struct {
 	mu           sync.Mutex // held while a reply is deferred, and while what was read of its history is taken
 }
 
-// prepare reads the last heartbeat and, after a gap, where the
-// conversations whose history is to be read end. It runs before the bridge
+// prepare reads the last heartbeat and, after a gap, the conversations
+// open with an agent, whose history is to be read: those open now, even if
+// they close or change hands before their sweep. It runs before the bridge
 // takes callbacks, so that none goes ahead of its conversation's sweep.
 func (r *replyRecovery) prepare(ctx context.Context) error {
 	last, found, err := r.store.LastHeartbeat(ctx, callbacksHeartbeat)
@@ -102,44 +112,48 @@ func (r *replyRecovery) prepare(ctx context.Context) error {
 			"not_recovered_from", r.from, "until", earliest)
 		r.from = earliest
 	}
-	r.sweeps = map[string]*sweep{}
-	r.last, err = r.store.LastConversation(ctx)
-	return err
+	r.sweeps, r.gapConvs = map[string]*sweep{}, nil
+	for after := int64(0); ; {
+		page, err := r.store.OpenConversations(ctx, after, math.MaxInt64, 1000)
+		if err != nil {
+			return err
+		}
+		for _, c := range page {
+			// Replies are taken only from configured agents, as callbacks are.
+			if i := slices.Index(r.agents, c.Agent); i >= 0 {
+				r.gapConvs = append(r.gapConvs, gapConv{c.OpenID, i})
+			}
+		}
+		if len(page) < 1000 {
+			break
+		}
+		after = page[len(page)-1].ID
+	}
+	slices.SortFunc(r.gapConvs, func(a, b gapConv) int { return strings.Compare(a.openid, b.openid) })
+	return nil
 }
 
-// gapSweep returns the gap's sweep of c, or nil if c's agent is not one of
-// IM_AGENTS: replies are taken only from them, as callbacks are.
-func (r *replyRecovery) gapSweep(c Conversation) *sweep {
-	i := slices.Index(r.agents, c.Agent)
-	if i < 0 {
-		return nil
-	}
-	c.Agent = r.agents[i]
-	return &sweep{Conversation: c, from: r.from.Unix()}
+// gapSweep returns the gap's sweep of c.
+func (r *replyRecovery) gapSweep(c gapConv) *sweep {
+	return &sweep{Conversation: Conversation{OpenID: c.openid, Agent: r.agents[c.agent]}, from: r.from.Unix()}
 }
 
 // sweepFor returns the sweep a reply to openid must wait for: one begun or
-// asked for, or, while the gap is read, a new one for the customer's open
-// conversation if the gap's pages have yet to reach it; nil if none.
-func (r *replyRecovery) sweepFor(ctx context.Context, openid string) (*sweep, error) {
-	r.mu.Lock()
-	sw, reading := r.sweeps[openid], r.swept < r.last
-	r.mu.Unlock()
-	if sw != nil || !reading {
-		return sw, nil
-	}
-	c, ok, err := r.store.OpenConversationOf(ctx, openid)
-	if err != nil || !ok {
-		return nil, err
-	}
+// asked for, or a new one if the customer's conversation is one of the
+// gap's whose sweep has not begun; nil if none.
+func (r *replyRecovery) sweepFor(openid string) *sweep {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if sw = r.sweeps[openid]; sw == nil && c.ID > r.swept && c.ID <= r.last {
-		if sw = r.gapSweep(c); sw != nil {
-			r.sweeps[openid] = sw // its page takes it up
-		}
+	if sw := r.sweeps[openid]; sw != nil {
+		return sw
 	}
-	return sw, nil
+	i, found := slices.BinarySearchFunc(r.gapConvs, openid, func(c gapConv, id string) int { return strings.Compare(c.openid, id) })
+	if !found || i < r.begun {
+		return nil
+	}
+	sw := r.gapSweep(r.gapConvs[i])
+	r.sweeps[openid] = sw // its page takes it up
+	return sw
 }
 
 // deferReply commits a reply that came by callback to deferred_replies,
@@ -149,9 +163,9 @@ func (r *replyRecovery) deferReply(ctx context.Context, openid, key string, d De
 	if r == nil {
 		return false, false, nil
 	}
-	sw, err := r.sweepFor(ctx, openid)
-	if sw == nil || err != nil {
-		return false, false, err
+	sw := r.sweepFor(openid)
+	if sw == nil {
+		return false, false, nil
 	}
 	sw.mu.Lock() // waits while its sweep takes what it read
 	defer sw.mu.Unlock()
@@ -177,8 +191,8 @@ func (r *replyRecovery) retake(openid, agent string, msgTime time.Time) {
 	}
 	from := at.Add(-recoveryMargin).Unix()
 	r.mu.Lock()
-	if r.swept < r.last {
-		from = min(from, r.from.Unix()) // the gap's page may not have reached it: this reads it
+	if r.begun < len(r.gapConvs) {
+		from = min(from, r.from.Unix()) // the gap's sweep may not have begun: this reads it
 	}
 	if r.sweeps == nil {
 		r.sweeps = map[string]*sweep{}
@@ -338,35 +352,27 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 	return true
 }
 
-// sweepPages runs the gap's sweeps, a page of open conversations at a time,
+// sweepPages runs the gap's sweeps, a page of conversations at a time,
 // each once, and returns how many it ran; false if ctx ended first.
 func (r *replyRecovery) sweepPages(ctx context.Context, run func(*sweep, bool)) (total int, ok bool) {
-	for failures := 0; ; {
-		page, err := r.store.OpenConversations(ctx, r.swept, r.last, recoveryPage)
-		if err != nil {
-			r.log.Error("reply recovery: open conversations not read", "err", err)
-			if !sleepCtx(ctx, backoff(failures, r.minBackoff, r.maxBackoff)) {
-				return total, false
-			}
-			failures++
-			continue
-		}
+	for {
 		var todo []*sweep
 		r.mu.Lock()
-		for _, c := range page {
-			sw := r.sweeps[c.OpenID]
+		end := min(r.begun+recoveryPage, len(r.gapConvs))
+		for _, c := range r.gapConvs[r.begun:end] {
+			sw := r.sweeps[c.openid]
 			if sw == nil {
-				if sw = r.gapSweep(c); sw != nil {
-					r.sweeps[c.OpenID] = sw
-				}
+				sw = r.gapSweep(c)
+				r.sweeps[c.openid] = sw
 			}
-			if sw != nil && !sw.retake && !sw.done { // a retake reads from the gap's start itself
+			if !sw.retake && !sw.done { // a retake reads from the gap's start itself
 				todo = append(todo, sw)
 			}
 		}
-		r.swept = r.last
-		if len(page) == recoveryPage {
-			r.swept = page[len(page)-1].ID
+		r.begun = end
+		done := end == len(r.gapConvs)
+		if done {
+			r.gapConvs, r.begun = nil, 0 // the rest are in sweeps
 		}
 		r.mu.Unlock()
 		total += len(todo)
@@ -375,11 +381,10 @@ func (r *replyRecovery) sweepPages(ctx context.Context, run func(*sweep, bool)) 
 				return total, false
 			}
 		}
-		if len(page) < recoveryPage {
-			break
+		if done {
+			return total, true
 		}
 	}
-	return total, true
 }
 
 // releaseLeftovers moves the replies an earlier run deferred for

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"strings"
 	"testing"
@@ -224,8 +226,8 @@ func TestDeferredReplyFollowsTheHistory(t *testing.T) {
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
 		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
 			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
-	if err := r.prepare(ctx); err != nil || !r.gap || r.last == 0 {
-		t.Fatalf("prepare: %v, gap %v, up to conversation %d; want a conversation to read", err, r.gap, r.last)
+	if err := r.prepare(ctx); err != nil || !r.gap || len(r.gapConvs) != 1 {
+		t.Fatalf("prepare: %v, gap %v, %d conversations; want one to read", err, r.gap, len(r.gapConvs))
 	}
 	reply := func(text string) Delivery {
 		return Delivery{Kind: deliverWeChat, OpenID: "c1", IMUser: "wx_c1", Agent: "a1", Text: text}
@@ -318,11 +320,12 @@ func TestReplyWhoseCallbackFailedIsReadBack(t *testing.T) {
 	}
 }
 
-// TestGapReadPageByPage: the gap is read a few conversations at a time, and
-// none is held in memory before its page: a reply that comes by callback
-// for a conversation whose page has not begun waits for it all the same,
-// and goes after the gap's replies; one for a conversation already read
-// is not deferred. Every conversation's replies of the gap are taken.
+// TestGapReadPageByPage: the gap's conversations are listed at the start and
+// swept a few at a time, no sweep held before its page: a reply that comes
+// by callback for a conversation whose page has not begun waits for it all
+// the same, and goes after the gap's replies; one for a conversation
+// already read is not deferred. Every conversation's replies of the gap are
+// taken, even one's that closed before its page.
 func TestGapReadPageByPage(t *testing.T) {
 	defer func(n int) { recoveryPage = n }(recoveryPage)
 	recoveryPage = 2
@@ -335,12 +338,14 @@ func TestGapReadPageByPage(t *testing.T) {
 		if _, err := st.AcceptPush(ctx, message("k"+c, c, "hello"), now); err != nil {
 			t.Fatal(err)
 		}
-		conv, ok, err := st.OpenConversationOf(ctx, c)
-		if err != nil || !ok {
-			t.Fatalf("%s's conversation: %v %v", c, ok, err)
-		}
-		agent[c] = conv.Agent
-		if _, err := im.SendAsAgent(ctx, conv.Agent, "wx_"+c, "gap reply to "+c); err != nil { // no callback URL: no callback
+	}
+	convs, err := st.OpenConversations(ctx, 0, math.MaxInt64, 100)
+	if err != nil || len(convs) != len(customers) {
+		t.Fatalf("open conversations %v, %v", convs, err)
+	}
+	for _, c := range convs {
+		agent[c.OpenID] = c.Agent
+		if _, err := im.SendAsAgent(ctx, c.Agent, "wx_"+c.OpenID, "gap reply to "+c.OpenID); err != nil { // no callback URL: no callback
 			t.Fatal(err)
 		}
 	}
@@ -372,6 +377,14 @@ func TestGapReadPageByPage(t *testing.T) {
 	}
 	if len(r.sweeps) != 1 {
 		t.Errorf("%d sweeps held, want only the one a reply waits for", len(r.sweeps))
+	}
+	// c3's conversation closes before its page: its gap reply is read all
+	// the same.
+	if err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		_, err := st.exec(ctx, tx, `UPDATE conversations SET closed_at = ?, closed_by = 'idle' WHERE openid = 'c3'`, now.UnixMilli())
+		return err
+	}); err != nil {
+		t.Fatal(err)
 	}
 	if !r.recoverGap(ctx) {
 		t.Fatal("recovery did not end")

@@ -51,6 +51,9 @@ type Worker struct {
 	owner          string        // this instance, in claims
 	epoch          time.Time     // when the worker was made
 	aliveSince     atomic.Int64  // when the last recorded liveness was asked, in ns since epoch (heartbeat.go)
+	liveMu         sync.Mutex
+	lapse          context.Context    // done once this instance's liveness lapsed, cutting its attempts
+	lapsed         context.CancelFunc // cancels lapse
 	wake           chan struct{}
 	running        atomic.Bool
 	lastPruneMilli atomic.Int64
@@ -118,8 +121,12 @@ func (w *Worker) Run(ctx context.Context) {
 		defer close(completerDone)
 		w.complete(deliverCtx, delivered, freed)
 	}()
-	w.beat(ctx, true)
-	go w.keepAlive(ctx)
+	// Liveness is recorded until the work held is handed back, even after
+	// ctx ends: others would take the claims of the deliveries finishing.
+	liveCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
+	beats := make(chan struct{})
+	w.beat(liveCtx, true)
+	go func() { defer close(beats); w.keepAlive(liveCtx) }()
 
 	for ctx.Err() == nil {
 		w.prune(ctx)
@@ -156,7 +163,7 @@ func (w *Worker) Run(ctx context.Context) {
 		cancelDeliveries()
 		<-finished
 	}
-	w.release()
+	w.release(func() { stopBeats(); <-beats })
 }
 
 // sleep waits until ctx is done, an outcome is recorded (done), the
@@ -179,13 +186,17 @@ func (w *Worker) sleep(ctx context.Context, idle bool, done <-chan struct{}) {
 	}
 }
 
-// release hands back the items the worker still holds.
-func (w *Worker) release() {
+// release hands back the items the worker still holds, then stops its
+// liveness (stopBeats) and forgets the instance. Should the hand-back fail,
+// its claims are free once it is no longer seen.
+func (w *Worker) release(stopBeats func()) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := w.Store.Release(ctx, w.owner); err != nil {
+	err := w.Store.Release(ctx, w.owner)
+	stopBeats()
+	if err != nil {
 		w.Log.Error("outbox release failed", "err", err)
-		return // its claims are freed when it is no longer seen
+		return
 	}
 	if err := w.Store.Gone(ctx, w.owner); err != nil {
 		w.Log.Error("instance not forgotten", "err", err)
@@ -202,9 +213,33 @@ func (w *Worker) keepAlive(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
-			w.beat(ctx, false)
+			if w.beat(ctx, false); !w.alive() {
+				w.cutAttempts()
+			}
 		}
 	}
+}
+
+// cutAttempts cancels the attempts in flight: this instance's liveness
+// lapsed, and others may take its claims and make them again.
+func (w *Worker) cutAttempts() {
+	w.liveMu.Lock()
+	defer w.liveMu.Unlock()
+	if w.lapse != nil && w.lapse.Err() == nil {
+		w.lapsed()
+		w.Log.Error("liveness not recorded for too long: attempts in flight are cut off, and no work is taken until it is")
+	}
+}
+
+// liveness returns the context an attempt starting now runs under: done if
+// this instance's liveness lapses (cutAttempts).
+func (w *Worker) liveness() context.Context {
+	w.liveMu.Lock()
+	defer w.liveMu.Unlock()
+	if w.lapse == nil || w.lapse.Err() != nil && w.alive() {
+		w.lapse, w.lapsed = context.WithCancel(context.Background())
+	}
+	return w.lapse
 }
 
 // beat records this instance's liveness once.
@@ -304,10 +339,16 @@ func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 			return false
 		}
 		attemptCtx, cancel := context.WithTimeout(ctx, budget)
+		live := w.liveness()
+		stop := context.AfterFunc(live, cancel) // others may take the claim: stop calling
 		err = w.deliver(attemptCtx, it)
-		if err != nil && attemptCtx.Err() != nil && ctx.Err() == nil {
+		switch {
+		case err != nil && live.Err() != nil:
+			err = fmt.Errorf("attempt cut off: this instance's liveness was not recorded: %w", err)
+		case err != nil && attemptCtx.Err() != nil && ctx.Err() == nil:
 			err = fmt.Errorf("attempt cut off after %s, before its claim ran out: %w", budget.Round(time.Millisecond), err)
 		}
+		stop()
 		cancel()
 	}
 	now := w.Now()
