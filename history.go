@@ -28,14 +28,13 @@ type historyRow struct {
 	outbox    int64  // its (first) outbox item, while queued
 	delivery  string // its delivery, while waiting or held
 	grant     int64  // to the customer: the allowance it was sent under (quota.go)
-	carried   int    // from the customer: the messages to them still on their way then (quota.go)
 }
 
 // record adds h to the history.
 func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
-	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of, carried)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
-		h.delivery, now.UnixMilli(), h.grant, h.carried)
+	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
+		h.delivery, now.UnixMilli(), h.grant)
 	return err
 }
 

@@ -358,13 +358,7 @@ func (s *Store) rate(ctx context.Context, tx *sql.Tx, in Inbound, conv int64, n 
 	if _, err := s.exec(ctx, tx, `UPDATE customers SET rating_conv = 0 WHERE openid = ?`, in.OpenID); err != nil {
 		return true, err
 	}
-	h := historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: stateRating}
-	carried, err := s.onTheirWay(ctx, tx, in.OpenID, now) // quota.go
-	h.carried = carried
-	if err == nil {
-		err = s.record(ctx, tx, h, now)
-	}
-	if err != nil {
+	if err := s.record(ctx, tx, historyRow{conv: conv, openid: in.OpenID, direction: "in", agent: agent, text: in.Text, state: stateRating}, now); err != nil {
 		return true, err
 	}
 	return true, s.tellAgent(ctx, tx, in.OpenID, agent, fmt.Sprintf("The customer rated the conversation %d of 5.", n), now)

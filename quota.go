@@ -34,11 +34,9 @@ const (
 // when the customer last wrote (zero if never).
 func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (left int, open bool, grant int64, lastIn time.Time, err error) {
 	var inID, in, eventAt int64
-	var carried int
-	err = s.queryRow(ctx, tx, `SELECT COALESCE(MAX(id), 0), COALESCE(MAX(created_at), 0), COALESCE(MAX(carried), 0),
-		COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)
-		FROM (SELECT id, created_at, carried FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1) m`,
-		openid, openid).Scan(&inID, &in, &carried, &eventAt)
+	err = s.queryRow(ctx, tx, `SELECT COALESCE(MAX(id), 0), COALESCE(MAX(created_at), 0), COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)
+		FROM (SELECT id, created_at FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1) m`,
+		openid, openid).Scan(&inID, &in, &eventAt)
 	if err != nil {
 		return 0, false, 0, time.Time{}, err
 	}
@@ -55,41 +53,26 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	if grant == 0 || now.UnixMilli() >= until {
 		return 0, false, 0, lastIn, nil
 	}
-	// What was sent under the grant came after the customer's last message;
-	// and what may have reached WeChat after that message, so that WeChat
-	// counts it under this grant too: the message carries their number,
-	// taken when it was accepted (onTheirWay). After an
-	// event, the replies still on their way now count. (A reply's item is
-	// the one made with it: SQLite gives a pruned item's id to a new one.)
-	since, args := "", []any{openid, inID, grant}
-	if grant < 0 {
-		since, args = ` OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
-			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at = m.created_at AND o.state = `+sqlPending+`)`, append(args, inID, "wx:"+openid)
+	// What was sent under the grant came after the customer's last message.
+	// So, for WeChat, did what reached it after that message: a reply made
+	// before it and still on its way, or one that arrived since, or within
+	// the second before (WeChat had the message before it pushed it, and its
+	// times are whole seconds), if made after their previous message. After
+	// an event, the replies still on their way count. (A reply's item is the
+	// one made with it: SQLite gives a pruned item's id to a new one.)
+	arrived := ""
+	args := []any{openid, inID, grant, inID, "wx:" + openid}
+	if grant > 0 {
+		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= ? AND m.id > (SELECT COALESCE(MAX(p.id), 0) FROM messages p
+			WHERE p.openid = m.openid AND p.direction = 'in' AND p.id < ?)`
+		args = append(args, in-time.Second.Milliseconds(), inID)
 	}
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
-		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ?`+since+`)`, args...).Scan(&used)
-	if grant > 0 {
-		used += carried
-	}
+		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
+			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at = m.created_at AND (o.state = `+sqlPending+arrived+`)))`,
+		args...).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
-}
-
-// onTheirWay returns how many messages to the customer may reach WeChat
-// after their message accepted at now (before it is recorded): those still
-// on their way, and those made since their previous message that arrived
-// within the second before (WeChat had the message before it pushed it,
-// and its times are whole seconds). Only the latest twenty are looked at:
-// the quota is five.
-func (s *Store) onTheirWay(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (int, error) {
-	var n int
-	err := s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM (SELECT id, parts, outbox_id, created_at FROM messages
-		WHERE openid = ? AND direction = 'out' AND state = `+sqlQueued+` ORDER BY id DESC LIMIT 20) m
-		JOIN outbox o ON o.id = m.outbox_id AND o.lane = ? AND o.created_at = m.created_at
-		WHERE o.state = `+sqlPending+` OR o.state = `+sqlDone+` AND o.updated_at >= ?
-			AND m.id > (SELECT COALESCE(MAX(id), 0) FROM messages WHERE openid = ? AND direction = 'in')`,
-		openid, "wx:"+openid, now.Add(-time.Second).UnixMilli(), openid).Scan(&n)
-	return n, err
 }
 
 // toCustomer sends d, a message to the customer in conversation conv, if

@@ -46,7 +46,6 @@ var addedColumns = []struct{ table, column string }{
 	{"agent_load", "gone_at BIGINT NOT NULL DEFAULT 0"},
 	{"agent_load", "logged_out INTEGER NOT NULL DEFAULT 0"},
 	{"conversations", "requeued_from TEXT NOT NULL DEFAULT ''"},
-	{"messages", "carried INTEGER NOT NULL DEFAULT 0"}, // quota.go
 }
 
 // applySQLiteSchema applies the schema on SQLite, then adds the columns a

@@ -72,9 +72,7 @@ CREATE TABLE IF NOT EXISTS agent_load (
 -- held (for the customer's next message: the quota is spent), or not_sent
 -- (past the 48-hour window). A waiting or held message keeps its delivery.
 -- grant_of names the allowance an outgoing message was sent under (quota.go):
--- the id of the customer's message, or minus the time of their event;
--- carried, on a customer's message, how many messages to them were still
--- on their way when it was accepted: WeChat may count them under it.
+-- the id of the customer's message, or minus the time of their event.
 CREATE TABLE IF NOT EXISTS messages (
     id           BIGSERIAL PRIMARY KEY,
     conversation BIGINT NOT NULL,
@@ -87,8 +85,7 @@ CREATE TABLE IF NOT EXISTS messages (
     outbox_id    BIGINT NOT NULL DEFAULT 0,
     delivery     TEXT NOT NULL DEFAULT '',
     created_at   BIGINT NOT NULL,
-    grant_of     BIGINT NOT NULL DEFAULT 0,
-    carried      INTEGER NOT NULL DEFAULT 0
+    grant_of     BIGINT NOT NULL DEFAULT 0
 );
 -- messages_customer reads a customer's messages: the history, the quota's
 -- count, the last message of a conversation that may be idle. It costs the
@@ -228,7 +225,6 @@ ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS events BIGINT NOT NULL DEFAULT 0
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS gone_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE agent_load ADD COLUMN IF NOT EXISTS logged_out INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN IF NOT EXISTS requeued_from TEXT NOT NULL DEFAULT '';
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS carried INTEGER NOT NULL DEFAULT 0;
 -- media's bytes moved from media.data to media_parts, in parts of 256 KB.
 DO $$
 BEGIN

@@ -402,9 +402,6 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		}
 		carried = rec != nil
 	}
-	if h.carried, err = s.onTheirWay(ctx, tx, in.OpenID, now); err != nil { // quota.go
-		return acc, false, err
-	}
 	if err := s.record(ctx, tx, h, now); err != nil { // history.go
 		return acc, false, err
 	}
