@@ -215,29 +215,46 @@ func within(t testing.TB, limit time.Duration, what string, cond func() bool) {
 }
 
 // TestLapsedLivenessCutsAttempts: an instance that cannot record its
-// liveness for 6 s cuts its attempts in flight, as another may take their
-// claims 10 s after its last record, and takes up its work again once it
-// records it; the message reaches IM once.
+// liveness for 6 s, its write failing or hanging, cuts its attempts in
+// flight, as another may take their claims 10 s after its last record, and
+// takes up its work again once it records it; the message reaches IM once.
 func TestLapsedLivenessCutsAttempts(t *testing.T) {
-	h := newHarness(t, harnessOptions{postgres: true})
-	db := h.openDB()
-	defer db.Close()
-	release := h.im.Hold()
-	ctx := context.Background()
-	h.wx.SendText(ctx, customer, "one")
-	eventually(t, "the call to IM in flight", func() bool { return len(h.im.Requests()) > 0 })
-	if _, err := db.Exec(`ALTER TABLE instances RENAME TO instances_away`); err != nil {
-		t.Fatal(err)
-	}
-	within(t, 15*time.Second, "the attempt cut off", func() bool {
-		return strings.Contains(h.logs.String(), "attempts in flight are cut off")
-	})
-	if _, err := db.Exec(`ALTER TABLE instances_away RENAME TO instances`); err != nil {
-		t.Fatal(err)
-	}
-	release()
-	eventually(t, "the message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 1 })
-	if got := h.textsTo("agent_kim", " "); got != "one" {
-		t.Errorf("agent got %q, want the message once", got)
+	for _, hang := range []bool{false, true} {
+		t.Run(map[bool]string{false: "failing", true: "hanging"}[hang], func(t *testing.T) {
+			h := newHarness(t, harnessOptions{postgres: true})
+			db := h.openDB()
+			defer db.Close()
+			release := h.im.Hold()
+			ctx := context.Background()
+			h.wx.SendText(ctx, customer, "one")
+			eventually(t, "the call to IM in flight", func() bool { return len(h.im.Requests()) > 0 })
+			var back func() error
+			if hang {
+				tx, err := db.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := tx.Exec(`LOCK TABLE instances IN ACCESS EXCLUSIVE MODE`); err != nil {
+					t.Fatal(err)
+				}
+				back = tx.Rollback
+			} else {
+				if _, err := db.Exec(`ALTER TABLE instances RENAME TO instances_away`); err != nil {
+					t.Fatal(err)
+				}
+				back = func() error { _, err := db.Exec(`ALTER TABLE instances_away RENAME TO instances`); return err }
+			}
+			within(t, 15*time.Second, "the attempt cut off", func() bool {
+				return strings.Contains(h.logs.String(), "attempts in flight are cut off")
+			})
+			if err := back(); err != nil {
+				t.Fatal(err)
+			}
+			release()
+			eventually(t, "the message in IM", func() bool { return len(h.messagesTo("agent_kim")) >= 1 })
+			if got := h.textsTo("agent_kim", " "); got != "one" {
+				t.Errorf("agent got %q, want the message once", got)
+			}
+		})
 	}
 }

@@ -54,23 +54,26 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 		return 0, false, 0, lastIn, nil
 	}
 	// What was sent under the grant came after the customer's last message.
-	// So, for WeChat, did what reached it after that message: a reply made
-	// before it and still on its way, or one that arrived since, or within
-	// the second before (WeChat had the message before it pushed it, and its
-	// times are whole seconds), if made after their previous message. After
-	// an event, the replies still on their way count. (A reply's item is the
-	// one made with it: SQLite gives a pruned item's id to a new one.)
+	// So, for WeChat, did what reached it after that message: an older
+	// reply still on its way, or one that arrived since their previous
+	// message was accepted and, since this one was, or within the second
+	// before (WeChat had the message before it pushed it, and its times are
+	// whole seconds). A reply in parts is counted whole once its first part
+	// arrived after their previous message: its later parts come later.
+	// After an event, the replies still on their way count. (A reply's
+	// first item is made with it, or when it is released, never before:
+	// SQLite gives a pruned item's id to a new one.)
 	arrived := ""
 	args := []any{openid, inID, grant, inID, "wx:" + openid}
 	if grant > 0 {
-		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= ? AND m.id > (SELECT COALESCE(MAX(p.id), 0) FROM messages p
-			WHERE p.openid = m.openid AND p.direction = 'in' AND p.id < ?)`
-		args = append(args, in-time.Second.Milliseconds(), inID)
+		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= (SELECT COALESCE(MAX(p.created_at), 0) FROM messages p
+			WHERE p.openid = m.openid AND p.direction = 'in' AND p.id < ?) AND (o.updated_at >= ? OR m.parts > 1)`
+		args = append(args, inID, in-time.Second.Milliseconds())
 	}
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
 		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
-			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at = m.created_at AND (o.state = `+sqlPending+arrived+`)))`,
+			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at >= m.created_at AND (o.state = `+sqlPending+arrived+`)))`,
 		args...).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
 }

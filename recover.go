@@ -26,6 +26,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -92,9 +93,11 @@ var recoveryPage = 500
 type sweep struct {
 	Conversation       // its Agent is one of IM_AGENTS' strings, not a copy
 	from         int64 // its history is read from then (Unix seconds)
-	retake       bool  // asked for by a callback that failed, not by a gap
-	done         bool
-	mu           sync.Mutex // held while a reply is deferred, and while what was read of its history is taken
+	retake       bool  // asked for by a callback that failed, not by a gap (changed under the recovery's mu)
+	done         atomic.Bool
+	reading      atomic.Bool // its history is being read: a reply sent meanwhile may be missing from it
+	again        atomic.Bool // a callback failed while it was read: read it again before it is done
+	mu           sync.Mutex  // held while a reply is deferred, and while what was read of its history is taken
 }
 
 // prepare reads the last heartbeat and, after a gap, the conversations
@@ -169,7 +172,7 @@ func (r *replyRecovery) deferReply(ctx context.Context, openid, key string, d De
 	}
 	sw.mu.Lock() // waits while its sweep takes what it read
 	defer sw.mu.Unlock()
-	if sw.done || sw.Agent != d.Agent {
+	if sw.done.Load() || sw.Agent != d.Agent {
 		return false, false, nil
 	}
 	duplicate, err = r.store.DeferReply(ctx, key, d, r.now())
@@ -197,11 +200,16 @@ func (r *replyRecovery) retake(openid, agent string, msgTime time.Time) {
 	if r.sweeps == nil {
 		r.sweeps = map[string]*sweep{}
 	}
-	if sw := r.sweeps[openid]; sw == nil || sw.done || sw.Agent != agent {
+	if sw := r.sweeps[openid]; sw == nil || sw.done.Load() || sw.Agent != agent {
 		r.sweeps[openid] = &sweep{Conversation: Conversation{OpenID: openid, Agent: agent}, from: from, retake: true}
-	} else if sw.retake && from < sw.from {
-		sw.from = from
-	} // else the gap's sweep, still to run, reads from before
+	} else {
+		if sw.retake && from < sw.from {
+			sw.from = from
+		} // else the gap's sweep reads from before
+		if sw.reading.Load() {
+			sw.again.Store(true) // what it is reading may lack the reply
+		}
+	}
 	r.mu.Unlock()
 	select {
 	case r.wake <- struct{}{}:
@@ -215,7 +223,7 @@ func (r *replyRecovery) retakeAll(ctx context.Context) (pending bool) {
 	r.mu.Lock()
 	var todo []*sweep
 	for _, sw := range r.sweeps {
-		if sw.retake && !sw.done {
+		if sw.retake && !sw.done.Load() {
 			todo = append(todo, sw)
 		}
 	}
@@ -229,7 +237,7 @@ func (r *replyRecovery) retakeAll(ctx context.Context) (pending bool) {
 			continue
 		}
 		r.mu.Lock()
-		if r.sweeps[sw.OpenID] == sw {
+		if r.sweeps[sw.OpenID] == sw && sw.done.Load() {
 			delete(r.sweeps, sw.OpenID)
 		}
 		r.mu.Unlock()
@@ -310,7 +318,7 @@ func (r *replyRecovery) recoverGap(ctx context.Context) bool {
 			return
 		}
 		r.mu.Lock()
-		if r.sweeps[sw.OpenID] == sw {
+		if r.sweeps[sw.OpenID] == sw && sw.done.Load() {
 			delete(r.sweeps, sw.OpenID)
 		}
 		r.mu.Unlock()
@@ -365,7 +373,7 @@ func (r *replyRecovery) sweepPages(ctx context.Context, run func(*sweep, bool)) 
 				sw = r.gapSweep(c)
 				r.sweeps[c.openid] = sw
 			}
-			if !sw.retake && !sw.done { // a retake reads from the gap's start itself
+			if !sw.retake && !sw.done.Load() { // a retake reads from the gap's start itself
 				todo = append(todo, sw)
 			}
 		}
@@ -413,6 +421,7 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 	customer := r.userPrefix + sw.OpenID
 	// Whole seconds, as IM keeps them: the range takes in both ends. The
 	// callbacks that come meanwhile are deferred, not kept waiting on IM.
+	sw.reading.Store(true)
 	msgs, err := r.im.History(ctx, sw.Agent, customer, sw.from, r.now().Unix()+1)
 	if err != nil && !last {
 		return 0, err
@@ -446,6 +455,18 @@ func (r *replyRecovery) recoverConversation(ctx context.Context, sw *sweep, last
 		r.metrics.callbacks.WithLabelValues("recovered").Add(float64(n))
 		r.log.Info("agent replies recovered", "agent", sw.Agent, "replies", n)
 	}
-	sw.done = true
+	if sw.again.Swap(false) {
+		// A callback failed while the history was read: it becomes a
+		// retake, read again before the heartbeat moves on.
+		r.mu.Lock()
+		sw.retake = true
+		r.mu.Unlock()
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+		return n, err
+	}
+	sw.done.Store(true)
 	return n, err
 }

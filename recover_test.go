@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -409,5 +410,88 @@ func TestGapReadPageByPage(t *testing.T) {
 	want := "gap reply to c1 | gap reply to c2 | gap reply to c3 | gap reply to c4 | gap reply to c5 | live reply to c5"
 	if strings.Join(got, " | ") != want {
 		t.Errorf("queued %q, want %q", strings.Join(got, " | "), want)
+	}
+}
+
+// rtFunc is an http.RoundTripper made of a function.
+type rtFunc func(*http.Request) (*http.Response, error)
+
+func (f rtFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestRetakeWhileItsSweepReads: the gap's sweep of c1 has read IM's
+// history; before it takes what it read, the agent sends a reply whose
+// callback cannot be committed (the store blinks) and asks for a retake.
+// The sweep's read lacks that reply, so it is read again before the
+// heartbeat moves on: both replies are queued, in order.
+func TestRetakeWhileItsSweepReads(t *testing.T) {
+	ctx, now := context.Background(), time.Now()
+	st := openTestStore(t, "sqlite")
+	im := fakes.NewIM(t, fakes.IMOptions{Accounts: []string{"a1", "wx_c1"}})
+	if _, err := st.AcceptPush(ctx, message("k1", "c1", "hello"), now); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Heartbeat(ctx, callbacksHeartbeat, now.Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.SendAsAgent(ctx, "a1", "wx_c1", "in the gap"); err != nil {
+		t.Fatal(err)
+	}
+	o := im.Options()
+	var r *replyRecovery
+	var once sync.Once
+	tr := rtFunc(func(req *http.Request) (*http.Response, error) {
+		resp, err := http.DefaultTransport.RoundTrip(req)
+		if err == nil && strings.Contains(req.URL.Path, "admin_getroammsg") {
+			once.Do(func() {
+				m, err := im.SendAsAgent(ctx, "a1", "wx_c1", "live, callback failed")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := st.db.Exec(`ALTER TABLE deferred_replies RENAME TO dr_away`); err != nil { // the store blinks
+					t.Fatal(err)
+				}
+				cctx := ctx
+				d := Delivery{Kind: deliverWeChat, OpenID: "c1", IMUser: "wx_c1", Agent: "a1", Text: "live, callback failed"}
+				_, _, derr := r.deferReply(cctx, "c1", partKey(callbackKey(IMCallback{MsgKey: m.MsgKey}), 0), d)
+				if derr == nil {
+					t.Fatal("deferReply did not fail")
+				}
+				r.retake("c1", "a1", time.Unix(m.MsgTime, 0)) // as callback.go does
+				if _, err := st.db.Exec(`ALTER TABLE dr_away RENAME TO deferred_replies`); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+		return resp, err
+	})
+	r = &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st), wake: make(chan struct{}, 1),
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
+		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
+			HTTP: &http.Client{Transport: tr}, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	if err := r.prepare(ctx); err != nil || !r.gap {
+		t.Fatalf("prepare: %v, gap %v", err, r.gap)
+	}
+	if !r.recoverGap(ctx) {
+		t.Fatal("recovery did not end")
+	}
+	if r.retaking() {
+		r.retakeAll(ctx)
+	}
+	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane = 'wx:c1' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var texts []string
+	for rows.Next() {
+		var raw string
+		var d Delivery
+		if err := rows.Scan(&raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
+			t.Fatal(err)
+		}
+		texts = append(texts, d.Text)
+	}
+	if got, want := strings.Join(texts, " | "), "in the gap | live, callback failed"; got != want {
+		t.Errorf("queued %q, want %q (retaking now: %v)", got, want, r.retaking())
 	}
 }

@@ -63,7 +63,7 @@ type Worker struct {
 func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, m *metrics, now func() time.Time) *Worker {
 	id := make([]byte, 8)
 	rand.Read(id)
-	return &Worker{
+	w := &Worker{
 		Store: st, IM: im, WeChat: wx, Log: log, Metrics: m, Now: now, Admin: im.Admin, IMDedup: imDedupWindow,
 		Lanes:        32,
 		Lease:        45 * time.Second,
@@ -76,6 +76,8 @@ func newWorker(st *Store, im *IMClient, wx *WeChatClient, log *slog.Logger, m *m
 		epoch:        time.Now(),
 		wake:         make(chan struct{}, 1),
 	}
+	w.aliveSince.Store(-int64(deadAfter)) // not alive until its liveness is recorded
+	return w
 }
 
 // Notify tells the worker that new work was committed. It never blocks.
@@ -242,9 +244,12 @@ func (w *Worker) liveness() context.Context {
 	return w.lapse
 }
 
-// beat records this instance's liveness once.
+// beat records this instance's liveness once, or fails within aliveEvery:
+// a write that hangs must not keep the instance from seeing it lapse.
 func (w *Worker) beat(ctx context.Context, first bool) {
 	asked := time.Since(w.epoch)
+	ctx, cancel := context.WithTimeout(ctx, aliveEvery)
+	defer cancel()
 	if err := w.Store.Alive(ctx, w.owner, first); err != nil {
 		if ctx.Err() == nil {
 			w.Log.Error("liveness not recorded", "err", err)
