@@ -602,17 +602,13 @@ func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
 			clock.Advance(2 * time.Second) // r0 reached WeChat well before what follows
 			h.wx.FailNextStatus(1, http.StatusBadGateway)
 			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1") // on its way until the clock moves
-			eventually(t, "r1's first attempt failed", func() bool {
-				return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
-			})
+			h.eventuallyFirstRetry("r1's first attempt failed")
 			h.wx.SendText(ctx, "c1", "and?")
 			if settled {
 				clock.Advance(2 * time.Second)
 				eventually(t, "r1 in WeChat", func() bool { return len(h.sentTo("c1")) == 2 })
 			}
-			for _, r := range []string{"r2", "r3", "r4", "r5", "r6"} {
-				h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-			}
+			h.agentReplies("c1", "r2", "r3", "r4", "r5", "r6")
 			h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
 			clock.Advance(2 * time.Second)
 			eventually(t, "five replies after the message", func() bool { return len(h.sentTo("c1")) == 6 })
@@ -629,12 +625,6 @@ func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
 // reply released and failing once, or the later parts of a long reply.
 // The bridge holds the reply WeChat would refuse; WeChat refuses nothing.
 func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
-	clockMoves := func(clock *fakeClock, h *harness) {
-		// Deliveries due after a retry go when the clock moves; the test
-		// waits for each to be recorded.
-		clock.Advance(2 * time.Second)
-		eventually(h.t, "the outbox empty", func() bool { return outboxDepth(h.t, h.base) == 0 })
-	}
 	t.Run("queued before the previous message", func(t *testing.T) {
 		clock := &fakeClock{now: time.Now()}
 		h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
@@ -646,22 +636,14 @@ func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 		clock.Advance(2 * time.Second)
 		h.wx.FailNextStatus(1, http.StatusBadGateway)
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1")
-		eventually(t, "r1's first attempt failed", func() bool {
-			return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
-		})
+		h.eventuallyFirstRetry("r1's first attempt failed")
 		h.wx.SendText(ctx, "c1", "m1")                                          // r1 on its way
 		m2 := h.wx.MessageXML("c1", "text", map[string]string{"Content": "m2"}) // WeChat has m2 now
 		clock.Advance(1100 * time.Millisecond)
 		eventually(t, "r1 in WeChat, after m2", func() bool { return len(h.sentTo("c1")) == 2 })
 		h.wx.Push(ctx, m2) // the bridge has m2 within the second
-		for _, r := range []string{"r2", "r3", "r4", "r5", "r6"} {
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-		}
-		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
-		clockMoves(clock, h)
-		if d := h.deadLetters(); len(d) != 0 {
-			t.Errorf("dead letters %q, want none: WeChat refused a reply the bridge sent", d)
-		}
+		h.agentReplies("c1", "r2", "r3", "r4", "r5", "r6")
+		h.holdsRefusingNothing(clock, "r6")
 	})
 	t.Run("a held reply released", func(t *testing.T) {
 		clock := &fakeClock{now: time.Now()}
@@ -669,28 +651,18 @@ func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 		ctx := context.Background()
 		h.wx.SendText(ctx, "c1", "question")
 		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
-		for _, r := range []string{"r1", "r2", "r3", "r4", "r5", "r6"} {
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-		}
+		h.agentReplies("c1", "r1", "r2", "r3", "r4", "r5", "r6")
 		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
 		eventually(t, "five replies", func() bool { return len(h.sentTo("c1")) == 5 })
 		clock.Advance(2 * time.Second)
 		h.wx.FailNextStatus(1, http.StatusBadGateway)
 		h.wx.SendText(ctx, "c1", "m1") // releases r6, whose first attempt fails
-		eventually(t, "r6's first attempt failed", func() bool {
-			return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
-		})
+		h.eventuallyFirstRetry("r6's first attempt failed")
 		h.wx.SendText(ctx, "c1", "m2") // r6 reaches WeChat after it
 		clock.Advance(2 * time.Second)
 		eventually(t, "r6 in WeChat", func() bool { return len(h.sentTo("c1")) == 6 })
-		for _, r := range []string{"r7", "r8", "r9", "r10", "r11"} {
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-		}
-		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r11"`)
-		clockMoves(clock, h)
-		if d := h.deadLetters(); len(d) != 0 {
-			t.Errorf("dead letters %q, want none: WeChat refused a reply the bridge sent", d)
-		}
+		h.agentReplies("c1", "r7", "r8", "r9", "r10", "r11")
+		h.holdsRefusingNothing(clock, "r11")
 	})
 	t.Run("the later parts of a long reply", func(t *testing.T) {
 		clock := &fakeClock{now: time.Now()}
@@ -710,19 +682,43 @@ func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
 		eventually(t, "r0 in WeChat", func() bool { return len(h.sentTo("c1")) == 1 })
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "long "+strings.Repeat("word ", 1000)) // three parts
-		eventually(t, "the second part's first attempt failed", func() bool {
-			return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
-		})
+		h.eventuallyFirstRetry("the second part's first attempt failed")
 		h.wx.SendText(ctx, "c1", "m2") // the later parts reach WeChat after it
 		clock.Advance(2 * time.Second)
 		eventually(t, "the long reply in WeChat", func() bool { return len(h.sentTo("c1")) == 4 })
-		for _, r := range []string{"r7", "r8", "r9", "r10", "r11"} {
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), r)
-		}
-		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r9"`)
-		clockMoves(clock, h)
-		if d := h.deadLetters(); len(d) != 0 {
-			t.Errorf("dead letters %q, want none: WeChat refused a reply the bridge sent", d)
-		}
+		h.agentReplies("c1", "r7", "r8", "r9", "r10", "r11")
+		h.holdsRefusingNothing(clock, "r9")
 	})
+}
+
+// eventuallyFirstRetry waits for the first delivery to WeChat that failed
+// and will be retried.
+func (h *harness) eventuallyFirstRetry(what string) {
+	h.t.Helper()
+	eventually(h.t, what, func() bool {
+		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
+	})
+}
+
+// agentReplies sends agent_kim's replies to the customer openid, in order.
+func (h *harness) agentReplies(openid string, texts ...string) {
+	h.t.Helper()
+	for _, text := range texts {
+		if _, err := h.im.SendAsAgent(context.Background(), "agent_kim", customerIM(openid), text); err != nil {
+			h.t.Fatal(err)
+		}
+	}
+}
+
+// holdsRefusingNothing checks that the bridge held the reply held, as
+// WeChat would refuse it, and, once the deliveries due after a retry have
+// gone (the clock moves), that WeChat refused none it was sent.
+func (h *harness) holdsRefusingNothing(clock *fakeClock, held string) {
+	h.t.Helper()
+	h.eventuallyNotice("agent_kim", "c1", fmt.Sprintf("this one goes then. %q", held))
+	clock.Advance(2 * time.Second)
+	eventually(h.t, "the outbox empty", func() bool { return outboxDepth(h.t, h.base) == 0 })
+	if d := h.deadLetters(); len(d) != 0 {
+		h.t.Errorf("dead letters %q, want none: WeChat refused a reply the bridge sent", d)
+	}
 }

@@ -16,9 +16,9 @@ import (
 )
 
 // pruneBatch is how many rows one write of a prune reads and deletes at
-// most: a few milliseconds of SQLite's writer, so a push waits 23 ms at
-// worst while a prune runs, where one write for all waits 447 ms
-// (BenchmarkPushDuringPrune, docs/SPEED.md). A variable, for tests.
+// most: a few milliseconds of SQLite's writer, so the pushes that arrive
+// meanwhile wait for one batch, not the whole prune
+// (BenchmarkPushDuringPrune). A variable, for tests.
 var pruneBatch = 500
 
 // PruneOutbox deletes the items delivered (or dead letters queued again)

@@ -222,11 +222,7 @@ func TestDeferredReplyFollowsTheHistory(t *testing.T) {
 	mustSend("in the gap")
 	live := mustSend("held, in the history")
 	mustSend("in the history after it") // its callback has not come yet
-	o := im.Options()
-	r := &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st),
-		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
-		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
-			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	r := testRecovery(st, im, http.DefaultClient, "a1")
 	if err := r.prepare(ctx); err != nil || !r.gap || len(r.gapConvs) != 1 {
 		t.Fatalf("prepare: %v, gap %v, %d conversations; want one to read", err, r.gap, len(r.gapConvs))
 	}
@@ -353,11 +349,7 @@ func TestGapReadPageByPage(t *testing.T) {
 	if err := st.Heartbeat(ctx, callbacksHeartbeat, now.Add(-time.Minute)); err != nil {
 		t.Fatal(err)
 	}
-	o := im.Options()
-	r := &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st),
-		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1", "a2"}, userPrefix: "wx_",
-		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
-			HTTP: http.DefaultClient, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	r := testRecovery(st, im, http.DefaultClient, "a1", "a2")
 	if err := r.prepare(ctx); err != nil || !r.gap {
 		t.Fatalf("prepare: %v, gap %v", err, r.gap)
 	}
@@ -436,7 +428,6 @@ func TestRetakeWhileItsSweepReads(t *testing.T) {
 	if _, err := im.SendAsAgent(ctx, "a1", "wx_c1", "in the gap"); err != nil {
 		t.Fatal(err)
 	}
-	o := im.Options()
 	var r *replyRecovery
 	var once sync.Once
 	tr := rtFunc(func(req *http.Request) (*http.Response, error) {
@@ -464,10 +455,7 @@ func TestRetakeWhileItsSweepReads(t *testing.T) {
 		}
 		return resp, err
 	})
-	r = &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st), wake: make(chan struct{}, 1),
-		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: []string{"a1"}, userPrefix: "wx_",
-		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
-			HTTP: &http.Client{Transport: tr}, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+	r = testRecovery(st, im, &http.Client{Transport: tr}, "a1")
 	if err := r.prepare(ctx); err != nil || !r.gap {
 		t.Fatalf("prepare: %v, gap %v", err, r.gap)
 	}
@@ -494,4 +482,14 @@ func TestRetakeWhileItsSweepReads(t *testing.T) {
 	if got, want := strings.Join(texts, " | "), "in the gap | live, callback failed"; got != want {
 		t.Errorf("queued %q, want %q (retaking now: %v)", got, want, r.retaking())
 	}
+}
+
+// testRecovery returns a reply recovery on st reading im's history through
+// client, taking replies from agents, retrying at once.
+func testRecovery(st *Store, im *fakes.IM, client *http.Client, agents ...string) *replyRecovery {
+	o := im.Options()
+	return &replyRecovery{store: st, worker: &Worker{wake: make(chan struct{}, 1)}, metrics: newMetrics(st), wake: make(chan struct{}, 1),
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: agents, userPrefix: "wx_",
+		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
+			HTTP: client, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
 }
