@@ -12,6 +12,7 @@ import (
 	"image/png"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -43,78 +44,137 @@ const (
 func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	dt := &fakes.Standalone{}
-	defer dt.Close()
 	var outMu sync.Mutex
 	say := func(line string) {
 		outMu.Lock()
 		defer outMu.Unlock()
 		fmt.Fprintln(stdout, line)
 	}
-	wx := fakes.NewWeChat(dt, fakes.WeChatOptions{Trace: say})
-	// IM signs each callback with the token of its console's callback
-	// authentication; the bridge takes no other (IM_CALLBACK_TOKEN).
-	token := make([]byte, 16)
-	rand.Read(token)
-	im := fakes.NewIM(dt, fakes.IMOptions{Accounts: []string{demoAgent, demoSecondAgent}, Online: []string{demoAgent}, Trace: say,
-		CallbackToken: hex.EncodeToString(token)})
-	dir, err := os.MkdirTemp("", "wechat-im-bridge-demo-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	cfg, ln, err := demoConfig(wx, im, dir)
-	if err != nil {
-		return err
-	}
-	base := "http://" + ln.Addr().String()
-	wx.SetTarget(base + "/wechat")
-	im.SetCallbackURL(base + "/imcallback")
-
-	bridgeCtx, stopBridge := context.WithCancel(ctx)
-	defer stopBridge()
-	served := make(chan error, 1)
-	exited := make(chan struct{})
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	go func() { served <- serve(bridgeCtx, cfg, ln, log); close(exited) }()
-	say("wechat-im-bridge demo: fake WeChat at " + wx.URL + ", fake IM at " + im.URL + ", bridge at " + base)
+	w, err := startWorld(ctx, fakes.WeChatOptions{Trace: say}, fakes.IMOptions{Trace: say}, nil, log)
+	if err != nil {
+		return err
+	}
+	defer w.close()
+	say("wechat-im-bridge demo: fake WeChat at " + w.wx.URL + ", fake IM at " + w.im.URL + ", bridge at " + w.base)
 	say("")
-	if err := fakes.WaitReady(ctx, exited, base); err != nil {
-		select {
-		case err := <-served:
-			return fmt.Errorf("demo: the bridge stopped: %w", err)
-		default:
-			return err
-		}
-	}
-	if err := playExchange(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
+	if err := playTutorial(ctx, w, http.DefaultClient, say); err != nil {
 		return err
 	}
-	if err := playPhoto(ctx, wx, im, cfg.IMUserPrefix+demoCustomer, say); err != nil {
+	if err := w.close(); err != nil {
 		return err
-	}
-	if err := playForgery(ctx, base, cfg, say); err != nil {
-		return err
-	}
-	if err := playDesk(ctx, wx, im, cfg.IMUserPrefix, say); err != nil {
-		return err
-	}
-	stopBridge()
-	if err := <-served; err != nil {
-		return fmt.Errorf("demo: bridge: %w", err)
-	}
-	if errs := dt.Errors(); len(errs) > 0 {
-		return errors.New("demo: the fakes saw a problem:\n  " + strings.Join(errs, "\n  "))
 	}
 	say("")
 	say(fmt.Sprintf("Done: the customer asked %q in WeChat, agent %s answered in IM, and the customer read %q.",
-		demoQuestion, demoAgent, wx.Sent()[0].Text))
+		demoQuestion, demoAgent, w.wx.Sent()[0].Text))
 	return nil
 }
 
+// playTutorial plays the demo's steps in w; say narrates them, and client
+// is the one a forger uses.
+func playTutorial(ctx context.Context, w *demoWorld, client *http.Client, say func(string)) error {
+	customerIM := w.cfg.IMUserPrefix + demoCustomer
+	if err := playExchange(ctx, w.wx, w.im, customerIM, say); err != nil {
+		return err
+	}
+	if err := playPhoto(ctx, w.wx, w.im, customerIM, say); err != nil {
+		return err
+	}
+	if err := playForgery(ctx, client, w.base, w.cfg, say); err != nil {
+		return err
+	}
+	return playDesk(ctx, w.wx, w.im, w.cfg.IMUserPrefix, say)
+}
+
+// demoWorld is the demo's offline world: fake WeChat and IM, and the bridge
+// between them on SQLite in a folder of its own.
+type demoWorld struct {
+	wx   *fakes.WeChat
+	im   *fakes.IM
+	cfg  Config
+	base string // the bridge's URL
+	dir  string
+
+	dt     *fakes.Standalone
+	stop   context.CancelFunc // stops the bridge
+	served chan error
+	once   sync.Once
+	err    error
+}
+
+// startWorld starts the fakes with wopts and iopts (the demo's agents, and
+// a callback token unless one is set) and the bridge between them, its configuration
+// demoConfig's with env on top, and waits until the bridge is ready.
+func startWorld(ctx context.Context, wopts fakes.WeChatOptions, iopts fakes.IMOptions, env map[string]string, log *slog.Logger) (*demoWorld, error) {
+	w := &demoWorld{dt: &fakes.Standalone{}, served: make(chan error, 1), stop: func() {}}
+	w.wx = fakes.NewWeChat(w.dt, wopts)
+	// IM signs each callback with the token of its console's callback
+	// authentication; the bridge takes no other (IM_CALLBACK_TOKEN).
+	iopts.Accounts, iopts.Online = []string{demoAgent, demoSecondAgent}, []string{demoAgent}
+	if iopts.CallbackToken == "" {
+		iopts.CallbackToken = randomToken()
+	}
+	w.im = fakes.NewIM(w.dt, iopts)
+	var err error
+	if w.dir, err = os.MkdirTemp("", "wechat-im-bridge-demo-"); err != nil {
+		w.dt.Close()
+		return nil, err
+	}
+	cfg, ln, err := demoConfig(w.wx, w.im, w.dir, env)
+	if err != nil {
+		w.close()
+		return nil, err
+	}
+	w.cfg, w.base = cfg, "http://"+ln.Addr().String()
+	w.wx.SetTarget(w.base + "/wechat")
+	w.im.SetCallbackURL(w.base + "/imcallback")
+	bridgeCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	exited := make(chan struct{})
+	w.stop = stop
+	go func() { w.served <- serve(bridgeCtx, cfg, ln, log); close(exited) }()
+	if err := fakes.WaitReady(ctx, exited, w.base); err != nil {
+		select {
+		case err = <-w.served:
+			err = fmt.Errorf("demo: the bridge stopped: %w", err)
+			w.served <- nil
+		default:
+		}
+		w.close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// randomToken is 32 random hex digits.
+func randomToken() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// close stops the bridge, then the fakes, and removes the world's folder;
+// it returns the bridge's error or the problems the fakes saw. Later calls
+// return the first call's answer.
+func (w *demoWorld) close() error {
+	w.once.Do(func() {
+		w.stop()
+		if w.base != "" {
+			if err := <-w.served; err != nil {
+				w.err = fmt.Errorf("demo: bridge: %w", err)
+			}
+		}
+		w.dt.Close()
+		if errs := w.dt.Errors(); len(errs) > 0 && w.err == nil {
+			w.err = errors.New("demo: the fakes saw a problem:\n  " + strings.Join(errs, "\n  "))
+		}
+		os.RemoveAll(w.dir)
+	})
+	return w.err
+}
+
 // demoConfig is the bridge's configuration for the fakes, on SQLite in
-// dir, and a loopback listener for it.
-func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listener, error) {
+// dir, with env on top, and a loopback listener for it.
+func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string, extra map[string]string) (Config, net.Listener, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return Config{}, nil, err
@@ -132,6 +192,7 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string) (Config, net.Listene
 		// nothing it is not told to.
 		"MEDIA_FETCH_ALLOW": strings.TrimPrefix(wx.URL, "http://") + "," + strings.TrimPrefix(im.URL, "http://"),
 	}
+	maps.Copy(env, extra)
 	cfg, err := loadConfig(mapEnv(env))
 	if err != nil {
 		ln.Close()
@@ -167,7 +228,7 @@ func playExchange(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerI
 
 // playForgery posts an agent's reply as IM would, but without IM's
 // signature, and shows that the bridge refuses it.
-func playForgery(ctx context.Context, base string, cfg Config, say func(string)) error {
+func playForgery(ctx context.Context, client *http.Client, base string, cfg Config, say func(string)) error {
 	say("")
 	say("── 6. Someone else posts a reply to the callback URL, without IM's signature")
 	q := url.Values{"SdkAppid": {strconv.FormatUint(cfg.IMSDKAppID, 10)}, "CallbackCommand": {cbAfterSendMsg}, "contenttype": {"json"}}
@@ -177,7 +238,7 @@ func playForgery(ctx context.Context, base string, cfg Config, say func(string))
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}

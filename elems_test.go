@@ -141,25 +141,13 @@ func TestMediaExpires(t *testing.T) {
 	})
 }
 
-// testAMR is an AMR-NB file of n frames of 20 ms (mode 12.2 kbit/s).
-func testAMR(n int) []byte {
-	b := []byte("#!AMR\n")
-	for i := range n {
-		frame := make([]byte, 32)
-		frame[0] = 7<<3 | 0x04
-		frame[1] = byte(i)
-		b = append(b, frame...)
-	}
-	return b
-}
-
 // TestVoiceCrossesAsSound: with PUBLIC_URL, a customer's voice message
 // reaches the agent as a TIMSoundElem they can play, with its duration, and
 // WeChat's speech recognition beside it as text.
 func TestVoiceCrossesAsSound(t *testing.T) {
 	const public = "https://bridge.example.com"
 	h := newHarness(t, harnessOptions{env: map[string]string{"PUBLIC_URL": public}})
-	voice := testAMR(130) // 2.6 s
+	voice := sampleAMR(130) // 2.6 s
 	mediaID, _ := h.wx.AddMedia(voice, "audio/amr")
 	m := h.pushToAgent("voice", map[string]string{"MediaId": mediaID, "Format": "amr", "Recognition": "什么时候发货"}, "im_sendmsg_voice.json")
 	if len(m.MsgBody) != 2 || m.MsgBody[0].MsgType != "TIMSoundElem" || m.MsgBody[1].MsgContent["Text"] != "什么时候发货" {
@@ -331,13 +319,13 @@ func TestAgentSoundAndVideoReachCustomer(t *testing.T) {
 		return map[string]any{"MsgType": "TIMSoundElem", "MsgContent": map[string]any{
 			"Url": h.im.AddFile(data, "audio/amr"), "UUID": "s", "Size": len(data), "Second": seconds, "Download_Flag": 2}}
 	}
-	voice, video, thumb := testAMR(100), testMP4(), testJPEG(t, 8, 6)
+	voice, video, thumb := sampleAMR(100), testMP4(), testJPEG(t, 8, 6)
 	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, sound(voice, 2))
 	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, map[string]any{"MsgType": "TIMVideoFileElem", "MsgContent": map[string]any{
 		"VideoUrl": h.im.AddFile(video, "video/mp4"), "VideoUUID": "v", "VideoSize": len(video), "VideoSecond": 5, "VideoFormat": "mp4",
 		"VideoDownloadFlag": 2, "ThumbUrl": h.im.AddFile(thumb, "image/jpeg"), "ThumbUUID": "t", "ThumbSize": len(thumb),
 		"ThumbWidth": 8, "ThumbHeight": 6, "ThumbFormat": "JPG", "ThumbDownloadFlag": 2}})
-	long := testAMR(3500) // 70 s
+	long := sampleAMR(3500) // 70 s
 	h.im.SendElemsAsAgent(ctx, "agent_kim", im, false, sound(long, 70))
 	eventually(t, "three messages in WeChat", func() bool { return len(h.sentTo(customer)) == 3 })
 	sent := h.sentTo(customer)

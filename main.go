@@ -9,7 +9,7 @@
 //
 // "wechat-im-bridge" serves with its configuration from the environment;
 // "wechat-im-bridge demo" plays the whole flow offline against fake WeChat and
-// IM servers. The load generator is a command of its own (cmd/loadgen).
+// IM servers; "demo -web" serves the same world to a browser (console.go). The load generator is a command of its own (cmd/loadgen).
 package main
 
 import (
@@ -48,14 +48,20 @@ func main() {
 // same, collected more often.
 const defaultMemoryLimit = 40 << 20
 
-// run is the whole program: "demo" plays the offline demo, no argument
-// serves until ctx is done.
+// run is the whole program: "demo" plays the offline demo, "demo -web [ADDR]"
+// serves the teaching console, no argument serves until ctx is done.
 func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) error {
 	switch {
 	case len(args) == 1 && args[0] == "demo":
 		return runDemo(ctx, stdout, stderr)
+	case len(args) >= 2 && len(args) <= 3 && args[0] == "demo" && args[1] == "-web":
+		addr := consoleAddr
+		if len(args) == 3 {
+			addr = args[2]
+		}
+		return runConsole(ctx, addr, stdout, stderr)
 	case len(args) > 0:
-		return fmt.Errorf("usage: wechat-im-bridge [demo] (unknown arguments %q)", args)
+		return fmt.Errorf("usage: wechat-im-bridge [demo [-web [ADDR]]] (unknown arguments %q)", args)
 	}
 	cfg, err := loadConfig(lookupEnv)
 	if err != nil {

@@ -156,7 +156,7 @@ func TestFetchCannotBeAimedInward(t *testing.T) {
 	var inner atomic.Int32
 	internal := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		inner.Add(1)
-		w.Write(testAMR(10))
+		w.Write(sampleAMR(10))
 	}))
 	t.Cleanup(internal.Close)
 	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -535,7 +535,7 @@ func TestCustomerMediaHostSilent(t *testing.T) {
 func TestLongSoundMeasured(t *testing.T) {
 	h := newHarness(t, harnessOptions{})
 	h.agentReady()
-	long := testAMR(4500) // 90 s
+	long := sampleAMR(4500) // 90 s
 	u := h.im.AddFile(long, "audio/amr")
 	h.im.SendElemsAsAgent(context.Background(), "agent_kim", customerIM(customer), false, sound(u, len(long), 5))
 	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 1 })
@@ -614,7 +614,7 @@ func TestMediaPassingFailures(t *testing.T) {
 		t.Errorf("media/get called %d times, want 2: the 503, then once", n)
 	}
 
-	voice := testAMR(50)
+	voice := sampleAMR(50)
 	h.wx.FailNextStatus(1, http.StatusServiceUnavailable)
 	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(h.im.AddFile(voice, "audio/amr"), len(voice), 1))
 	eventually(t, "the voice message", func() bool { return len(h.sentTo(customer)) == 2 })
@@ -639,8 +639,8 @@ func TestLinkKeptOnce(t *testing.T) {
 		"RETRY_MIN_DELAY": "20ms", "RETRY_MAX_DELAY": "50ms"}})
 	ctx := context.Background()
 	h.agentReady()
-	h.answered()          // the bridge has a WeChat token now
-	long := testAMR(3500) // 70 s: a link
+	h.answered()            // the bridge has a WeChat token now
+	long := sampleAMR(3500) // 70 s: a link
 	h.wx.FailNextStatus(2, http.StatusBadGateway)
 	h.im.SendElemsAsAgent(ctx, "agent_kim", customerIM(customer), false, sound(h.im.AddFile(long, "audio/amr"), len(long), 70))
 	eventually(t, "the link", func() bool { return len(h.sentTo(customer)) == 2 })

@@ -46,6 +46,9 @@ type IMOptions struct {
 	Online []string
 	Now    func() time.Time
 	Trace  func(string) // narration for the demo
+	// Wire, if set, is handed every request between IM and the bridge
+	// (wire.go).
+	Wire func(Exchange)
 	// OnMessage, if set, is called with each message as it is delivered.
 	OnMessage func(Message)
 	// OnStatusRead, if set, is called after query_online_status has read
@@ -145,7 +148,7 @@ func NewIM(t T, opts IMOptions) *IM {
 		t:       t, opts: opts,
 		accounts: map[string]bool{opts.Admin: true},
 		recent:   map[string]recentSend{},
-		cbHTTP:   &http.Client{Timeout: 2 * time.Second}, // IM waits 2 s for a callback
+		cbHTTP:   WiredClient(opts.Wire, "IM", "bridge", 2*time.Second), // IM waits 2 s for a callback
 	}
 	for _, a := range opts.Accounts {
 		im.accounts[a] = true
@@ -154,7 +157,7 @@ func NewIM(t T, opts IMOptions) *IM {
 	for _, a := range opts.Online {
 		im.devices[a] = map[string]string{"Web": deviceOnline}
 	}
-	im.srv = httptest.NewServer(http.HandlerFunc(im.serve))
+	im.srv = httptest.NewServer(wired(opts.Wire, "bridge", "IM", http.HandlerFunc(im.serve)))
 	im.URL = im.srv.URL
 	t.Cleanup(im.srv.Close)
 	return im

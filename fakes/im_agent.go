@@ -307,3 +307,11 @@ func (im *IM) queryOnlineStatus(req map[string]json.RawMessage) imAnswer {
 	}
 	return a
 }
+
+// Status is account's presence as query_online_status answers it: Online,
+// PushOnline or Offline.
+func (im *IM) Status(account string) string {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.status(account)
+}

@@ -29,6 +29,12 @@ type WeChatOptions struct {
 	PushAttempts    int           // deliveries of one push in all; default 3
 	Now             func() time.Time
 	Trace           func(string) // narration for the demo
+	// Wire, if set, is handed every request between WeChat and the bridge
+	// (wire.go).
+	Wire func(Exchange)
+	// OnPush, if set, is called with each push, as it was before any
+	// encryption, when it is made (res nil) and when it is answered.
+	OnPush func(openid string, push []byte, res *PushResult)
 	// OnSend, if set, is called with each customer-service message as it
 	// is accepted.
 	OnSend func(CustomMessage)
@@ -129,7 +135,7 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 		users:    map[string]*customer{},
 		media:    map[string]media{},
 		nextMsg:  24000000000000000,
-		pushHTTP: &http.Client{Timeout: opts.PushTimeout},
+		pushHTTP: WiredClient(opts.Wire, "WeChat", "bridge", opts.PushTimeout),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/cgi-bin/stable_token", wx.handleStableToken)
@@ -144,7 +150,7 @@ func NewWeChat(t T, opts WeChatOptions) *WeChat {
 		wx.t.Errorf("fake wechat: unmodelled request %s %s", r.Method, r.URL.Path)
 		writeWeChatError(w, 40066, "invalid url")
 	})
-	wx.srv = httptest.NewServer(mux)
+	wx.srv = httptest.NewServer(wired(opts.Wire, "bridge", "WeChat", mux))
 	wx.URL = wx.srv.URL
 	t.Cleanup(wx.srv.Close)
 	if err := wx.SetEncryption(opts.Mode, opts.EncodingAESKey); err != nil {

@@ -205,6 +205,18 @@ func (wx *WeChat) Push(ctx context.Context, body []byte) PushResult {
 		MsgType      string
 	}
 	xml.Unmarshal(body, &hdr)
+	if wx.opts.OnPush == nil {
+		return wx.push(ctx, body, hdr.FromUserName, hdr.MsgType)
+	}
+	wx.opts.OnPush(hdr.FromUserName, body, nil)
+	res := wx.push(ctx, body, hdr.FromUserName, hdr.MsgType)
+	wx.opts.OnPush(hdr.FromUserName, body, &res)
+	return res
+}
+
+// push is Push after the push's sender and type are read.
+func (wx *WeChat) push(ctx context.Context, body []byte, openid, msgType string) PushResult {
+	hdr := struct{ FromUserName, MsgType string }{openid, msgType}
 	wx.mu.Lock()
 	target, mode, key := wx.target, wx.opts.Mode, wx.key
 	wx.mu.Unlock()
@@ -326,4 +338,32 @@ func (wx *WeChat) checkReply(b []byte, openid, mode string, key []byte) (*Reply,
 		return nil, errors.New("text reply without Content")
 	}
 	return &r, nil
+}
+
+// Verify makes the request WeChat makes when the operator saves the server
+// URL in the console: a signed GET whose echostr the developer must echo.
+// It reports whether the answer was the echostr.
+func (wx *WeChat) Verify(ctx context.Context) error {
+	wx.mu.Lock()
+	target := wx.target
+	wx.mu.Unlock()
+	ts := strconv.FormatInt(wx.opts.Now().Unix(), 10)
+	nonce := strconv.FormatUint(uint64(randUint32()), 10)
+	echo := strconv.FormatUint(uint64(randUint32())<<20|uint64(randUint32()), 10)
+	q := url.Values{"signature": {Sign(wx.opts.Token, ts, nonce)}, "timestamp": {ts}, "nonce": {nonce}, "echostr": {echo}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target+"?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	hop(wx.opts.Trace, "WeChat", "bridge", "GET /wechat (URL verification)")
+	resp, err := wx.pushHTTP.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+	if resp.StatusCode != http.StatusOK || string(b) != echo {
+		return fmt.Errorf("URL verification answered %d %q, want the echostr", resp.StatusCode, b)
+	}
+	return nil
 }
