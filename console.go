@@ -357,8 +357,8 @@ func (c *console) inWorld(f func(ctx context.Context, w *demoWorld, gen int) err
 func (c *console) playTutorial(ctx context.Context, w *demoWorld, gen int) error {
 	c.set(gen, func() { c.playing = true })
 	defer c.set(gen, func() { c.playing = false })
-	forger := fakes.WiredClient(c.onWire(gen), "someone", "bridge", 5*time.Second)
-	return playTutorial(ctx, w, forger, func(line string) {
+	client := func(who string) *http.Client { return fakes.WiredClient(c.onWire(gen), who, "bridge", 5*time.Second) }
+	return playTutorial(ctx, w, client, func(line string) {
 		if title, ok := strings.CutPrefix(line, "── "); ok {
 			c.note(gen, "step", title)
 			t := time.NewTimer(1500 * time.Millisecond)

@@ -64,6 +64,8 @@ func TestConsoleInABrowser(t *testing.T) {
 	b.run(chromedp.Click(`[data-customer="` + demoCustomer + `"]`))
 	b.waitJS("the answer in the customer's chat", fmt.Sprintf(`text('#chat').includes(%q)`, demoAnswer))
 	b.waitJS("the sendmsg payload on the wire", fmt.Sprintf(`exchange('openim/sendmsg', %q)`, demoQuestion))
+	b.waitJS("the agent's photo uploaded, its multipart summarised", `exchange('POST /cgi-bin/media/upload', 'part "media": file ')`)
+	b.waitJS("the agent's client fetching the customer's photo", `exchange('agent → bridge  GET /media/', '(image/png, ')`)
 	if path := os.Getenv("CONSOLE_SCREENSHOT"); path != "" {
 		b.eval(fmt.Sprintf(`(() => { const li = [...document.querySelectorAll('#exchanges li.http')].find(li =>
 			li.querySelector('summary').textContent.includes('openim/sendmsg') && li.textContent.includes(%q));
@@ -84,6 +86,16 @@ func TestConsoleInABrowser(t *testing.T) {
 	b.run(chromedp.Click(`[data-agent="`+agent+`"]`), chromedp.Click(`[data-peer="`+peer+`"]`),
 		chromedp.SetValue("#agent-text", "네, 일주일 안에 가능합니다."), chromedp.Click("#agent-form button"))
 	b.waitJS("the agent's answer in the customer's chat", `text('#chat').includes('네, 일주일 안에 가능합니다.')`)
+
+	// A voice note and a location reach the agent as IM's own elements.
+	b.run(chromedp.Click(`#customer [data-do="voice"]`), chromedp.Click(`#customer [data-do="location"]`))
+	b.waitJS("the voice note and the location in the agent's view", `text('#im-chat').includes('🎤 voice note, 3 s') && text('#im-chat').includes('📍 Seoul City Hall')`)
+
+	// The agent logs out and in with the buttons.
+	b.run(chromedp.Click(`#logout`))
+	b.waitJS("the agent offline", `text('#agent-status').endsWith('is Offline')`)
+	b.run(chromedp.Click(`#login`))
+	b.waitJS("the agent online", `text('#agent-status').endsWith('is Online')`)
 
 	// IM fails: the message waits in the outbox, retried, and is
 	// delivered when IM is back.

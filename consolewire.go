@@ -134,7 +134,7 @@ func explainPush(e *wireEntry, x fakes.Exchange, q url.Values, sec wireSecrets) 
 	}
 	switch {
 	case x.Status == 0:
-		e.What, e.Link = "WeChat pushes again: it waits 5 s for an answer, three times in all.", docPush
+		e.What, e.Link = "The bridge did not answer within WeChat's 5 s: WeChat drops the connection and pushes again, three times in all.", docPush
 	case event == "subscribe":
 		e.What, e.Link = "WeChat pushes the follow as a signed XML event: the bridge records the customer, answers the welcome as a passive reply, and queues the import of their IM account."+safe, docEvent
 	case event == "unsubscribe":

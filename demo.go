@@ -58,7 +58,7 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	defer w.close()
 	say("wechat-im-bridge demo: fake WeChat at " + w.wx.URL + ", fake IM at " + w.im.URL + ", bridge at " + w.base)
 	say("")
-	if err := playTutorial(ctx, w, http.DefaultClient, say); err != nil {
+	if err := playTutorial(ctx, w, func(string) *http.Client { return http.DefaultClient }, say); err != nil {
 		return err
 	}
 	if err := w.close(); err != nil {
@@ -70,17 +70,18 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// playTutorial plays the demo's steps in w; say narrates them, and client
-// is the one a forger uses.
-func playTutorial(ctx context.Context, w *demoWorld, client *http.Client, say func(string)) error {
+// playTutorial plays the demo's steps in w; say narrates them, and
+// client("agent") is the HTTP client of the agent's IM client,
+// client("someone") a forger's.
+func playTutorial(ctx context.Context, w *demoWorld, client func(who string) *http.Client, say func(string)) error {
 	customerIM := w.cfg.IMUserPrefix + demoCustomer
 	if err := playExchange(ctx, w.wx, w.im, customerIM, say); err != nil {
 		return err
 	}
-	if err := playPhoto(ctx, w.wx, w.im, customerIM, say); err != nil {
+	if err := playPhoto(ctx, w.wx, w.im, client("agent"), customerIM, say); err != nil {
 		return err
 	}
-	if err := playForgery(ctx, client, w.base, w.cfg, say); err != nil {
+	if err := playForgery(ctx, client("someone"), w.base, w.cfg, say); err != nil {
 		return err
 	}
 	return playDesk(ctx, w.wx, w.im, w.cfg.IMUserPrefix, say)
@@ -253,7 +254,7 @@ func playForgery(ctx context.Context, client *http.Client, base string, cfg Conf
 
 // playPhoto sends a photo from the customer, downloads it as the agent's IM
 // client does, from the URL its TIMImageElem gives, and sends it back.
-func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM string, say func(string)) error {
+func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, client *http.Client, customerIM string, say func(string)) error {
 	say("")
 	say("── 4. The customer sends a photo")
 	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
@@ -283,7 +284,7 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, customerIM s
 		return fmt.Errorf("demo: the agent got no image: %s", got.Body)
 	}
 	u := body[0].MsgContent.ImageInfoArray[0].URL
-	data, ct, err := download(ctx, u)
+	data, ct, err := download(ctx, client, u)
 	if err != nil {
 		return err
 	}
@@ -364,12 +365,12 @@ func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string
 
 // download fetches u as the agent's IM client does: its body, at most
 // maxMediaBytes, and its type.
-func download(ctx context.Context, u string) ([]byte, string, error) {
+func download(ctx context.Context, client *http.Client, u string) ([]byte, string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, "", err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return nil, "", err
 	}

@@ -60,6 +60,7 @@ function addWire(e) {
     li = el('li', { class: 'http' }, details);
   }
   list.append(li);
+  while (list.childElementCount > 400) list.firstElementChild.remove(); // as many as the server keeps
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
 
