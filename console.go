@@ -22,11 +22,13 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"mime"
 	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"wechat-im-bridge/fakes"
@@ -57,7 +59,7 @@ func runConsole(ctx context.Context, addr string, stdout, stderr io.Writer) erro
 
 // serveConsole starts a world and serves the console on ln until ctx is done.
 func serveConsole(ctx context.Context, ln net.Listener, stderr io.Writer) error {
-	return newConsole(stderr, consoleEnv).serve(ctx, ln)
+	return newConsole(stderr, consoleEnv).runOn(ctx, ln)
 }
 
 // newConsole is a console whose worlds' bridges take env on top of the
@@ -67,8 +69,8 @@ func newConsole(stderr io.Writer, env map[string]string) *console {
 		env: env, changed: make(chan struct{})}
 }
 
-// serve starts a world and serves the console on ln until ctx is done.
-func (c *console) serve(ctx context.Context, ln net.Listener) error {
+// runOn starts a world and serves the console on ln until ctx is done.
+func (c *console) runOn(ctx context.Context, ln net.Listener) error {
 	c.done = ctx.Done()
 	defer c.shut()
 	if err := c.reset(ctx); err != nil {
@@ -94,6 +96,8 @@ type console struct {
 	env  map[string]string // the bridge's configuration on top of the demo's
 	done <-chan struct{}   // the console is stopping
 	act  sync.Mutex        // one action at a time; a reset waits for the one under way
+	// queued counts the actions started and not done.
+	queued atomic.Int32
 
 	mu       sync.Mutex
 	world    *demoWorld
@@ -286,12 +290,31 @@ type consoleAction struct {
 	Text string `json:"text"`
 }
 
+// maxQueued bounds the actions waiting their turn.
+const maxQueued = 16
+
 // handleAct starts an action and answers 202; what it does reaches the
-// page through the stream.
+// page through the stream. Only the console's page may act: the body must
+// be JSON, which a page of another origin cannot send without the
+// browser asking the console first, and an Origin must be the console's.
 func (c *console) handleAct(w http.ResponseWriter, r *http.Request) {
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+		http.Error(w, "an action is JSON", http.StatusUnsupportedMediaType)
+		return
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && origin != "http://"+r.Host {
+		http.Error(w, "actions come from the console's page", http.StatusForbidden)
+		return
+	}
 	var a consoleAction
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 16<<10)).Decode(&a); err != nil {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 16<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&a); err != nil {
 		http.Error(w, "bad action: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		http.Error(w, "bad action: more than one JSON value", http.StatusBadRequest)
 		return
 	}
 	run, err := c.action(a)
@@ -299,12 +322,20 @@ func (c *console) handleAct(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	go run()
+	if c.queued.Add(1) > maxQueued {
+		c.queued.Add(-1)
+		http.Error(w, "too many actions waiting: try again when they are done", http.StatusTooManyRequests)
+		return
+	}
+	go func() {
+		defer c.queued.Add(-1)
+		run()
+	}()
 	w.WriteHeader(http.StatusAccepted)
 }
 
-// action returns what runs a: a reset, or an action in the world under way,
-// one at a time, whose failure is shown on the wire.
+// action returns what runs a: a reset, or an action in the world under way
+// when it was asked for, one at a time, whose failure is shown on the wire.
 func (c *console) action(a consoleAction) (func(), error) {
 	if a.Do == "reset" || a.Do == "tutorial" {
 		return func() {
@@ -313,7 +344,8 @@ func (c *console) action(a consoleAction) (func(), error) {
 				return
 			}
 			if a.Do == "tutorial" {
-				c.inWorld(c.playTutorial)
+				gen, _ := c.current()
+				c.inWorld(gen, c.tutorial)
 			}
 		}, nil
 	}
@@ -322,7 +354,7 @@ func (c *console) action(a consoleAction) (func(), error) {
 		return nil, fmt.Errorf("unknown action %q", a.Do)
 	}
 	c.mu.Lock()
-	prefix := "wx_"
+	gen, prefix := c.gen, "wx_"
 	if c.world != nil {
 		prefix = c.world.cfg.IMUserPrefix
 	}
@@ -331,30 +363,37 @@ func (c *console) action(a consoleAction) (func(), error) {
 		return nil, err
 	}
 	return func() {
-		c.inWorld(func(ctx context.Context, w *demoWorld, gen int) error { return do(c, ctx, w, a) })
+		c.inWorld(gen, func(ctx context.Context, w *demoWorld, gen int) error { return do(c, ctx, w, a) })
 	}, nil
 }
 
-// inWorld runs f in the world under way, after the action before it, and
-// shows its error on the wire.
-func (c *console) inWorld(f func(ctx context.Context, w *demoWorld, gen int) error) {
+// current is the number of the world under way and its secrets.
+func (c *console) current() (gen int, sec wireSecrets) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gen, c.secrets
+}
+
+// inWorld runs f in world gen after the action before it, unless a reset
+// has replaced that world, and shows f's error on the wire.
+func (c *console) inWorld(gen int, f func(ctx context.Context, w *demoWorld, gen int) error) {
 	c.act.Lock()
 	defer c.act.Unlock()
 	c.mu.Lock()
-	w, ctx, gen := c.world, c.wctx, c.gen
+	w, wctx, now := c.world, c.wctx, c.gen
 	c.mu.Unlock()
-	if w == nil || ctx.Err() != nil {
+	if w == nil || now != gen || wctx.Err() != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(wctx, 2*time.Minute)
 	defer cancel()
-	if err := f(ctx, w, gen); err != nil && ctx.Err() == nil {
+	if err := f(ctx, w, gen); err != nil && wctx.Err() == nil {
 		c.note(gen, "error", err.Error())
 	}
 }
 
-// playTutorial plays the demo's steps at a pace a reader can follow.
-func (c *console) playTutorial(ctx context.Context, w *demoWorld, gen int) error {
+// tutorial plays the demo's steps at a pace a reader can follow.
+func (c *console) tutorial(ctx context.Context, w *demoWorld, gen int) error {
 	c.set(gen, func() { c.playing = true })
 	defer c.set(gen, func() { c.playing = false })
 	client := func(who string) *http.Client { return fakes.WiredClient(c.onWire(gen), who, "bridge", 5*time.Second) }
@@ -378,32 +417,5 @@ func (c *console) set(gen int, f func()) {
 	if gen == c.gen {
 		f()
 		c.touch()
-	}
-}
-
-// note puts a line of kind "step" or "error" on the wire.
-func (c *console) note(gen int, kind, text string) {
-	c.addWire(gen, wireEntry{Kind: kind, Title: text, At: time.Now().Format("15:04:05.000")})
-}
-
-// addWire appends e to world gen's wire.
-func (c *console) addWire(gen int, e wireEntry) {
-	c.set(gen, func() {
-		c.seq++
-		e.Seq = c.seq
-		c.wire = append(c.wire, e)
-		if len(c.wire) > maxWire {
-			c.wire = c.wire[len(c.wire)-maxWire:]
-		}
-	})
-}
-
-// onWire is world gen's Wire hook: each exchange, explained.
-func (c *console) onWire(gen int) func(fakes.Exchange) {
-	return func(x fakes.Exchange) {
-		c.mu.Lock()
-		sec := c.secrets
-		c.mu.Unlock()
-		c.addWire(gen, explainExchange(x, sec))
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -36,7 +37,7 @@ func TestConsoleInABrowser(t *testing.T) {
 	if chrome == "" {
 		t.Skip("Chromium is not installed: the console's browser test needs it (Debian: apt-get install chromium; CI installs it)")
 	}
-	base := startConsole(t)
+	c, base := startConsole(t)
 	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(chrome), chromedp.NoSandbox,
 		chromedp.Flag("disable-gpu", true), chromedp.Flag("disable-quic", true), chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true), chromedp.WindowSize(1600, 1000), chromedp.UserDataDir(t.TempDir()))
@@ -57,6 +58,13 @@ func TestConsoleInABrowser(t *testing.T) {
 	b.waitJS("the URL verification on the wire", `wire().includes('GET /wechat: URL verification')`)
 	b.run(chromedp.Click("#play"))
 	b.waitJS("the tutorial's last step", `wire().includes('10. agent_lee ends the conversation') && !document.getElementById('play').disabled`)
+	b.run(chromedp.Click(`[data-agent="`+demoSecondAgent+`"]`), chromedp.Click(`[data-peer="wx_`+demoCustomer+`"]`))
+	b.waitJS("the rating in agent_lee's view", `text('#im-chat').includes('rated the conversation 5 of 5')`)
+	if errs := b.eval(`[...document.querySelectorAll('#exchanges li.error')].map(li => li.textContent).join('; ')`); errs != "" {
+		t.Errorf("the tutorial showed errors: %s", errs)
+	}
+	b.waitJS("a sentence and a source for every exchange", `[...document.querySelectorAll('#exchanges li.http')].every(li =>
+		li.querySelector('.what').textContent.length > 40 && li.querySelector('.what a[href^="https://"]'))`)
 
 	customerA := `[data-peer="wx_` + demoCustomer + `"]`
 	b.run(chromedp.Click(`[data-agent="`+demoAgent+`"]`), chromedp.Click(customerA))
@@ -115,10 +123,17 @@ func TestConsoleInABrowser(t *testing.T) {
 		li.querySelector('pre.inner') && li.querySelector('pre.inner').textContent.includes('암호화된 메시지') && li.textContent.includes('msg_signature = sha1'))`)
 
 	page := b.eval(`document.body.textContent`)
-	for _, secret := range []string{"ACCESS_TOKEN_", "fake-app-secret", "fake-im-secret-key", "usersig=eJ"} {
+	_, sec := c.current()
+	for _, secret := range []string{"ACCESS_TOKEN_", "fake-app-secret", "fake-im-secret-key", "usersig=eJ", sec.WeChatToken, sec.AESKey, sec.IMCallbackToken} {
 		if strings.Contains(page, secret) {
-			t.Errorf("the page shows a secret (%s…)", secret)
+			t.Errorf("the page shows a secret (%.6s…)", secret)
 		}
+	}
+	if sig := regexp.MustCompile(`[0-9a-f]{40,}`).FindString(page); sig != "" {
+		t.Errorf("the page shows a whole signature: %s", sig)
+	}
+	if !strings.Contains(page, "signature = sha1") || !strings.Contains(page, "✓ matches") || strings.Contains(page, "✗") {
+		t.Errorf("the page does not show each signature made from its inputs and matching")
 	}
 }
 
@@ -191,31 +206,33 @@ func findChromium() string {
 	return ""
 }
 
-// startConsole serves the console on a loopback port for the test's life.
-func startConsole(t *testing.T) string { return startConsoleWith(t, consoleEnv) }
+// startConsole serves the console on a loopback port for the test's life,
+// and returns it and its URL.
+func startConsole(t *testing.T) (*console, string) { return startConsoleWith(t, consoleEnv) }
 
-// startConsoleWith serves a console whose bridges take env.
-func startConsoleWith(t *testing.T, env map[string]string) string {
+// startConsoleWith is startConsole for a console whose bridges take env.
+func startConsoleWith(t *testing.T, env map[string]string) (*console, string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- newConsole(io.Discard, env).serve(ctx, ln) }()
+	c := newConsole(io.Discard, env)
+	go func() { done <- c.runOn(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("console: %v", err)
 		}
 	})
-	return "http://" + ln.Addr().String() + "/"
+	return c, "http://" + ln.Addr().String() + "/"
 }
 
 // TestConsolePageIsSmallAndSelfContained: the page, its script and its
 // style weigh under 100 KB, and load nothing from elsewhere.
 func TestConsolePageIsSmallAndSelfContained(t *testing.T) {
-	base := startConsole(t)
+	_, base := startConsole(t)
 	total := 0
 	for _, path := range []string{"", "console.js", "console.css"} {
 		resp, err := http.Get(base + path)
@@ -250,7 +267,7 @@ func TestConsolePageIsSmallAndSelfContained(t *testing.T) {
 // page's stream.
 func TestConsoleShowsADeadLetter(t *testing.T) {
 	env := map[string]string{"RETRY_MIN_DELAY": "200ms", "RETRY_MAX_DELAY": "500ms", "IM_DELIVERY_WINDOW": "3s"}
-	base := startConsoleWith(t, env)
+	_, base := startConsoleWith(t, env)
 	s := watchConsole(t, base)
 	s.act(consoleAction{Do: "follow", Who: demoCustomer})
 	s.wait("the customer's account imported", func(st consoleState) bool {
@@ -277,8 +294,58 @@ func TestConsoleShowsADeadLetter(t *testing.T) {
 		}
 		return false
 	})
-	s.act(consoleAction{Do: "nonsense"}, http.StatusBadRequest)
-	s.act(consoleAction{Do: "reply", Who: demoAgent, To: "someone", Text: "hi"}, http.StatusBadRequest)
+}
+
+// TestConsoleActsForItsPageOnly: /act takes one JSON action the console
+// knows, for someone of its world, from its own page; anything else is
+// refused and nothing happens.
+func TestConsoleActsForItsPageOnly(t *testing.T) {
+	c, base := startConsole(t)
+	post := func(ctype, origin, body string) int {
+		req, _ := http.NewRequest(http.MethodPost, base+"act", strings.NewReader(body))
+		req.Header.Set("Content-Type", ctype)
+		if origin != "" {
+			req.Header.Set("Origin", origin)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	own := strings.TrimSuffix(base, "/")
+	write := `{"do":"write","who":"` + demoCustomer + `","text":"hi"}`
+	for _, tc := range []struct {
+		name, ctype, origin, body string
+		want                      int
+	}{
+		{"plain text, as a form of another site may post", "text/plain", "", write, http.StatusUnsupportedMediaType},
+		{"another origin", "application/json", "http://evil.example", write, http.StatusForbidden},
+		{"two values", "application/json", own, write + `{}`, http.StatusBadRequest},
+		{"an unknown field", "application/json", own, `{"do":"write","who":"` + demoCustomer + `","text":"hi","x":1}`, http.StatusBadRequest},
+		{"an unknown action", "application/json", own, `{"do":"nonsense"}`, http.StatusBadRequest},
+		{"an unknown customer", "application/json", own, `{"do":"write","who":"o_nobody","text":"hi"}`, http.StatusBadRequest},
+		{"an empty text", "application/json", own, `{"do":"write","who":"` + demoCustomer + `","text":" "}`, http.StatusBadRequest},
+		{"an agent to an openid, not an IM account", "application/json", own, `{"do":"reply","who":"agent_kim","to":"` + demoCustomer + `","text":"hi"}`, http.StatusBadRequest},
+		{"an agent of no one's", "application/json", own, `{"do":"login","who":"agent_nobody"}`, http.StatusBadRequest},
+	} {
+		if got := post(tc.ctype, tc.origin, tc.body); got != tc.want {
+			t.Errorf("%s: %d, want %d", tc.name, got, tc.want)
+		}
+	}
+	if got := post("application/json", own, write); got != http.StatusAccepted {
+		t.Fatalf("the page's own action: %d, want 202", got)
+	}
+	// Only that one reached WeChat: the customer's chat holds it and the
+	// bridge's answer alone.
+	var chat []chatLine
+	for deadline := time.Now().Add(30 * time.Second); len(chat) < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		chat = c.state(context.Background()).Customers[0].Chat
+	}
+	if len(chat) != 2 || chat[0].Text != "hi" || chat[1].From != "account" {
+		t.Errorf("the customer's chat: %+v, want their one message and the bridge's answer", chat)
+	}
 }
 
 func outboxItem(st consoleState, text string) (outboxView, bool) {

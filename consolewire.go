@@ -34,6 +34,7 @@ type wireEntry struct {
 	Seq    int    `json:"seq"`
 	Kind   string `json:"kind"` // http, step or error
 	At     string `json:"at"`
+	T      int64  `json:"t"` // when, in µs: the page shows exchanges in the order they began
 	From   string `json:"from,omitempty"`
 	To     string `json:"to,omitempty"`
 	Title  string `json:"title"`
@@ -76,7 +77,7 @@ const (
 func explainExchange(x fakes.Exchange, sec wireSecrets) wireEntry {
 	u, _ := url.Parse(x.URL)
 	q := u.Query()
-	e := wireEntry{Kind: "http", At: x.At.Format("15:04:05.000"), From: x.From, To: x.To, Status: x.Status,
+	e := wireEntry{Kind: "http", At: x.At.Format("15:04:05.000"), T: x.At.UnixMicro(), From: x.From, To: x.To, Status: x.Status,
 		Title: x.Method + " " + u.Path}
 	e.Req = x.Method + " " + maskURL(u) + "\n\n" + prettyBody(x.ReqType, x.Req)
 	e.Resp = prettyBody(x.RespType, x.Resp)

@@ -84,7 +84,7 @@ func playTutorial(ctx context.Context, w *demoWorld, client func(who string) *ht
 	if err := playForgery(ctx, client("someone"), w.base, w.cfg, say); err != nil {
 		return err
 	}
-	return playDesk(ctx, w.wx, w.im, w.cfg.IMUserPrefix, say)
+	return playDesk(ctx, w, say)
 }
 
 // demoWorld is the demo's offline world: fake WeChat and IM, and the bridge
@@ -188,6 +188,7 @@ func demoConfig(wx *fakes.WeChat, im *fakes.IM, dir string, extra map[string]str
 		"IM_AGENTS": demoAgent + "," + demoSecondAgent, "IM_ADMIN": iopts.Admin, "IM_API_BASE": im.URL,
 		"IM_AGENT_MAX_OPEN": "1", // so that a second customer waits
 		"IM_CALLBACK_TOKEN": iopts.CallbackToken,
+		"ADMIN_TOKEN":       randomToken(), // the demo reads what the bridge recorded
 		"DATABASE_URL":      "sqlite:" + filepath.Join(dir, "bridge.db"),
 		// The fakes serve media on loopback, where the bridge fetches
 		// nothing it is not told to.
@@ -311,9 +312,10 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, client *http
 // only agent online is busy, a second agent logs in and takes them, the
 // first agent hands the first customer over, and the second agent ends
 // that conversation, which the customer rates.
-func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string, say func(string)) error {
+func playDesk(ctx context.Context, w *demoWorld, say func(string)) error {
+	wx, im := w.wx, w.im
 	step := func(title string) { say(""); say("── " + title) }
-	first, second := prefix+demoCustomer, prefix+demoSecondCustomer
+	first, second := w.cfg.IMUserPrefix+demoCustomer, w.cfg.IMUserPrefix+demoSecondCustomer
 	step("7. A second customer writes while " + demoAgent + " is busy and " + demoSecondAgent + " is away: they wait")
 	wx.Follow(ctx, demoSecondCustomer)
 	if r := wx.SendText(ctx, demoSecondCustomer, "Is the store open on Sunday?"); r.Reply == nil || !strings.Contains(r.Reply.Content, "number 1") {
@@ -353,14 +355,42 @@ func playDesk(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, prefix string
 	if _, err := im.SendAsAgent(ctx, demoSecondAgent, first, "/end"); err != nil {
 		return err
 	}
-	if err := fakes.WaitFor(ctx, "the rating request", func() bool {
-		sent := wx.Sent()
-		return strings.Contains(sent[len(sent)-1].Text, "How did we do?")
+	// The customer's next message is a rating once the bridge has recorded
+	// the question delivered, which comes after WeChat took it.
+	if err := fakes.WaitFor(ctx, "the rating request delivered", func() bool {
+		return w.delivered(ctx, demoCustomer, "How did we do?")
 	}); err != nil {
 		return err
 	}
 	wx.SendText(ctx, demoCustomer, "5")
 	return fakes.WaitFor(ctx, "the rating shown to "+demoSecondAgent, received(demoSecondAgent, first, "rated the conversation 5 of 5"))
+}
+
+// delivered reports whether the bridge has recorded a message to openid
+// containing text delivered, as its operator's endpoint tells.
+func (w *demoWorld) delivered(ctx context.Context, openid, text string) bool {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.base+"/admin/customers/"+openid+"/messages", nil)
+	if err != nil {
+		return false
+	}
+	req.Header.Set("Authorization", "Bearer "+w.cfg.AdminToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var h struct{ Conversations []HistoryConversation }
+	if json.NewDecoder(resp.Body).Decode(&h) != nil {
+		return false
+	}
+	for _, c := range h.Conversations {
+		for _, m := range c.Messages {
+			if m.Direction == "out" && strings.Contains(m.Text, text) && m.State == "delivered" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // download fetches u as the agent's IM client does: its body, at most

@@ -35,7 +35,8 @@ function customerName(id) {
   return i < 0 ? id : 'Customer ' + 'AB'[i] + ' (' + id.slice(0, 8) + '…)';
 }
 
-// The wire.
+// The wire, in the order the exchanges began: an exchange is sent when its
+// answer came, after the calls it made meanwhile.
 function addWire(e) {
   const list = $('exchanges');
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
@@ -59,7 +60,10 @@ function addWire(e) {
     if (e.respInner) details.append(el('div', { class: 'label' }, 'the answer\'s Encrypt, decrypted'), el('pre', { class: 'inner' }, e.respInner));
     li = el('li', { class: 'http' }, details);
   }
-  list.append(li);
+  li.dataset.t = e.t;
+  let next = null; // the first of those that began later
+  for (let x = list.lastElementChild; x && +x.dataset.t > e.t; x = x.previousElementSibling) next = x;
+  list.insertBefore(li, next);
   while (list.childElementCount > 400) list.firstElementChild.remove(); // as many as the server keeps
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
@@ -107,8 +111,8 @@ function renderAgents(s) {
   fill($('convs'), a.convs.map((c) => el('button', { 'data-peer': c.peer, class: c.peer === openConv[agent] ? 'on' : null },
     c.peer.startsWith(s.prefix) ? customerName(c.peer) : c.peer + ' (notices)')));
   const conv = a.convs.find((c) => c.peer === openConv[agent]);
-  fill($('im-chat'), conv ? conv.msgs.map((m) => el('li', { class: m.mine ? 'mine' : null },
-    m.text, m.img ? el('img', { src: m.img, alt: 'picture' }) : '')) : [el('li', { class: 'system' }, 'No conversation yet.')]);
+  fill($('im-chat'), conv ? conv.msgs.map((m) => el('li', { class: m.mine ? 'mine' : null }, m.text))
+    : [el('li', { class: 'system' }, 'No conversation yet.')]);
   const toCustomer = !!conv && conv.peer.startsWith(s.prefix);
   for (const b of [...$('agent-form').querySelectorAll('button'), document.querySelector('[data-do="picture"]')]) b.disabled = !toCustomer;
 }
