@@ -261,6 +261,13 @@ func TestEndAndRating(t *testing.T) {
 		if got := strings.Join(h.sentTexts("c1"), "|"); got != "It leaves today.|"+closing {
 			t.Errorf("c1 read %q", got)
 		}
+		// The next message is a rating once the bridge has the question
+		// delivered, which it records after WeChat took it: a customer reads
+		// it only then.
+		eventually(t, "the question recorded delivered", func() bool {
+			msgs := h.history("c1")[0].Messages
+			return len(msgs) == 3 && msgs[2].Text == closing && msgs[2].State == "delivered"
+		})
 		if got := replyText(h.wx.SendText(ctx, "c1", " 4 ")); got != defaultDeskTexts.Rated {
 			t.Errorf("the rating was answered %q, want RATED_TEXT", got)
 		}
