@@ -26,6 +26,8 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -62,40 +64,17 @@ func serveConsole(ctx context.Context, ln net.Listener, stderr io.Writer) error 
 	return newConsole(stderr, consoleEnv).runOn(ctx, ln)
 }
 
-// newConsole is a console whose worlds' bridges take env on top of the
-// demo's configuration, and log their errors to stderr.
-func newConsole(stderr io.Writer, env map[string]string) *console {
-	return &console{log: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError})),
-		env: env, changed: make(chan struct{})}
-}
-
-// runOn starts a world and serves the console on ln until ctx is done.
-func (c *console) runOn(ctx context.Context, ln net.Listener) error {
-	c.done = ctx.Done()
-	defer c.shut()
-	if err := c.reset(ctx); err != nil {
-		ln.Close()
-		return err
-	}
-	srv := &http.Server{Handler: c.routes(), ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		<-ctx.Done()
-		shut, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(shut)
-	}()
-	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
-}
-
 // console is the demo world the page shows and what it has seen of it.
 type console struct {
 	log  *slog.Logger
 	env  map[string]string // the bridge's configuration on top of the demo's
-	done <-chan struct{}   // the console is stopping
-	act  sync.Mutex        // one action at a time; a reset waits for the one under way
+	pace time.Duration     // the tutorial's pause at each step
+	ctx  context.Context   // the console's life
+	// hosts, if set, are the Host headers the console answers: its own
+	// loopback names, so that no other site's name rebound to 127.0.0.1
+	// reaches it.
+	hosts []string
+	act   sync.Mutex // one action at a time; a reset waits for the one under way
 	// queued counts the actions started and not done.
 	queued atomic.Int32
 
@@ -116,10 +95,36 @@ type console struct {
 	changed  chan struct{} // closed and replaced at each change
 }
 
-// touch tells the page's streams that something changed. c.mu is held.
-func (c *console) touch() {
-	close(c.changed)
-	c.changed = make(chan struct{})
+// newConsole is a console whose worlds' bridges take env on top of the
+// demo's configuration, and log their errors to stderr.
+func newConsole(stderr io.Writer, env map[string]string) *console {
+	return &console{log: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError})),
+		env: env, pace: 1500 * time.Millisecond, changed: make(chan struct{})}
+}
+
+// runOn starts a world and serves the console on ln until ctx is done.
+func (c *console) runOn(ctx context.Context, ln net.Listener) error {
+	c.ctx = ctx
+	if addr, ok := ln.Addr().(*net.TCPAddr); ok && addr.IP.IsLoopback() {
+		port := strconv.Itoa(addr.Port)
+		c.hosts = []string{"127.0.0.1:" + port, "localhost:" + port, "[::1]:" + port}
+	}
+	defer c.shut()
+	if err := c.reset(ctx); err != nil {
+		ln.Close()
+		return err
+	}
+	srv := &http.Server{Handler: c.routes(), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shut, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(shut)
+	}()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 // reset replaces the world by a new one, after the action under way.
@@ -224,7 +229,13 @@ func (c *console) routes() http.Handler {
 	mux.Handle("GET /console.css", http.FileServerFS(static))
 	mux.HandleFunc("GET /events", c.handleEvents)
 	mux.HandleFunc("POST /act", c.handleAct)
-	return mux
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c.hosts != nil && !slices.Contains(c.hosts, r.Host) {
+			http.Error(w, "the console answers to its own address only", http.StatusMisdirectedRequest)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // consolePage is what the page's template is given.
@@ -272,7 +283,7 @@ func (c *console) handleEvents(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 			return
-		case <-c.done:
+		case <-c.ctx.Done():
 			return
 		case <-changed:
 		case <-tick.C:
@@ -339,7 +350,9 @@ func (c *console) handleAct(w http.ResponseWriter, r *http.Request) {
 func (c *console) action(a consoleAction) (func(), error) {
 	if a.Do == "reset" || a.Do == "tutorial" {
 		return func() {
-			if err := c.reset(context.Background()); err != nil {
+			ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
+			defer cancel()
+			if err := c.reset(ctx); err != nil {
 				c.log.Error("console: reset", "err", err)
 				return
 			}
@@ -354,12 +367,12 @@ func (c *console) action(a consoleAction) (func(), error) {
 		return nil, fmt.Errorf("unknown action %q", a.Do)
 	}
 	c.mu.Lock()
-	gen, prefix := c.gen, "wx_"
+	gen, prefix, follows := c.gen, "wx_", c.followed[a.Who]
 	if c.world != nil {
 		prefix = c.world.cfg.IMUserPrefix
 	}
 	c.mu.Unlock()
-	if err := a.check(prefix); err != nil {
+	if err := a.check(prefix, follows); err != nil {
 		return nil, err
 	}
 	return func() {
@@ -400,7 +413,7 @@ func (c *console) tutorial(ctx context.Context, w *demoWorld, gen int) error {
 	return playTutorial(ctx, w, client, func(line string) {
 		if title, ok := strings.CutPrefix(line, "── "); ok {
 			c.note(gen, "step", title)
-			t := time.NewTimer(1500 * time.Millisecond)
+			t := time.NewTimer(c.pace)
 			defer t.Stop()
 			select {
 			case <-t.C:
@@ -418,4 +431,10 @@ func (c *console) set(gen int, f func()) {
 		f()
 		c.touch()
 	}
+}
+
+// touch tells the page's streams that something changed. c.mu is held.
+func (c *console) touch() {
+	close(c.changed)
+	c.changed = make(chan struct{})
 }

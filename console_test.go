@@ -63,6 +63,8 @@ func TestConsoleInABrowser(t *testing.T) {
 	if errs := b.eval(`[...document.querySelectorAll('#exchanges li.error')].map(li => li.textContent).join('; ')`); errs != "" {
 		t.Errorf("the tutorial showed errors: %s", errs)
 	}
+	b.waitJS("the wire in the order the exchanges began", `[...document.querySelectorAll('#exchanges li')].every((li, i, all) =>
+		i == 0 || +all[i-1].dataset.t <= +li.dataset.t)`)
 	b.waitJS("a sentence and a source for every exchange", `[...document.querySelectorAll('#exchanges li.http')].every(li =>
 		li.querySelector('.what').textContent.length > 40 && li.querySelector('.what a[href^="https://"]'))`)
 
@@ -294,6 +296,44 @@ func TestConsoleShowsADeadLetter(t *testing.T) {
 		}
 		return false
 	})
+
+	// A reset starts a clean world: no chat, no outbox, IM answering.
+	s.act(consoleAction{Do: "reset"})
+	s.wait("a clean world", func(st consoleState) bool {
+		return len(st.Customers[0].Chat) == 0 && len(st.Outbox) == 0 && !st.IMDown && len(st.Agents) == 2 && len(st.Agents[0].Convs) == 0
+	})
+}
+
+// TestDemoWebCommand: `demo -web ADDR` prints the console's URL, serves the
+// page there, and stops cleanly when asked.
+func TestDemoWebCommand(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, w := io.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"demo", "-web", "127.0.0.1:0"}, mapEnv(nil), w, io.Discard) }()
+	line, err := bufio.NewReader(r).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, r)
+	u := regexp.MustCompile(`http://127\.0\.0\.1:\d+/`).FindString(line)
+	if u == "" {
+		t.Fatalf("demo -web printed %q, want the console's URL", line)
+	}
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(page), "teaching console") {
+		t.Errorf("GET %s: %d", u, resp.StatusCode)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("demo -web stopped with %v", err)
+	}
 }
 
 // TestConsoleActsForItsPageOnly: /act takes one JSON action the console
@@ -302,6 +342,7 @@ func TestConsoleShowsADeadLetter(t *testing.T) {
 func TestConsoleActsForItsPageOnly(t *testing.T) {
 	c, base := startConsole(t)
 	post := func(ctype, origin, body string) int {
+		t.Helper()
 		req, _ := http.NewRequest(http.MethodPost, base+"act", strings.NewReader(body))
 		req.Header.Set("Content-Type", ctype)
 		if origin != "" {
@@ -315,6 +356,14 @@ func TestConsoleActsForItsPageOnly(t *testing.T) {
 		return resp.StatusCode
 	}
 	own := strings.TrimSuffix(base, "/")
+	if got := post("application/json", own, `{"do":"follow","who":"`+demoCustomer+`"}`); got != http.StatusAccepted {
+		t.Fatalf("a follow: %d", got)
+	}
+	for deadline := time.Now().Add(30 * time.Second); !c.state(context.Background()).Customers[0].Followed; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the follow did not reach the console's customer")
+		}
+	}
 	write := `{"do":"write","who":"` + demoCustomer + `","text":"hi"}`
 	for _, tc := range []struct {
 		name, ctype, origin, body string
@@ -329,6 +378,8 @@ func TestConsoleActsForItsPageOnly(t *testing.T) {
 		{"an empty text", "application/json", own, `{"do":"write","who":"` + demoCustomer + `","text":" "}`, http.StatusBadRequest},
 		{"an agent to an openid, not an IM account", "application/json", own, `{"do":"reply","who":"agent_kim","to":"` + demoCustomer + `","text":"hi"}`, http.StatusBadRequest},
 		{"an agent of no one's", "application/json", own, `{"do":"login","who":"agent_nobody"}`, http.StatusBadRequest},
+		{"a customer who does not follow", "application/json", own, `{"do":"write","who":"` + demoSecondCustomer + `","text":"hi"}`, http.StatusBadRequest},
+		{"a second follow", "application/json", own, `{"do":"follow","who":"` + demoCustomer + `"}`, http.StatusBadRequest},
 	} {
 		if got := post(tc.ctype, tc.origin, tc.body); got != tc.want {
 			t.Errorf("%s: %d, want %d", tc.name, got, tc.want)
@@ -337,14 +388,38 @@ func TestConsoleActsForItsPageOnly(t *testing.T) {
 	if got := post("application/json", own, write); got != http.StatusAccepted {
 		t.Fatalf("the page's own action: %d, want 202", got)
 	}
-	// Only that one reached WeChat: the customer's chat holds it and the
-	// bridge's answer alone.
+	// Only that one reached WeChat: after the follow and its welcome, the
+	// customer's chat holds it and the bridge's answer alone.
 	var chat []chatLine
-	for deadline := time.Now().Add(30 * time.Second); len(chat) < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); len(chat) < 4 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		chat = c.state(context.Background()).Customers[0].Chat
 	}
-	if len(chat) != 2 || chat[0].Text != "hi" || chat[1].From != "account" {
-		t.Errorf("the customer's chat: %+v, want their one message and the bridge's answer", chat)
+	if len(chat) != 4 || chat[2].Text != "hi" || chat[3].From != "account" {
+		t.Errorf("the customer's chat: %+v, want the follow, the welcome, their one message and the bridge's answer", chat)
+	}
+
+	// The console answers to its own names only: not to another site's
+	// name rebound to its address.
+	req, _ := http.NewRequest(http.MethodPost, base+"act", strings.NewReader(write))
+	req.Host = "attacker.example"
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Origin", "http://attacker.example")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusMisdirectedRequest {
+		t.Errorf("another host's name: %v %v, want 421", resp.Status, err)
+	}
+	// The bridge's own server never serves the console.
+	c.mu.Lock()
+	bridge := c.world.base
+	c.mu.Unlock()
+	for _, path := range []string{"/", "/console.js", "/console.css", "/events", "/act"} {
+		resp, err := http.Get(bridge + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound && resp.StatusCode != http.StatusMethodNotAllowed {
+			t.Errorf("the bridge answers GET %s with %d", path, resp.StatusCode)
+		}
 	}
 }
 

@@ -85,17 +85,21 @@ var consoleActions = map[string]func(c *console, ctx context.Context, w *demoWor
 	},
 }
 
-// check refuses an action that names no one it may act for.
-func (a consoleAction) check(prefix string) error {
+// check refuses an action that names no one it may act for, or that its
+// customer could not do in WeChat: only a follower writes, and follows once.
+func (a consoleAction) check(prefix string, follows bool) error {
 	customer := a.Who == demoCustomer || a.Who == demoSecondCustomer
 	agent := a.Who == demoAgent || a.Who == demoSecondAgent
 	switch a.Do {
-	case "follow", "unfollow", "photo", "voice", "location":
-		if !customer {
+	case "follow", "unfollow", "write", "photo", "voice", "location":
+		switch {
+		case !customer:
 			return fmt.Errorf("%s is not one of the console's customers", a.Who)
-		}
-	case "write":
-		if !customer || strings.TrimSpace(a.Text) == "" {
+		case a.Do == "follow" && follows:
+			return errors.New("the customer follows the Official Account already")
+		case a.Do != "follow" && !follows:
+			return errors.New("the customer follows the Official Account first")
+		case a.Do == "write" && strings.TrimSpace(a.Text) == "":
 			return errors.New("a customer writes a text that is not empty")
 		}
 	case "reply", "picture":

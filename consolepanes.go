@@ -18,10 +18,11 @@ import (
 	"wechat-im-bridge/fakes"
 )
 
-// note puts a line of kind "step" or "error" on the wire.
+// note puts a line of kind "step" or "error" on the wire, any secret it
+// quotes masked.
 func (c *console) note(gen int, kind, text string) {
 	now := time.Now()
-	c.addWire(gen, wireEntry{Kind: kind, Title: text, At: now.Format("15:04:05.000"), T: now.UnixMicro()})
+	c.addWire(gen, wireEntry{Kind: kind, Title: maskText(text), At: now.Format("15:04:05.000"), T: now.UnixMicro()})
 }
 
 // addWire appends e to world gen's wire.
@@ -59,9 +60,10 @@ type chatLine struct {
 func (c *console) onPush(gen int) func(string, []byte, *fakes.PushResult) {
 	return func(openid string, push []byte, res *fakes.PushResult) {
 		var line chatLine
+		p := readPushFields(push)
 		switch {
 		case res == nil:
-			line = chatLine{From: "customer", Text: pushText(push)}
+			line = chatLine{From: "customer", Text: p.text()}
 		case res.Reply != nil:
 			line = chatLine{From: "account", Text: res.Reply.Content, Note: "passive reply"}
 		case res.Failed:
@@ -71,19 +73,33 @@ func (c *console) onPush(gen int) func(string, []byte, *fakes.PushResult) {
 		}
 		c.set(gen, func() {
 			c.chats[openid] = append(c.chats[openid], line)
-			if res == nil && strings.Contains(string(push), "subscribe") {
-				c.followed[openid] = !strings.Contains(string(push), "unsubscribe")
+			if len(c.chats[openid]) > maxChat {
+				c.chats[openid] = c.chats[openid][len(c.chats[openid])-maxChat:]
+			}
+			if res == nil && p.MsgType == "event" && (p.Event == "subscribe" || p.Event == "unsubscribe") {
+				c.followed[openid] = p.Event == "subscribe"
 			}
 		})
 	}
 }
 
-// pushText is what the customer sees of their own push.
-func pushText(push []byte) string {
-	var p struct {
-		MsgType, Content, Event, Label, Recognition string
-	}
+// maxChat is how many lines of each customer's chat the console keeps.
+const maxChat = 200
+
+// pushFields are the fields of a push the customer's chat shows.
+type pushFields struct {
+	MsgType, Content, Event, Label string
+}
+
+// readPushFields reads them from a push's XML.
+func readPushFields(push []byte) pushFields {
+	var p pushFields
 	xml.Unmarshal(push, &p)
+	return p
+}
+
+// text is what the customer sees of their own push.
+func (p pushFields) text() string {
 	switch p.MsgType {
 	case "text":
 		return p.Content
@@ -131,12 +147,14 @@ type consoleState struct {
 	Outbox    []outboxView   `json:"outbox"`
 }
 
+// customerView is one customer's WeChat: whether they follow, and their chat.
 type customerView struct {
 	OpenID   string     `json:"openid"`
 	Followed bool       `json:"followed"`
 	Chat     []chatLine `json:"chat"`
 }
 
+// agentView is one agent's IM client: their presence and conversations.
 type agentView struct {
 	ID     string     `json:"id"`
 	Status string     `json:"status"` // IM's word: Online, PushOnline, Offline
@@ -150,6 +168,8 @@ type convView struct {
 	Msgs []imLine `json:"msgs"`
 }
 
+// imLine is one message in an agent's conversation: theirs (Mine) or the
+// other side's.
 type imLine struct {
 	Mine bool   `json:"mine"`
 	Text string `json:"text"`
@@ -274,7 +294,7 @@ func readQueueAndOutbox(ctx context.Context, db *sql.DB) (queue []string, outbox
 			v.What += ": " + clipText(d.Text, 40)
 		}
 		if v.State == "pending" && next > now {
-			v.NextIn = fmt.Sprintf("%.1f s", float64(next-now)/1000)
+			v.NextIn = fmt.Sprintf("in %d s", (next-now+999)/1000) // whole seconds: the page is sent it when it changes
 		}
 		outbox = append(outbox, v)
 	}

@@ -70,7 +70,9 @@ const (
 	docImport   = "https://cloud.tencent.com/document/product/269/1608"
 	docOnline   = "https://cloud.tencent.com/document/product/269/2566"
 	docRoam     = "https://cloud.tencent.com/document/product/269/42794"
-	docAccounts = "https://cloud.tencent.com/document/product/269/36443"
+	docDelete   = "https://cloud.tencent.com/document/product/269/36443"
+	docCheck    = "https://cloud.tencent.com/document/product/269/38417"
+	docElems    = "https://www.tencentcloud.com/document/product/1047/33527"
 )
 
 // explainExchange makes x a wire entry.
@@ -90,7 +92,7 @@ func explainExchange(x fakes.Exchange, sec wireSecrets) wireEntry {
 	case u.Path == "/imcallback":
 		explainCallback(&e, q, sec, x.From)
 	case strings.HasPrefix(u.Path, "/media/"):
-		e.What, e.Link = "The agent's IM client downloads the customer's file from the bridge, at the URL the IM message gave (PUBLIC_URL).", docMedia
+		e.What, e.Link = "The agent's IM client downloads the customer's file from the bridge, at the URL the IM message's element gave (PUBLIC_URL/media/{id}).", docElems
 	case x.To == "WeChat":
 		explainWeChatAPI(&e, u.Path)
 	case x.To == "IM":
@@ -143,7 +145,7 @@ func explainPush(e *wireEntry, x fakes.Exchange, q url.Values, sec wireSecrets) 
 	case event != "":
 		e.What, e.Link = "WeChat pushes an event of the customer's."+safe, docEvent
 	default:
-		e.What, e.Link = "WeChat pushes the customer's message as signed XML: the bridge commits it to its outbox and answers within WeChat's 5 s (a passive reply on a conversation's first message, else \"success\"); its worker carries it to IM."+safe, docPush
+		e.What, e.Link = "WeChat pushes the customer's message as signed XML: the bridge commits it to its outbox and answers within WeChat's 5 s, with a passive reply where the customer has something to read (the connecting text on a conversation's first message, their place in the queue, thanks for a rating), else \"success\"; its worker carries the message to IM."+safe, docPush
 	}
 	if e.Inner != "" {
 		e.Link = docSafe
@@ -181,7 +183,7 @@ func explainWeChatAPI(e *wireEntry, path string) {
 	case path == "/cgi-bin/stable_token":
 		e.What, e.Link = "The bridge gets an access_token with the AppID and AppSecret, keeps it in its database for every instance, and renews it before it ends.", docToken
 	case path == "/cgi-bin/message/custom/send":
-		e.What, e.Link = "The bridge sends the agent's reply to the customer with the customer-service message API: allowed within 48 h of the customer's last message, five replies to each.", docCustom
+		e.What, e.Link = "The bridge sends the customer what the agent wrote, or its own word (an agent joined, a transfer, the end and its rating question), with the customer-service message API: allowed within 48 h of the customer's last message, five to each.", docCustom
 	case path == "/cgi-bin/message/custom/typing":
 		e.What, e.Link = "The bridge shows the customer that the agent is typing.", docCustom
 	case path == "/cgi-bin/media/get":
@@ -202,8 +204,10 @@ func explainIMAPI(e *wireEntry, path string, body []byte) {
 	switch cmd {
 	case "im_open_login_svc/account_import":
 		e.What, e.Link = "The bridge imports the customer's own IM account (IM_USER_PREFIX + openid), so that the customer is a contact in the agent's client.", docImport
-	case "im_open_login_svc/account_delete", "im_open_login_svc/account_check":
-		e.What, e.Link = "The bridge checks or deletes a customer's IM account.", docAccounts
+	case "im_open_login_svc/account_delete":
+		e.What, e.Link = "The bridge deletes a customer's IM account (IM_UNFOLLOW=delete).", docDelete
+	case "im_open_login_svc/account_check":
+		e.What, e.Link = "The bridge checks whether IM has a customer's account.", docCheck
 	case "openim/sendmsg":
 		var m struct{ From_Account, To_Account string }
 		json.Unmarshal(body, &m)
@@ -215,7 +219,7 @@ func explainIMAPI(e *wireEntry, path string, body []byte) {
 	default:
 		if strings.HasPrefix(path, "/files/") {
 			e.Title = "GET " + path
-			e.What, e.Link = "The bridge downloads the agent's file from IM's storage, to send it on to WeChat.", docSendMsg
+			e.What, e.Link = "The bridge downloads the agent's file from IM's storage, at the URL its element gave, to send it on to WeChat.", docElems
 		} else {
 			e.What = "The bridge calls IM's REST API."
 		}
@@ -234,6 +238,13 @@ var (
 	secretJSON   = regexp.MustCompile(`("(?:access_token|secret)"\s*:\s*)"[^"]*"`)
 	sigXML       = regexp.MustCompile(`(<MsgSignature>(?:<!\[CDATA\[)?)([0-9a-f]{8})[0-9a-f]+`)
 )
+
+// secretInText finds a secret or a signature as a query parameter within
+// a text, such as an error that quotes a URL.
+var secretInText = regexp.MustCompile(`(?i)\b(access_token|usersig|secret|signature|msg_signature|sign)=[^&\s"]+`)
+
+// maskText is s with the secrets and signatures it quotes masked.
+func maskText(s string) string { return secretInText.ReplaceAllString(s, "${1}="+masked) }
 
 // maskURL is u's path and query with secrets and signatures masked.
 func maskURL(u *url.URL) string {
@@ -255,6 +266,8 @@ func maskURL(u *url.URL) string {
 	return u.Path + "?" + s
 }
 
+// maskSig is a signature's first characters: enough to match it with its
+// computation, too few to be of use.
 func maskSig(s string) string {
 	if len(s) <= 8 {
 		return s
@@ -262,6 +275,7 @@ func maskSig(s string) string {
 	return s[:8] + "…"
 }
 
+// matchMark says whether a computed signature is the one sent.
 func matchMark(ok bool) string {
 	if ok {
 		return "✓ matches"
@@ -270,24 +284,21 @@ func matchMark(ok bool) string {
 }
 
 // signWork shows how WeChat's signature name is made: SHA-1 of its inputs
-// sorted and joined, the token among them shown masked.
+// sorted as strings and joined. The token is shown masked, and the inputs
+// in their given order: where the token sorts would tell of it.
 func signWork(name, got, token, tokenName string, inputs ...string) string {
+	shown := []string{masked + " (" + tokenName + ")"}
+	for _, s := range inputs {
+		if len(s) > 24 {
+			s = s[:16] + "… (Encrypt)"
+		}
+		shown = append(shown, s)
+	}
 	all := append([]string{token}, inputs...)
 	slices.Sort(all)
-	shown := make([]string, len(all))
-	for i, s := range all {
-		switch {
-		case s == token:
-			shown[i] = masked + " (" + tokenName + ")"
-		case len(s) > 24:
-			shown[i] = s[:16] + "… (Encrypt)"
-		default:
-			shown[i] = s
-		}
-	}
 	sum := sha1.Sum([]byte(strings.Join(all, "")))
 	h := hex.EncodeToString(sum[:])
-	return fmt.Sprintf("%s = sha1(the inputs sorted, then joined)\n  sorted = [%s]\n  sha1   = %s  %s", name, strings.Join(shown, ", "), maskSig(h), matchMark(h == got))
+	return fmt.Sprintf("%s = sha1 of the inputs, sorted as strings and joined\n  inputs = [%s]\n  sha1   = %s  %s", name, strings.Join(shown, ", "), maskSig(h), matchMark(h == got))
 }
 
 // openEnvelope decrypts a safe-mode Encrypt text.

@@ -25,7 +25,10 @@ function say(text) { $('status').textContent = text; }
 
 async function act(body) {
   const r = await fetch('/act', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
-  if (r.status !== 202) say(await r.text());
+  if (r.status !== 202) {
+    say(await r.text());
+    if (state) render(); // the switches as the world has them
+  }
 }
 
 // customerName is how the page names a customer's openid or IM account.
@@ -74,6 +77,10 @@ function render() {
   $('play').disabled = s.playing;
   $('safe').checked = s.safe;
   $('imfail').checked = s.imDown;
+  // While the tutorial plays, only a reset may interrupt it.
+  for (const x of document.querySelectorAll('.actions button, .compose input, .compose button, .who button, #safe, #imfail')) {
+    x.disabled = s.playing;
+  }
   if (s.playing) say('Playing the tutorial…');
   else if ($('status').textContent === 'Playing the tutorial…') say('');
   renderCustomer(s);
@@ -84,7 +91,11 @@ function render() {
 function renderCustomer(s) {
   for (const b of document.querySelectorAll('[data-customer]')) b.classList.toggle('on', b.dataset.customer === customer);
   const c = s.customers.find((c) => c.openid === customer);
-  $('customer-who').textContent = 'openid ' + c.openid + (c.followed ? ' · follows the Official Account' : '');
+  $('customer-who').textContent = 'openid ' + c.openid + (c.followed ? ' · follows the Official Account' : ' · follow first to write');
+  if (!s.playing) {
+    for (const x of document.querySelectorAll('#customer .actions button, #customer-form input, #customer-form button')) x.disabled = !c.followed;
+    document.querySelector('#customer [data-do="follow"]').disabled = c.followed;
+  }
   fill($('chat'), (c.chat || []).map((l) => el('li', { class: l.from === 'customer' ? 'mine' : l.from },
     l.text, l.note ? el('small', {}, l.note) : '')));
 }
@@ -105,8 +116,6 @@ function renderAgents(s) {
     b.querySelector('.dot').className = 'dot ' + (st ? st.status : '');
   }
   $('agent-status').textContent = agent + ' is ' + a.status;
-  $('login').disabled = a.status === 'Online';
-  $('logout').disabled = a.status !== 'Online';
   if (!(a.convs = a.convs || []).some((c) => c.peer === openConv[agent])) openConv[agent] = a.convs.length ? a.convs[0].peer : null;
   fill($('convs'), a.convs.map((c) => el('button', { 'data-peer': c.peer, class: c.peer === openConv[agent] ? 'on' : null },
     c.peer.startsWith(s.prefix) ? customerName(c.peer) : c.peer + ' (notices)')));
@@ -114,7 +123,11 @@ function renderAgents(s) {
   fill($('im-chat'), conv ? conv.msgs.map((m) => el('li', { class: m.mine ? 'mine' : null }, m.text))
     : [el('li', { class: 'system' }, 'No conversation yet.')]);
   const toCustomer = !!conv && conv.peer.startsWith(s.prefix);
-  for (const b of [...$('agent-form').querySelectorAll('button'), document.querySelector('[data-do="picture"]')]) b.disabled = !toCustomer;
+  if (!s.playing) {
+    for (const b of [...$('agent-form').querySelectorAll('button'), document.querySelector('[data-do="picture"]')]) b.disabled = !toCustomer;
+    $('login').disabled = a.status === 'Online';
+    $('logout').disabled = a.status !== 'Online';
+  }
 }
 
 // fill replaces list's children, keeping it scrolled to the end if it was.
