@@ -27,6 +27,12 @@ const (
 	eventWindow   = time.Minute
 )
 
+// onTheirWay is how long after it is recorded a reply may still reach
+// WeChat: the worker gives a reply up 48 hours after it was accepted
+// (Worker.WeChatWindow), trying it at least every RETRY_MAX_DELAY (5
+// minutes by default), and the hour beyond covers that.
+const onTheirWay = messageWindow + time.Hour
+
 // allowance returns how many more customer-service messages WeChat takes
 // for openid, and whether any window is open at all, at now; grant names
 // the allowance (the id of the customer's last message, or minus the time
@@ -63,16 +69,30 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	// After an event, the replies still on their way count. (A reply's
 	// first item is made with it, or when it is released, never before:
 	// SQLite gives a pruned item's id to a new one.)
+	//
+	// Only replies recorded in the last onTheirWay can be on their way or
+	// have arrived since the previous message: a customer's history may be
+	// long, and the count reads only its recent end. floor is the customer's
+	// last message recorded before that (an inbound row is never written
+	// again, so its id marks its time); prevIn is when their previous
+	// message was accepted.
+	var prevIn, floor int64
+	err = s.queryRow(ctx, tx, `SELECT
+		COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' AND id < ? ORDER BY id DESC LIMIT 1), 0),
+		COALESCE((SELECT id FROM messages WHERE openid = ? AND direction = 'in' AND created_at < ? ORDER BY id DESC LIMIT 1), 0)`,
+		openid, inID, openid, now.Add(-onTheirWay).UnixMilli()).Scan(&prevIn, &floor)
+	if err != nil {
+		return 0, false, 0, time.Time{}, err
+	}
 	arrived := ""
-	args := []any{openid, inID, grant, inID, "wx:" + openid}
+	args := []any{openid, floor, inID, grant, inID, "wx:" + openid}
 	if grant > 0 {
-		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= (SELECT COALESCE(MAX(p.created_at), 0) FROM messages p
-			WHERE p.openid = m.openid AND p.direction = 'in' AND p.id < ?) AND (o.updated_at >= ? OR m.parts > 1)`
-		args = append(args, inID, in-time.Second.Milliseconds())
+		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= ? AND (o.updated_at >= ? OR m.parts > 1)`
+		args = append(args, prevIn, in-time.Second.Milliseconds())
 	}
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
-		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
+		AND m.state = `+sqlQueued+` AND m.id > ? AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
 			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at >= m.created_at AND (o.state = `+sqlPending+arrived+`)))`,
 		args...).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err
