@@ -142,6 +142,15 @@ func (e *env) bad(format string, args ...any) {
 }
 
 // get returns name's value, trimmed, or def when it is empty.
+// text is the text the customer reads that name sets, def if it is unset;
+// set empty, the text is not sent.
+func (e *env) text(name, def string) string {
+	if v, set := e.lookup(name); set {
+		return strings.TrimSpace(v)
+	}
+	return def
+}
+
 func (e *env) get(name, def string) string {
 	if v := strings.TrimSpace(e.getenv(name)); v != "" {
 		return v
@@ -258,8 +267,8 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		RetryMaxDelay:        e.duration("RETRY_MAX_DELAY", 5*time.Minute),
 		VendorTimeout:        e.duration("VENDOR_TIMEOUT", 10*time.Second),
 		ShutdownGrace:        e.duration("SHUTDOWN_GRACE", 10*time.Second),
-		WelcomeText:          e.get("WELCOME_TEXT", defaultWelcomeText),
-		ConnectingText:       e.get("CONNECTING_TEXT", defaultConnectingText),
+		WelcomeText:          e.text("WELCOME_TEXT", defaultWelcomeText),
+		ConnectingText:       e.text("CONNECTING_TEXT", defaultConnectingText),
 		LogFormat:            e.get("LOG_FORMAT", "text"),
 	}
 	checkGeneral(e, &c)
@@ -381,9 +390,7 @@ func readDesk(e *env, c *Config) {
 		text *string
 	}{{"QUEUED_TEXT", &t.Queued}, {"OFFLINE_TEXT", &t.Offline}, {"AGENT_JOINED_TEXT", &t.Joined}, {"CLOSED_TEXT", &t.Closed},
 		{"RATING_TEXT", &t.Rating}, {"RATED_TEXT", &t.Rated}, {"TRANSFER_TEXT", &t.Transfer}, {"IDLE_CLOSED_TEXT", &t.IdleClosed}} {
-		if text, set := e.lookup(v.name); set {
-			*v.text = strings.TrimSpace(text) // set empty: the text is not sent
-		}
+		*v.text = e.text(v.name, *v.text)
 	}
 	c.Desk = Desk{Agents: c.IMAgents, UserPrefix: c.IMUserPrefix, Texts: t,
 		MaxOpen:    e.count("IM_AGENT_MAX_OPEN", 10, 0, "a whole number of conversations (0: no cap)"),

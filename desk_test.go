@@ -729,3 +729,17 @@ func (h *harness) holdsRefusingNothing(clock *fakeClock, held string) {
 		h.t.Errorf("dead letters %q, want none: WeChat refused a reply the bridge sent", d)
 	}
 }
+
+// TestPassiveRepliesSetEmpty: WELCOME_TEXT and CONNECTING_TEXT set empty
+// send no passive reply: the follow and the first message are answered
+// "success", and both still reach IM.
+func TestPassiveRepliesSetEmpty(t *testing.T) {
+	h := newHarness(t, harnessOptions{env: map[string]string{"WELCOME_TEXT": "", "CONNECTING_TEXT": " "}})
+	ctx := context.Background()
+	for _, r := range []fakes.PushResult{h.wx.Follow(ctx, "c1"), h.wx.SendText(ctx, "c1", "hello")} {
+		if r.Status != 200 || r.Reply != nil || r.Body != "success" {
+			t.Errorf("answered %d %q, want success and no passive reply", r.Status, r.Body)
+		}
+	}
+	eventually(t, "the message in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+}
