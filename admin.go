@@ -80,8 +80,23 @@ func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) er
 		if err != nil {
 			return err
 		}
-		// The history follows the message to its new item.
-		_, err = s.exec(ctx, tx, `UPDATE messages SET outbox_id = ? WHERE openid = ? AND outbox_id = ?`, next, d.OpenID, id)
+		if d.Kind != deliverWeChat {
+			// The history follows the message to its new item.
+			_, err = s.exec(ctx, tx, `UPDATE messages SET outbox_id = ? WHERE openid = ? AND outbox_id = ?`, next, d.OpenID, id)
+			return err
+		}
+		// A reply moves to the end of the history under the customer's
+		// latest allowance, as a released one does: the quota counts it
+		// among the recent replies (quota.go).
+		_, _, grant, _, err := s.allowance(ctx, tx, d.OpenID, now)
+		if err != nil {
+			return err
+		}
+		if _, err = s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+			SELECT conversation, openid, direction, agent, text, parts, state, ?, delivery, created_at, ? FROM messages WHERE openid = ? AND outbox_id = ?`,
+			next, grant, d.OpenID, id); err == nil {
+			_, err = s.exec(ctx, tx, `DELETE FROM messages WHERE openid = ? AND outbox_id = ?`, d.OpenID, id)
+		}
 		return err
 	})
 	if err != nil && !errors.Is(err, errNoDeadLetter) {

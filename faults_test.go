@@ -272,7 +272,7 @@ func TestIMRateLimitRespected(t *testing.T) {
 // SQLite store, read through a connection of its own.
 func (h *harness) deadLetters() []string {
 	h.t.Helper()
-	db := h.openStoreDB(false)
+	db := h.openDB()
 	defer db.Close()
 	rows, err := db.Query(`SELECT delivery, last_error FROM outbox WHERE state = 'failed' ORDER BY id`)
 	if err != nil {

@@ -28,9 +28,10 @@ const (
 )
 
 // onTheirWay is how long after it is recorded a reply may still reach
-// WeChat: the worker gives a reply up 48 hours after it was accepted
-// (Worker.WeChatWindow), trying it at least every RETRY_MAX_DELAY (5
-// minutes by default), and the hour beyond covers that.
+// WeChat: the worker never tries a reply accepted 48 hours before
+// (Worker.WeChatWindow), and the hour beyond covers an attempt under way
+// then. A reply's row is recorded when its item is made: a held reply
+// released, or a dead letter sent again, moves to the end of the history.
 const onTheirWay = messageWindow + time.Hour
 
 // allowance returns how many more customer-service messages WeChat takes
@@ -73,8 +74,8 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	// Only replies recorded in the last onTheirWay can be on their way or
 	// have arrived since the previous message: a customer's history may be
 	// long, and the count reads only its recent end. floor is the customer's
-	// last message recorded before that (an inbound row is never written
-	// again, so its id marks its time); prevIn is when their previous
+	// last message recorded before that (an inbound row's id and time never
+	// change, and ids grow with time); prevIn is when their previous
 	// message was accepted.
 	var prevIn, floor int64
 	err = s.queryRow(ctx, tx, `SELECT

@@ -334,6 +334,11 @@ func (w *Worker) prune(ctx context.Context) {
 func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	d := it.Delivery
 	err := it.Unreadable
+	if err == nil && d.Kind == deliverWeChat && w.Now().Sub(it.CreatedAt) >= w.WeChatWindow {
+		// Not tried so late, after an outage of the bridge or a long wait:
+		// the quota counts only the replies younger (quota.go).
+		err = permanentError{fmt.Errorf("not sent: accepted more than %s ago", w.WeChatWindow)}
+	}
 	if err == nil {
 		// The attempt ends a tenth of a lease before its claim does, so
 		// that no other instance's claim of the item overlaps a call of
