@@ -811,3 +811,50 @@ func TestRetriedDeadLetterCountsInTheQuota(t *testing.T) {
 		}
 	})
 }
+
+// TestQuotaCountsAReplyThatArrivedLate: a reply that kept failing across
+// the customer's messages and reached WeChat after their latest counts
+// under it for that message's 48 hours, however old the reply, and after
+// its outbox item's first day: of the agent's next five, the fifth is held.
+func TestQuotaCountsAReplyThatArrivedLate(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		latest, then time.Duration // when the customer last wrote, and when the agent answers again
+	}{
+		{"a reply recorded 55 hours before", 40 * time.Hour, 55 * time.Hour},
+		{"a day after it arrived", 3 * time.Hour, 28 * time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forStores(t, func(t *testing.T, pg bool) {
+				clock := &fakeClock{now: time.Now()}
+				h := newHarness(t, harnessOptions{postgres: pg, clock: clock,
+					env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s", "SESSION_IDLE_TIMEOUT": "0"}})
+				ctx := context.Background()
+				h.wx.SendText(ctx, "c1", "m1")
+				eventually(t, "m1 in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+				h.wx.FailNextStatus(1000, http.StatusBadGateway)
+				h.agentReplies("c1", "r1")
+				h.eventuallyFirstRetry("r1's first attempt failed")
+				clock.Advance(30 * time.Minute)
+				h.wx.SendText(ctx, "c1", "m2")
+				eventually(t, "m2 in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 2 })
+				clock.Advance(tc.latest - 30*time.Minute)
+				h.wx.SendText(ctx, "c1", "m3")
+				eventually(t, "m3 in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 3 })
+				h.wx.FailNextStatus(0, 0)
+				// An attempt under way as WeChat recovers fails and is due a
+				// second later, by the clock: it moves till r1 is through.
+				eventually(t, "r1 in WeChat after m3", func() bool {
+					clock.Advance(100 * time.Millisecond)
+					return len(h.sentTo("c1")) == 1
+				})
+				clock.Advance(tc.then - tc.latest) // the hourly prune runs meanwhile
+				h.agentReplies("c1", "r2", "r3", "r4", "r5", "r6")
+				h.holdsRefusingNothing(clock, "r6")
+				if got := strings.Join(h.sentTexts("c1"), ","); got != "r1,r2,r3,r4,r5" {
+					t.Errorf("c1 read %s", got)
+				}
+			})
+		})
+	}
+}

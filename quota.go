@@ -32,6 +32,9 @@ const (
 // (Worker.WeChatWindow), and the hour beyond covers an attempt under way
 // then. A reply's row is recorded when its item is made: a held reply
 // released, or a dead letter sent again, moves to the end of the history.
+// It is also how long a delivered item is kept (Worker.prune): the count
+// reads when a reply reached WeChat for the 48 hours of the customer's
+// message after it.
 const onTheirWay = messageWindow + time.Hour
 
 // allowance returns how many more customer-service messages WeChat takes
@@ -71,17 +74,18 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	// first item is made with it, or when it is released, never before:
 	// SQLite gives a pruned item's id to a new one.)
 	//
-	// Only replies recorded in the last onTheirWay can be on their way or
-	// have arrived since the previous message: a customer's history may be
-	// long, and the count reads only its recent end. floor is the customer's
-	// last message recorded before that (an inbound row's id and time never
-	// change, and ids grow with time); prevIn is when their previous
-	// message was accepted.
+	// A customer's history may be long, and the count reads only its recent
+	// end: prevIn is when their previous message was accepted, and a reply
+	// that counts reached WeChat after it or has yet to, so was recorded at
+	// most onTheirWay before it (or before now, later). floor is the
+	// customer's last message recorded before that: an inbound row's id and
+	// time never change, and ids grow with time.
 	var prevIn, floor int64
-	err = s.queryRow(ctx, tx, `SELECT
-		COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' AND id < ? ORDER BY id DESC LIMIT 1), 0),
-		COALESCE((SELECT id FROM messages WHERE openid = ? AND direction = 'in' AND created_at < ? ORDER BY id DESC LIMIT 1), 0)`,
-		openid, inID, openid, now.Add(-onTheirWay).UnixMilli()).Scan(&prevIn, &floor)
+	err = s.queryRow(ctx, tx, `SELECT p.at, COALESCE((SELECT id FROM messages WHERE openid = ? AND direction = 'in'
+			AND created_at < p.at - ? ORDER BY id DESC LIMIT 1), 0)
+		FROM (SELECT COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' AND id < ?
+			ORDER BY id DESC LIMIT 1), 0) AS at) p`,
+		openid, onTheirWay.Milliseconds(), openid, inID).Scan(&prevIn, &floor)
 	if err != nil {
 		return 0, false, 0, time.Time{}, err
 	}

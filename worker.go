@@ -307,7 +307,7 @@ func (w *Worker) prune(ctx context.Context) {
 	if failed("keys", err) {
 		return
 	}
-	items, err := w.Store.PruneOutbox(ctx, now.Add(-24*time.Hour))
+	items, err := w.Store.PruneOutbox(ctx, now.Add(-onTheirWay)) // the quota reads when a reply arrived
 	if failed("outbox", err) {
 		return
 	}
