@@ -1,9 +1,10 @@
 package main
 
-// Pruning: what the bridge keeps only for a while. Delivered outbox items
-// go after a day, the history (messages and closed conversations) after
-// HISTORY_RETENTION, media after MEDIA_RETENTION (media.go), seen keys
-// after a day (keys.go). Each is deleted a batch at a time, each batch a
+// Pruning: what the bridge keeps only for a while, done by the worker once
+// an hour. Delivered outbox items go after 49 hours (the quota reads when
+// a reply arrived, quota.go), the history (messages and closed
+// conversations) after HISTORY_RETENTION, media after MEDIA_RETENTION
+// (media.go), seen keys after a day (keys.go). Each is deleted a batch at a time, each batch a
 // write of its own, so SQLite's single writer is never held long: pushes
 // commit between two batches (docs/SPEED.md measures the longest wait).
 
@@ -92,4 +93,45 @@ func (s *Store) pruneWalk(ctx context.Context, table, made, cond string, cutoff 
 		}
 		after = last
 	}
+}
+
+// prune deletes, once an hour, what is kept for a while only (prune.go):
+// day-old keys and delivered items, media past MediaRetention, the history
+// past HistoryRetention (0 keeps it). Media goes with its history at the
+// latest.
+func (w *Worker) prune(ctx context.Context) {
+	now := w.Now()
+	if now.UnixMilli()-w.lastPruneMilli.Load() < time.Hour.Milliseconds() {
+		return
+	}
+	w.lastPruneMilli.Store(now.UnixMilli())
+	failed := func(what string, err error) bool {
+		if err != nil && ctx.Err() == nil {
+			w.Log.Error("prune "+what+" failed", "err", err)
+		}
+		return err != nil
+	}
+	keys, err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour))
+	if failed("keys", err) {
+		return
+	}
+	items, err := w.Store.PruneOutbox(ctx, now.Add(-onTheirWay)) // the quota reads when a reply arrived
+	if failed("outbox", err) {
+		return
+	}
+	media := w.MediaRetention
+	if w.HistoryRetention > 0 {
+		media = min(media, w.HistoryRetention)
+	}
+	if failed("media", w.Store.PruneMedia(ctx, now.Add(-media))) {
+		return
+	}
+	var messages, conversations int
+	if w.HistoryRetention > 0 {
+		messages, conversations, err = w.Store.PruneHistory(ctx, now.Add(-w.HistoryRetention))
+		if failed("history", err) {
+			return
+		}
+	}
+	w.Log.Info("pruned", "keys", keys, "outbox_items", items, "messages", messages, "conversations", conversations)
 }

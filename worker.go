@@ -287,45 +287,40 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 	}
 }
 
-// prune deletes, once an hour, what is kept for a while only (prune.go):
-// day-old keys and delivered items, media past MediaRetention, the history
-// past HistoryRetention (0 keeps it). Media goes with its history at the
-// latest.
-func (w *Worker) prune(ctx context.Context) {
-	now := w.Now()
-	if now.UnixMilli()-w.lastPruneMilli.Load() < time.Hour.Milliseconds() {
-		return
+// attempt calls the vendor for it within its claim, and returns the
+// outcome; made is false if the claim ran out first, the item left to a
+// newer one. An item that cannot be read, or a reply accepted 48 hours ago,
+// is not tried: its error is the outcome.
+func (w *Worker) attempt(ctx context.Context, it OutboxItem) (made bool, err error) {
+	if it.Unreadable != nil {
+		return true, it.Unreadable
 	}
-	w.lastPruneMilli.Store(now.UnixMilli())
-	failed := func(what string, err error) bool {
-		if err != nil && ctx.Err() == nil {
-			w.Log.Error("prune "+what+" failed", "err", err)
-		}
-		return err != nil
+	if it.Delivery.Kind == deliverWeChat && w.Now().Sub(it.CreatedAt) >= w.WeChatWindow {
+		// Not tried so late, after an outage of the bridge or a long wait:
+		// the quota counts only the replies younger (quota.go).
+		return true, permanentError{fmt.Errorf("not sent: accepted more than %s ago", w.WeChatWindow)}
 	}
-	keys, err := w.Store.PruneKeys(ctx, now.Add(-24*time.Hour))
-	if failed("keys", err) {
-		return
+	// The attempt ends a tenth of a lease before its claim does, so that no
+	// other instance's claim of the item overlaps a call of this one, and
+	// the outcome is written while the claim holds.
+	budget := time.UnixMilli(it.claimedUntil).Sub(w.Now()) - w.Lease/10
+	if budget <= 0 {
+		w.Log.Warn("claim ran out before its attempt began; the item is left to a newer claim", "id", it.ID)
+		return false, nil
 	}
-	items, err := w.Store.PruneOutbox(ctx, now.Add(-onTheirWay)) // the quota reads when a reply arrived
-	if failed("outbox", err) {
-		return
+	attemptCtx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	live := w.liveness()
+	stop := context.AfterFunc(live, cancel) // others may take the claim: stop calling
+	defer stop()
+	err = w.deliver(attemptCtx, it)
+	switch {
+	case err != nil && live.Err() != nil:
+		err = fmt.Errorf("attempt cut off: this instance's liveness was not recorded: %w", err)
+	case err != nil && attemptCtx.Err() != nil && ctx.Err() == nil:
+		err = fmt.Errorf("attempt cut off after %s, before its claim ran out: %w", budget.Round(time.Millisecond), err)
 	}
-	media := w.MediaRetention
-	if w.HistoryRetention > 0 {
-		media = min(media, w.HistoryRetention)
-	}
-	if failed("media", w.Store.PruneMedia(ctx, now.Add(-media))) {
-		return
-	}
-	var messages, conversations int
-	if w.HistoryRetention > 0 {
-		messages, conversations, err = w.Store.PruneHistory(ctx, now.Add(-w.HistoryRetention))
-		if failed("history", err) {
-			return
-		}
-	}
-	w.Log.Info("pruned", "keys", keys, "outbox_items", items, "messages", messages, "conversations", conversations)
+	return true, err
 }
 
 // deliverItem makes one attempt at it. It reports true when it was
@@ -333,33 +328,9 @@ func (w *Worker) prune(ctx context.Context) {
 // a retry or a dead letter.
 func (w *Worker) deliverItem(ctx context.Context, it OutboxItem) bool {
 	d := it.Delivery
-	err := it.Unreadable
-	if err == nil && d.Kind == deliverWeChat && w.Now().Sub(it.CreatedAt) >= w.WeChatWindow {
-		// Not tried so late, after an outage of the bridge or a long wait:
-		// the quota counts only the replies younger (quota.go).
-		err = permanentError{fmt.Errorf("not sent: accepted more than %s ago", w.WeChatWindow)}
-	}
-	if err == nil {
-		// The attempt ends a tenth of a lease before its claim does, so
-		// that no other instance's claim of the item overlaps a call of
-		// this one, and the outcome is written while the claim holds.
-		budget := time.UnixMilli(it.claimedUntil).Sub(w.Now()) - w.Lease/10
-		if budget <= 0 {
-			w.Log.Warn("claim ran out before its attempt began; the item is left to a newer claim", "id", it.ID)
-			return false
-		}
-		attemptCtx, cancel := context.WithTimeout(ctx, budget)
-		live := w.liveness()
-		stop := context.AfterFunc(live, cancel) // others may take the claim: stop calling
-		err = w.deliver(attemptCtx, it)
-		switch {
-		case err != nil && live.Err() != nil:
-			err = fmt.Errorf("attempt cut off: this instance's liveness was not recorded: %w", err)
-		case err != nil && attemptCtx.Err() != nil && ctx.Err() == nil:
-			err = fmt.Errorf("attempt cut off after %s, before its claim ran out: %w", budget.Round(time.Millisecond), err)
-		}
-		stop()
-		cancel()
+	made, err := w.attempt(ctx, it)
+	if !made {
+		return false
 	}
 	now := w.Now()
 	tgt := target(d.Kind)
