@@ -80,31 +80,10 @@ func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) er
 		if err != nil {
 			return err
 		}
-		if d.Kind != deliverWeChat {
-			// The history follows the message to its new item.
-			_, err = s.exec(ctx, tx, `UPDATE messages SET outbox_id = ? WHERE openid = ? AND outbox_id = ?`, next, d.OpenID, id)
-			return err
-		}
-		// A reply moves to the end of the history under the customer's
-		// latest allowance, as a released one does: the quota counts it
-		// among the recent replies (quota.go).
-		_, _, grant, _, err := s.allowance(ctx, tx, d.OpenID, now)
-		if err != nil {
-			return err
-		}
-		// The reply's row is the newest to name the item: SQLite gives a
-		// pruned item's id to a new one.
-		var row int64
-		err = s.queryRow(ctx, tx, `SELECT COALESCE(MAX(id), 0) FROM messages WHERE openid = ? AND direction = 'out' AND outbox_id = ?`,
-			d.OpenID, id).Scan(&row)
-		if err != nil || row == 0 {
-			return err // a later part of a long reply: its row names the first
-		}
-		if _, err = s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
-			SELECT conversation, openid, direction, agent, text, parts, state, ?, delivery, created_at, ? FROM messages WHERE id = ?`,
-			next, grant, row); err == nil {
-			_, err = s.exec(ctx, tx, `DELETE FROM messages WHERE id = ?`, row)
-		}
+		// The history follows the message to its new item: the newest row
+		// to name the old one, as SQLite gives a pruned item's id to a new one.
+		_, err = s.exec(ctx, tx, `UPDATE messages SET outbox_id = ? WHERE id = (SELECT MAX(id) FROM messages WHERE openid = ? AND outbox_id = ?)`,
+			next, d.OpenID, id)
 		return err
 	})
 	if err != nil && !errors.Is(err, errNoDeadLetter) {

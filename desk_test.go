@@ -744,39 +744,6 @@ func TestPassiveRepliesSetEmpty(t *testing.T) {
 	eventually(t, "the message in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
 }
 
-// TestStaleReplyIsNotSent: a reply still on its way 48 hours after it was
-// accepted, the bridge having been down meanwhile, is not sent when it
-// comes back, though the customer wrote again: it becomes a dead letter and
-// the agent is told. So the quota, which counts only the recent replies,
-// lets the agent's next five through and WeChat refuses none.
-func TestStaleReplyIsNotSent(t *testing.T) {
-	forStores(t, func(t *testing.T, pg bool) {
-		clock := &fakeClock{now: time.Now()}
-		h := newHarness(t, harnessOptions{postgres: pg, clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
-		ctx := context.Background()
-		h.wx.SendText(ctx, "c1", "question")
-		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
-		h.wx.FailNextStatus(1, http.StatusBadGateway)
-		h.agentReplies("c1", "r1")
-		h.eventuallyFirstRetry("r1's first attempt failed")
-		if err := h.stop(); err != nil { // the bridge is down with r1 on its way
-			t.Fatal(err)
-		}
-		clock.Advance(49 * time.Hour)
-		h.start()
-		h.wx.SendText(ctx, "c1", "back")
-		h.eventuallyNotice("agent_kim", "c1", "not sent: accepted more than 48h0m0s ago")
-		h.agentReplies("c1", "r2", "r3", "r4", "r5", "r6")
-		eventually(t, "the five replies", func() bool { return len(h.sentTo("c1")) == 5 })
-		if got := strings.Join(h.sentTexts("c1"), ","); got != "r2,r3,r4,r5,r6" {
-			t.Errorf("c1 read %s, want the five replies after their message", got)
-		}
-		if d := h.deadLetters(); len(d) != 1 || !strings.Contains(d[0], "wx_send: not sent: accepted more than 48h") {
-			t.Errorf("dead letters %q, want r1's alone, not sent", d)
-		}
-	})
-}
-
 // TestRetriedDeadLetterCountsInTheQuota: a dead letter days old that the
 // operator sends again counts among the replies of the customer's latest
 // message, so the agent's fifth reply after it is held, not refused.

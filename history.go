@@ -4,7 +4,7 @@ package main
 // time, its agent and its delivery state, kept in the messages table in the
 // transaction that takes it; GET /admin/customers/{openid}/messages reads
 // it back. A message's delivery state while it is in the outbox is its
-// item's, read when asked; delivered items are pruned after a day, and a
+// item's, read when asked; delivered items are pruned after 49 hours, and a
 // message whose item is gone was delivered.
 
 import (

@@ -115,7 +115,7 @@ func (w *Worker) prune(ctx context.Context) {
 	if failed("keys", err) {
 		return
 	}
-	items, err := w.Store.PruneOutbox(ctx, now.Add(-onTheirWay)) // the quota reads when a reply arrived
+	items, err := w.Store.PruneOutbox(ctx, now.Add(-deliveredKept)) // the quota reads when a reply arrived
 	if failed("outbox", err) {
 		return
 	}

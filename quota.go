@@ -27,15 +27,10 @@ const (
 	eventWindow   = time.Minute
 )
 
-// onTheirWay is how long after it is recorded a reply may still reach
-// WeChat: the worker never tries a reply accepted 48 hours before
-// (Worker.WeChatWindow), and the hour beyond covers an attempt under way
-// then. A reply's row is recorded when its item is made: a held reply
-// released, or a dead letter sent again, moves to the end of the history.
-// It is also how long a delivered item is kept (Worker.prune): the count
-// reads when a reply reached WeChat for the 48 hours of the customer's
-// message after it.
-const onTheirWay = messageWindow + time.Hour
+// deliveredKept is how long a delivered item is kept (Worker.prune): the
+// count reads when a reply reached WeChat, which counts for the 48 hours of
+// the customer's message after it.
+const deliveredKept = messageWindow + time.Hour
 
 // allowance returns how many more customer-service messages WeChat takes
 // for openid, and whether any window is open at all, at now; grant names
@@ -74,30 +69,23 @@ func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now ti
 	// first item is made with it, or when it is released, never before:
 	// SQLite gives a pruned item's id to a new one.)
 	//
-	// A customer's history may be long, and the count reads only its recent
-	// end: prevIn is when their previous message was accepted, and a reply
-	// that counts reached WeChat after it or has yet to, so was recorded at
-	// most onTheirWay before it (or before now, later). floor is the
-	// customer's last message recorded before that: an inbound row's id and
-	// time never change, and ids grow with time.
-	var prevIn, floor int64
-	err = s.queryRow(ctx, tx, `SELECT p.at, COALESCE((SELECT id FROM messages WHERE openid = ? AND direction = 'in'
-			AND created_at < p.at - ? ORDER BY id DESC LIMIT 1), 0)
-		FROM (SELECT COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' AND id < ?
-			ORDER BY id DESC LIMIT 1), 0) AS at) p`,
-		openid, onTheirWay.Milliseconds(), openid, inID).Scan(&prevIn, &floor)
+	// prevIn is when their previous message was accepted, read once here
+	// rather than for each reply the count looks at.
+	var prevIn int64
+	err = s.queryRow(ctx, tx, `SELECT COALESCE((SELECT created_at FROM messages WHERE openid = ? AND direction = 'in' AND id < ?
+		ORDER BY id DESC LIMIT 1), 0)`, openid, inID).Scan(&prevIn)
 	if err != nil {
 		return 0, false, 0, time.Time{}, err
 	}
 	arrived := ""
-	args := []any{openid, floor, inID, grant, inID, "wx:" + openid}
+	args := []any{openid, inID, grant, inID, "wx:" + openid}
 	if grant > 0 {
 		arrived = ` OR o.state = ` + sqlDone + ` AND o.updated_at >= ? AND (o.updated_at >= ? OR m.parts > 1)`
 		args = append(args, prevIn, in-time.Second.Milliseconds())
 	}
 	var used int
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(SUM(m.parts), 0) FROM messages m WHERE m.openid = ? AND m.direction = 'out'
-		AND m.state = `+sqlQueued+` AND m.id > ? AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
+		AND m.state = `+sqlQueued+` AND (m.id > ? AND m.grant_of = ? OR m.id < ? AND EXISTS (SELECT 1 FROM outbox o
 			WHERE o.id = m.outbox_id AND o.lane = ? AND o.created_at >= m.created_at AND (o.state = `+sqlPending+arrived+`)))`,
 		args...).Scan(&used)
 	return max(quota-used, 0), true, grant, lastIn, err

@@ -289,16 +289,11 @@ func (w *Worker) complete(ctx context.Context, delivered <-chan OutboxItem, free
 
 // attempt calls the vendor for it within its claim, and returns the
 // outcome; made is false if the claim ran out first, the item left to a
-// newer one. An item that cannot be read, or a reply accepted 48 hours ago,
-// is not tried: its error is the outcome.
+// newer one. An item that cannot be read is not tried: its error is the
+// outcome.
 func (w *Worker) attempt(ctx context.Context, it OutboxItem) (made bool, err error) {
 	if it.Unreadable != nil {
 		return true, it.Unreadable
-	}
-	if it.Delivery.Kind == deliverWeChat && w.Now().Sub(it.CreatedAt) >= w.WeChatWindow {
-		// Not tried so late, after an outage of the bridge or a long wait:
-		// the quota counts only the replies younger (quota.go).
-		return true, permanentError{fmt.Errorf("not sent: accepted more than %s ago", w.WeChatWindow)}
 	}
 	// The attempt ends a tenth of a lease before its claim does, so that no
 	// other instance's claim of the item overlaps a call of this one, and
