@@ -129,11 +129,7 @@ func (c *console) runOn(ctx context.Context, ln net.Listener) error {
 
 // reset replaces the world by a new one, after the action under way.
 func (c *console) reset(ctx context.Context) error {
-	c.mu.Lock()
-	if c.stop != nil {
-		c.stop()
-	}
-	c.mu.Unlock()
+	c.interrupt()
 	c.act.Lock()
 	defer c.act.Unlock()
 	c.closeWorld()
@@ -177,14 +173,19 @@ func (c *console) reset(ctx context.Context) error {
 
 // shut ends the action under way and stops the world, for good.
 func (c *console) shut() {
-	c.mu.Lock()
-	if c.stop != nil {
-		c.stop()
-	}
-	c.mu.Unlock()
+	c.interrupt()
 	c.act.Lock()
 	defer c.act.Unlock()
 	c.closeWorld()
+}
+
+// interrupt ends the world's actions: the one under way returns soon.
+func (c *console) interrupt() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stop != nil {
+		c.stop()
+	}
 }
 
 // closeWorld stops the world. c.act is held.

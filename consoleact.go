@@ -5,12 +5,9 @@ package main
 // operator of both consoles: WeChat's encryption mode, IM failing.
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"image"
-	"image/png"
 	"net/http"
 	"strings"
 
@@ -46,11 +43,7 @@ var consoleActions = map[string]func(c *console, ctx context.Context, w *demoWor
 		return err
 	},
 	"picture": func(c *console, ctx context.Context, w *demoWorld, a consoleAction) error {
-		photo := samplePNG()
-		info := map[string]any{"Type": 1, "Size": len(photo), "Width": 4, "Height": 3, "URL": w.im.AddFile(photo, "image/png")}
-		elem := map[string]any{"MsgType": "TIMImageElem", "MsgContent": map[string]any{"UUID": "console", "ImageFormat": 3,
-			"ImageInfoArray": []any{info, info, info}}}
-		_, err := w.im.SendElemsAsAgent(ctx, a.Who, a.To, false, elem)
+		_, err := sendPicture(ctx, w.im, a.Who, a.To)
 		return err
 	},
 	"login": func(c *console, ctx context.Context, w *demoWorld, a consoleAction) error {
@@ -129,28 +122,4 @@ func answered(r fakes.CallbackResult) error {
 		return fmt.Errorf("%s: %w", r.Command, r.Err)
 	}
 	return nil
-}
-
-// samplePNG is the photo the demo's customer and agents send: 4×3 pixels.
-func samplePNG() []byte {
-	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
-	for i := range img.Pix {
-		img.Pix[i] = byte(60 * i)
-	}
-	var b bytes.Buffer
-	png.Encode(&b, img)
-	return b.Bytes()
-}
-
-// sampleAMR is an AMR-NB file of n frames of 20 ms (mode 12.2 kbit/s): a
-// voice note.
-func sampleAMR(n int) []byte {
-	b := []byte("#!AMR\n")
-	for i := range n {
-		frame := make([]byte, 32)
-		frame[0] = 7<<3 | 0x04
-		frame[1] = byte(i)
-		b = append(b, frame...)
-	}
-	return b
 }

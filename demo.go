@@ -258,13 +258,8 @@ func playForgery(ctx context.Context, client *http.Client, base string, cfg Conf
 func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, client *http.Client, customerIM string, say func(string)) error {
 	say("")
 	say("── 4. The customer sends a photo")
-	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
-	for i := range img.Pix {
-		img.Pix[i] = byte(60 * i)
-	}
-	var photo bytes.Buffer
-	png.Encode(&photo, img)
-	mediaID, picURL := wx.AddMedia(photo.Bytes(), "image/png")
+	photo := samplePNG()
+	mediaID, picURL := wx.AddMedia(photo, "image/png")
 	if r := wx.SendMessage(ctx, demoCustomer, "image", map[string]string{"PicUrl": picURL, "MediaId": mediaID}); r.Status != http.StatusOK {
 		return fmt.Errorf("demo: photo push got %d %q", r.Status, r.Body)
 	}
@@ -289,17 +284,14 @@ func playPhoto(ctx context.Context, wx *fakes.WeChat, im *fakes.IM, client *http
 	if err != nil {
 		return err
 	}
-	if !bytes.Equal(data, photo.Bytes()) {
+	if !bytes.Equal(data, photo) {
 		return errors.New("demo: the agent's client downloaded other bytes than the customer sent")
 	}
 	say(fmt.Sprintf("agent     → bridge    GET %s → %s, %d bytes: the customer's photo", strings.TrimPrefix(u, "http://"), ct, len(data)))
 
 	say("")
 	say("── 5. The agent sends a photo back")
-	info := map[string]any{"Type": 1, "Size": photo.Len(), "Width": 4, "Height": 3, "URL": im.AddFile(photo.Bytes(), "image/png")}
-	elem := map[string]any{"MsgType": "TIMImageElem", "MsgContent": map[string]any{"UUID": "demo", "ImageFormat": 3,
-		"ImageInfoArray": []any{info, info, info}}}
-	if _, err := im.SendElemsAsAgent(ctx, demoAgent, customerIM, false, elem); err != nil {
+	if _, err := sendPicture(ctx, im, demoAgent, customerIM); err != nil {
 		return err
 	}
 	return fakes.WaitFor(ctx, "the photo to reach the customer", func() bool {
@@ -391,6 +383,40 @@ func (w *demoWorld) delivered(ctx context.Context, openid, text string) bool {
 		}
 	}
 	return false
+}
+
+// samplePNG is the photo the demo's customer and agents send: 4×3 pixels.
+func samplePNG() []byte {
+	img := image.NewRGBA(image.Rect(0, 0, 4, 3))
+	for i := range img.Pix {
+		img.Pix[i] = byte(60 * i)
+	}
+	var b bytes.Buffer
+	png.Encode(&b, img)
+	return b.Bytes()
+}
+
+// sampleAMR is an AMR-NB file of n frames of 20 ms (mode 12.2 kbit/s): a
+// voice note.
+func sampleAMR(n int) []byte {
+	b := []byte("#!AMR\n")
+	for i := range n {
+		frame := make([]byte, 32)
+		frame[0] = 7<<3 | 0x04
+		frame[1] = byte(i)
+		b = append(b, frame...)
+	}
+	return b
+}
+
+// sendPicture sends the sample photo from agent to customerIM as an IM
+// client does: the file in IM's storage, a TIMImageElem naming it.
+func sendPicture(ctx context.Context, im *fakes.IM, agent, customerIM string) (fakes.Message, error) {
+	photo := samplePNG()
+	info := map[string]any{"Type": 1, "Size": len(photo), "Width": 4, "Height": 3, "URL": im.AddFile(photo, "image/png")}
+	elem := map[string]any{"MsgType": "TIMImageElem", "MsgContent": map[string]any{"UUID": "demo", "ImageFormat": 3,
+		"ImageInfoArray": []any{info, info, info}}}
+	return im.SendElemsAsAgent(ctx, agent, customerIM, false, elem)
 }
 
 // download fetches u as the agent's IM client does: its body, at most

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"strings"
 	"testing"
@@ -599,17 +600,9 @@ func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
 	// while the agent writes again, or before.
 	for _, settled := range []bool{false, true} {
 		t.Run(map[bool]string{false: "still on its way", true: "arrived since"}[settled], func(t *testing.T) {
-			clock := &fakeClock{now: time.Now()}
-			h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+			h, clock := quotaHarness(t, harnessOptions{})
 			ctx := context.Background()
-			h.wx.SendText(ctx, "c1", "question")
-			eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
-			eventually(t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
-			clock.Advance(2 * time.Second) // r0 reached WeChat well before what follows
-			h.wx.FailNextStatus(1, http.StatusBadGateway)
-			h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1") // on its way until the clock moves
-			h.eventuallyFirstRetry("r1's first attempt failed")
+			h.replyOnItsWay(clock)
 			h.wx.SendText(ctx, "c1", "and?")
 			if settled {
 				clock.Advance(2 * time.Second)
@@ -633,17 +626,9 @@ func TestQuotaCountsRepliesOnTheirWay(t *testing.T) {
 // The bridge holds the reply WeChat would refuse; WeChat refuses nothing.
 func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 	t.Run("queued before the previous message", func(t *testing.T) {
-		clock := &fakeClock{now: time.Now()}
-		h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+		h, clock := quotaHarness(t, harnessOptions{})
 		ctx := context.Background()
-		h.wx.SendText(ctx, "c1", "question")
-		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
-		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
-		eventually(t, "r0 in WeChat", func() bool { return len(h.sentTo("c1")) == 1 })
-		clock.Advance(2 * time.Second)
-		h.wx.FailNextStatus(1, http.StatusBadGateway)
-		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r1")
-		h.eventuallyFirstRetry("r1's first attempt failed")
+		h.replyOnItsWay(clock)
 		h.wx.SendText(ctx, "c1", "m1")                                          // r1 on its way
 		m2 := h.wx.MessageXML("c1", "text", map[string]string{"Content": "m2"}) // WeChat has m2 now
 		clock.Advance(1100 * time.Millisecond)
@@ -653,11 +638,8 @@ func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 		h.holdsRefusingNothing(clock, "r6")
 	})
 	t.Run("a held reply released", func(t *testing.T) {
-		clock := &fakeClock{now: time.Now()}
-		h := newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}})
+		h, clock := quotaHarness(t, harnessOptions{})
 		ctx := context.Background()
-		h.wx.SendText(ctx, "c1", "question")
-		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
 		h.agentReplies("c1", "r1", "r2", "r3", "r4", "r5", "r6")
 		h.eventuallyNotice("agent_kim", "c1", `this one goes then. "r6"`)
 		eventually(t, "five replies", func() bool { return len(h.sentTo("c1")) == 5 })
@@ -672,20 +654,16 @@ func TestQuotaCountsWhatReachesWeChatAfterAMessage(t *testing.T) {
 		h.holdsRefusingNothing(clock, "r11")
 	})
 	t.Run("the later parts of a long reply", func(t *testing.T) {
-		clock := &fakeClock{now: time.Now()}
 		var h *harness
 		parts := 0
-		h = newHarness(t, harnessOptions{clock: clock, env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"},
-			wechat: fakes.WeChatOptions{OnSend: func(m fakes.CustomMessage) {
-				if strings.HasPrefix(m.Text, "long") {
-					if parts++; parts == 1 {
-						h.wx.FailNextStatus(1, http.StatusBadGateway) // the second part's first attempt
-					}
+		h, clock := quotaHarness(t, harnessOptions{wechat: fakes.WeChatOptions{OnSend: func(m fakes.CustomMessage) {
+			if strings.HasPrefix(m.Text, "long") {
+				if parts++; parts == 1 {
+					h.wx.FailNextStatus(1, http.StatusBadGateway) // the second part's first attempt
 				}
-			}}})
+			}
+		}}})
 		ctx := context.Background()
-		h.wx.SendText(ctx, "c1", "question")
-		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "r0")
 		eventually(t, "r0 in WeChat", func() bool { return len(h.sentTo("c1")) == 1 })
 		h.im.SendAsAgent(ctx, "agent_kim", customerIM("c1"), "long "+strings.Repeat("word ", 1000)) // three parts
@@ -705,6 +683,32 @@ func (h *harness) eventuallyFirstRetry(what string) {
 	eventually(h.t, what, func() bool {
 		return strings.Contains(h.metricsText(), `bridge_deliveries_total{outcome="retry",target="wechat"} 1`)
 	})
+}
+
+// quotaHarness starts a harness with o on a clock the test moves, WeChat
+// retried each second of it, and customer c1's question with agent_kim.
+func quotaHarness(t *testing.T, o harnessOptions) (*harness, *fakeClock) {
+	t.Helper()
+	o.clock = &fakeClock{now: time.Now()}
+	env := map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s"}
+	maps.Copy(env, o.env)
+	o.env = env
+	h := newHarness(t, o)
+	h.wx.SendText(context.Background(), "c1", "question")
+	eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
+	return h, o.clock
+}
+
+// replyOnItsWay has agent_kim answer c1 twice: r0 reaches WeChat, and r1,
+// two seconds later, fails its first attempt and waits for the clock.
+func (h *harness) replyOnItsWay(clock *fakeClock) {
+	h.t.Helper()
+	h.agentReplies("c1", "r0")
+	eventually(h.t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
+	clock.Advance(2 * time.Second) // r0 reached WeChat well before what follows
+	h.wx.FailNextStatus(1, http.StatusBadGateway)
+	h.agentReplies("c1", "r1")
+	h.eventuallyFirstRetry("r1's first attempt failed")
 }
 
 // agentReplies sends agent_kim's replies to the customer openid, in order.
@@ -750,11 +754,8 @@ func TestPassiveRepliesSetEmpty(t *testing.T) {
 func TestRetriedDeadLetterCountsInTheQuota(t *testing.T) {
 	forStores(t, func(t *testing.T, pg bool) {
 		const token = "admin-token-value"
-		clock := &fakeClock{now: time.Now()}
-		h := newHarness(t, harnessOptions{postgres: pg, clock: clock, env: map[string]string{"ADMIN_TOKEN": token}})
+		h, clock := quotaHarness(t, harnessOptions{postgres: pg, env: map[string]string{"ADMIN_TOKEN": token}})
 		ctx := context.Background()
-		h.wx.SendText(ctx, "c1", "question")
-		eventually(t, "the question in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
 		h.wx.FailNext(1, 45015) // outside the window, as WeChat sees it: given up at once
 		h.agentReplies("c1", "r1")
 		var list []DeadLetter
@@ -793,12 +794,8 @@ func TestQuotaCountsAReplyThatArrivedLate(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forStores(t, func(t *testing.T, pg bool) {
-				clock := &fakeClock{now: time.Now()}
-				h := newHarness(t, harnessOptions{postgres: pg, clock: clock,
-					env: map[string]string{"RETRY_MIN_DELAY": "1s", "RETRY_MAX_DELAY": "1s", "SESSION_IDLE_TIMEOUT": "0"}})
+				h, clock := quotaHarness(t, harnessOptions{postgres: pg, env: map[string]string{"SESSION_IDLE_TIMEOUT": "0"}})
 				ctx := context.Background()
-				h.wx.SendText(ctx, "c1", "m1")
-				eventually(t, "m1 in IM", func() bool { return len(h.customerTexts("agent_kim", "c1")) == 1 })
 				h.wx.FailNextStatus(1000, http.StatusBadGateway)
 				h.agentReplies("c1", "r1")
 				h.eventuallyFirstRetry("r1's first attempt failed")

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -261,21 +262,7 @@ func TestDeferredReplyFollowsTheHistory(t *testing.T) {
 	if hold("c1", "im:later", "later") {
 		t.Error("a reply was held after recovery")
 	}
-	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane IN ('wx:c1', 'wx:c9') ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	var texts []string
-	for rows.Next() {
-		var raw string
-		var d Delivery
-		if err := rows.Scan(&raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
-			t.Fatal(err)
-		}
-		texts = append(texts, d.Text)
-	}
-	if got, want := strings.Join(texts, " | "),
+	if got, want := queuedTexts(t, st, "wx:c1", "wx:c9"),
 		"in the gap | held, in the history | in the history after it | held, sent after the read | earlier"; got != want {
 		t.Errorf("queued %q, want %q", got, want)
 	}
@@ -465,21 +452,7 @@ func TestRetakeWhileItsSweepReads(t *testing.T) {
 	if r.retaking() {
 		r.retakeAll(ctx)
 	}
-	rows, err := st.rdb.QueryContext(ctx, `SELECT delivery FROM outbox WHERE lane = 'wx:c1' ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	var texts []string
-	for rows.Next() {
-		var raw string
-		var d Delivery
-		if err := rows.Scan(&raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
-			t.Fatal(err)
-		}
-		texts = append(texts, d.Text)
-	}
-	if got, want := strings.Join(texts, " | "), "in the gap | live, callback failed"; got != want {
+	if got, want := queuedTexts(t, st, "wx:c1"), "in the gap | live, callback failed"; got != want {
 		t.Errorf("queued %q, want %q (retaking now: %v)", got, want, r.retaking())
 	}
 }
@@ -492,4 +465,27 @@ func testRecovery(st *Store, im *fakes.IM, client *http.Client, agents ...string
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), now: time.Now, agents: agents, userPrefix: "wx_",
 		im: &IMClient{Base: im.URL, SDKAppID: o.SDKAppID, SecretKey: o.SecretKey, Admin: o.Admin,
 			HTTP: client, SigLifetime: time.Hour, Now: time.Now}, minBackoff: time.Millisecond, maxBackoff: time.Millisecond}
+}
+
+// queuedTexts is the texts of the outbox's items in lanes, in order,
+// joined by " | ".
+func queuedTexts(t *testing.T, st *Store, lanes ...string) string {
+	t.Helper()
+	rows, err := st.rdb.QueryContext(context.Background(), `SELECT lane, delivery FROM outbox ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var texts []string
+	for rows.Next() {
+		var lane, raw string
+		var d Delivery
+		if err := rows.Scan(&lane, &raw); err != nil || json.Unmarshal([]byte(raw), &d) != nil {
+			t.Fatal(err)
+		}
+		if slices.Contains(lanes, lane) {
+			texts = append(texts, d.Text)
+		}
+	}
+	return strings.Join(texts, " | ")
 }
