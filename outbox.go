@@ -170,7 +170,7 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 		}
 		var id int64
 		err = s.queryRow(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
-			VALUES (?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM outbox WHERE lane = ? AND state = `+sqlPending+`) THEN 0 ELSE 1 END)
+			VALUES (?, ?, ?, ?, ?, CASE WHEN (`+lanePending("?")+`) IS NULL THEN 1 ELSE 0 END)
 			RETURNING id`, lane, string(b), ms, ms, ms, lane).Scan(&id)
 		return id, err
 	}
@@ -192,6 +192,15 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 	}
 	s.laneAdd(lane, id)
 	return id, nil
+}
+
+// lanePending is a query for 1 if the lane the expression lane names has a
+// pending item, NULL if not. A scalar subquery, not EXISTS: PostgreSQL may
+// turn an EXISTS into a hash of every pending item's lane, built at each
+// statement, which a plan made while the outbox was small keeps choosing
+// as it grows.
+func lanePending(lane string) string {
+	return `SELECT 1 FROM outbox p WHERE p.lane = ` + lane + ` AND p.state = ` + sqlPending + ` LIMIT 1`
 }
 
 // lockLane serializes, on PostgreSQL, the transactions that change which

@@ -199,20 +199,25 @@ func (s *Store) pickAgent(ctx context.Context, tx *sql.Tx) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return s.desk.pick(states), nil
+}
+
+// pick is pickAgent's choice among the agents' states.
+func (d *Desk) pick(states map[string]agentState) string {
 	best, bestState := "", agentState{}
-	for _, a := range s.desk.Agents {
+	for _, a := range d.Agents {
 		st, ok := states[a]
 		if !ok {
 			st.online = 1
 		}
-		if st.online == 0 || (s.desk.MaxOpen > 0 && st.open >= s.desk.MaxOpen) {
+		if st.online == 0 || (d.MaxOpen > 0 && st.open >= d.MaxOpen) {
 			continue
 		}
 		if best == "" || st.open < bestState.open || (st.open == bestState.open && st.assignedAt < bestState.assignedAt) {
 			best, bestState = a, st
 		}
 	}
-	return best, nil
+	return best
 }
 
 // maxDrain bounds the customers one transaction takes from the queue.

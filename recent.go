@@ -124,9 +124,15 @@ func (s *Store) loadRecent(ctx context.Context, window time.Duration, limit int,
 // errNoRecord is returned by recall for a digest that names no other push.
 var errNoRecord = errors.New("no push of this digest")
 
+// inSeenKeys, in the memory's place of an outbox row's id, says that the
+// push of the digest is recorded in seen_keys: no outbox row carries it
+// (an event, a message that waits for an agent).
+const inSeenKeys = -1
+
 // recall returns the record of the push whose key or signed query has
-// digest d, if the memory holds one.
-func (s *Store) recall(ctx context.Context, tx *sql.Tx, d uint64) (pushRecord, error) {
+// digest d, if the memory holds one: the row of in's key, or else of its
+// signed query, if the push is in seen_keys.
+func (s *Store) recall(ctx context.Context, tx *sql.Tx, d uint64, in Inbound) (pushRecord, error) {
 	id, ok := s.recent.cur[d]
 	if !ok {
 		if id, ok = s.recent.prev[d]; !ok {
@@ -134,7 +140,16 @@ func (s *Store) recall(ctx context.Context, tx *sql.Tx, d uint64) (pushRecord, e
 		}
 	}
 	var rec pushRecord
-	err := s.queryRow(ctx, tx, `SELECT push_key, push_sig, push_reply FROM outbox WHERE id = ?`, id).Scan(&rec.key, &rec.sig, &rec.reply)
+	var err error
+	if id == inSeenKeys {
+		err = s.queryRow(ctx, tx, `SELECT key, COALESCE(sig, ''), value FROM seen_keys WHERE key = ? OR sig = ?
+			ORDER BY key = ? DESC LIMIT 1`, in.Key, in.SigKey, in.Key).Scan(&rec.key, &rec.sig, &rec.reply)
+		if errors.Is(err, sql.ErrNoRows) {
+			return pushRecord{}, nil // the digest is another push's
+		}
+		return rec, err
+	}
+	err = s.queryRow(ctx, tx, `SELECT push_key, push_sig, push_reply FROM outbox WHERE id = ?`, id).Scan(&rec.key, &rec.sig, &rec.reply)
 	if errors.Is(err, sql.ErrNoRows) {
 		return pushRecord{}, errNoRecord
 	}
@@ -166,7 +181,7 @@ func (s *Store) claimPush(ctx context.Context, tx *sql.Tx, in Inbound, now time.
 	}
 	fits := len(r.cur)+len(r.prev)+rec.ndigests <= r.limit
 	for _, d := range rec.digests[:rec.ndigests] {
-		switch got, err := s.recall(ctx, tx, d); {
+		switch got, err := s.recall(ctx, tx, d, in); {
 		case errors.Is(err, errNoRecord):
 		case err != nil:
 			return nil, "", false, err
@@ -187,7 +202,8 @@ func (s *Store) claimPush(ctx context.Context, tx *sql.Tx, in Inbound, now time.
 	return rec, "", false, nil
 }
 
-// remember records that outbox row id carries rec.
+// remember records that outbox row id carries rec, or that seen_keys
+// does (id inSeenKeys).
 func (s *Store) remember(rec *pushRecord, id int64) {
 	r := s.recent
 	for _, d := range rec.digests[:rec.ndigests] {

@@ -288,3 +288,41 @@ func TestRetryInThePushsTransaction(t *testing.T) {
 		t.Errorf("the replay got %v, want %v", replay, errReplay)
 	}
 }
+
+// TestRetryOfAPushNoItemCarries: WeChat's retry of a push that no outbox
+// row carries (a message waiting for an agent, a menu click), with another
+// signed query, is a duplicate: the memory finds it in seen_keys.
+func TestRetryOfAPushNoItemCarries(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			st := openTestStore(t, kind)
+			st.SetDesk(&Desk{Agents: []string{"a1"}, UserPrefix: "wx_", MaxOpen: 1})
+			ctx, now := context.Background(), time.Now()
+			if _, err := st.AcceptPush(ctx, message("k0", "o0", "served"), now); err != nil {
+				t.Fatal(err)
+			}
+			click := message("k-click", "o1", "")
+			click.Action = actEvent
+			for _, in := range []Inbound{message("k1", "o1", "waiting"), click} {
+				var accs [2]Accepted
+				for i := range accs {
+					in.SigKey = fmt.Sprintf("sig%d-%s", i, in.Key)
+					var err error
+					if accs[i], err = st.AcceptPush(ctx, in, now); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if accs[0].Duplicate || !accs[1].Duplicate || accs[1].Reply != accs[0].Reply {
+					t.Errorf("%s and its retry were answered %+v and %+v, want the second a duplicate of the first", in.Key, accs[0], accs[1])
+				}
+			}
+			var n int
+			if err := st.rdb.QueryRow(`SELECT COUNT(*) FROM messages WHERE openid = 'o1'`).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			if n != 1 {
+				t.Errorf("the waiting message is recorded %d times, want once", n)
+			}
+		})
+	}
+}

@@ -29,6 +29,7 @@ type Store struct {
 
 	stmts     sync.Map     // SQLite: query → *sql.Stmt (prepared.go)
 	commit    *groupCommit // SQLite: its writer (commit.go); nil on PostgreSQL
+	pushes    *pgPushes    // PostgreSQL: the writer of pushes (pgpush.go); nil on SQLite
 	closeOnce sync.Once
 	owned     *os.File // SQLite: the database file, locked while this store has it (ownSQLite)
 	// SQLite: the pending items of each lane, in order, as committed, and
@@ -135,7 +136,9 @@ func openStore(ctx context.Context, databaseURL string, opts storeOptions) (*Sto
 		}
 		return nil, fmt.Errorf("open store: apply schema: %w", err)
 	}
-	if !s.postgres {
+	if s.postgres {
+		s.pushes = newPGPushes(s)
+	} else {
 		s.commit = newGroupCommit(s.db, s.settle, harmless)
 		if err := s.cleanMediaDir(ctx); err != nil {
 			s.Close()
@@ -152,6 +155,9 @@ func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		if s.commit != nil {
 			s.commit.close()
+		}
+		if s.pushes != nil {
+			s.pushes.close()
 		}
 		if s.rdb != s.db {
 			s.rdb.Close()
@@ -237,9 +243,15 @@ var errReplay = errors.New("signed query already used for another push")
 // reply. The push's signed query is bound to its key: the same query
 // carrying another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
-	acc, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
-		return s.acceptPush(ctx, tx, in, now)
-	})
+	var acc Accepted
+	var err error
+	if s.pushes != nil {
+		acc, err = s.pushes.accept(ctx, in, now) // pgpush.go
+	} else {
+		acc, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
+			return s.acceptPush(ctx, tx, in, now)
+		})
+	}
 	if err != nil {
 		return Accepted{}, fmt.Errorf("accept push: %w", err)
 	}
@@ -274,10 +286,12 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 		return Accepted{}, err
 	}
 	if rec != nil && !carried {
-		// No outbox row carries the push: its key goes to seen_keys.
+		// No outbox row carries the push: its key goes to seen_keys, where
+		// the memory finds it (recent.go).
 		if _, _, err = s.claimKey(ctx, tx, in.Key, in.SigKey, now); err != nil {
 			return Accepted{}, err
 		}
+		s.remember(rec, inSeenKeys)
 		rec = nil
 	}
 	if rec == nil && acc.Reply != replyNone {

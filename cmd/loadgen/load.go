@@ -228,6 +228,7 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	ps := &pushers{
 		addrs: t.fleet.addrs, token: wo.Token, oa: wo.OAID, conns: t.o.conns, customers: t.o.customers, resend: t.o.chaos,
 		stop: stop, giveUp: stop.Add(30 * time.Second),
+		msgIDs: 6_000_000_000_000_000_000 + time.Now().UnixMilli()%1_000_000_000_000*1_000_000,
 	}
 	serving := make(chan struct{})
 	close(serving)

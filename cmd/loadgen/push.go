@@ -19,6 +19,10 @@ type pushers struct {
 	conns, customers int
 	resend           bool      // send a push left without an answer again (-chaos)
 	stop, giveUp     time.Time // when to push no more; when to stop resending
+	// msgIDs is added to each push's number for its MsgId: one of its own
+	// a run, so that a run on a database an earlier one used carries new
+	// messages, not that run's again.
+	msgIDs int64
 
 	seq, nonces atomic.Int64
 	failures    atomic.Int64 // pushes never answered 200
@@ -41,7 +45,7 @@ func (ps *pushers) run(ctx context.Context, c int) (waits []time.Duration, got [
 		created := strconv.FormatInt(time.Now().Unix(), 10)
 		body := fmt.Sprintf("<xml><ToUserName><![CDATA[%s]]></ToUserName><FromUserName><![CDATA[%s]]></FromUserName>"+
 			"<CreateTime>%s</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[load %d]]></Content><MsgId>%d</MsgId></xml>",
-			ps.oa, openid, created, n, 6000000000000000000+n)
+			ps.oa, openid, created, n, ps.msgIDs+n)
 		// WeChat signs each attempt anew; the body, and so the push's key,
 		// stays the same. Any attempt may be the one committed, so the push
 		// counts as sent from the first.

@@ -1,0 +1,408 @@
+package main
+
+// One batch of pushes in one PostgreSQL transaction (pgpush.go): the
+// statements that take every push of the batch at once, each round trip a
+// pipeline. The batch takes a customer's messages if it can take them all
+// as AcceptPush's write would, and leaves the customer's pushes alone
+// otherwise:
+//
+//   - the customer's open conversation has an agent, and no reply is held
+//     for them: the messages join it;
+//   - the customer has no open conversation, no reply held and no rating
+//     asked (or is new to the bridge, who is then recorded and their IM
+//     account imported), the desk is open, nobody waits and an agent is
+//     free: the first message opens a conversation with that agent, as
+//     startConversation would, and the others join it.
+//
+// Anything else (an event, a follow, a key seen before, a customer who
+// waits, a rating, a held reply) is AcceptPush's alone.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// batchPush is a push the batch may take, and the outbox items its
+// message takes.
+type batchPush struct {
+	op    pushOp
+	parts int
+}
+
+// customerRow is what the batch reads of a known customer.
+type customerRow struct {
+	held       int
+	ratingConv int64
+}
+
+// batchConv is a customer's open conversation, as the batch finds or opens
+// it.
+type batchConv struct {
+	id     int64
+	agent  string
+	opened bool // the batch opens it
+}
+
+// pgBatch is one batch's transaction on c.
+type pgBatch struct {
+	s     *Store
+	c     *pgx.Conn
+	cands []batchPush
+
+	// Read in the first round trip: the keys the batch claimed, the
+	// customers it holds, their open conversations, and ids for the
+	// outbox items it may add.
+	claimed   map[string]bool
+	customers map[string]customerRow
+	convs     map[string]batchConv
+	itemIDs   []int64
+}
+
+// take runs the batch's transaction and returns, for each candidate, how
+// it was accepted, or nil if it was left alone. If it takes no candidate
+// it rolls back; if it fails, the caller rolls back.
+func (b *pgBatch) take(ctx context.Context) ([]*Accepted, error) {
+	if err := b.read(ctx); err != nil {
+		return nil, err
+	}
+	taking := map[string]bool{}
+	var opening []string // customers whose first message opens a conversation, in the batch's order
+	keys := map[string]bool{}
+	for _, bp := range b.cands {
+		o, key := bp.op.in.OpenID, bp.op.in.Key
+		// A key twice in the batch (WeChat's retry beside the push) is
+		// claimed once, by either: the customer is left alone, where the
+		// second finds the first.
+		claimed := b.claimed[key] && !keys[key]
+		keys[key] = true
+		if _, seen := taking[o]; seen {
+			if !claimed {
+				taking[o] = false
+			}
+			continue
+		}
+		cust, known := b.customers[o]
+		conv, open := b.convs[o]
+		switch {
+		case !claimed || cust.held != 0:
+			taking[o] = false
+		case open:
+			taking[o] = conv.agent != ""
+		default:
+			taking[o] = !known || cust.ratingConv == 0
+			if taking[o] {
+				opening = append(opening, o)
+			}
+		}
+	}
+	var load map[string]int // conversations the batch gives each agent
+	if len(opening) > 0 {
+		var err error
+		if load, err = b.open(ctx, opening, taking); err != nil {
+			return nil, err
+		}
+	}
+	return b.write(ctx, taking, load)
+}
+
+// read is the first round trip: it begins the transaction, claims the
+// candidates' keys (in key order: two batches wait for each other's keys
+// in one order), holds their customers (in openid order) and reads their
+// open conversations once held.
+func (b *pgBatch) read(ctx context.Context) error {
+	n := len(b.cands)
+	keys, sigs, openids := make([]string, n), make([]string, n), make([]string, n)
+	ats := make([]int64, n)
+	items := 0
+	for i, bp := range b.cands {
+		in := bp.op.in
+		keys[i], sigs[i], openids[i], ats[i] = in.Key, in.SigKey, in.OpenID, bp.op.now.UnixMilli()
+		items += bp.parts + 1 // room for an import
+	}
+	var q pgx.Batch
+	q.Queue(`BEGIN`)
+	q.Queue(`INSERT INTO seen_keys (key, sig, received_at)
+		SELECT k, NULLIF(s, ''), at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(k, s, at) ORDER BY k
+		ON CONFLICT DO NOTHING RETURNING key`, keys, sigs, ats)
+	q.Queue(`SELECT openid, held, rating_conv FROM customers WHERE openid = ANY($1) ORDER BY openid FOR UPDATE`, openids)
+	// Runs after the customers are held: it reads their conversations as
+	// the transactions that held them before left them.
+	q.Queue(`SELECT openid, id, agent FROM conversations WHERE openid = ANY($1) AND closed_at IS NULL`, openids)
+	q.Queue(`SELECT nextval('outbox_id_seq') FROM generate_series(1, $1)`, items)
+	b.claimed, b.customers, b.convs = map[string]bool{}, map[string]customerRow{}, map[string]batchConv{}
+	return sendBatch(ctx, b.c, &q, skip, rowsOf(func(r pgx.Rows) error {
+		var k string
+		err := r.Scan(&k)
+		b.claimed[k] = true
+		return err
+	}), rowsOf(func(r pgx.Rows) error {
+		var o string
+		var c customerRow
+		err := r.Scan(&o, &c.held, &c.ratingConv)
+		b.customers[o] = c
+		return err
+	}), rowsOf(func(r pgx.Rows) error {
+		var o string
+		var c batchConv
+		err := r.Scan(&o, &c.id, &c.agent)
+		b.convs[o] = c
+		return err
+	}), rowsOf(func(r pgx.Rows) error {
+		var id int64
+		err := r.Scan(&id)
+		b.itemIDs = append(b.itemIDs, id)
+		return err
+	}))
+}
+
+// open is the second round trip, for the customers whose first message
+// opens a conversation: it holds the desk, reads the queue and the agents,
+// and gives each customer, in turn, the agent pickAgent would, while the
+// desk is open, nobody waits and an agent is free. A customer it gives
+// none is left alone. It returns the conversations it gave each agent.
+func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]bool) (map[string]int, error) {
+	var q pgx.Batch
+	q.Queue(`SELECT pg_advisory_xact_lock(hashtext('desk'))`)
+	q.Queue(`SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`)
+	q.Queue(`SELECT agent, open, online, assigned_at FROM agent_load`)
+	q.Queue(`SELECT nextval('conversations_id_seq') FROM generate_series(1, $1)`, len(opening))
+	var waiting int
+	states := map[string]agentState{}
+	var ids []int64
+	err := sendBatch(ctx, b.c, &q, skip, func(br pgx.BatchResults) error {
+		return br.QueryRow().Scan(&waiting)
+	}, rowsOf(func(r pgx.Rows) error {
+		var a string
+		var st agentState
+		err := r.Scan(&a, &st.open, &st.online, &st.assignedAt)
+		states[a] = st
+		return err
+	}), rowsOf(func(r pgx.Rows) error {
+		var id int64
+		err := r.Scan(&id)
+		ids = append(ids, id)
+		return err
+	}))
+	if err != nil {
+		return nil, err
+	}
+	first := map[string]time.Time{}
+	for _, bp := range b.cands {
+		if _, ok := first[bp.op.in.OpenID]; !ok {
+			first[bp.op.in.OpenID] = bp.op.now
+		}
+	}
+	load := map[string]int{}
+	for i, o := range opening {
+		if !taking[o] { // a later push of theirs was seen before
+			continue
+		}
+		now := first[o]
+		agent := ""
+		if waiting == 0 && b.s.desk.Hours.Open(now) {
+			agent = b.s.desk.pick(states)
+		}
+		if agent == "" {
+			taking[o] = false
+			continue
+		}
+		st, ok := states[agent]
+		if !ok {
+			st.online = 1
+		}
+		st.open++
+		st.assignedAt = now.UnixMilli()
+		states[agent] = st
+		load[agent]++
+		b.convs[o] = batchConv{id: ids[i], agent: agent, opened: true}
+	}
+	return load, nil
+}
+
+// batchRows are the rows the batch adds, a column a slice.
+type batchRows struct {
+	unclaim                         []string // keys of the customers left alone
+	custOpenids                     []string // customers new to the bridge
+	custAts                         []int64
+	convIDs                         []int64 // conversations opened
+	convOpenids, convAgents         []string
+	convAts                         []int64
+	loadAgents                      []string // conversations given each agent
+	loadCounts                      []int32
+	loadAts                         []int64
+	lanes                           []string // the lanes the batch adds to
+	itemIDs                         []int64  // outbox items
+	itemLanes, itemDeliveries       []string
+	itemAts                         []int64
+	itemFirst                       []bool  // first of its lane in the batch
+	msgConvs, msgFirstItems, msgAts []int64 // the customers' messages
+	msgOpenids, msgAgents, msgTexts []string
+	msgParts                        []int32
+	connectingKeys                  []string // pushes answered "connecting"
+}
+
+// write is the last round trip: it adds what the batch takes and commits,
+// or rolls back if it takes nothing.
+func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[string]int) ([]*Accepted, error) {
+	var r batchRows
+	accs := make([]*Accepted, len(b.cands))
+	next := 0 // the next free item id
+	laneSeen := map[string]bool{}
+	addItem := func(d Delivery, now time.Time) error {
+		js, err := json.Marshal(d)
+		if err != nil {
+			return err
+		}
+		lane := d.lane()
+		r.itemFirst = append(r.itemFirst, !laneSeen[lane])
+		if !laneSeen[lane] {
+			laneSeen[lane] = true
+			r.lanes = append(r.lanes, lane)
+		}
+		r.itemIDs = append(r.itemIDs, b.itemIDs[next])
+		next++
+		r.itemLanes = append(r.itemLanes, lane)
+		r.itemDeliveries = append(r.itemDeliveries, string(js))
+		r.itemAts = append(r.itemAts, now.UnixMilli())
+		return nil
+	}
+	started := map[string]bool{}
+	for i, bp := range b.cands {
+		in, now := bp.op.in, bp.op.now
+		ms := now.UnixMilli()
+		if !taking[in.OpenID] {
+			if b.claimed[in.Key] {
+				r.unclaim = append(r.unclaim, in.Key)
+			}
+			continue
+		}
+		conv := b.convs[in.OpenID]
+		acc := &Accepted{}
+		if conv.opened && !started[in.OpenID] {
+			started[in.OpenID] = true
+			if _, known := b.customers[in.OpenID]; !known {
+				r.custOpenids, r.custAts = append(r.custOpenids, in.OpenID), append(r.custAts, ms)
+				if err := addItem(Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
+					return nil, err
+				}
+			}
+			r.convIDs, r.convOpenids, r.convAgents = append(r.convIDs, conv.id), append(r.convOpenids, in.OpenID), append(r.convAgents, conv.agent)
+			r.convAts = append(r.convAts, ms)
+			acc.Reply, acc.Assigned = replyConnecting, []Assignment{{OpenID: in.OpenID, Agent: conv.agent}}
+			r.connectingKeys = append(r.connectingKeys, in.Key)
+		}
+		d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: conv.agent, Text: in.Text, Elems: in.Elems,
+			Media: in.Media, MsgRandom: in.NewRandom(), Conv: conv.id}
+		parts := d.parts()
+		if parts == nil {
+			parts = []Delivery{d}
+		}
+		r.msgFirstItems = append(r.msgFirstItems, b.itemIDs[next])
+		for _, p := range parts {
+			if err := addItem(p, now); err != nil {
+				return nil, err
+			}
+		}
+		r.msgConvs, r.msgOpenids, r.msgAgents = append(r.msgConvs, conv.id), append(r.msgOpenids, in.OpenID), append(r.msgAgents, conv.agent)
+		r.msgTexts, r.msgParts, r.msgAts = append(r.msgTexts, in.Text), append(r.msgParts, int32(len(parts))), append(r.msgAts, ms)
+		accs[i] = acc
+	}
+	for agent, n := range load {
+		r.loadAgents, r.loadCounts = append(r.loadAgents, agent), append(r.loadCounts, int32(n))
+		at := int64(0)
+		for i, a := range r.convAgents {
+			if a == agent {
+				at = r.convAts[i]
+			}
+		}
+		r.loadAts = append(r.loadAts, at)
+	}
+	if len(r.msgConvs) == 0 {
+		_, err := b.c.Exec(ctx, `ROLLBACK`)
+		return accs, err
+	}
+	q := r.statements()
+	reads := make([]func(pgx.BatchResults) error, q.Len())
+	for i := range reads {
+		reads[i] = skip
+	}
+	return accs, sendBatch(ctx, b.c, q, reads...)
+}
+
+// statements are the batch's last round trip: its rows added, the lock
+// order kept (the desk, held already, before the lanes), and COMMIT.
+func (r *batchRows) statements() *pgx.Batch {
+	var q pgx.Batch
+	if len(r.unclaim) > 0 {
+		q.Queue(`DELETE FROM seen_keys WHERE key = ANY($1)`, r.unclaim)
+	}
+	if len(r.custOpenids) > 0 {
+		q.Queue(`INSERT INTO customers (openid, followed, created_at) SELECT o, 1, at FROM unnest($1::text[], $2::bigint[]) AS t(o, at)`,
+			r.custOpenids, r.custAts)
+	}
+	if len(r.convIDs) > 0 {
+		q.Queue(`INSERT INTO conversations (id, openid, agent, opened_at, queued_at, assigned_at)
+			SELECT id, o, a, at, 0, at FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(id, o, a, at)`,
+			r.convIDs, r.convOpenids, r.convAgents, r.convAts)
+		q.Queue(`INSERT INTO agent_load (agent, open, assigned_at) SELECT a, n, at FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS t(a, n, at)
+			ON CONFLICT (agent) DO UPDATE SET open = agent_load.open + excluded.open, assigned_at = excluded.assigned_at`,
+			r.loadAgents, r.loadCounts, r.loadAts)
+		q.Queue(`UPDATE seen_keys SET value = $1 WHERE key = ANY($2)`, replyConnecting, r.connectingKeys)
+	}
+	q.Queue(`SELECT pg_advisory_xact_lock(h) FROM
+		(SELECT DISTINCT hashtext(l) AS h FROM unnest($1::text[]) AS l ORDER BY 1) AS lanes`, r.lanes)
+	// An item heads its lane if the lane has no pending item and no item
+	// of the batch comes before it: the statement does not see the rows it
+	// adds.
+	q.Queue(`INSERT INTO outbox (id, lane, delivery, next_at, created_at, updated_at, head)
+		SELECT id, lane, delivery, at, at, at, CASE WHEN first AND (`+lanePending("t.lane")+`) IS NULL THEN 1 ELSE 0 END
+		FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::boolean[]) AS t(id, lane, delivery, at, first)`,
+		r.itemIDs, r.itemLanes, r.itemDeliveries, r.itemAts, r.itemFirst)
+	q.Queue(`INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+		SELECT conv, o, 'in', a, text, parts, $8, item, '', at, 0
+		FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[], $7::bigint[])
+			AS t(conv, o, a, text, parts, item, at)`,
+		r.msgConvs, r.msgOpenids, r.msgAgents, r.msgTexts, r.msgParts, r.msgFirstItems, r.msgAts, string(stateQueued))
+	q.Queue(`COMMIT`)
+	return &q
+}
+
+// sendBatch sends q to PostgreSQL as one pipeline and reads its results,
+// one a statement, with read, in turn, until one fails.
+func sendBatch(ctx context.Context, c *pgx.Conn, q *pgx.Batch, read ...func(pgx.BatchResults) error) error {
+	br := c.SendBatch(ctx, q)
+	var err error
+	for _, r := range read {
+		if err = r(br); err != nil {
+			break
+		}
+	}
+	return errors.Join(err, br.Close())
+}
+
+// skip reads a statement's result for its error alone.
+func skip(br pgx.BatchResults) error {
+	_, err := br.Exec()
+	return err
+}
+
+// rowsOf reads a query's rows with scan.
+func rowsOf(scan func(pgx.Rows) error) func(pgx.BatchResults) error {
+	return func(br pgx.BatchResults) error {
+		rows, err := br.Query()
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			if err := scan(rows); err != nil {
+				return err
+			}
+		}
+		return rows.Err()
+	}
+}

@@ -1,0 +1,215 @@
+package main
+
+// Group commit for PostgreSQL's pushes. One goroutine an instance takes the
+// pushes that wait, many to a transaction, and accepts the messages of the
+// common case (a known customer's to their agent, or a first one that
+// opens a conversation with a free agent) in two or three round trips for
+// the whole batch, each a pipeline of statements that take every push of
+// the batch at once (pgbatch.go). A push taken alone costs a round trip a
+// statement, and round trips, not PostgreSQL's work, bound it
+// (docs/SPEED.md). Every other push, and every push of a customer with one
+// such in the batch, is accepted alone by AcceptPush's write once the
+// batch has committed, each customer's in order, the customers at once.
+//
+// The batch keeps the lock order (db.go): it claims its keys before its
+// customers, holds its customers in openid order, then the desk, then
+// their IM lanes in the order of their lock keys; so two instances'
+// batches may wait for each other, never in a ring.
+
+import (
+	"context"
+	"database/sql"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+// pushOp is a push waiting for the writer, and where its answer goes.
+type pushOp struct {
+	in   Inbound
+	now  time.Time
+	done chan pushResult
+}
+
+// pushResult is how a push was accepted.
+type pushResult struct {
+	acc Accepted
+	err error
+}
+
+// pgPushes is PostgreSQL's writer of pushes.
+type pgPushes struct {
+	s    *Store
+	ops  chan pushOp
+	stop chan struct{}
+	done chan struct{}
+
+	// alone holds, for each customer whose pushes are taken alone, those
+	// not yet taken, in order; a chain goroutine takes them, one after
+	// the other, and deletes the customer when none is left. Until then
+	// the customer's new pushes join it: they come after.
+	mu     sync.Mutex
+	alone  map[string][]pushOp
+	chains sync.WaitGroup
+
+	batched atomic.Int64 // pushes committed in a batch with others (the tests read it)
+}
+
+// newPGPushes starts the writer of s's pushes.
+func newPGPushes(s *Store) *pgPushes {
+	p := &pgPushes{s: s, ops: make(chan pushOp), stop: make(chan struct{}), done: make(chan struct{}),
+		alone: map[string][]pushOp{}}
+	go p.run()
+	return p
+}
+
+// close stops the writer once every push given to it is answered.
+func (p *pgPushes) close() {
+	close(p.stop)
+	<-p.done
+	p.chains.Wait()
+}
+
+// accept returns how in was accepted, once what it asked for is committed.
+func (p *pgPushes) accept(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
+	op := pushOp{in: in, now: now, done: make(chan pushResult, 1)}
+	select {
+	case p.ops <- op:
+	case <-p.stop:
+		return Accepted{}, errStoreClosed
+	case <-ctx.Done():
+		return Accepted{}, ctx.Err()
+	}
+	r := <-op.done
+	return r.acc, r.err
+}
+
+// run accepts the pushes that arrive, batching those that wait while a
+// batch is taken, until close.
+func (p *pgPushes) run() {
+	defer close(p.done)
+	for {
+		var first pushOp
+		select {
+		case first = <-p.ops:
+		case <-p.stop:
+			return
+		}
+		p.take(gather(first, p.ops, maxBatch))
+	}
+}
+
+// take accepts the batch: the common pushes together, the others alone,
+// each customer's in order, and the customers at once. A customer whose
+// pushes are being taken alone has the batch's taken alone too, after
+// them. Writes run with a context that is never cancelled: one caller
+// giving up must not fail the others.
+func (p *pgPushes) take(batch []pushOp) {
+	ctx := context.Background()
+	var cands []pushOp
+	p.mu.Lock()
+	for _, op := range batch {
+		if q, busy := p.alone[op.in.OpenID]; busy {
+			p.alone[op.in.OpenID] = append(q, op)
+		} else {
+			cands = append(cands, op)
+		}
+	}
+	p.mu.Unlock()
+	taken := p.together(ctx, cands)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, op := range cands {
+		if taken[i] != nil {
+			op.done <- pushResult{acc: *taken[i]}
+			continue
+		}
+		q, busy := p.alone[op.in.OpenID]
+		p.alone[op.in.OpenID] = append(q, op)
+		if !busy {
+			p.chains.Add(1)
+			go p.chain(ctx, op.in.OpenID)
+		}
+	}
+}
+
+// chain takes the customer's pushes alone, in order, until none is left.
+func (p *pgPushes) chain(ctx context.Context, openid string) {
+	defer p.chains.Done()
+	for {
+		p.mu.Lock()
+		q := p.alone[openid]
+		if len(q) == 0 {
+			delete(p.alone, openid)
+			p.mu.Unlock()
+			return
+		}
+		op := q[0]
+		p.alone[openid] = q[1:]
+		p.mu.Unlock()
+		acc, err := write(ctx, p.s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
+			return p.s.acceptPush(ctx, tx, op.in, op.now)
+		})
+		op.done <- pushResult{acc, err}
+	}
+}
+
+// together commits, in one transaction, the batch's pushes that it can
+// take at once (pgbatch.go), and returns how each was accepted, or nil for
+// those it left alone. It takes none if the transaction fails: each push is
+// then taken alone, which tells its error.
+func (p *pgPushes) together(ctx context.Context, batch []pushOp) []*Accepted {
+	taken := make([]*Accepted, len(batch))
+	others := map[string]bool{} // customers with a push other than a message
+	for _, op := range batch {
+		if op.in.Action != actMessage {
+			others[op.in.OpenID] = true
+		}
+	}
+	var cands []batchPush
+	var candOf []int // each candidate's place in the batch
+	for i, op := range batch {
+		if !others[op.in.OpenID] {
+			d := Delivery{Kind: deliverIMSend, Text: op.in.Text, Elems: op.in.Elems}
+			cands = append(cands, batchPush{op: op, parts: max(len(d.parts()), 1)})
+			candOf = append(candOf, i)
+		}
+	}
+	if len(cands) == 0 {
+		return taken
+	}
+	// A connection of the pool's a batch, not one kept: the chains need
+	// them too, and DATABASE_MAX_CONNS may be 1.
+	conn, err := p.s.db.Conn(ctx)
+	if err != nil {
+		return taken
+	}
+	defer conn.Close()
+	var accs []*Accepted
+	err = conn.Raw(func(dc any) error {
+		c := dc.(*stdlib.Conn).Conn()
+		var err error
+		accs, err = (&pgBatch{s: p.s, c: c, cands: cands}).take(ctx)
+		if err != nil && c.PgConn().TxStatus() != 'I' {
+			if _, rerr := c.Exec(ctx, "ROLLBACK"); rerr != nil {
+				c.Close(ctx) // the pool drops it
+			}
+		}
+		return err
+	})
+	if err != nil {
+		return taken
+	}
+	n := 0
+	for j, acc := range accs {
+		if taken[candOf[j]] = acc; acc != nil {
+			n++
+		}
+	}
+	if n > 1 {
+		p.batched.Add(int64(n))
+	}
+	return taken
+}

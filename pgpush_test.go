@@ -1,0 +1,185 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestPushesTakenTogether: customers write at once, some pushes beside
+// WeChat's retry of them, some with an event between their messages, more
+// customers than the agents have places; on PostgreSQL many pushes commit
+// in one transaction. Whatever was taken together or alone, each customer's
+// messages are recorded once, in order, and queued to IM once, in order;
+// each lane with pending items has one head, its first; the push and its
+// retry get one answer; every customer has one open conversation, and each
+// agent's count of them is what it holds, within the cap.
+func TestPushesTakenTogether(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			st := openTestStore(t, kind)
+			st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_", MaxOpen: 3})
+			const customers, each = 12, 6
+			sent := writeAtOnce(t, st, customers, each)
+
+			db := st.rdb
+			for c := range customers {
+				o := fmt.Sprintf("o%02d", c)
+				if got := columnOf(t, db, `SELECT text FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id`, o, st); !slices.Equal(got, sent[o]) {
+					t.Errorf("%s's history reads %q, want %q", o, got, sent[o])
+				}
+				var toIM []string
+				for _, raw := range columnOf(t, db, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:"+o, st) {
+					var d Delivery
+					if err := json.Unmarshal([]byte(raw), &d); err != nil {
+						t.Fatal(err)
+					}
+					if d.Kind == deliverIMSend {
+						toIM = append(toIM, d.Text)
+					}
+				}
+				var agent string
+				if err := db.QueryRow(st.q(`SELECT agent FROM conversations WHERE openid = ? AND closed_at IS NULL`), o).Scan(&agent); err != nil {
+					t.Fatal(err)
+				}
+				if agent == "" {
+					toIM = append(toIM, sent[o]...) // they wait: their messages stay in the history
+				}
+				if !slices.Equal(toIM, sent[o]) {
+					t.Errorf("%s's messages queued to IM: %q, want %q", o, toIM, sent[o])
+				}
+			}
+			if kind == "postgres" {
+				checkHeads(t, db)
+				if st.pushes.batched.Load() == 0 {
+					t.Error("no push was committed together with another")
+				}
+			}
+			checkDeskCounts(t, db, st, customers, 3)
+		})
+	}
+}
+
+// writeAtOnce has the customers write at once, every third push sent
+// twice at once (the second with another signed query, as WeChat's retry),
+// and checks that the two got one answer. It returns the texts each customer
+// sent, in order.
+func writeAtOnce(t *testing.T, st *Store, customers, each int) map[string][]string {
+	ctx := context.Background()
+	start := make(chan struct{})
+	var mu sync.Mutex
+	sent := map[string][]string{}
+	var wg sync.WaitGroup
+	for c := range customers {
+		wg.Go(func() {
+			<-start
+			o := fmt.Sprintf("o%02d", c)
+			for i := range each {
+				in := message(fmt.Sprintf("k%02d-%d", c, i), o, fmt.Sprintf("c%d m%d", c, i))
+				if c%4 == 1 && i == 2 {
+					in.Action, in.Text = actEvent, "" // a menu click: taken alone, with what follows
+				}
+				sends := 1
+				if i%3 == 0 {
+					sends = 2
+				}
+				var accs [2]Accepted
+				var inner sync.WaitGroup
+				for r := range sends {
+					inner.Go(func() {
+						in := in
+						in.SigKey = fmt.Sprintf("sig%d-%s", r, in.Key)
+						var err error
+						if accs[r], err = st.AcceptPush(ctx, in, time.Now()); err != nil {
+							t.Error(err)
+						}
+					})
+				}
+				inner.Wait()
+				if sends == 2 && (accs[0].Duplicate == accs[1].Duplicate || accs[0].Reply != accs[1].Reply) {
+					t.Errorf("%s and its retry were answered %+v and %+v", in.Key, accs[0], accs[1])
+				}
+				if in.Action == actMessage {
+					mu.Lock()
+					sent[o] = append(sent[o], in.Text)
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	return sent
+}
+
+// columnOf returns the one text column query reads for arg.
+func columnOf(t *testing.T, db *sql.DB, query, arg string, st *Store) []string {
+	t.Helper()
+	rows, err := db.Query(st.q(query), arg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// checkHeads checks that each lane with pending items has one head, its
+// first pending item.
+func checkHeads(t *testing.T, db *sql.DB) {
+	t.Helper()
+	rows, err := db.Query(`SELECT lane, COUNT(*) FILTER (WHERE head = 1), MIN(id), COALESCE(MIN(id) FILTER (WHERE head = 1), 0)
+		FROM outbox WHERE state = 'pending' GROUP BY lane`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var lane string
+		var heads, first, head int64
+		if err := rows.Scan(&lane, &heads, &first, &head); err != nil {
+			t.Fatal(err)
+		}
+		if heads != 1 || head != first {
+			t.Errorf("lane %s has %d heads, the first %d, want one: its first pending item %d", lane, heads, head, first)
+		}
+	}
+}
+
+// checkDeskCounts checks that every customer has one open conversation and
+// that each agent's count of open conversations is what they hold, at most
+// maxOpen.
+func checkDeskCounts(t *testing.T, db *sql.DB, st *Store, customers, maxOpen int) {
+	t.Helper()
+	var open int
+	if err := db.QueryRow(`SELECT COUNT(DISTINCT openid) FROM conversations WHERE closed_at IS NULL`).Scan(&open); err != nil {
+		t.Fatal(err)
+	}
+	if open != customers {
+		t.Errorf("%d customers have an open conversation, want %d", open, customers)
+	}
+	for _, a := range st.desk.Agents {
+		var held, counted int
+		if err := db.QueryRow(st.q(`SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ?`), a).Scan(&held); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.QueryRow(st.q(`SELECT COALESCE(MAX(open), 0) FROM agent_load WHERE agent = ?`), a).Scan(&counted); err != nil {
+			t.Fatal(err)
+		}
+		if held != counted || held > maxOpen {
+			t.Errorf("%s holds %d open conversations and is counted %d, cap %d", a, held, counted, maxOpen)
+		}
+	}
+}
