@@ -75,18 +75,20 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 // The lock order on PostgreSQL, which every transaction follows, so that no
 // two wait for each other (SQLite's transactions are serial):
 //
-//  1. one customer's row (lockCustomer, or findConversation reading it), and
-//     no other customer's while holding this one or the desk except by
+//  1. one customer's row (lockCustomer, or findConversation reading it), or
+//     a batch of pushes' customers, taken in openid order (pgbatch.go); and
+//     no other customer's while holding these or the desk except by
 //     tryLockCustomer, which never waits;
 //  2. the desk (lockDesk): who serves whom;
 //  3. a customer's lanes (lockLane): their IM lane before their WeChat lane,
-//     which lockLane takes care of; then an agent's lane of notices from
+//     which lockLane takes care of (a batch: its customers' IM lanes, in
+//     the order of their lock keys); then an agent's lane of notices from
 //     the admin (notice:AGENT); the worker finishes delivered items one a
 //     transaction, so that it holds one customer's lanes at most.
 //
 // The keys seen (seen_keys, keys.go) are rows of their own: a push claims
-// its key before its customer, a reply or a command after; their keys
-// never meet.
+// its key before its customer (a batch, its pushes' keys in key order), a
+// reply or a command after; their keys never meet.
 //
 // A transaction may skip a step, never go back to one.
 

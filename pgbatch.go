@@ -9,13 +9,16 @@ package main
 //   - the customer's open conversation has an agent, and no reply is held
 //     for them: the messages join it;
 //   - the customer has no open conversation, no reply held and no rating
-//     asked (or is new to the bridge, who is then recorded and their IM
-//     account imported), the desk is open, nobody waits and an agent is
-//     free: the first message opens a conversation with that agent, as
-//     startConversation would, and the others join it.
+//     asked (or is new to the bridge), the desk is open, nobody waits and
+//     an agent is free: the first message opens a conversation with that
+//     agent, as startConversation would, and the others join it. A
+//     customer new to the bridge is recorded, and their IM account's
+//     import queued, before the desk is held (the lock order, db.go),
+//     whether their messages are then taken or left alone.
 //
-// Anything else (an event, a follow, a key seen before, a customer who
-// waits, a rating, a held reply) is AcceptPush's alone.
+// Anything else (an event, a follow, a key seen before or twice in the
+// batch, a signed query a push before it carries, a customer who waits, a
+// rating, a held reply) is AcceptPush's alone.
 
 import (
 	"context"
@@ -60,6 +63,11 @@ type pgBatch struct {
 	customers map[string]customerRow
 	convs     map[string]batchConv
 	itemIDs   []int64
+	// New to the bridge, and recorded by the batch before it holds the
+	// desk (the lock order), in order, with when: their IM accounts are
+	// imported whether or not the batch takes their messages.
+	inserted []string
+	firstAt  map[string]time.Time
 }
 
 // take runs the batch's transaction and returns, for each candidate, how
@@ -165,7 +173,36 @@ func (b *pgBatch) read(ctx context.Context) error {
 // desk is open, nobody waits and an agent is free. A customer it gives
 // none is left alone. It returns the conversations it gave each agent.
 func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]bool) (map[string]int, error) {
+	b.firstAt = map[string]time.Time{}
+	for _, bp := range b.cands {
+		if _, ok := b.firstAt[bp.op.in.OpenID]; !ok {
+			b.firstAt[bp.op.in.OpenID] = bp.op.now
+		}
+	}
 	var q pgx.Batch
+	// The customers new to the bridge are recorded first, in openid order:
+	// their rows are then held, as a known customer's are, before the desk.
+	// One that another instance records at once is left alone.
+	var news []string
+	var newAts []int64
+	for _, o := range opening {
+		if _, known := b.customers[o]; !known && taking[o] {
+			news, newAts = append(news, o), append(newAts, b.firstAt[o].UnixMilli())
+		}
+	}
+	inserted := map[string]bool{}
+	var reads []func(pgx.BatchResults) error
+	if len(news) > 0 {
+		q.Queue(`INSERT INTO customers (openid, followed, created_at)
+			SELECT o, 1, at FROM unnest($1::text[], $2::bigint[]) AS t(o, at) ORDER BY o
+			ON CONFLICT DO NOTHING RETURNING openid`, news, newAts)
+		reads = append(reads, rowsOf(func(r pgx.Rows) error {
+			var o string
+			err := r.Scan(&o)
+			inserted[o] = true
+			return err
+		}))
+	}
 	q.Queue(`SELECT pg_advisory_xact_lock(hashtext('desk'))`)
 	q.Queue(`SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`)
 	q.Queue(`SELECT agent, open, online, assigned_at FROM agent_load`)
@@ -173,7 +210,7 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 	var waiting int
 	states := map[string]agentState{}
 	var ids []int64
-	err := sendBatch(ctx, b.c, &q, skip, func(br pgx.BatchResults) error {
+	err := sendBatch(ctx, b.c, &q, append(reads, skip, func(br pgx.BatchResults) error {
 		return br.QueryRow().Scan(&waiting)
 	}, rowsOf(func(r pgx.Rows) error {
 		var a string
@@ -186,22 +223,23 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 		err := r.Scan(&id)
 		ids = append(ids, id)
 		return err
-	}))
+	}))...)
 	if err != nil {
 		return nil, err
 	}
-	first := map[string]time.Time{}
-	for _, bp := range b.cands {
-		if _, ok := first[bp.op.in.OpenID]; !ok {
-			first[bp.op.in.OpenID] = bp.op.now
+	for _, o := range news {
+		if inserted[o] {
+			b.inserted = append(b.inserted, o)
+		} else {
+			taking[o] = false
 		}
 	}
 	load := map[string]int{}
 	for i, o := range opening {
-		if !taking[o] { // a later push of theirs was seen before
+		if !taking[o] { // a later push of theirs was seen before, or another instance recorded them
 			continue
 		}
-		now := first[o]
+		now := b.firstAt[o]
 		agent := ""
 		if waiting == 0 && b.s.desk.Hours.Open(now) {
 			agent = b.s.desk.pick(states)
@@ -226,9 +264,7 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 // batchRows are the rows the batch adds, a column a slice.
 type batchRows struct {
 	unclaim                         []string // keys of the customers left alone
-	custOpenids                     []string // customers new to the bridge
-	custAts                         []int64
-	convIDs                         []int64 // conversations opened
+	convIDs                         []int64  // conversations opened
 	convOpenids, convAgents         []string
 	convAts                         []int64
 	loadAgents                      []string // conversations given each agent
@@ -270,12 +306,27 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 		r.itemAts = append(r.itemAts, now.UnixMilli())
 		return nil
 	}
+	imUsers := map[string]string{}
+	for _, bp := range b.cands {
+		imUsers[bp.op.in.OpenID] = bp.op.in.IMUser
+	}
+	for _, o := range b.inserted {
+		if err := addItem(Delivery{Kind: deliverIMImport, OpenID: o, IMUser: imUsers[o]}, b.firstAt[o]); err != nil {
+			return nil, err
+		}
+	}
+	takenKeys := map[string]bool{}
+	for _, bp := range b.cands {
+		if taking[bp.op.in.OpenID] {
+			takenKeys[bp.op.in.Key] = true
+		}
+	}
 	started := map[string]bool{}
 	for i, bp := range b.cands {
 		in, now := bp.op.in, bp.op.now
 		ms := now.UnixMilli()
 		if !taking[in.OpenID] {
-			if b.claimed[in.Key] {
+			if b.claimed[in.Key] && !takenKeys[in.Key] {
 				r.unclaim = append(r.unclaim, in.Key)
 			}
 			continue
@@ -284,12 +335,6 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 		acc := &Accepted{}
 		if conv.opened && !started[in.OpenID] {
 			started[in.OpenID] = true
-			if _, known := b.customers[in.OpenID]; !known {
-				r.custOpenids, r.custAts = append(r.custOpenids, in.OpenID), append(r.custAts, ms)
-				if err := addItem(Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, now); err != nil {
-					return nil, err
-				}
-			}
 			r.convIDs, r.convOpenids, r.convAgents = append(r.convIDs, conv.id), append(r.convOpenids, in.OpenID), append(r.convAgents, conv.agent)
 			r.convAts = append(r.convAts, ms)
 			acc.Reply, acc.Assigned = replyConnecting, []Assignment{{OpenID: in.OpenID, Agent: conv.agent}}
@@ -321,7 +366,7 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 		}
 		r.loadAts = append(r.loadAts, at)
 	}
-	if len(r.msgConvs) == 0 {
+	if len(r.itemIDs) == 0 {
 		_, err := b.c.Exec(ctx, `ROLLBACK`)
 		return accs, err
 	}
@@ -339,10 +384,6 @@ func (r *batchRows) statements() *pgx.Batch {
 	var q pgx.Batch
 	if len(r.unclaim) > 0 {
 		q.Queue(`DELETE FROM seen_keys WHERE key = ANY($1)`, r.unclaim)
-	}
-	if len(r.custOpenids) > 0 {
-		q.Queue(`INSERT INTO customers (openid, followed, created_at) SELECT o, 1, at FROM unnest($1::text[], $2::bigint[]) AS t(o, at)`,
-			r.custOpenids, r.custAts)
 	}
 	if len(r.convIDs) > 0 {
 		q.Queue(`INSERT INTO conversations (id, openid, agent, opened_at, queued_at, assigned_at)

@@ -162,11 +162,17 @@ func (p *pgPushes) chain(ctx context.Context, openid string) {
 // then taken alone, which tells its error.
 func (p *pgPushes) together(ctx context.Context, batch []pushOp) []*Accepted {
 	taken := make([]*Accepted, len(batch))
-	others := map[string]bool{} // customers with a push other than a message
+	// Left alone: the customers with a push other than a message, and
+	// with a push whose signed query one before it in the batch carries (a
+	// replay: taken alone after the first, it is refused, as it would be
+	// one at a time).
+	others := map[string]bool{}
+	sigs := map[string]bool{}
 	for _, op := range batch {
-		if op.in.Action != actMessage {
+		if op.in.Action != actMessage || op.in.SigKey != "" && sigs[op.in.SigKey] {
 			others[op.in.OpenID] = true
 		}
+		sigs[op.in.SigKey] = true
 	}
 	var cands []batchPush
 	var candOf []int // each candidate's place in the batch

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -181,5 +182,139 @@ func checkDeskCounts(t *testing.T, db *sql.DB, st *Store, customers, maxOpen int
 		if held != counted || held > maxOpen {
 			t.Errorf("%s holds %d open conversations and is counted %d, cap %d", a, held, counted, maxOpen)
 		}
+	}
+}
+
+// batchOps makes pushOps for the batch writer.
+func batchOps(now time.Time, ins ...Inbound) []pushOp {
+	var ops []pushOp
+	for _, in := range ins {
+		ops = append(ops, pushOp{in: in, now: now, done: make(chan pushResult, 1)})
+	}
+	return ops
+}
+
+// TestReplayInABatchIsRefused: a push and, after it in the same batch, a
+// replay of its signed query with another body, whose key sorts first (the
+// batch claims keys in key order). As one at a time in the batch's order,
+// the first is accepted and the replay refused.
+func TestReplayInABatchIsRefused(t *testing.T) {
+	st := openTestStore(t, "postgres")
+	st.SetDesk(&Desk{Agents: []string{"a1"}, UserPrefix: "wx_"})
+	ctx, now := context.Background(), time.Now()
+	// Both customers known with an open conversation: the common case.
+	for _, o := range []string{"oA", "oB"} {
+		if _, err := st.AcceptPush(ctx, message("first-"+o, o, "hello"), now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	genuine := message("k9", "oA", "genuine")
+	genuine.SigKey = "sig:captured"
+	replay := message("k1", "oB", "replayed body")
+	replay.SigKey = "sig:captured"
+	ops := batchOps(now, genuine, replay) // the genuine push first
+	st.pushes.take(ops)
+	g, r := <-ops[0].done, <-ops[1].done
+	if g.err != nil || !errors.Is(r.err, errReplay) {
+		t.Errorf("genuine push (first) got err=%v, replay (second) got err=%v; want the genuine accepted and the replay refused", g.err, r.err)
+	}
+}
+
+// TestNewCustomerInABatchBesideALonePush: a batch on one instance and a
+// push taken alone on another record the same new customer at once. The
+// lone push holds the new row and goes on to the desk; the batch records
+// its new customers before it takes the desk (the lock order, db.go), so it
+// waits for the row, and PostgreSQL counts no deadlock.
+func TestNewCustomerInABatchBesideALonePush(t *testing.T) {
+	url := testPostgres(t)
+	open := func() *Store {
+		st, err := openStore(context.Background(), url, storeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
+		return st
+	}
+	st1, st2 := open(), open()
+	ctx, now := context.Background(), time.Now()
+	mon, err := sql.Open("pgx", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	deadlocks := func() int64 {
+		var n int64
+		// A fresh snapshot of the cumulative statistics each time.
+		tx, err := mon.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback()
+		tx.Exec(`SELECT pg_stat_clear_snapshot()`)
+		if err := tx.QueryRow(`SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	waiting := func(like string) {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			var n int
+			if err := mon.QueryRow(`SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1`, like).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			if n > 0 {
+				return
+			}
+			time.Sleep(5 * time.Millisecond) // polling, not waiting for work
+		}
+		t.Fatalf("no query like %q came to wait", like)
+	}
+	before := deadlocks()
+
+	// Hold the new customer's IM lane, so the lone message below stops
+	// between inserting the customer and taking the desk.
+	hold, err := mon.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback()
+	if _, err := hold.Exec(`SELECT pg_advisory_xact_lock(hashtext('im:oX'))`); err != nil {
+		t.Fatal(err)
+	}
+	// Instance 2 takes oX's message alone (as its chain does).
+	alone := make(chan error, 1)
+	go func() {
+		_, err := write(ctx, st2, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
+			return st2.acceptPush(ctx, tx, message("k-alone", "oX", "second"), now)
+		})
+		alone <- err
+	}()
+	waiting("SELECT pg_advisory_xact_lock(hashtext($1))%")
+	// Instance 1 batches oX's other message: the desk, then the customer's row.
+	batched := make(chan error, 1)
+	go func() {
+		_, err := st1.AcceptPush(ctx, message("k-batch", "oX", "first"), now)
+		batched <- err
+	}()
+	waiting("%INSERT INTO customers (openid, followed, created_at)%SELECT o, 1, at%")
+	hold.Rollback() // the lone message goes on to the desk
+	for _, ch := range []chan error{alone, batched} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Error(err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("stuck")
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for deadlocks() == before && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := deadlocks() - before; n > 0 {
+		t.Errorf("PostgreSQL detected %d deadlock(s) between the batch and a lone push of the same new customer", n)
 	}
 }
