@@ -178,3 +178,20 @@ func runTx(ctx context.Context, db *sql.DB, fn func(*sql.Tx) error) error {
 	}
 	return tx.Commit()
 }
+
+// harmless reports whether err is one a write returns having written
+// nothing, so that its batch can still commit.
+func harmless(err error) bool {
+	return errors.Is(err, errReplay) || errors.Is(err, errUnknownCustomer) || errors.Is(err, errNotHeld)
+}
+
+// settle keeps what the transaction the writer ran last did to the open
+// conversations, the recent pushes, the lanes and their heads, if it
+// committed, and forgets it either way: the group commit calls it after
+// each transaction.
+func (s *Store) settle(committed bool) {
+	s.settleConversations(committed)
+	s.settleRecent(committed)
+	s.settleHeads(committed)
+	s.settleLanes(committed)
+}

@@ -24,6 +24,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -55,19 +56,21 @@ type pgBatch struct {
 	s     *Store
 	c     *pgx.Conn
 	cands []batchPush
+	// aloneFrom is the first push (by seq) taken alone: no customer whose
+	// first push comes after it is given an agent here.
+	aloneFrom int
 
 	// Read in the first round trip: the keys the batch claimed, the
-	// customers it holds, their open conversations, and ids for the
-	// outbox items it may add.
+	// customers it holds, their open conversations.
 	claimed   map[string]bool
 	customers map[string]customerRow
 	convs     map[string]batchConv
-	itemIDs   []int64
 	// New to the bridge, and recorded by the batch before it holds the
 	// desk (the lock order), in order, with when: their IM accounts are
 	// imported whether or not the batch takes their messages.
 	inserted []string
 	firstAt  map[string]time.Time
+	firstSeq map[string]int
 }
 
 // take runs the batch's transaction and returns, for each candidate, how
@@ -107,6 +110,11 @@ func (b *pgBatch) take(ctx context.Context) ([]*Accepted, error) {
 			}
 		}
 	}
+	for _, bp := range b.cands {
+		if !taking[bp.op.in.OpenID] {
+			b.aloneFrom = min(b.aloneFrom, bp.op.seq)
+		}
+	}
 	var load map[string]int // conversations the batch gives each agent
 	if len(opening) > 0 {
 		var err error
@@ -125,22 +133,28 @@ func (b *pgBatch) read(ctx context.Context) error {
 	n := len(b.cands)
 	keys, sigs, openids := make([]string, n), make([]string, n), make([]string, n)
 	ats := make([]int64, n)
-	items := 0
 	for i, bp := range b.cands {
 		in := bp.op.in
 		keys[i], sigs[i], openids[i], ats[i] = in.Key, in.SigKey, in.OpenID, bp.op.now.UnixMilli()
-		items += bp.parts + 1 // room for an import
 	}
 	var q pgx.Batch
 	q.Queue(`BEGIN`)
 	q.Queue(`INSERT INTO seen_keys (key, sig, received_at)
 		SELECT k, NULLIF(s, ''), at FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(k, s, at) ORDER BY k
 		ON CONFLICT DO NOTHING RETURNING key`, keys, sigs, ats)
-	q.Queue(`SELECT openid, held, rating_conv FROM customers WHERE openid = ANY($1) ORDER BY openid FOR UPDATE`, openids)
+	// Each customer looked up by its key, and held, in the order of the
+	// array: sorted, it is the lock order. (Read for the whole array at
+	// once, PostgreSQL scans a table of a few thousand rows whole.)
+	slices.Sort(openids)
+	openids = slices.Compact(openids)
+	q.Queue(`SELECT c.openid, c.held, c.rating_conv FROM unnest($1::text[]) AS t(o),
+		LATERAL (SELECT openid, held, rating_conv FROM customers WHERE openid = t.o FOR UPDATE) AS c`, openids)
 	// Runs after the customers are held: it reads their conversations as
-	// the transactions that held them before left them.
-	q.Queue(`SELECT openid, id, agent FROM conversations WHERE openid = ANY($1) AND closed_at IS NULL`, openids)
-	q.Queue(`SELECT nextval('outbox_id_seq') FROM generate_series(1, $1)`, items)
+	// the transactions that held them before left them. A customer's open
+	// conversation is their last (lastConversation).
+	q.Queue(`SELECT v.openid, v.id, v.agent FROM unnest($1::text[]) AS t(o),
+		LATERAL (SELECT openid, id, agent, closed_at FROM conversations WHERE openid = t.o ORDER BY id DESC LIMIT 1) AS v
+		WHERE v.closed_at IS NULL`, openids)
 	b.claimed, b.customers, b.convs = map[string]bool{}, map[string]customerRow{}, map[string]batchConv{}
 	return sendBatch(ctx, b.c, &q, skip, rowsOf(func(r pgx.Rows) error {
 		var k string
@@ -159,30 +173,64 @@ func (b *pgBatch) read(ctx context.Context) error {
 		err := r.Scan(&o, &c.id, &c.agent)
 		b.convs[o] = c
 		return err
-	}), rowsOf(func(r pgx.Rows) error {
-		var id int64
-		err := r.Scan(&id)
-		b.itemIDs = append(b.itemIDs, id)
-		return err
 	}))
 }
 
-// open is the second round trip, for the customers whose first message
-// opens a conversation: it holds the desk, reads the queue and the agents,
-// and gives each customer, in turn, the agent pickAgent would, while the
-// desk is open, nobody waits and an agent is free. A customer it gives
-// none is left alone. It returns the conversations it gave each agent.
+// open gives each customer whose first message opens a conversation, in
+// turn, the agent pickAgent would, while the desk is open, nobody waits and
+// an agent is free; a customer it gives none is left alone. It returns the
+// conversations it gave each agent.
 func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]bool) (map[string]int, error) {
-	b.firstAt = map[string]time.Time{}
+	desk, err := b.holdDesk(ctx, opening, taking)
+	if err != nil {
+		return nil, err
+	}
+	load := map[string]int{}
+	for i, o := range opening {
+		if !taking[o] { // a later push of theirs was seen before, or another instance recorded them
+			continue
+		}
+		now := b.firstAt[o]
+		agent := ""
+		if desk.waiting == 0 && b.s.desk.Hours.Open(now) && b.firstSeq[o] < b.aloneFrom {
+			agent = b.s.desk.pick(desk.agents)
+		}
+		if agent == "" {
+			taking[o] = false
+			continue
+		}
+		st, ok := desk.agents[agent]
+		if !ok {
+			st.online = 1
+		}
+		st.open++
+		st.assignedAt = now.UnixMilli()
+		desk.agents[agent] = st
+		load[agent]++
+		b.convs[o] = batchConv{id: desk.convIDs[i], agent: agent, opened: true}
+	}
+	return load, nil
+}
+
+// deskRead is what the batch reads of the desk once it holds it.
+type deskRead struct {
+	waiting int // customers in the queue
+	agents  map[string]agentState
+	convIDs []int64 // one for each customer opening a conversation
+}
+
+// holdDesk is the second round trip, for the customers whose first message
+// opens a conversation. It records those new to the bridge first, in
+// openid order, so that their rows are held, as a known customer's are,
+// before the desk; one another instance records at once is left alone.
+// Then it holds the desk and reads the queue's length and the agents.
+func (b *pgBatch) holdDesk(ctx context.Context, opening []string, taking map[string]bool) (deskRead, error) {
+	b.firstAt, b.firstSeq = map[string]time.Time{}, map[string]int{}
 	for _, bp := range b.cands {
 		if _, ok := b.firstAt[bp.op.in.OpenID]; !ok {
-			b.firstAt[bp.op.in.OpenID] = bp.op.now
+			b.firstAt[bp.op.in.OpenID], b.firstSeq[bp.op.in.OpenID] = bp.op.now, bp.op.seq
 		}
 	}
-	var q pgx.Batch
-	// The customers new to the bridge are recorded first, in openid order:
-	// their rows are then held, as a known customer's are, before the desk.
-	// One that another instance records at once is left alone.
 	var news []string
 	var newAts []int64
 	for _, o := range opening {
@@ -190,8 +238,9 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 			news, newAts = append(news, o), append(newAts, b.firstAt[o].UnixMilli())
 		}
 	}
-	inserted := map[string]bool{}
+	var q pgx.Batch
 	var reads []func(pgx.BatchResults) error
+	inserted := map[string]bool{}
 	if len(news) > 0 {
 		q.Queue(`INSERT INTO customers (openid, followed, created_at)
 			SELECT o, 1, at FROM unnest($1::text[], $2::bigint[]) AS t(o, at) ORDER BY o
@@ -207,26 +256,21 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 	q.Queue(`SELECT COUNT(*) FROM conversations WHERE closed_at IS NULL AND agent = ''`)
 	q.Queue(`SELECT agent, open, online, assigned_at FROM agent_load`)
 	q.Queue(`SELECT nextval('conversations_id_seq') FROM generate_series(1, $1)`, len(opening))
-	var waiting int
-	states := map[string]agentState{}
-	var ids []int64
+	d := deskRead{agents: map[string]agentState{}}
 	err := sendBatch(ctx, b.c, &q, append(reads, skip, func(br pgx.BatchResults) error {
-		return br.QueryRow().Scan(&waiting)
+		return br.QueryRow().Scan(&d.waiting)
 	}, rowsOf(func(r pgx.Rows) error {
 		var a string
 		var st agentState
 		err := r.Scan(&a, &st.open, &st.online, &st.assignedAt)
-		states[a] = st
+		d.agents[a] = st
 		return err
 	}), rowsOf(func(r pgx.Rows) error {
 		var id int64
 		err := r.Scan(&id)
-		ids = append(ids, id)
+		d.convIDs = append(d.convIDs, id)
 		return err
 	}))...)
-	if err != nil {
-		return nil, err
-	}
 	for _, o := range news {
 		if inserted[o] {
 			b.inserted = append(b.inserted, o)
@@ -234,31 +278,7 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 			taking[o] = false
 		}
 	}
-	load := map[string]int{}
-	for i, o := range opening {
-		if !taking[o] { // a later push of theirs was seen before, or another instance recorded them
-			continue
-		}
-		now := b.firstAt[o]
-		agent := ""
-		if waiting == 0 && b.s.desk.Hours.Open(now) {
-			agent = b.s.desk.pick(states)
-		}
-		if agent == "" {
-			taking[o] = false
-			continue
-		}
-		st, ok := states[agent]
-		if !ok {
-			st.online = 1
-		}
-		st.open++
-		st.assignedAt = now.UnixMilli()
-		states[agent] = st
-		load[agent]++
-		b.convs[o] = batchConv{id: ids[i], agent: agent, opened: true}
-	}
-	return load, nil
+	return d, err
 }
 
 // batchRows are the rows the batch adds, a column a slice.
@@ -271,7 +291,7 @@ type batchRows struct {
 	loadCounts                      []int32
 	loadAts                         []int64
 	lanes                           []string // the lanes the batch adds to
-	itemIDs                         []int64  // outbox items
+	itemNs                          []int64  // outbox items, numbered from 1 in the batch
 	itemLanes, itemDeliveries       []string
 	itemAts                         []int64
 	itemFirst                       []bool  // first of its lane in the batch
@@ -279,52 +299,78 @@ type batchRows struct {
 	msgOpenids, msgAgents, msgTexts []string
 	msgParts                        []int32
 	connectingKeys                  []string // pushes answered "connecting"
+
+	laneSeen map[string]bool
 }
 
-// write is the last round trip: it adds what the batch takes and commits,
-// or rolls back if it takes nothing.
-func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[string]int) ([]*Accepted, error) {
-	var r batchRows
-	accs := make([]*Accepted, len(b.cands))
-	next := 0 // the next free item id
-	laneSeen := map[string]bool{}
-	addItem := func(d Delivery, now time.Time) error {
-		js, err := json.Marshal(d)
-		if err != nil {
-			return err
-		}
-		lane := d.lane()
-		r.itemFirst = append(r.itemFirst, !laneSeen[lane])
-		if !laneSeen[lane] {
-			laneSeen[lane] = true
-			r.lanes = append(r.lanes, lane)
-		}
-		r.itemIDs = append(r.itemIDs, b.itemIDs[next])
-		next++
-		r.itemLanes = append(r.itemLanes, lane)
-		r.itemDeliveries = append(r.itemDeliveries, string(js))
-		r.itemAts = append(r.itemAts, now.UnixMilli())
-		return nil
+// item adds d, accepted at now, as an outbox item.
+func (r *batchRows) item(d Delivery, now time.Time) error {
+	js, err := json.Marshal(d)
+	if err != nil {
+		return err
 	}
-	imUsers := map[string]string{}
-	for _, bp := range b.cands {
-		imUsers[bp.op.in.OpenID] = bp.op.in.IMUser
+	lane := d.lane()
+	r.itemFirst = append(r.itemFirst, !r.laneSeen[lane])
+	if !r.laneSeen[lane] {
+		r.laneSeen[lane] = true
+		r.lanes = append(r.lanes, lane)
 	}
-	for _, o := range b.inserted {
-		if err := addItem(Delivery{Kind: deliverIMImport, OpenID: o, IMUser: imUsers[o]}, b.firstAt[o]); err != nil {
+	r.itemNs = append(r.itemNs, int64(len(r.itemNs)+1))
+	r.itemLanes = append(r.itemLanes, lane)
+	r.itemDeliveries = append(r.itemDeliveries, string(js))
+	r.itemAts = append(r.itemAts, now.UnixMilli())
+	return nil
+}
+
+// message adds in, accepted at now, to its conversation, which opens
+// with it if opens, and returns how it was accepted.
+func (r *batchRows) message(in Inbound, now time.Time, conv batchConv, opens bool) (*Accepted, error) {
+	ms := now.UnixMilli()
+	acc := &Accepted{}
+	if opens {
+		r.convIDs, r.convOpenids, r.convAgents = append(r.convIDs, conv.id), append(r.convOpenids, in.OpenID), append(r.convAgents, conv.agent)
+		r.convAts = append(r.convAts, ms)
+		acc.Reply, acc.Assigned = replyConnecting, []Assignment{{OpenID: in.OpenID, Agent: conv.agent}}
+		r.connectingKeys = append(r.connectingKeys, in.Key)
+	}
+	d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: conv.agent, Text: in.Text, Elems: in.Elems,
+		Media: in.Media, MsgRandom: in.NewRandom(), Conv: conv.id}
+	parts := d.parts()
+	if parts == nil {
+		parts = []Delivery{d}
+	}
+	r.msgFirstItems = append(r.msgFirstItems, int64(len(r.itemNs)+1))
+	for _, p := range parts {
+		if err := r.item(p, now); err != nil {
 			return nil, err
 		}
 	}
-	takenKeys := map[string]bool{}
+	r.msgConvs, r.msgOpenids, r.msgAgents = append(r.msgConvs, conv.id), append(r.msgOpenids, in.OpenID), append(r.msgAgents, conv.agent)
+	r.msgTexts, r.msgParts, r.msgAts = append(r.msgTexts, in.Text), append(r.msgParts, int32(len(parts))), append(r.msgAts, ms)
+	return acc, nil
+}
+
+// write is the last round trip: it adds what the batch takes (the IM
+// imports of the customers it recorded first) and commits, or rolls back
+// if it adds nothing.
+func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[string]int) ([]*Accepted, error) {
+	r := batchRows{laneSeen: map[string]bool{}}
+	imUsers, takenKeys := map[string]string{}, map[string]bool{}
 	for _, bp := range b.cands {
+		imUsers[bp.op.in.OpenID] = bp.op.in.IMUser
 		if taking[bp.op.in.OpenID] {
 			takenKeys[bp.op.in.Key] = true
 		}
 	}
+	for _, o := range b.inserted {
+		if err := r.item(Delivery{Kind: deliverIMImport, OpenID: o, IMUser: imUsers[o]}, b.firstAt[o]); err != nil {
+			return nil, err
+		}
+	}
+	accs := make([]*Accepted, len(b.cands))
 	started := map[string]bool{}
 	for i, bp := range b.cands {
-		in, now := bp.op.in, bp.op.now
-		ms := now.UnixMilli()
+		in := bp.op.in
 		if !taking[in.OpenID] {
 			if b.claimed[in.Key] && !takenKeys[in.Key] {
 				r.unclaim = append(r.unclaim, in.Key)
@@ -332,33 +378,15 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 			continue
 		}
 		conv := b.convs[in.OpenID]
-		acc := &Accepted{}
-		if conv.opened && !started[in.OpenID] {
-			started[in.OpenID] = true
-			r.convIDs, r.convOpenids, r.convAgents = append(r.convIDs, conv.id), append(r.convOpenids, in.OpenID), append(r.convAgents, conv.agent)
-			r.convAts = append(r.convAts, ms)
-			acc.Reply, acc.Assigned = replyConnecting, []Assignment{{OpenID: in.OpenID, Agent: conv.agent}}
-			r.connectingKeys = append(r.connectingKeys, in.Key)
+		var err error
+		if accs[i], err = r.message(in, bp.op.now, conv, conv.opened && !started[in.OpenID]); err != nil {
+			return nil, err
 		}
-		d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: conv.agent, Text: in.Text, Elems: in.Elems,
-			Media: in.Media, MsgRandom: in.NewRandom(), Conv: conv.id}
-		parts := d.parts()
-		if parts == nil {
-			parts = []Delivery{d}
-		}
-		r.msgFirstItems = append(r.msgFirstItems, b.itemIDs[next])
-		for _, p := range parts {
-			if err := addItem(p, now); err != nil {
-				return nil, err
-			}
-		}
-		r.msgConvs, r.msgOpenids, r.msgAgents = append(r.msgConvs, conv.id), append(r.msgOpenids, in.OpenID), append(r.msgAgents, conv.agent)
-		r.msgTexts, r.msgParts, r.msgAts = append(r.msgTexts, in.Text), append(r.msgParts, int32(len(parts))), append(r.msgAts, ms)
-		accs[i] = acc
+		started[in.OpenID] = true
 	}
 	for agent, n := range load {
 		r.loadAgents, r.loadCounts = append(r.loadAgents, agent), append(r.loadCounts, int32(n))
-		at := int64(0)
+		at := int64(0) // the last conversation given: its time is the agent's assigned_at
 		for i, a := range r.convAgents {
 			if a == agent {
 				at = r.convAts[i]
@@ -366,7 +394,7 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 		}
 		r.loadAts = append(r.loadAts, at)
 	}
-	if len(r.itemIDs) == 0 {
+	if len(r.itemNs) == 0 {
 		_, err := b.c.Exec(ctx, `ROLLBACK`)
 		return accs, err
 	}
@@ -396,17 +424,23 @@ func (r *batchRows) statements() *pgx.Batch {
 	}
 	q.Queue(`SELECT pg_advisory_xact_lock(h) FROM
 		(SELECT DISTINCT hashtext(l) AS h FROM unnest($1::text[]) AS l ORDER BY 1) AS lanes`, r.lanes)
-	// An item heads its lane if the lane has no pending item and no item
-	// of the batch comes before it: the statement does not see the rows it
-	// adds.
-	q.Queue(`INSERT INTO outbox (id, lane, delivery, next_at, created_at, updated_at, head)
-		SELECT id, lane, delivery, at, at, at, CASE WHEN first AND (`+lanePending("t.lane")+`) IS NULL THEN 1 ELSE 0 END
-		FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::boolean[]) AS t(id, lane, delivery, at, first)`,
-		r.itemIDs, r.itemLanes, r.itemDeliveries, r.itemAts, r.itemFirst)
-	q.Queue(`INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
-		SELECT conv, o, 'in', a, text, parts, $8, item, '', at, 0
-		FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::bigint[], $7::bigint[])
-			AS t(conv, o, a, text, parts, item, at)`,
+	// The items' ids are drawn once their lanes are held, so that a lane's
+	// ids follow the order in which its items were added (the next head
+	// is the lane's first pending id). An item heads its lane if the lane
+	// has no pending item and no item of the batch comes before it: the
+	// statement does not see the rows it adds. A message's history row
+	// names its first item.
+	q.Queue(`WITH ids AS MATERIALIZED (SELECT n, nextval('outbox_id_seq') AS id FROM generate_series(1, $1::integer) AS n),
+		items AS (INSERT INTO outbox (id, lane, delivery, next_at, created_at, updated_at, head)
+			SELECT ids.id, t.lane, t.delivery, t.at, t.at, t.at, CASE WHEN t.first AND (`+lanePending("t.lane")+`) IS NULL THEN 1 ELSE 0 END
+			FROM unnest($2::text[], $3::text[], $4::bigint[], $5::boolean[]) WITH ORDINALITY AS t(lane, delivery, at, first, n)
+			JOIN ids ON ids.n = t.n)
+		INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+		SELECT m.conv, m.o, 'in', m.a, m.text, m.parts, $13, ids.id, '', m.at, 0
+		FROM unnest($6::bigint[], $7::text[], $8::text[], $9::text[], $10::integer[], $11::bigint[], $12::bigint[])
+			AS m(conv, o, a, text, parts, item, at)
+		JOIN ids ON ids.n = m.item`,
+		len(r.itemNs), r.itemLanes, r.itemDeliveries, r.itemAts, r.itemFirst,
 		r.msgConvs, r.msgOpenids, r.msgAgents, r.msgTexts, r.msgParts, r.msgFirstItems, r.msgAts, string(stateQueued))
 	q.Queue(`COMMIT`)
 	return &q

@@ -18,7 +18,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +30,21 @@ type pushOp struct {
 	in   Inbound
 	now  time.Time
 	done chan pushResult
+
+	seq int // its place in the batch the writer gathered
+	// A replay, a push whose signed query one before it in the batch
+	// carries, is taken after that one is answered (after), which closes
+	// answered then.
+	after    <-chan struct{}
+	answered chan struct{}
+}
+
+// answer gives op its answer.
+func (op pushOp) answer(r pushResult) {
+	op.done <- r
+	if op.answered != nil {
+		close(op.answered)
+	}
 }
 
 // pushResult is how a push was accepted.
@@ -108,22 +122,41 @@ func (p *pgPushes) run() {
 // giving up must not fail the others.
 func (p *pgPushes) take(batch []pushOp) {
 	ctx := context.Background()
+	holders := map[string]int{}  // signed query → the first push that carries it
+	replays := map[string]bool{} // customers with a replay
+	for i := range batch {
+		op := &batch[i]
+		op.seq = i
+		h, ok := holders[op.in.SigKey]
+		switch {
+		case op.in.SigKey == "":
+		case !ok:
+			holders[op.in.SigKey] = i
+		default:
+			if batch[h].answered == nil {
+				batch[h].answered = make(chan struct{})
+			}
+			op.after, replays[op.in.OpenID] = batch[h].answered, true
+		}
+	}
 	var cands []pushOp
+	aloneFrom := len(batch) // the first push taken alone
 	p.mu.Lock()
 	for _, op := range batch {
 		if q, busy := p.alone[op.in.OpenID]; busy {
 			p.alone[op.in.OpenID] = append(q, op)
+			aloneFrom = min(aloneFrom, op.seq)
 		} else {
 			cands = append(cands, op)
 		}
 	}
 	p.mu.Unlock()
-	taken := p.together(ctx, cands)
+	taken := p.together(ctx, cands, replays, aloneFrom)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i, op := range cands {
 		if taken[i] != nil {
-			op.done <- pushResult{acc: *taken[i]}
+			op.answer(pushResult{acc: *taken[i]})
 			continue
 		}
 		q, busy := p.alone[op.in.OpenID]
@@ -149,30 +182,29 @@ func (p *pgPushes) chain(ctx context.Context, openid string) {
 		op := q[0]
 		p.alone[openid] = q[1:]
 		p.mu.Unlock()
-		acc, err := write(ctx, p.s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
-			return p.s.acceptPush(ctx, tx, op.in, op.now)
-		})
-		op.done <- pushResult{acc, err}
+		if op.after != nil {
+			<-op.after
+		}
+		acc, err := p.s.acceptAlone(ctx, op.in, op.now)
+		op.answer(pushResult{acc, err})
 	}
 }
 
 // together commits, in one transaction, the batch's pushes that it can
 // take at once (pgbatch.go), and returns how each was accepted, or nil for
-// those it left alone. It takes none if the transaction fails: each push is
-// then taken alone, which tells its error.
-func (p *pgPushes) together(ctx context.Context, batch []pushOp) []*Accepted {
+// those it left alone: the customers with a push other than a message or
+// with a replay, and those the transaction leaves. It gives no agent to a
+// customer whose first push comes after the first push left alone
+// (aloneFrom, by seq), which would have had one first. It takes none if the
+// transaction fails: each push is then taken alone, which tells its error.
+func (p *pgPushes) together(ctx context.Context, batch []pushOp, replays map[string]bool, aloneFrom int) []*Accepted {
 	taken := make([]*Accepted, len(batch))
-	// Left alone: the customers with a push other than a message, and
-	// with a push whose signed query one before it in the batch carries (a
-	// replay: taken alone after the first, it is refused, as it would be
-	// one at a time).
 	others := map[string]bool{}
-	sigs := map[string]bool{}
 	for _, op := range batch {
-		if op.in.Action != actMessage || op.in.SigKey != "" && sigs[op.in.SigKey] {
+		if op.in.Action != actMessage || replays[op.in.OpenID] {
 			others[op.in.OpenID] = true
+			aloneFrom = min(aloneFrom, op.seq)
 		}
-		sigs[op.in.SigKey] = true
 	}
 	var cands []batchPush
 	var candOf []int // each candidate's place in the batch
@@ -197,7 +229,7 @@ func (p *pgPushes) together(ctx context.Context, batch []pushOp) []*Accepted {
 	err = conn.Raw(func(dc any) error {
 		c := dc.(*stdlib.Conn).Conn()
 		var err error
-		accs, err = (&pgBatch{s: p.s, c: c, cands: cands}).take(ctx)
+		accs, err = (&pgBatch{s: p.s, c: c, cands: cands, aloneFrom: aloneFrom}).take(ctx)
 		if err != nil && c.PgConn().TxStatus() != 'I' {
 			if _, rerr := c.Exec(ctx, "ROLLBACK"); rerr != nil {
 				c.Close(ctx) // the pool drops it

@@ -318,3 +318,164 @@ func TestNewCustomerInABatchBesideALonePush(t *testing.T) {
 		t.Errorf("PostgreSQL detected %d deadlock(s) between the batch and a lone push of the same new customer", n)
 	}
 }
+
+// waitingOn reports whether some backend waits on a lock running a query
+// like like.
+func waitingOn(t *testing.T, mon *sql.DB, like string) bool {
+	var n int
+	if err := mon.QueryRow(`SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1`, like).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
+
+// TestReplayBesideACustomerTakenAlone: the genuine push's customer has a
+// push being taken alone (a menu click, its chain still running), so the
+// genuine push joins that chain; a replay of its signed query comes later
+// in the same batch from another customer. As one at a time in the batch's
+// order, the genuine push is accepted and the replay refused: the replay
+// waits for the genuine push's answer.
+func TestReplayBesideACustomerTakenAlone(t *testing.T) {
+	url := testPostgres(t)
+	st, err := openStore(context.Background(), url, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	st.SetDesk(&Desk{Agents: []string{"a1"}, UserPrefix: "wx_"})
+	ctx, now := context.Background(), time.Now()
+	for _, o := range []string{"oA", "oB"} {
+		if _, err := st.AcceptPush(ctx, message("first-"+o, o, "hello"), now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mon, err := sql.Open("pgx", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	// Hold oA's row, so that oA's menu click, taken alone, stays in its
+	// chain for a while (as any slow lone push would).
+	hold, err := mon.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback()
+	if _, err := hold.Exec(`SELECT 1 FROM customers WHERE openid = 'oA' FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	click := message("k-click", "oA", "")
+	click.Action = actEvent
+	clickOps := batchOps(now, click)
+	st.pushes.take(clickOps)
+	eventually(t, "oA's click to wait for its row", func() bool { return waitingOn(t, mon, "%INSERT INTO customers%") })
+
+	genuine := message("k9", "oA", "genuine")
+	genuine.SigKey = "sig:captured"
+	replay := message("k1", "oB", "replayed body")
+	replay.SigKey = "sig:captured"
+	ops := batchOps(now, genuine, replay) // the genuine push first
+	st.pushes.take(ops)
+	// The genuine push waits for oA's row, and the replay for the genuine
+	// push: no answer comes for the replay while the row is held. (A
+	// bounded look for what must not happen.)
+	select {
+	case r := <-ops[1].done:
+		t.Fatalf("the replay was answered (%+v, %v) before the genuine push could be taken", r.acc, r.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	hold.Rollback()
+	results := make([]pushResult, 2)
+	for i, op := range ops {
+		select {
+		case results[i] = <-op.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("stuck")
+		}
+	}
+	<-clickOps[0].done
+	if results[0].err != nil || !errors.Is(results[1].err, errReplay) {
+		t.Errorf("genuine push (first) got err=%v; replay (second) got %+v err=%v; want the genuine accepted and the replay refused",
+			results[0].err, results[1].acc, results[1].err)
+	}
+	var n int
+	if err := mon.QueryRow(`SELECT COUNT(*) FROM messages WHERE text = 'replayed body'`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Errorf("the replayed body was recorded %d time(s) and queued to the agent", n)
+	}
+}
+
+// TestBatchIDsFollowTheLaneLock: a batch takes oA's message beside a new
+// customer's first one and waits for the desk; meanwhile the worker queues
+// a notice in oA's IM lane (Store.Notice, which holds no customer). The
+// batch draws its items' ids once it holds their lanes, so the lane's head
+// is its first pending item, and after the prune's markHeads one claim
+// takes one item of the lane.
+func TestBatchIDsFollowTheLaneLock(t *testing.T) {
+	url := testPostgres(t)
+	st, err := openStore(context.Background(), url, storeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
+	ctx, now := context.Background(), time.Now()
+	if _, err := st.AcceptPush(ctx, message("first", "oA", "hello"), now); err != nil {
+		t.Fatal(err)
+	}
+	mon, err := sql.Open("pgx", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	// oA's first items were delivered: the lane is empty.
+	if _, err := mon.Exec(`UPDATE outbox SET state = 'done', head = 0 WHERE lane = 'im:oA'`); err != nil {
+		t.Fatal(err)
+	}
+	hold, err := mon.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback()
+	if _, err := hold.Exec(`SELECT pg_advisory_xact_lock(hashtext('desk'))`); err != nil {
+		t.Fatal(err)
+	}
+	ops := batchOps(now, message("k-a", "oA", "second"), message("k-n", "oN", "new here"))
+	done := make(chan struct{})
+	go func() { st.pushes.take(ops); close(done) }()
+	eventually(t, "the batch to wait for the desk", func() bool { return waitingOn(t, mon, "%pg_advisory_xact_lock(hashtext('desk'))%") })
+	note := conversationNotice("wx_oA", "oA", "a1", "Your image reached WeChat customer wx_oA as a link")
+	if err := st.Notice(ctx, note, now); err != nil {
+		t.Fatal(err)
+	}
+	hold.Rollback()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("stuck")
+	}
+	for _, op := range ops {
+		if r := <-op.done; r.err != nil {
+			t.Fatal(r.err)
+		}
+	}
+	checkHeads(t, mon)
+	if _, err := st.PruneOutbox(ctx, now.Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	items, err := st.Claim(ctx, "w1", now.Add(time.Second), time.Minute, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inLane []int64
+	for _, it := range items {
+		if it.Lane == "im:oA" {
+			inLane = append(inLane, it.ID)
+		}
+	}
+	if len(inLane) > 1 {
+		t.Errorf("one claim took %d items of lane im:oA at once: %v", len(inLane), inLane)
+	}
+}

@@ -243,19 +243,21 @@ var errReplay = errors.New("signed query already used for another push")
 // reply. The push's signed query is bound to its key: the same query
 // carrying another push returns errReplay and commits nothing.
 func (s *Store) AcceptPush(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
-	var acc Accepted
-	var err error
+	accept := s.acceptAlone
 	if s.pushes != nil {
-		acc, err = s.pushes.accept(ctx, in, now) // pgpush.go
-	} else {
-		acc, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) {
-			return s.acceptPush(ctx, tx, in, now)
-		})
+		accept = s.pushes.accept // pgpush.go
 	}
+	acc, err := accept(ctx, in, now)
 	if err != nil {
 		return Accepted{}, fmt.Errorf("accept push: %w", err)
 	}
 	return acc, nil
+}
+
+// acceptAlone takes in in a write of its own (on SQLite, shared with the
+// others that wait: commit.go).
+func (s *Store) acceptAlone(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
+	return write(ctx, s, func(ctx context.Context, tx *sql.Tx) (Accepted, error) { return s.acceptPush(ctx, tx, in, now) })
 }
 
 // acceptPush is AcceptPush's write.
@@ -486,21 +488,4 @@ func (s *Store) queueReply(ctx context.Context, tx *sql.Tx, d Delivery, now time
 	}
 	_, err = s.toCustomer(ctx, tx, conv, d, d.Agent, now) // quota.go
 	return t, err
-}
-
-// harmless reports whether err is one a write returns having written
-// nothing, so that its batch can still commit.
-func harmless(err error) bool {
-	return errors.Is(err, errReplay) || errors.Is(err, errUnknownCustomer) || errors.Is(err, errNotHeld)
-}
-
-// settle keeps what the transaction the writer ran last did to the open
-// conversations, the recent pushes, the lanes and their heads, if it
-// committed, and forgets it either way: the group commit calls it after
-// each transaction.
-func (s *Store) settle(committed bool) {
-	s.settleConversations(committed)
-	s.settleRecent(committed)
-	s.settleHeads(committed)
-	s.settleLanes(committed)
 }
