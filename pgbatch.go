@@ -56,8 +56,9 @@ type pgBatch struct {
 	s     *Store
 	c     *pgx.Conn
 	cands []batchPush
-	// aloneFrom is the first push (by seq) taken alone: no customer whose
-	// first push comes after it is given an agent here.
+	// aloneFrom is the first push (by seq) taken alone, -1 while pushes
+	// of an earlier batch are: no customer whose first push comes after it
+	// is given an agent here, as one at a time it would not be first.
 	aloneFrom int
 
 	// Read in the first round trip: the keys the batch claimed, the
@@ -102,7 +103,9 @@ func (b *pgBatch) take(ctx context.Context) ([]*Accepted, error) {
 		case !claimed || cust.held != 0:
 			taking[o] = false
 		case open:
-			taking[o] = conv.agent != ""
+			// Known: held. One recorded by another instance since the
+			// lock's statement began is not.
+			taking[o] = known && conv.agent != ""
 		default:
 			taking[o] = !known || cust.ratingConv == 0
 			if taking[o] {
@@ -197,6 +200,7 @@ func (b *pgBatch) open(ctx context.Context, opening []string, taking map[string]
 		}
 		if agent == "" {
 			taking[o] = false
+			b.aloneFrom = min(b.aloneFrom, b.firstSeq[o]) // who comes after waits too
 			continue
 		}
 		st, ok := desk.agents[agent]
@@ -276,6 +280,7 @@ func (b *pgBatch) holdDesk(ctx context.Context, opening []string, taking map[str
 			b.inserted = append(b.inserted, o)
 		} else {
 			taking[o] = false
+			b.aloneFrom = min(b.aloneFrom, b.firstSeq[o])
 		}
 	}
 	return d, err

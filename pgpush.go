@@ -67,6 +67,9 @@ type pgPushes struct {
 	mu     sync.Mutex
 	alone  map[string][]pushOp
 	chains sync.WaitGroup
+	// waitingSigs holds the signed queries of the pushes in alone, each
+	// with what closes once that push is answered.
+	waitingSigs map[string]chan struct{}
 
 	batched atomic.Int64 // pushes committed in a batch with others (the tests read it)
 }
@@ -74,7 +77,8 @@ type pgPushes struct {
 // newPGPushes starts the writer of s's pushes.
 func newPGPushes(s *Store) *pgPushes {
 	p := &pgPushes{s: s, ops: make(chan pushOp), stop: make(chan struct{}), done: make(chan struct{}),
-		alone: map[string][]pushOp{}}
+		alone:       map[string][]pushOp{},
+		waitingSigs: map[string]chan struct{}{}}
 	go p.run()
 	return p
 }
@@ -122,29 +126,18 @@ func (p *pgPushes) run() {
 // giving up must not fail the others.
 func (p *pgPushes) take(batch []pushOp) {
 	ctx := context.Background()
-	holders := map[string]int{}  // signed query → the first push that carries it
-	replays := map[string]bool{} // customers with a replay
-	for i := range batch {
-		op := &batch[i]
-		op.seq = i
-		h, ok := holders[op.in.SigKey]
-		switch {
-		case op.in.SigKey == "":
-		case !ok:
-			holders[op.in.SigKey] = i
-		default:
-			if batch[h].answered == nil {
-				batch[h].answered = make(chan struct{})
-			}
-			op.after, replays[op.in.OpenID] = batch[h].answered, true
-		}
+	p.mu.Lock()
+	replays := p.markReplays(batch)
+	// While pushes of an earlier batch are taken alone, no agent is given
+	// in this one: one of those may need the place first.
+	aloneFrom := len(batch) // the first push taken alone, by seq
+	if len(p.alone) > 0 {
+		aloneFrom = -1
 	}
 	var cands []pushOp
-	aloneFrom := len(batch) // the first push taken alone
-	p.mu.Lock()
 	for _, op := range batch {
-		if q, busy := p.alone[op.in.OpenID]; busy {
-			p.alone[op.in.OpenID] = append(q, op)
+		if _, busy := p.alone[op.in.OpenID]; busy {
+			p.leave(op)
 			aloneFrom = min(aloneFrom, op.seq)
 		} else {
 			cands = append(cands, op)
@@ -157,15 +150,54 @@ func (p *pgPushes) take(batch []pushOp) {
 	for i, op := range cands {
 		if taken[i] != nil {
 			op.answer(pushResult{acc: *taken[i]})
-			continue
-		}
-		q, busy := p.alone[op.in.OpenID]
-		p.alone[op.in.OpenID] = append(q, op)
-		if !busy {
+		} else if p.leave(op) {
 			p.chains.Add(1)
 			go p.chain(ctx, op.in.OpenID)
 		}
 	}
+}
+
+// markReplays numbers the batch's pushes (seq), and has each replay, a
+// push whose signed query a push before it carries (in the batch, or still
+// to be taken alone), wait for that one's answer: so the first claims the
+// query, as one at a time. It returns the customers with a replay. p.mu is
+// held.
+func (p *pgPushes) markReplays(batch []pushOp) map[string]bool {
+	holders := map[string]int{} // signed query → the batch's first push that carries it
+	replays := map[string]bool{}
+	for i := range batch {
+		op := &batch[i]
+		op.seq = i
+		if op.in.SigKey == "" {
+			continue
+		}
+		if ch, ok := p.waitingSigs[op.in.SigKey]; ok {
+			op.after, replays[op.in.OpenID] = ch, true
+		} else if h, ok := holders[op.in.SigKey]; ok {
+			if batch[h].answered == nil {
+				batch[h].answered = make(chan struct{})
+			}
+			op.after, replays[op.in.OpenID] = batch[h].answered, true
+		} else {
+			holders[op.in.SigKey] = i
+		}
+	}
+	return replays
+}
+
+// leave adds op to its customer's pushes taken alone, its signed query to
+// those a later replay waits on, and reports whether it is the first (a
+// chain must start). p.mu is held.
+func (p *pgPushes) leave(op pushOp) bool {
+	if op.in.SigKey != "" && op.after == nil {
+		if op.answered == nil {
+			op.answered = make(chan struct{})
+		}
+		p.waitingSigs[op.in.SigKey] = op.answered
+	}
+	q, busy := p.alone[op.in.OpenID]
+	p.alone[op.in.OpenID] = append(q, op)
+	return !busy
 }
 
 // chain takes the customer's pushes alone, in order, until none is left.
@@ -187,6 +219,11 @@ func (p *pgPushes) chain(ctx context.Context, openid string) {
 		}
 		acc, err := p.s.acceptAlone(ctx, op.in, op.now)
 		op.answer(pushResult{acc, err})
+		p.mu.Lock()
+		if ch, ok := p.waitingSigs[op.in.SigKey]; ok && ch == op.answered {
+			delete(p.waitingSigs, op.in.SigKey)
+		}
+		p.mu.Unlock()
 	}
 }
 

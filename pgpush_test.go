@@ -376,14 +376,7 @@ func TestReplayBesideACustomerTakenAlone(t *testing.T) {
 	replay.SigKey = "sig:captured"
 	ops := batchOps(now, genuine, replay) // the genuine push first
 	st.pushes.take(ops)
-	// The genuine push waits for oA's row, and the replay for the genuine
-	// push: no answer comes for the replay while the row is held. (A
-	// bounded look for what must not happen.)
-	select {
-	case r := <-ops[1].done:
-		t.Fatalf("the replay was answered (%+v, %v) before the genuine push could be taken", r.acc, r.err)
-	case <-time.After(300 * time.Millisecond):
-	}
+	replayWaits(t, ops[1]) // the genuine push waits for oA's row
 	hold.Rollback()
 	results := make([]pushResult, 2)
 	for i, op := range ops {
@@ -477,5 +470,16 @@ func TestBatchIDsFollowTheLaneLock(t *testing.T) {
 	}
 	if len(inLane) > 1 {
 		t.Errorf("one claim took %d items of lane im:oA at once: %v", len(inLane), inLane)
+	}
+}
+
+// replayWaits checks that replay gets no answer while the genuine push it
+// waits for cannot be taken: a bounded look for what must not happen.
+func replayWaits(t *testing.T, replay pushOp) {
+	t.Helper()
+	select {
+	case r := <-replay.done:
+		t.Fatalf("the replay was answered (%+v, %v) before the genuine push could be taken", r.acc, r.err)
+	case <-time.After(300 * time.Millisecond):
 	}
 }
