@@ -38,31 +38,25 @@ type commitResult struct {
 
 // groupCommit is SQLite's writer.
 type groupCommit struct {
-	db  *sql.DB
-	ops chan commitOp
+	db     *sql.DB
+	writer *batcher[commitOp]
 	// settle is told, after each transaction, whether it committed: what
 	// the writes staged in memory is kept or dropped then (lanes.go).
 	settle func(committed bool)
 	// harmless reports the errors a write returns having written nothing:
 	// its batch still commits.
 	harmless func(error) bool
-	stop     chan struct{}
-	done     chan struct{}
 }
 
 // newGroupCommit starts the writer on db.
 func newGroupCommit(db *sql.DB, settle func(committed bool), harmless func(error) bool) *groupCommit {
-	g := &groupCommit{db: db, ops: make(chan commitOp), settle: settle, harmless: harmless,
-		stop: make(chan struct{}), done: make(chan struct{})}
-	go g.run()
+	g := &groupCommit{db: db, settle: settle, harmless: harmless}
+	g.writer = startBatcher(g.take)
 	return g
 }
 
 // close stops the writer once the batch it runs is committed.
-func (g *groupCommit) close() {
-	close(g.stop)
-	<-g.done
-}
+func (g *groupCommit) close() { g.writer.close() }
 
 // write runs fn in a transaction and returns what it produced once the
 // transaction is committed and durable. fn shares its transaction with
@@ -70,32 +64,17 @@ func (g *groupCommit) close() {
 // one that harmless accepts.
 func (g *groupCommit) write(ctx context.Context, fn txFunc) (any, error) {
 	op := commitOp{fn: fn, done: make(chan commitResult, 1)}
-	select {
-	case g.ops <- op:
-	case <-g.stop:
-		return nil, errStoreClosed
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if err := g.writer.send(ctx, op); err != nil {
+		return nil, err
 	}
 	r := <-op.done
 	return r.v, r.err
 }
 
-// run commits the writes that arrive, batching those that wait while a
-// commit runs, until close.
-func (g *groupCommit) run() {
-	defer close(g.done)
-	for {
-		var first commitOp
-		select {
-		case first = <-g.ops:
-		case <-g.stop:
-			return
-		}
-		batch := gather(first, g.ops, maxBatch)
-		for i, r := range g.commit(batch) {
-			batch[i].done <- r
-		}
+// take commits a batch of writes and answers each.
+func (g *groupCommit) take(batch []commitOp) {
+	for i, r := range g.commit(batch) {
+		batch[i].done <- r
 	}
 }
 
@@ -142,6 +121,52 @@ func (g *groupCommit) tx(ctx context.Context, fn func(*sql.Tx) error) error {
 	err := runTx(ctx, g.db, fn)
 	g.settle(err == nil)
 	return err
+}
+
+// batcher is a writer: one goroutine that runs take on the ops sent to
+// it, batching those that wait while take runs, until close. SQLite's
+// writes (groupCommit) and PostgreSQL's pushes (pgpush.go) each have one.
+type batcher[T any] struct {
+	ops  chan T
+	stop chan struct{}
+	done chan struct{}
+}
+
+// startBatcher starts a writer that runs take.
+func startBatcher[T any](take func(batch []T)) *batcher[T] {
+	b := &batcher[T]{ops: make(chan T), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(b.done)
+		for {
+			var first T
+			select {
+			case first = <-b.ops:
+			case <-b.stop:
+				return
+			}
+			take(gather(first, b.ops, maxBatch))
+		}
+	}()
+	return b
+}
+
+// send hands op to the writer, or returns errStoreClosed once it is
+// closed, or ctx's error.
+func (b *batcher[T]) send(ctx context.Context, op T) error {
+	select {
+	case b.ops <- op:
+		return nil
+	case <-b.stop:
+		return errStoreClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// close stops the writer once the batch it takes is done.
+func (b *batcher[T]) close() {
+	close(b.stop)
+	<-b.done
 }
 
 // gather returns first and whatever else waits on ch, up to limit in all,

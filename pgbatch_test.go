@@ -26,22 +26,8 @@ func TestBatchTakesOnlyCustomersItHolds(t *testing.T) {
 	if _, err := st.AcceptPush(ctx, message("first-oB", "oB", "hello"), now); err != nil {
 		t.Fatal(err)
 	}
-	t0, err := st.db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer t0.Rollback()
-	if _, err := t0.Exec(`SELECT 1 FROM customers WHERE openid = 'oB' FOR UPDATE`); err != nil {
-		t.Fatal(err)
-	}
-	t2, err := st.db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer t2.Rollback()
-	if _, err := t2.Exec(`SELECT pg_advisory_xact_lock(hashtext('im:oB'))`); err != nil { // sorts before im:oX
-		t.Fatal(err)
-	}
+	t0 := holdLock(t, st.db, `SELECT 1 FROM customers WHERE openid = 'oB' FOR UPDATE`)
+	t2 := holdLock(t, st.db, `SELECT pg_advisory_xact_lock(hashtext('im:oB'))`) // sorts before im:oX
 	ops := batchOps(now, message("kB2", "oB", "B again"), message("kX2", "oX", "X second"))
 	taken := make(chan struct{})
 	go func() { st.pushes.take(ops); close(taken) }()
@@ -104,13 +90,7 @@ func TestReplayInALaterBatchWaits(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	tx, err := st.db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(`SELECT 1 FROM customers WHERE openid = 'oX' FOR UPDATE`); err != nil {
-		t.Fatal(err)
-	}
+	tx := holdLock(t, st.db, `SELECT 1 FROM customers WHERE openid = 'oX' FOR UPDATE`)
 	ev := message("kX-ev", "oX", "")
 	ev.Action = actEvent
 	genuine := message("kX-msg", "oX", "genuine")

@@ -55,10 +55,8 @@ type pushResult struct {
 
 // pgPushes is PostgreSQL's writer of pushes.
 type pgPushes struct {
-	s    *Store
-	ops  chan pushOp
-	stop chan struct{}
-	done chan struct{}
+	s      *Store
+	writer *batcher[pushOp] // commit.go
 
 	// alone holds, for each customer whose pushes are taken alone, those
 	// not yet taken, in order; a chain goroutine takes them, one after
@@ -76,47 +74,25 @@ type pgPushes struct {
 
 // newPGPushes starts the writer of s's pushes.
 func newPGPushes(s *Store) *pgPushes {
-	p := &pgPushes{s: s, ops: make(chan pushOp), stop: make(chan struct{}), done: make(chan struct{}),
-		alone:       map[string][]pushOp{},
-		waitingSigs: map[string]chan struct{}{}}
-	go p.run()
+	p := &pgPushes{s: s, alone: map[string][]pushOp{}, waitingSigs: map[string]chan struct{}{}}
+	p.writer = startBatcher(p.take)
 	return p
 }
 
 // close stops the writer once every push given to it is answered.
 func (p *pgPushes) close() {
-	close(p.stop)
-	<-p.done
+	p.writer.close()
 	p.chains.Wait()
 }
 
 // accept returns how in was accepted, once what it asked for is committed.
 func (p *pgPushes) accept(ctx context.Context, in Inbound, now time.Time) (Accepted, error) {
 	op := pushOp{in: in, now: now, done: make(chan pushResult, 1)}
-	select {
-	case p.ops <- op:
-	case <-p.stop:
-		return Accepted{}, errStoreClosed
-	case <-ctx.Done():
-		return Accepted{}, ctx.Err()
+	if err := p.writer.send(ctx, op); err != nil {
+		return Accepted{}, err
 	}
 	r := <-op.done
 	return r.acc, r.err
-}
-
-// run accepts the pushes that arrive, batching those that wait while a
-// batch is taken, until close.
-func (p *pgPushes) run() {
-	defer close(p.done)
-	for {
-		var first pushOp
-		select {
-		case first = <-p.ops:
-		case <-p.stop:
-			return
-		}
-		p.take(gather(first, p.ops, maxBatch))
-	}
 }
 
 // take accepts the batch: the common pushes together, the others alone,

@@ -257,32 +257,11 @@ func TestNewCustomerInABatchBesideALonePush(t *testing.T) {
 		}
 		return n
 	}
-	waiting := func(like string) {
-		deadline := time.Now().Add(10 * time.Second)
-		for time.Now().Before(deadline) {
-			var n int
-			if err := mon.QueryRow(`SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1`, like).Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			if n > 0 {
-				return
-			}
-			time.Sleep(5 * time.Millisecond) // polling, not waiting for work
-		}
-		t.Fatalf("no query like %q came to wait", like)
-	}
 	before := deadlocks()
 
 	// Hold the new customer's IM lane, so the lone message below stops
 	// between inserting the customer and taking the desk.
-	hold, err := mon.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hold.Rollback()
-	if _, err := hold.Exec(`SELECT pg_advisory_xact_lock(hashtext('im:oX'))`); err != nil {
-		t.Fatal(err)
-	}
+	hold := holdLock(t, mon, `SELECT pg_advisory_xact_lock(hashtext('im:oX'))`)
 	// Instance 2 takes oX's message alone (as its chain does).
 	alone := make(chan error, 1)
 	go func() {
@@ -291,14 +270,16 @@ func TestNewCustomerInABatchBesideALonePush(t *testing.T) {
 		})
 		alone <- err
 	}()
-	waiting("SELECT pg_advisory_xact_lock(hashtext($1))%")
+	eventually(t, "the lone message to wait for the lane", func() bool { return waitingOn(t, mon, "SELECT pg_advisory_xact_lock(hashtext($1))%") })
 	// Instance 1 batches oX's other message: the desk, then the customer's row.
 	batched := make(chan error, 1)
 	go func() {
 		_, err := st1.AcceptPush(ctx, message("k-batch", "oX", "first"), now)
 		batched <- err
 	}()
-	waiting("%INSERT INTO customers (openid, followed, created_at)%SELECT o, 1, at%")
+	eventually(t, "the batch to wait for the new row", func() bool {
+		return waitingOn(t, mon, "%INSERT INTO customers (openid, followed, created_at)%SELECT o, 1, at%")
+	})
 	hold.Rollback() // the lone message goes on to the desk
 	for _, ch := range []chan error{alone, batched} {
 		select {
@@ -356,14 +337,7 @@ func TestReplayBesideACustomerTakenAlone(t *testing.T) {
 	defer mon.Close()
 	// Hold oA's row, so that oA's menu click, taken alone, stays in its
 	// chain for a while (as any slow lone push would).
-	hold, err := mon.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hold.Rollback()
-	if _, err := hold.Exec(`SELECT 1 FROM customers WHERE openid = 'oA' FOR UPDATE`); err != nil {
-		t.Fatal(err)
-	}
+	hold := holdLock(t, mon, `SELECT 1 FROM customers WHERE openid = 'oA' FOR UPDATE`)
 	click := message("k-click", "oA", "")
 	click.Action = actEvent
 	clickOps := batchOps(now, click)
@@ -427,14 +401,7 @@ func TestBatchIDsFollowTheLaneLock(t *testing.T) {
 	if _, err := mon.Exec(`UPDATE outbox SET state = 'done', head = 0 WHERE lane = 'im:oA'`); err != nil {
 		t.Fatal(err)
 	}
-	hold, err := mon.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hold.Rollback()
-	if _, err := hold.Exec(`SELECT pg_advisory_xact_lock(hashtext('desk'))`); err != nil {
-		t.Fatal(err)
-	}
+	hold := holdLock(t, mon, `SELECT pg_advisory_xact_lock(hashtext('desk'))`)
 	ops := batchOps(now, message("k-a", "oA", "second"), message("k-n", "oN", "new here"))
 	done := make(chan struct{})
 	go func() { st.pushes.take(ops); close(done) }()
@@ -482,4 +449,19 @@ func replayWaits(t *testing.T, replay pushOp) {
 		t.Fatalf("the replay was answered (%+v, %v) before the genuine push could be taken", r.acc, r.err)
 	case <-time.After(300 * time.Millisecond):
 	}
+}
+
+// holdLock begins a transaction on db that takes the lock query takes,
+// and rolls it back when the test ends, if the test has not.
+func holdLock(t *testing.T, db *sql.DB, query string) *sql.Tx {
+	t.Helper()
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tx.Rollback() })
+	if _, err := tx.Exec(query); err != nil {
+		t.Fatal(err)
+	}
+	return tx
 }
