@@ -227,16 +227,7 @@ func TestReplayInABatchIsRefused(t *testing.T) {
 // waits for the row, and PostgreSQL counts no deadlock.
 func TestNewCustomerInABatchBesideALonePush(t *testing.T) {
 	url := testPostgres(t)
-	open := func() *Store {
-		st, err := openStore(context.Background(), url, storeOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
-		return st
-	}
-	st1, st2 := open(), open()
+	st1, st2 := openStoreAt(t, url), openStoreAt(t, url)
 	ctx, now := context.Background(), time.Now()
 	mon, err := sql.Open("pgx", url)
 	if err != nil {
@@ -318,11 +309,7 @@ func waitingOn(t *testing.T, mon *sql.DB, like string) bool {
 // waits for the genuine push's answer.
 func TestReplayBesideACustomerTakenAlone(t *testing.T) {
 	url := testPostgres(t)
-	st, err := openStore(context.Background(), url, storeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openStoreAt(t, url)
 	st.SetDesk(&Desk{Agents: []string{"a1"}, UserPrefix: "wx_"})
 	ctx, now := context.Background(), time.Now()
 	for _, o := range []string{"oA", "oB"} {
@@ -382,11 +369,7 @@ func TestReplayBesideACustomerTakenAlone(t *testing.T) {
 // takes one item of the lane.
 func TestBatchIDsFollowTheLaneLock(t *testing.T) {
 	url := testPostgres(t)
-	st, err := openStore(context.Background(), url, storeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openStoreAt(t, url)
 	st.SetDesk(&Desk{Agents: []string{"a1", "a2"}, UserPrefix: "wx_"})
 	ctx, now := context.Background(), time.Now()
 	if _, err := st.AcceptPush(ctx, message("first", "oA", "hello"), now); err != nil {

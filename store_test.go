@@ -36,6 +36,13 @@ func openTestStore(t testing.TB, kind string) *Store {
 	if kind == "postgres" {
 		db = testPostgres(t)
 	}
+	return openStoreAt(t, db)
+}
+
+// openStoreAt opens a store on db (another instance, if one is open on it
+// already) with two agents, closed when the test ends.
+func openStoreAt(t testing.TB, db string) *Store {
+	t.Helper()
 	st, err := openStore(context.Background(), db, storeOptions{})
 	if err != nil {
 		t.Fatal(err)
