@@ -35,7 +35,7 @@ func (s *Store) Heartbeat(ctx context.Context, name string, now time.Time) error
 // none.
 func (s *Store) LastHeartbeat(ctx context.Context, name string) (at time.Time, found bool, err error) {
 	var ms int64
-	switch err := s.rdb.QueryRowContext(ctx, s.q(`SELECT at FROM heartbeats WHERE name = ?`), name).Scan(&ms); {
+	switch err := s.readRow(ctx, `SELECT at FROM heartbeats WHERE name = ?`, name).Scan(&ms); {
 	case errors.Is(err, sql.ErrNoRows):
 		return time.Time{}, false, nil
 	case err != nil:

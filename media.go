@@ -169,7 +169,7 @@ func (f *mediaFile) Close() error { return f.close() }
 func (s *Store) OpenMedia(ctx context.Context, id string) (*mediaFile, error) {
 	var ms int64
 	f := &mediaFile{close: func() error { return nil }}
-	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT content_type, created_at, size FROM media WHERE id = ?`), id).Scan(&f.contentType, &ms, &f.size)
+	err := s.readRow(ctx, `SELECT content_type, created_at, size FROM media WHERE id = ?`, id).Scan(&f.contentType, &ms, &f.size)
 	f.created = time.UnixMilli(ms)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):

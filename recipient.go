@@ -50,7 +50,7 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 	}
 	var agent string
 	var closed bool
-	err := s.rdb.QueryRowContext(ctx, s.q(`SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`), d.Conv).Scan(&agent, &closed)
+	err := s.readRow(ctx, `SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`, d.Conv).Scan(&agent, &closed)
 	switch {
 	case d.Conv == 0 || errors.Is(err, sql.ErrNoRows):
 		return d.Agent, nil

@@ -27,7 +27,7 @@ type Store struct {
 	rdb      *sql.DB // reads (on SQLite, a pool of its own; on PostgreSQL, db)
 	postgres bool
 
-	stmts     sync.Map     // SQLite: query → *sql.Stmt (prepared.go)
+	stmts     sync.Map     // SQLite: stmtKey → *sql.Stmt (prepared.go)
 	commit    *groupCommit // SQLite: its writer (commit.go); nil on PostgreSQL
 	pushes    *pgPushes    // PostgreSQL: the writer of pushes (pgpush.go); nil on SQLite
 	closeOnce sync.Once
