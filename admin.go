@@ -73,6 +73,14 @@ func (s *Store) RetryDeadLetter(ctx context.Context, id int64, now time.Time) er
 			return fmt.Errorf("dead letter %d cannot be read: %w", id, err)
 		}
 		d.MsgSeq = 0 // the new item's id
+		if d.Kind == deliverIMSend {
+			// A customer's message joins their lane after the rows owed
+			// before it, written under the customer's row (history.go).
+			// No other transaction waits for a dead letter.
+			if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
+				return err
+			}
+		}
 		if _, err := s.exec(ctx, tx, `UPDATE outbox SET state = `+sqlRetried+`, updated_at = ? WHERE id = ?`, now.UnixMilli(), id); err != nil {
 			return err
 		}

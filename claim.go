@@ -19,6 +19,7 @@ import (
 	"math"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -39,6 +40,9 @@ type OutboxItem struct {
 	// triedNow is the same after this claim: this attempt's claim time if
 	// there was none, since its outcome is not known until recorded.
 	triedAt, triedNow int64
+	// owesHistory is set if, when claimed, the item owed the history row
+	// of the customer's message it carries (history.go).
+	owesHistory bool
 	// The claim that took the item: its owner and claimed_until. An
 	// outcome is written only while the item is held by that same claim,
 	// so a claimant whose lease ran out, and whose item another claim took
@@ -71,8 +75,8 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 			// nothing.
 			var items []OutboxItem
 			for _, id := range s.takeDue(ms, owner, until, limit) {
-				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at, tried_at
-					FROM outbox WHERE id = ?`, id))
+				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at, tried_at,
+					history_owed FROM outbox WHERE id = ?`, id))
 				if err != nil {
 					return nil, fmt.Errorf("read head %d: %w", id, err)
 				}
@@ -103,7 +107,7 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
 			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
 		WHERE outbox.id = due.id AND state = `+sqlPending+` AND head = 1 AND next_at <= ? AND `+free+`
-		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at`, ms, ms, owner, owner, until, ms, ms, ms, owner)
+		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at, history_owed`, ms, ms, owner, owner, until, ms, ms, ms, owner)
 		if err != nil {
 			return nil, err
 		}
@@ -196,6 +200,9 @@ func (s *Store) Rewrite(ctx context.Context, it OutboxItem, d Delivery) error {
 		return fmt.Errorf("outbox rewrite: %w", err)
 	}
 	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if err := s.settleItem(ctx, tx, it); err != nil { // the history keeps what the customer sent
+			return err
+		}
 		if !s.postgres {
 			if !s.holds(it) {
 				return errNotHeld
@@ -238,9 +245,12 @@ func (s *Store) GiveUp(ctx context.Context, it OutboxItem, reason string, notice
 }
 
 // finish ends an item, done or failed, and makes the next pending item of
-// its lane the head. It reports false, and changes nothing, if another
-// claim has taken the item since.
+// its lane the head. It reports false, and changes nothing but the history
+// rows owed, if another claim has taken the item since.
 func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state ItemState, reason string, now time.Time) (bool, error) {
+	if err := s.settleItem(ctx, tx, it); err != nil {
+		return false, err
+	}
 	if err := s.lockLane(ctx, tx, it.Lane); err != nil {
 		return false, err
 	}
@@ -251,6 +261,21 @@ func (s *Store) finish(ctx context.Context, tx *sql.Tx, it OutboxItem, state Ite
 	_, err := s.exec(ctx, tx, `UPDATE outbox SET head = 1
 		WHERE id = (SELECT MIN(id) FROM outbox WHERE lane = ? AND state = `+sqlPending+`) AND head = 0`, it.Lane)
 	return err == nil, err
+}
+
+// settleItem writes the history row it owes, if it owed one when claimed,
+// and those before it, under the customer's row; those after it stay owed
+// (history.go). An item's row is written before the item ends or its
+// delivery is rewritten.
+func (s *Store) settleItem(ctx context.Context, tx *sql.Tx, it OutboxItem) error {
+	if !it.owesHistory {
+		return nil
+	}
+	openid := strings.TrimPrefix(it.Lane, "im:")
+	if err := s.lockCustomer(ctx, tx, openid); err != nil {
+		return err
+	}
+	return s.settleHistory(ctx, tx, openid, it.ID)
 }
 
 // setState writes an attempt's outcome if the claim that took the item
@@ -321,29 +346,26 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 }
 
 // scanItem reads an item's id, lane, delivery, attempts, next_at,
-// created_at and tried_at.
+// created_at, tried_at and history_owed.
 func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
 	var it OutboxItem
-	var next, created int64
-	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created, &it.triedAt); err != nil {
+	var next, created, owes int64
+	if err := row.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created, &it.triedAt, &owes); err != nil {
 		return OutboxItem{}, err
 	}
-	it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
+	it.NextAt, it.CreatedAt, it.owesHistory = time.UnixMilli(next), time.UnixMilli(created), owes == 1
 	return it, nil
 }
 
-// scanItems reads items' id, lane, delivery, attempts, next_at, created_at
-// and tried_at, oldest first.
+// scanItems reads items as scanItem does, oldest first.
 func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
 	defer rows.Close()
 	var items []OutboxItem
 	for rows.Next() {
-		var it OutboxItem
-		var next, created int64
-		if err := rows.Scan(&it.ID, &it.Lane, &it.raw, &it.Attempts, &next, &created, &it.triedAt); err != nil {
+		it, err := scanItem(rows)
+		if err != nil {
 			return nil, err
 		}
-		it.NextAt, it.CreatedAt = time.UnixMilli(next), time.UnixMilli(created)
 		items = append(items, it)
 	}
 	if err := rows.Err(); err != nil {

@@ -188,6 +188,9 @@ func (s *Store) transfer(ctx context.Context, tx *sql.Tx, c Command, conv int64,
 // summary is what an agent given a conversation someone else had reads
 // first: how it came to them (head), and its last messages, both sides.
 func (s *Store) summary(ctx context.Context, tx *sql.Tx, openid string, conv int64, head string) (string, error) {
+	if err := s.settleHistory(ctx, tx, openid, 0); err != nil { // history.go
+		return "", err
+	}
 	rows, err := s.query(ctx, tx, `SELECT direction, agent, text FROM messages WHERE openid = ? AND conversation = ?
 		ORDER BY id DESC LIMIT `+strconv.Itoa(summaryMessages), openid, conv)
 	if err != nil {

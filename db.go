@@ -72,6 +72,14 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 	return tx.QueryRowContext(ctx, s.q(query), args...)
 }
 
+// boolInt is b as the integer the schemas keep a flag in.
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // The lock order on PostgreSQL, which every transaction follows, so that no
 // two wait for each other (SQLite's transactions are serial):
 //

@@ -1,17 +1,29 @@
 package main
 
 // The history: every message of every conversation, both ways, with its
-// time, its agent and its delivery state, kept in the messages table in the
-// transaction that takes it; GET /admin/customers/{openid}/messages reads
-// it back. A message's delivery state while it is in the outbox is its
-// item's, read when asked; delivered items are pruned after 49 hours, and a
-// message whose item is gone was delivered.
+// time, its agent and its delivery state, kept in the messages table;
+// GET /admin/customers/{openid}/messages reads it back. A message's
+// delivery state while it is in the outbox is its item's, read when asked;
+// delivered items are pruned after 49 hours, and a message whose item is
+// gone was delivered.
+//
+// The history is written once: a customer's message that goes to an agent
+// in one item is not written at the push, whose outbox row carries it
+// already, but owes its row (outbox.history_owed). settleHistory writes
+// the rows a customer's messages owe, in order, before anything reads or
+// writes that customer's history, and when such an item ends or its
+// delivery is rewritten; so the rows keep the order and the times of the
+// pushes, and a push writes one row, not two, nor a leaf of the history's
+// index (docs/SPEED.md).
 
 import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -30,12 +42,128 @@ type historyRow struct {
 	grant     int64  // to the customer: the allowance it was sent under (quota.go)
 }
 
-// record adds h to the history.
+// record adds h to the history, after the rows the customer's messages owe.
 func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
+	if err := s.settleHistory(ctx, tx, h.openid, 0); err != nil {
+		return err
+	}
+	return s.addHistory(ctx, tx, h, now)
+}
+
+// addHistory adds h to the history.
+func (s *Store) addHistory(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
 	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
 		h.delivery, now.UnixMilli(), h.grant)
 	return err
+}
+
+// settleHistory writes the history rows that the customer's messages owe,
+// in the order they were accepted, each at the time it was: those of items
+// up to item upTo, or all if upTo is 0. The caller holds the customer's
+// row. A customer's message that owes nothing joins their IM lane only
+// after the rows owed before it are written (enqueueFor), so the items that
+// owe one are the newest of the lane's messages: on SQLite the writer,
+// which knows the lane's pending items (lanes.go), reads them back from the
+// newest to the last message that owes nothing.
+func (s *Store) settleHistory(ctx context.Context, tx *sql.Tx, openid string, upTo int64) error {
+	if upTo == 0 {
+		upTo = math.MaxInt64
+	}
+	owed, err := s.owedItems(ctx, tx, openid, upTo)
+	if err != nil || len(owed) == 0 {
+		return err
+	}
+	for _, it := range owed {
+		// An item that cannot be read only becomes a dead letter
+		// (worker.go), which the admin reads whole: it owes no row.
+		var d Delivery
+		if err := json.Unmarshal([]byte(it.raw), &d); err == nil {
+			h := historyRow{conv: d.Conv, openid: openid, direction: "in", agent: d.Agent, text: d.Text, parts: 1, state: stateQueued, outbox: it.ID}
+			if err := s.addHistory(ctx, tx, h, it.CreatedAt); err != nil {
+				return err
+			}
+		}
+		if !s.postgres {
+			if _, err := s.exec(ctx, tx, `UPDATE outbox SET history_owed = 0 WHERE id = ?`, it.ID); err != nil {
+				return err
+			}
+		}
+	}
+	if s.postgres {
+		_, err = s.exec(ctx, tx, `UPDATE customers SET history_settled = ? WHERE openid = ?`, owed[len(owed)-1].ID, openid)
+	}
+	return err
+}
+
+// settleCustomer writes the history rows the customer's messages owe, in a
+// transaction of its own, under the customer's row.
+func (s *Store) settleCustomer(ctx context.Context, openid string) error {
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		switch err := s.lockCustomer(ctx, tx, openid); {
+		case errors.Is(err, errUnknownCustomer):
+			return nil
+		case err != nil:
+			return err
+		}
+		return s.settleHistory(ctx, tx, openid, 0)
+	})
+}
+
+// owedItems returns the customer's pending IM items up to upTo whose
+// history rows are owed, in order, with their deliveries undecoded and when
+// they were accepted. On PostgreSQL those are the items flagged after the
+// last one settled (customers.history_settled): a settle writes no outbox
+// row, and so waits for no other transaction's; item ids grow while a
+// customer's row is held. On SQLite, whose writer has no other to wait
+// for, a settled item's flag is cleared.
+func (s *Store) owedItems(ctx context.Context, tx *sql.Tx, openid string, upTo int64) ([]OutboxItem, error) {
+	lane := "im:" + openid
+	var owed []OutboxItem
+	if s.postgres {
+		rows, err := s.query(ctx, tx, `SELECT o.id, o.delivery, o.created_at FROM outbox o
+			WHERE o.lane = ? AND o.state = `+sqlPending+` AND o.history_owed = 1 AND o.id <= ?
+			AND o.id > COALESCE((SELECT history_settled FROM customers WHERE openid = ?), 0) ORDER BY o.id`, lane, upTo, openid)
+		if err != nil {
+			return nil, err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var it OutboxItem
+			var created int64
+			if err := rows.Scan(&it.ID, &it.raw, &created); err != nil {
+				return nil, err
+			}
+			it.CreatedAt = time.UnixMilli(created)
+			owed = append(owed, it)
+		}
+		return owed, rows.Err()
+	}
+	n := 0
+	for _, ok := s.laneItem(lane, 0); ok; _, ok = s.laneItem(lane, n) {
+		n++
+	}
+	for i := n - 1; i >= 0; i-- {
+		it := OutboxItem{}
+		if it.ID, _ = s.laneItem(lane, i); it.ID > upTo {
+			continue
+		}
+		var created, owes int64
+		if err := s.queryRow(ctx, tx, `SELECT delivery, created_at, history_owed FROM outbox WHERE id = ?`, it.ID).Scan(&it.raw, &created, &owes); err != nil {
+			return nil, err
+		}
+		if owes == 0 {
+			var d struct{ Kind string }
+			if err := json.Unmarshal([]byte(it.raw), &d); err == nil && d.Kind == deliverIMSend {
+				break // a customer's message that owes nothing
+			}
+			continue
+		}
+		it.CreatedAt = time.UnixMilli(created)
+		owed = append(owed, it)
+	}
+	slices.Reverse(owed)
+	return owed, nil
 }
 
 // parkedMessage is a message the history keeps with its delivery, until it
@@ -74,6 +202,9 @@ func (s *Store) parked(ctx context.Context, tx *sql.Tx, openid string, state Mes
 // it goes under: the quota counts the replies after the customer's last
 // message (quota.go).
 func (s *Store) release(ctx context.Context, tx *sql.Tx, p parkedMessage, agent string, grant int64, now time.Time) error {
+	if err := s.settleHistory(ctx, tx, p.d.OpenID, 0); err != nil {
+		return err
+	}
 	id, err := s.enqueueFor(ctx, tx, p.d, now, nil)
 	if err != nil {
 		return err
@@ -130,6 +261,9 @@ const (
 // CustomerHistory returns the customer's newest conversations, oldest
 // first, each with its messages in order.
 func (s *Store) CustomerHistory(ctx context.Context, openid string) ([]HistoryConversation, error) {
+	if err := s.settleCustomer(ctx, openid); err != nil {
+		return nil, fmt.Errorf("history: %w", err)
+	}
 	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT id, agent, opened_at, queued_at, assigned_at, first_reply_at,
 		COALESCE(closed_at, 0), closed_by, rating FROM conversations WHERE openid = ? ORDER BY id DESC LIMIT `+
 		strconv.Itoa(maxHistoryConversations)), openid)

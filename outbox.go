@@ -128,6 +128,26 @@ func (s *Store) enqueue(ctx context.Context, tx *sql.Tx, d Delivery, now time.Ti
 	return err
 }
 
+// carry queues d as the push's outbox row, which carries rec (if not nil)
+// with reply, and returns the row's id. If owed, d is a customer's message
+// in one item, which owes its history row (history.go).
+func (s *Store) carry(ctx context.Context, tx *sql.Tx, d Delivery, rec *pushRecord, reply string, owed bool, now time.Time) (int64, error) {
+	if rec != nil {
+		rec.reply = reply
+	}
+	var id int64
+	var err error
+	if owed {
+		id, err = s.insertItem(ctx, tx, d, now, rec, true)
+	} else {
+		id, err = s.enqueueFor(ctx, tx, d, now, rec)
+	}
+	if err == nil && rec != nil {
+		s.remember(rec, id) // recent.go
+	}
+	return id, err
+}
+
 // pushRecord is a push's record, carried by its outbox row on SQLite, and
 // the digests of its key and signed query by which the writer finds it.
 type pushRecord struct {
@@ -139,25 +159,34 @@ type pushRecord struct {
 // enqueueFor adds d to the outbox, due now: as several items in a row if
 // its text is longer than its vendor takes in one message (split.go). On
 // SQLite the first row carries rec, the push that added it, if rec is not
-// nil (recent.go). It returns that row's id.
+// nil (recent.go). It returns that row's id. A customer's message queued so
+// owes no history row; the caller holds the customer's row.
 func (s *Store) enqueueFor(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
+	if d.Kind == deliverIMSend {
+		// A customer's message that owes nothing joins their lane after
+		// the rows owed before it (history.go).
+		if err := s.settleHistory(ctx, tx, d.OpenID, 0); err != nil {
+			return 0, err
+		}
+	}
 	parts := d.parts()
 	if parts == nil {
-		return s.insertItem(ctx, tx, d, now, rec)
+		return s.insertItem(ctx, tx, d, now, rec, false)
 	}
-	first, err := s.insertItem(ctx, tx, parts[0], now, rec)
+	first, err := s.insertItem(ctx, tx, parts[0], now, rec, false)
 	for _, p := range parts[1:] {
 		if err == nil {
-			_, err = s.insertItem(ctx, tx, p, now, nil)
+			_, err = s.insertItem(ctx, tx, p, now, nil, false)
 		}
 	}
 	return first, err
 }
 
 // insertItem adds d to the outbox, due now, as the head of its lane if the
-// lane has no pending item. On SQLite the row carries rec if it is not nil,
-// and the lane is known in memory (lanes.go).
-func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord) (int64, error) {
+// lane has no pending item, owing the history row of the customer's
+// message it carries if owed (history.go). On SQLite the row carries rec if
+// it is not nil, and the lane is known in memory (lanes.go).
+func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time.Time, rec *pushRecord, owed bool) (int64, error) {
 	b, err := json.Marshal(d)
 	if err != nil {
 		return 0, err
@@ -169,17 +198,17 @@ func (s *Store) insertItem(ctx context.Context, tx *sql.Tx, d Delivery, now time
 			return 0, err
 		}
 		var id int64
-		err = s.queryRow(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, head)
-			VALUES (?, ?, ?, ?, ?, CASE WHEN (`+lanePending("?")+`) IS NULL THEN 1 ELSE 0 END)
-			RETURNING id`, lane, string(b), ms, ms, ms, lane).Scan(&id)
+		err = s.queryRow(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, history_owed, head)
+			VALUES (?, ?, ?, ?, ?, ?, CASE WHEN (`+lanePending("?")+`) IS NULL THEN 1 ELSE 0 END)
+			RETURNING id`, lane, string(b), ms, ms, ms, boolInt(owed), lane).Scan(&id)
 		return id, err
 	}
 	var carried pushRecord
 	if rec != nil {
 		carried = *rec
 	}
-	res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, push_key, push_sig, push_reply)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, carried.key, carried.sig, carried.reply)
+	res, err := s.exec(ctx, tx, `INSERT INTO outbox (lane, delivery, next_at, created_at, updated_at, push_key, push_sig, push_reply, history_owed)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`, lane, string(b), ms, ms, ms, carried.key, carried.sig, carried.reply, boolInt(owed))
 	if err != nil {
 		return 0, err
 	}

@@ -16,9 +16,11 @@ package main
 //     import queued, before the desk is held (the lock order, db.go),
 //     whether their messages are then taken or left alone.
 //
-// Anything else (an event, a follow, a key seen before or twice in the
-// batch, a signed query a push before it carries, a customer who waits, a
-// rating, a held reply) is AcceptPush's alone.
+// Each message goes in one item and owes its history row (history.go): the
+// batch writes no history. Anything else (an event, a follow, a message in
+// parts, a key seen before or twice in the batch, a signed query a push
+// before it carries, a customer who waits, a rating, a held reply) is
+// AcceptPush's alone.
 
 import (
 	"context"
@@ -30,11 +32,9 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// batchPush is a push the batch may take, and the outbox items its
-// message takes.
+// batchPush is a push the batch may take: a message in one item.
 type batchPush struct {
-	op    pushOp
-	parts int
+	op pushOp
 }
 
 // customerRow is what the batch reads of a known customer.
@@ -288,28 +288,27 @@ func (b *pgBatch) holdDesk(ctx context.Context, opening []string, taking map[str
 
 // batchRows are the rows the batch adds, a column a slice.
 type batchRows struct {
-	unclaim                         []string // keys of the customers left alone
-	convIDs                         []int64  // conversations opened
-	convOpenids, convAgents         []string
-	convAts                         []int64
-	loadAgents                      []string // conversations given each agent
-	loadCounts                      []int32
-	loadAts                         []int64
-	lanes                           []string // the lanes the batch adds to
-	itemNs                          []int64  // outbox items, numbered from 1 in the batch
-	itemLanes, itemDeliveries       []string
-	itemAts                         []int64
-	itemFirst                       []bool  // first of its lane in the batch
-	msgConvs, msgFirstItems, msgAts []int64 // the customers' messages
-	msgOpenids, msgAgents, msgTexts []string
-	msgParts                        []int32
-	connectingKeys                  []string // pushes answered "connecting"
+	unclaim                   []string // keys of the customers left alone
+	convIDs                   []int64  // conversations opened
+	convOpenids, convAgents   []string
+	convAts                   []int64
+	loadAgents                []string // conversations given each agent
+	loadCounts                []int32
+	loadAts                   []int64
+	lanes                     []string // the lanes the batch adds to
+	itemNs                    []int64  // outbox items, numbered from 1 in the batch
+	itemLanes, itemDeliveries []string
+	itemAts                   []int64
+	itemFirst                 []bool   // first of its lane in the batch
+	itemOwed                  []int32  // owes its message's history row (history.go)
+	connectingKeys            []string // pushes answered "connecting"
 
 	laneSeen map[string]bool
 }
 
-// item adds d, accepted at now, as an outbox item.
-func (r *batchRows) item(d Delivery, now time.Time) error {
+// item adds d, accepted at now, as an outbox item, owing its message's
+// history row if owed.
+func (r *batchRows) item(d Delivery, now time.Time, owed bool) error {
 	js, err := json.Marshal(d)
 	if err != nil {
 		return err
@@ -324,6 +323,7 @@ func (r *batchRows) item(d Delivery, now time.Time) error {
 	r.itemLanes = append(r.itemLanes, lane)
 	r.itemDeliveries = append(r.itemDeliveries, string(js))
 	r.itemAts = append(r.itemAts, now.UnixMilli())
+	r.itemOwed = append(r.itemOwed, int32(boolInt(owed)))
 	return nil
 }
 
@@ -340,19 +340,7 @@ func (r *batchRows) message(in Inbound, now time.Time, conv batchConv, opens boo
 	}
 	d := Delivery{Kind: deliverIMSend, OpenID: in.OpenID, IMUser: in.IMUser, Agent: conv.agent, Text: in.Text, Elems: in.Elems,
 		Media: in.Media, MsgRandom: in.NewRandom(), Conv: conv.id}
-	parts := d.parts()
-	if parts == nil {
-		parts = []Delivery{d}
-	}
-	r.msgFirstItems = append(r.msgFirstItems, int64(len(r.itemNs)+1))
-	for _, p := range parts {
-		if err := r.item(p, now); err != nil {
-			return nil, err
-		}
-	}
-	r.msgConvs, r.msgOpenids, r.msgAgents = append(r.msgConvs, conv.id), append(r.msgOpenids, in.OpenID), append(r.msgAgents, conv.agent)
-	r.msgTexts, r.msgParts, r.msgAts = append(r.msgTexts, in.Text), append(r.msgParts, int32(len(parts))), append(r.msgAts, ms)
-	return acc, nil
+	return acc, r.item(d, now, true)
 }
 
 // write is the last round trip: it adds what the batch takes (the IM
@@ -368,7 +356,7 @@ func (b *pgBatch) write(ctx context.Context, taking map[string]bool, load map[st
 		}
 	}
 	for _, o := range b.inserted {
-		if err := r.item(Delivery{Kind: deliverIMImport, OpenID: o, IMUser: imUsers[o]}, b.firstAt[o]); err != nil {
+		if err := r.item(Delivery{Kind: deliverIMImport, OpenID: o, IMUser: imUsers[o]}, b.firstAt[o], false); err != nil {
 			return nil, err
 		}
 	}
@@ -433,20 +421,13 @@ func (r *batchRows) statements() *pgx.Batch {
 	// ids follow the order in which its items were added (the next head
 	// is the lane's first pending id). An item heads its lane if the lane
 	// has no pending item and no item of the batch comes before it: the
-	// statement does not see the rows it adds. A message's history row
-	// names its first item.
-	q.Queue(`WITH ids AS MATERIALIZED (SELECT n, nextval('outbox_id_seq') AS id FROM generate_series(1, $1::integer) AS n),
-		items AS (INSERT INTO outbox (id, lane, delivery, next_at, created_at, updated_at, head)
-			SELECT ids.id, t.lane, t.delivery, t.at, t.at, t.at, CASE WHEN t.first AND (`+lanePending("t.lane")+`) IS NULL THEN 1 ELSE 0 END
-			FROM unnest($2::text[], $3::text[], $4::bigint[], $5::boolean[]) WITH ORDINALITY AS t(lane, delivery, at, first, n)
-			JOIN ids ON ids.n = t.n)
-		INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
-		SELECT m.conv, m.o, 'in', m.a, m.text, m.parts, $13, ids.id, '', m.at, 0
-		FROM unnest($6::bigint[], $7::text[], $8::text[], $9::text[], $10::integer[], $11::bigint[], $12::bigint[])
-			AS m(conv, o, a, text, parts, item, at)
-		JOIN ids ON ids.n = m.item`,
-		len(r.itemNs), r.itemLanes, r.itemDeliveries, r.itemAts, r.itemFirst,
-		r.msgConvs, r.msgOpenids, r.msgAgents, r.msgTexts, r.msgParts, r.msgFirstItems, r.msgAts, string(stateQueued))
+	// statement does not see the rows it adds.
+	q.Queue(`WITH ids AS MATERIALIZED (SELECT n, nextval('outbox_id_seq') AS id FROM generate_series(1, $1::integer) AS n)
+		INSERT INTO outbox (id, lane, delivery, next_at, created_at, updated_at, history_owed, head)
+		SELECT ids.id, t.lane, t.delivery, t.at, t.at, t.at, t.owed, CASE WHEN t.first AND (`+lanePending("t.lane")+`) IS NULL THEN 1 ELSE 0 END
+		FROM unnest($2::text[], $3::text[], $4::bigint[], $5::boolean[], $6::integer[]) WITH ORDINALITY AS t(lane, delivery, at, first, owed, n)
+		JOIN ids ON ids.n = t.n`,
+		len(r.itemNs), r.itemLanes, r.itemDeliveries, r.itemAts, r.itemFirst, r.itemOwed)
 	q.Queue(`COMMIT`)
 	return &q
 }

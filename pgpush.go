@@ -205,8 +205,9 @@ func (p *pgPushes) chain(ctx context.Context, openid string) {
 
 // together commits, in one transaction, the batch's pushes that it can
 // take at once (pgbatch.go), and returns how each was accepted, or nil for
-// those it left alone: the customers with a push other than a message or
-// with a replay, and those the transaction leaves. It gives no agent to a
+// those it left alone: the customers with a push other than a message, a
+// message in parts (whose history row its push writes, history.go) or a
+// replay, and those the transaction leaves. It gives no agent to a
 // customer whose first push comes after the first push left alone
 // (aloneFrom, by seq), which would have had one first. It takes none if the
 // transaction fails: each push is then taken alone, which tells its error.
@@ -214,7 +215,8 @@ func (p *pgPushes) together(ctx context.Context, batch []pushOp, replays map[str
 	taken := make([]*Accepted, len(batch))
 	others := map[string]bool{}
 	for _, op := range batch {
-		if op.in.Action != actMessage || replays[op.in.OpenID] {
+		d := Delivery{Kind: deliverIMSend, Text: op.in.Text, Elems: op.in.Elems}
+		if op.in.Action != actMessage || replays[op.in.OpenID] || d.parts() != nil {
 			others[op.in.OpenID] = true
 			aloneFrom = min(aloneFrom, op.seq)
 		}
@@ -223,8 +225,7 @@ func (p *pgPushes) together(ctx context.Context, batch []pushOp, replays map[str
 	var candOf []int // each candidate's place in the batch
 	for i, op := range batch {
 		if !others[op.in.OpenID] {
-			d := Delivery{Kind: deliverIMSend, Text: op.in.Text, Elems: op.in.Elems}
-			cands = append(cands, batchPush{op: op, parts: max(len(d.parts()), 1)})
+			cands = append(cands, batchPush{op: op})
 			candOf = append(candOf, i)
 		}
 	}

@@ -192,6 +192,9 @@ func (s *Store) Sweep(ctx context.Context, idle time.Duration, now time.Time) (S
 			return Swept{}, fmt.Errorf("sweep: %w", err)
 		}
 	}
+	if err := s.settleGone(ctx, now); err != nil {
+		return Swept{}, fmt.Errorf("sweep: %w", err)
+	}
 	left, err := s.leftConversations(ctx, now)
 	if err != nil {
 		return Swept{}, fmt.Errorf("sweep: %w", err)
@@ -248,6 +251,10 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 	if err := s.lockCustomer(ctx, tx, c.openid); err != nil {
 		return false, err
 	}
+	// A message the history owes is not idle (history.go).
+	if err := s.settleHistory(ctx, tx, c.openid, 0); err != nil {
+		return false, err
+	}
 	cutoff := now.Add(-idle).UnixMilli()
 	var one int
 	err := s.queryRow(ctx, tx, `SELECT 1 FROM conversations v WHERE v.id = ? AND v.agent = ? AND `+idleConversation,
@@ -265,6 +272,49 @@ func (s *Store) closeIdle(ctx context.Context, tx *sql.Tx, c idleConv, idle time
 		return false, err
 	}
 	return true, s.tellAgent(ctx, tx, c.openid, c.agent, fmt.Sprintf("The conversation closed after %s without a message.", idle), now)
+}
+
+// settleGone writes the history rows owed by the customers of the open
+// conversations whose agents are gone, so that abandonedConversation sees
+// their messages (history.go), in one transaction; a customer whose row
+// another holds is left to the next sweep. PostgreSQL's index names the
+// customers who owe rows; SQLite's writer knows them from its lanes.
+func (s *Store) settleGone(ctx context.Context, now time.Time) error {
+	owing := ""
+	if s.postgres {
+		owing = ` AND EXISTS (SELECT 1 FROM outbox o WHERE o.lane = 'im:' || v.openid AND o.state = ` + sqlPending + `
+			AND o.history_owed = 1 AND o.id > (SELECT c.history_settled FROM customers c WHERE c.openid = v.openid))`
+	}
+	rows, err := s.rdb.QueryContext(ctx, s.q(`SELECT v.openid FROM conversations v WHERE v.closed_at IS NULL AND v.agent <> ''
+		AND EXISTS (SELECT 1 FROM agent_load a WHERE a.agent = v.agent AND a.online = 0 AND a.gone_at > 0 AND a.gone_at <= ?)`+owing),
+		now.UnixMilli())
+	if err != nil {
+		return err
+	}
+	var openids []string
+	for rows.Next() {
+		var o string
+		if err := rows.Scan(&o); err != nil {
+			rows.Close()
+			return err
+		}
+		openids = append(openids, o)
+	}
+	if err := cmp.Or(rows.Err(), rows.Close()); err != nil || len(openids) == 0 {
+		return err
+	}
+	return s.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		for _, o := range openids {
+			if held, err := s.tryLockCustomer(ctx, tx, o); err != nil {
+				return err
+			} else if held {
+				if err := s.settleHistory(ctx, tx, o, 0); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
 }
 
 // leftConversations returns the conversations whose agents have left
@@ -295,6 +345,9 @@ func (s *Store) leftConversations(ctx context.Context, now time.Time) ([]idleCon
 // the desk's.
 func (s *Store) requeue(ctx context.Context, tx *sql.Tx, c idleConv, now time.Time) (bool, error) {
 	if err := s.lockCustomer(ctx, tx, c.openid); err != nil {
+		return false, err
+	}
+	if err := s.settleHistory(ctx, tx, c.openid, 0); err != nil { // history.go
 		return false, err
 	}
 	cond, args := s.leftCondition(now)

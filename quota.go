@@ -38,6 +38,9 @@ const deliveredKept = messageWindow + time.Hour
 // of their last event), which the messages sent under it record; lastIn is
 // when the customer last wrote (zero if never).
 func (s *Store) allowance(ctx context.Context, tx *sql.Tx, openid string, now time.Time) (left int, open bool, grant int64, lastIn time.Time, err error) {
+	if err := s.settleHistory(ctx, tx, openid, 0); err != nil { // history.go
+		return 0, false, 0, time.Time{}, err
+	}
 	var inID, in, eventAt int64
 	err = s.queryRow(ctx, tx, `SELECT COALESCE(MAX(id), 0), COALESCE(MAX(created_at), 0), COALESCE((SELECT event_at FROM customers WHERE openid = ?), 0)
 		FROM (SELECT id, created_at FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id DESC LIMIT 1) m`,

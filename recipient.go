@@ -65,6 +65,9 @@ func (s *Store) Recipient(ctx context.Context, it OutboxItem) (string, error) {
 		if err := s.lockCustomer(ctx, tx, d.OpenID); err != nil {
 			return "", err
 		}
+		if err := s.settleHistory(ctx, tx, d.OpenID, 0); err != nil { // the rows written below, history.go
+			return "", err
+		}
 		var now string
 		if err := s.queryRow(ctx, tx, `SELECT agent, closed_at IS NOT NULL FROM conversations WHERE id = ?`, d.Conv).Scan(&now, &closed); err != nil {
 			return "", err

@@ -31,7 +31,8 @@ var addedColumns = []struct{ table, column string }{
 	{"outbox", "push_sig TEXT NOT NULL DEFAULT ''"},
 	{"outbox", "push_reply TEXT NOT NULL DEFAULT ''"},
 	{"outbox", "tried_at BIGINT NOT NULL DEFAULT 0"},
-	{"customers", "event_at BIGINT NOT NULL DEFAULT 0"}, // customer service, queue.go and quota.go
+	{"outbox", "history_owed INTEGER NOT NULL DEFAULT 0"}, // the history written once, history.go
+	{"customers", "event_at BIGINT NOT NULL DEFAULT 0"},   // customer service, queue.go and quota.go
 	{"customers", "held INTEGER NOT NULL DEFAULT 0"},
 	{"customers", "rating_conv BIGINT NOT NULL DEFAULT 0"},
 	{"conversations", "queued_at BIGINT NOT NULL DEFAULT 0"},

@@ -10,15 +10,17 @@
 -- when they last followed, clicked a menu or scanned a QR code (three
 -- replies within a minute, quota.go); held how many replies wait for their
 -- next message (the quota spent); rating_conv the conversation an agent
--- ended whose rating their next message may be.
+-- ended whose rating their next message may be. history_settled is the last
+-- IM item whose message's history row is written (history.go).
 CREATE TABLE IF NOT EXISTS customers (
-    openid      TEXT PRIMARY KEY,
-    agent       TEXT NOT NULL DEFAULT '',
-    followed    INTEGER NOT NULL DEFAULT 1,
-    created_at  BIGINT NOT NULL,
-    event_at    BIGINT NOT NULL DEFAULT 0,
-    held        INTEGER NOT NULL DEFAULT 0,
-    rating_conv BIGINT NOT NULL DEFAULT 0
+    openid          TEXT PRIMARY KEY,
+    agent           TEXT NOT NULL DEFAULT '',
+    followed        INTEGER NOT NULL DEFAULT 1,
+    created_at      BIGINT NOT NULL,
+    event_at        BIGINT NOT NULL DEFAULT 0,
+    held            INTEGER NOT NULL DEFAULT 0,
+    rating_conv     BIGINT NOT NULL DEFAULT 0,
+    history_settled BIGINT NOT NULL DEFAULT 0
 );
 
 -- A conversation runs from a customer's first message until an agent
@@ -111,7 +113,9 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- it until claimed_until, or until it is no longer seen (instances). tried_at is
 -- when an attempt whose outcome is not known (no answer, or the instance
 -- died before recording it) was first made, 0 if none: a later attempt may
--- find the vendor acted on it (worker.go).
+-- find the vendor acted on it (worker.go). history_owed is 1 on a customer's
+-- message whose push wrote no history row: it is written once the item ends,
+-- or sooner (customers.history_settled, history.go).
 CREATE TABLE IF NOT EXISTS outbox (
     id            BIGSERIAL PRIMARY KEY,
     lane          TEXT NOT NULL,
@@ -125,7 +129,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error    TEXT NOT NULL DEFAULT '',
     created_at    BIGINT NOT NULL,
     updated_at    BIGINT NOT NULL,
-    tried_at      BIGINT NOT NULL DEFAULT 0
+    tried_at      BIGINT NOT NULL DEFAULT 0,
+    history_owed  INTEGER NOT NULL DEFAULT 0
 );
 -- outbox_pending finds a lane's pending items in order; outbox_due lists
 -- the heads in the order they are claimed, with claimed_until, so a claim
@@ -210,6 +215,8 @@ CREATE TABLE IF NOT EXISTS media_parts (
 -- replaced outbox_heads.
 DROP INDEX IF EXISTS outbox_heads;
 ALTER TABLE outbox ADD COLUMN IF NOT EXISTS tried_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS history_owed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE customers ADD COLUMN IF NOT EXISTS history_settled BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE customers ADD COLUMN IF NOT EXISTS event_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE customers ADD COLUMN IF NOT EXISTS held INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE customers ADD COLUMN IF NOT EXISTS rating_conv BIGINT NOT NULL DEFAULT 0;

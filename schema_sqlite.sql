@@ -115,6 +115,8 @@ CREATE INDEX IF NOT EXISTS seen_keys_received ON seen_keys (received_at);
 -- head is kept. tried_at is when an attempt whose outcome is not known (no
 -- answer, or the bridge stopped before recording it) was first made, 0 if
 -- none: a later attempt may find the vendor acted on it (worker.go).
+-- history_owed is 1 on a customer's message whose history row is not
+-- written yet (history.go).
 CREATE TABLE IF NOT EXISTS outbox (
     id            INTEGER PRIMARY KEY,
     lane          TEXT NOT NULL,
@@ -131,7 +133,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     push_key      TEXT NOT NULL DEFAULT '',
     push_sig      TEXT NOT NULL DEFAULT '',
     push_reply    TEXT NOT NULL DEFAULT '',
-    tried_at      BIGINT NOT NULL DEFAULT 0
+    tried_at      BIGINT NOT NULL DEFAULT 0,
+    history_owed  INTEGER NOT NULL DEFAULT 0
 );
 -- outbox_failed lists the dead letters, which are few, so /metrics counts
 -- them without reading the day's delivered items.

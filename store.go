@@ -302,19 +302,6 @@ func (s *Store) acceptPush(ctx context.Context, tx *sql.Tx, in Inbound, now time
 	return acc, err
 }
 
-// carry queues d as the push's outbox row, which carries rec (if not nil)
-// with reply, and returns the row's id.
-func (s *Store) carry(ctx context.Context, tx *sql.Tx, d Delivery, rec *pushRecord, reply string, now time.Time) (int64, error) {
-	if rec != nil {
-		rec.reply = reply
-	}
-	id, err := s.enqueueFor(ctx, tx, d, now, rec)
-	if err == nil && rec != nil {
-		s.remember(rec, id) // recent.go
-	}
-	return id, err
-}
-
 // follow records that the customer follows (three replies within the
 // minute), and queues the import of their IM account.
 func (s *Store) follow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRecord, now time.Time) (carried bool, err error) {
@@ -323,7 +310,7 @@ func (s *Store) follow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRec
 		ON CONFLICT (openid) DO UPDATE SET followed = 1, event_at = excluded.event_at`, in.OpenID, ms, ms); err != nil {
 		return false, err
 	}
-	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyWelcome, now)
+	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMImport, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyWelcome, false, now)
 	return err == nil, err
 }
 
@@ -363,7 +350,7 @@ func (s *Store) unfollow(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushR
 	if !in.DeleteAccount {
 		return assigned, false, nil
 	}
-	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyNone, now)
+	_, err = s.carry(ctx, tx, Delivery{Kind: deliverIMDelete, OpenID: in.OpenID, IMUser: in.IMUser}, rec, replyNone, false, now)
 	return assigned, err == nil, err
 }
 
@@ -413,8 +400,11 @@ func (s *Store) message(ctx context.Context, tx *sql.Tx, in Inbound, rec *pushRe
 		h.delivery = string(b)
 	} else {
 		h.state = stateQueued
-		if h.outbox, err = s.carry(ctx, tx, d, rec, acc.Reply, now); err != nil {
-			return acc, false, err
+		// In one item, with no reply held for it to let go, the message
+		// owes its history row: the push writes one row, not two.
+		owed := c.held == 0 && len(d.parts()) == 0
+		if h.outbox, err = s.carry(ctx, tx, d, rec, acc.Reply, owed, now); err != nil || owed {
+			return acc, rec != nil && err == nil, err
 		}
 		carried = rec != nil
 	}
