@@ -320,11 +320,17 @@ func (t *trial) drain(ctx context.Context, out *outcome) error {
 	if !t.o.forwards {
 		return nil
 	}
-	// Lanes are delivered one message at a time: a run of few customers
-	// drains slowly.
-	ctx, cancel := context.WithTimeout(ctx, max(2*time.Minute, t.o.duration*6))
+	// Lanes are delivered one message at a time: a run of few customers,
+	// or a bigger backlog, drains slowly. The wait lasts while messages
+	// and answers still arrive.
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
-	fakes.WaitFor(ctx, "every message in IM", func() bool {
+	arrived := func() int {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		return len(t.arrived)
+	}
+	whileArriving(ctx, arrived, func() bool {
 		t.mu.Lock()
 		defer t.mu.Unlock()
 		for n := range t.answered {
@@ -336,9 +342,33 @@ func (t *trial) drain(ctx context.Context, out *outcome) error {
 	})
 	if t.rt != nil {
 		t.rt.close() // the answers to every message are sent
-		fakes.WaitFor(ctx, "every answer in WeChat", t.rt.allDelivered)
+		whileArriving(ctx, t.rt.deliveredCount, t.rt.allDelivered)
 	}
 	return nil
+}
+
+// stall is how long the wait for a run's messages and answers lasts once
+// none arrives.
+const stall = time.Minute
+
+// whileArriving waits until done, or until ctx ends, or until arrived (a
+// count of what has arrived) stays the same for stall.
+func whileArriving(ctx context.Context, arrived func() int, done func() bool) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	last, since := arrived(), time.Now()
+	for !done() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if n := arrived(); n != last {
+			last, since = n, time.Now()
+		} else if time.Since(since) > stall {
+			return
+		}
+	}
 }
 
 // report prints what the run measured, and fails it on anything lost,

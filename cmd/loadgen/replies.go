@@ -146,6 +146,13 @@ func (rt *replyTrial) allDelivered() bool {
 	return true
 }
 
+// deliveredCount returns how many answers have reached WeChat.
+func (rt *replyTrial) deliveredCount() int {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	return len(rt.got)
+}
+
 // report writes the trial's line and returns the answers lost, sent twice
 // and out of order.
 func (rt *replyTrial) report(w io.Writer) (lost, dupes, disordered int) {
