@@ -705,6 +705,9 @@ func (h *harness) replyOnItsWay(clock *fakeClock) {
 	h.t.Helper()
 	h.agentReplies("c1", "r0")
 	eventually(h.t, "r0 in WeChat: the bridge has a token", func() bool { return len(h.sentTo("c1")) == 1 })
+	// The bridge records when r0 reached WeChat once WeChat has answered:
+	// the clock moves after that, or r0 would count as arrived later.
+	eventually(h.t, "r0's delivery recorded", func() bool { return outboxDepth(h.t, h.base) == 0 })
 	clock.Advance(2 * time.Second) // r0 reached WeChat well before what follows
 	h.wx.FailNextStatus(1, http.StatusBadGateway)
 	h.agentReplies("c1", "r1")
