@@ -177,6 +177,33 @@ func TestAnsweredConversationNotRequeued(t *testing.T) {
 	}
 }
 
+// deadFirstMessage has o1 write "one", the import of their account
+// delivered and "one" refused for good, and returns its dead letter's id.
+func deadFirstMessage(t *testing.T, st *Store, now time.Time) int64 {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := st.AcceptPush(ctx, message("k1", "o1", "one"), now); err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		items, err := st.Claim(ctx, "w", now, time.Minute, 10)
+		if err != nil || len(items) == 0 {
+			t.Fatal(err, len(items))
+		}
+		if it := items[0]; it.Delivery.Kind == deliverIMSend {
+			if err := st.GiveUp(ctx, it, "refused", nil, now); err != nil {
+				t.Fatal(err)
+			}
+			return it.ID
+		}
+		if err := st.Delivered(ctx, items, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Fatal("o1's message never claimed")
+	return 0
+}
+
 // TestRetriedDeadLetterKeepsHistoryOrder: a dead letter retried while a
 // later message of the customer still owes its row joins the lane's end
 // after that row is written, so the history keeps the order of the pushes.
@@ -185,25 +212,7 @@ func TestRetriedDeadLetterKeepsHistoryOrder(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			st := openTestStore(t, kind)
 			ctx, now := context.Background(), time.Now()
-			if _, err := st.AcceptPush(ctx, message("k1", "o1", "one"), now); err != nil {
-				t.Fatal(err)
-			}
-			var dead int64
-			for dead == 0 {
-				items, err := st.Claim(ctx, "w", now, time.Minute, 10)
-				if err != nil || len(items) == 0 {
-					t.Fatal(err, len(items))
-				}
-				it := items[0]
-				if it.Delivery.Kind == deliverIMSend {
-					if err := st.GiveUp(ctx, it, "refused", nil, now); err != nil {
-						t.Fatal(err)
-					}
-					dead = it.ID
-				} else if err := st.Delivered(ctx, items, now); err != nil {
-					t.Fatal(err)
-				}
-			}
+			dead := deadFirstMessage(t, st, now)
 			if _, err := st.AcceptPush(ctx, message("k2", "o1", "two"), now.Add(time.Second)); err != nil {
 				t.Fatal(err)
 			}
@@ -231,25 +240,7 @@ func TestRetriedDeadLetterKeepsHistoryOrder(t *testing.T) {
 func TestRetriedDeadLetterLeavesRecentMessageAlive(t *testing.T) {
 	st := openTestStore(t, "sqlite")
 	ctx, now := context.Background(), time.Now()
-	if _, err := st.AcceptPush(ctx, message("k1", "o1", "one"), now); err != nil {
-		t.Fatal(err)
-	}
-	var dead int64
-	for dead == 0 {
-		items, err := st.Claim(ctx, "w", now, time.Minute, 10)
-		if err != nil || len(items) == 0 {
-			t.Fatal(err, len(items))
-		}
-		it := items[0]
-		if it.Delivery.Kind == deliverIMSend {
-			if err := st.GiveUp(ctx, it, "refused", nil, now); err != nil {
-				t.Fatal(err)
-			}
-			dead = it.ID
-		} else if err := st.Delivered(ctx, items, now); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dead := deadFirstMessage(t, st, now)
 	t2 := now.Add(40 * time.Minute)
 	if _, err := st.AcceptPush(ctx, message("k2", "o1", "two"), t2); err != nil {
 		t.Fatal(err)
