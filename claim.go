@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -65,14 +64,15 @@ const fenced = `state = ` + sqlPending + ` AND claimed_by = ? AND claimed_until 
 // claim, and holds them for owner until now+lease, oldest first.
 func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease time.Duration, limit int) ([]OutboxItem, error) {
 	ms, until := now.UnixMilli(), now.Add(lease).UnixMilli()
-	// The limit is written into PostgreSQL's statement, which is prepared
-	// once for each limit.
-	lim := strconv.Itoa(max(limit, 0))
-	items, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]OutboxItem, error) {
-		if !s.postgres {
-			// The heads and their claims are in the writer's memory
-			// (heads.go): a claim reads the items it takes, and writes
-			// nothing.
+	var items []OutboxItem
+	var err error
+	if s.postgres {
+		items, err = s.claimPG(ctx, owner, ms, until, limit)
+	} else {
+		// The heads and their claims are in the writer's memory
+		// (heads.go): a claim reads the items it takes, and writes
+		// nothing but their tried_at.
+		items, err = write(ctx, s, func(ctx context.Context, tx *sql.Tx) ([]OutboxItem, error) {
 			var items []OutboxItem
 			for _, id := range s.takeDue(ms, owner, until, limit) {
 				it, err := scanItem(s.queryRow(ctx, tx, `SELECT id, lane, delivery, attempts, next_at, created_at, tried_at,
@@ -90,29 +90,8 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 				items = append(items, it)
 			}
 			return items, nil
-		}
-		// The due heads are chosen first (MATERIALIZED: PostgreSQL must
-		// not fold them into a join, which plans badly on a table that
-		// grew since its statistics were taken). The
-		// conditions stand on the UPDATE too: an instance that waited for
-		// another's claim to commit re-checks them on the row as the other
-		// left it, and skips it. tried_at is recorded before the attempt,
-		// and returned as it was.
-		// A claim whose instance is dead (heartbeat.go) is free too.
-		free := `(claimed_until <= ? OR claimed_by IN (` + deadOwners + `))`
-		rows, err := s.query(ctx, tx, `
-		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
-			WHERE state = `+sqlPending+` AND head = 1 AND next_at <= ? AND `+free+`
-			ORDER BY next_at, id LIMIT `+lim+`)
-		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
-			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
-		WHERE outbox.id = due.id AND state = `+sqlPending+` AND head = 1 AND next_at <= ? AND `+free+`
-		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at, history_owed`, ms, ms, owner, owner, until, ms, ms, ms, owner)
-		if err != nil {
-			return nil, err
-		}
-		return scanItems(rows)
-	})
+		})
+	}
 	if err != nil {
 		return nil, fmt.Errorf("claim: %w", err)
 	}
@@ -133,42 +112,45 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	return items, nil
 }
 
-// Delivered marks items done, all in one write, and makes the next pending
+// Delivered marks items done, on SQLite all in one write, and makes the next pending
 // item of each of their lanes its head. An item another claim has taken
 // since is left to it: then Delivered returns errNotHeld, having recorded
 // the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
-	// On SQLite all in one write; on PostgreSQL one item a transaction,
-	// which then holds one customer's lanes at most (the lock order, db.go).
-	batches := [][]OutboxItem{items}
 	if s.postgres {
-		batches = nil
+		finished := 0
+		// One item a transaction, which then holds one customer's lanes
+		// at most (the lock order, db.go).
 		for _, it := range items {
-			batches = append(batches, []OutboxItem{it})
-		}
-	}
-	finished := 0
-	for _, batch := range batches {
-		n, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
-			n := 0
-			for _, it := range batch {
-				ended, err := s.finish(ctx, tx, it, itemDone, "", now)
-				if err != nil {
-					return 0, err
-				}
-				if ended {
-					n++
-				}
+			held, err := s.deliveredPG(ctx, it, now) // pgfinish.go
+			if err != nil {
+				return fmt.Errorf("outbox set done: %w", err)
 			}
-			return n, nil
-		})
-		if err != nil {
-			return fmt.Errorf("outbox set done: %w", err)
+			finished += boolInt(held)
 		}
-		finished += n
+		return notHeld(finished, len(items))
 	}
-	if finished < len(items) {
-		return fmt.Errorf("%w: %d of %d items delivered", errNotHeld, len(items)-finished, len(items))
+	finished, err := write(ctx, s, func(ctx context.Context, tx *sql.Tx) (int, error) {
+		n := 0
+		for _, it := range items {
+			ended, err := s.finish(ctx, tx, it, itemDone, "", now)
+			if err != nil {
+				return 0, err
+			}
+			n += boolInt(ended)
+		}
+		return n, nil
+	})
+	if err != nil {
+		return fmt.Errorf("outbox set done: %w", err)
+	}
+	return notHeld(finished, len(items))
+}
+
+// notHeld is Delivered's outcome when it recorded finished of n items.
+func notHeld(finished, n int) error {
+	if finished < n {
+		return fmt.Errorf("%w: %d of %d items delivered", errNotHeld, n-finished, n)
 	}
 	return nil
 }

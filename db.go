@@ -145,8 +145,14 @@ func (s *Store) writeTx(ctx context.Context, fn func(ctx context.Context, tx *sq
 // PostgreSQL a transaction that lost a race with another instance (a
 // unique key taken, a serialization failure, a deadlock) is run again.
 func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	return retried(func() error { return runTx(ctx, s.db, fn) })
+}
+
+// retried runs f, a transaction on PostgreSQL, and runs it again, up to
+// four times in all, while it loses a race with another instance.
+func retried(f func() error) error {
 	for attempt := 1; ; attempt++ {
-		err := runTx(ctx, s.db, fn)
+		err := f()
 		var pe *pgconn.PgError
 		if attempt < 4 && errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01") {
 			continue

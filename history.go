@@ -52,10 +52,28 @@ func (s *Store) record(ctx context.Context, tx *sql.Tx, h historyRow, now time.T
 
 // addHistory adds h to the history.
 func (s *Store) addHistory(ctx context.Context, tx *sql.Tx, h historyRow, now time.Time) error {
-	_, err := s.exec(ctx, tx, `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox,
-		h.delivery, now.UnixMilli(), h.grant)
+	_, err := s.exec(ctx, tx, insertHistory, h.args(now)...)
 	return err
+}
+
+// insertHistory adds a row to the history; its arguments are a row's args.
+const insertHistory = `INSERT INTO messages (conversation, openid, direction, agent, text, parts, state, outbox_id, delivery, created_at, grant_of)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+
+// args are insertHistory's arguments for h, written at now.
+func (h historyRow) args(now time.Time) []any {
+	return []any{h.conv, h.openid, h.direction, h.agent, h.text, max(h.parts, 1), h.state, h.outbox, h.delivery, now.UnixMilli(), h.grant}
+}
+
+// owedRow is the history row that it, a customer's message, owes; false if
+// its delivery cannot be read: it only becomes a dead letter (worker.go),
+// which the admin reads whole, and owes no row.
+func owedRow(openid string, it OutboxItem) (historyRow, bool) {
+	var d Delivery
+	if err := json.Unmarshal([]byte(it.raw), &d); err != nil {
+		return historyRow{}, false
+	}
+	return historyRow{conv: d.Conv, openid: openid, direction: "in", agent: d.Agent, text: d.Text, parts: 1, state: stateQueued, outbox: it.ID}, true
 }
 
 // settleHistory writes the history rows that the customer's messages owe,
@@ -75,11 +93,7 @@ func (s *Store) settleHistory(ctx context.Context, tx *sql.Tx, openid string, up
 		return err
 	}
 	for _, it := range owed {
-		// An item that cannot be read only becomes a dead letter
-		// (worker.go), which the admin reads whole: it owes no row.
-		var d Delivery
-		if err := json.Unmarshal([]byte(it.raw), &d); err == nil {
-			h := historyRow{conv: d.Conv, openid: openid, direction: "in", agent: d.Agent, text: d.Text, parts: 1, state: stateQueued, outbox: it.ID}
+		if h, ok := owedRow(openid, it); ok {
 			if err := s.addHistory(ctx, tx, h, it.CreatedAt); err != nil {
 				return err
 			}
@@ -121,20 +135,16 @@ func (s *Store) owedItems(ctx context.Context, tx *sql.Tx, openid string, upTo i
 	lane := "im:" + openid
 	var owed []OutboxItem
 	if s.postgres {
-		rows, err := s.query(ctx, tx, `SELECT o.id, o.delivery, o.created_at FROM outbox o
-			WHERE o.lane = ? AND o.state = `+sqlPending+` AND o.history_owed = 1 AND o.id <= ?
-			AND o.id > COALESCE((SELECT history_settled FROM customers WHERE openid = ?), 0) ORDER BY o.id`, lane, upTo, openid)
+		rows, err := s.query(ctx, tx, pgOwed, lane, upTo, openid)
 		if err != nil {
 			return nil, err
 		}
 		defer rows.Close()
 		for rows.Next() {
-			var it OutboxItem
-			var created int64
-			if err := rows.Scan(&it.ID, &it.raw, &created); err != nil {
+			it, err := scanOwed(rows)
+			if err != nil {
 				return nil, err
 			}
-			it.CreatedAt = time.UnixMilli(created)
 			owed = append(owed, it)
 		}
 		return owed, rows.Err()
@@ -164,6 +174,22 @@ func (s *Store) owedItems(ctx context.Context, tx *sql.Tx, openid string, upTo i
 	}
 	slices.Reverse(owed)
 	return owed, nil
+}
+
+// pgOwed reads, on PostgreSQL, the items of a customer's IM lane that owe
+// their history rows, up to an id, oldest first; its arguments are the
+// lane, the id and the customer's openid. Read by scanOwed.
+const pgOwed = `SELECT o.id, o.delivery, o.created_at FROM outbox o
+	WHERE o.lane = ? AND o.state = ` + sqlPending + ` AND o.history_owed = 1 AND o.id <= ?
+	AND o.id > COALESCE((SELECT history_settled FROM customers WHERE openid = ?), 0) ORDER BY o.id`
+
+// scanOwed reads a row of pgOwed.
+func scanOwed(row interface{ Scan(...any) error }) (OutboxItem, error) {
+	var it OutboxItem
+	var created int64
+	err := row.Scan(&it.ID, &it.raw, &created)
+	it.CreatedAt = time.UnixMilli(created)
+	return it, err
 }
 
 // parkedMessage is a message the history keeps with its delivery, until it

@@ -25,7 +25,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"slices"
 	"time"
 
@@ -442,7 +441,10 @@ func sendBatch(ctx context.Context, c *pgx.Conn, q *pgx.Batch, read ...func(pgx.
 			break
 		}
 	}
-	return errors.Join(err, br.Close())
+	if cerr := br.Close(); err == nil { // after a failed read, Close returns its error again
+		err = cerr
+	}
+	return err
 }
 
 // skip reads a statement's result for its error alone.

@@ -22,7 +22,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5"
 )
 
 // pushOp is a push waiting for the writer, and where its answer goes.
@@ -234,21 +234,10 @@ func (p *pgPushes) together(ctx context.Context, batch []pushOp, replays map[str
 	}
 	// A connection of the pool's a batch, not one kept: the chains need
 	// them too, and DATABASE_MAX_CONNS may be 1.
-	conn, err := p.s.db.Conn(ctx)
-	if err != nil {
-		return taken
-	}
-	defer conn.Close()
 	var accs []*Accepted
-	err = conn.Raw(func(dc any) error {
-		c := dc.(*stdlib.Conn).Conn()
+	err := onPgConn(ctx, p.s.db, func(c *pgx.Conn) error {
 		var err error
 		accs, err = (&pgBatch{s: p.s, c: c, cands: cands, aloneFrom: aloneFrom}).take(ctx)
-		if err != nil && c.PgConn().TxStatus() != 'I' {
-			if _, rerr := c.Exec(ctx, "ROLLBACK"); rerr != nil {
-				c.Close(ctx) // the pool drops it
-			}
-		}
 		return err
 	})
 	if err != nil {

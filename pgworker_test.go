@@ -1,0 +1,388 @@
+package main
+
+// The worker's pipelined writes on PostgreSQL (pgworker.go) against the
+// statement-at-a-time finish they stand for, and when they fail or are
+// given up.
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// pgRow is an outbox row a scenario writes directly.
+type pgRow struct {
+	lane     string
+	state    string
+	head     int
+	by       string
+	until    int64
+	owed     int
+	delivery string
+	created  int64
+}
+
+type finishCase struct {
+	name      string
+	customers map[string]int64 // openid -> history_settled
+	rows      []pgRow
+	x         int // index of the delivered item in rows (id = x+1)
+	by        string
+	until     int64
+	owes      bool
+}
+
+func caseDelivery(o, text string) string {
+	return fmt.Sprintf(`{"kind":"im_send","openid":%q,"im_user":"wx_%s","agent":"a1","text":%q,"conv":7}`, o, o, text)
+}
+
+func setUpCase(t *testing.T, st *Store, sc finishCase) {
+	t.Helper()
+	ctx := context.Background()
+	for o, settled := range sc.customers {
+		if _, err := st.db.ExecContext(ctx, `INSERT INTO customers (openid, created_at, history_settled) VALUES ($1, 0, $2)`, o, settled); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range sc.rows {
+		if _, err := st.db.ExecContext(ctx, `INSERT INTO outbox (lane, delivery, state, head, claimed_by, claimed_until, history_owed, next_at, created_at, updated_at)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, 0)`, r.lane, r.delivery, r.state, r.head, r.by, r.until, r.owed, r.created); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func dumpOutbox(t *testing.T, st *Store) string {
+	t.Helper()
+	ctx := context.Background()
+	var b strings.Builder
+	rows, err := st.db.QueryContext(ctx, `SELECT id, lane, state, head, attempts, next_at, claimed_by, claimed_until, last_error, updated_at, tried_at, history_owed FROM outbox ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id, next, until, upd, tried int64
+		var lane, state, by, lastErr string
+		var head, attempts, owed int
+		if err := rows.Scan(&id, &lane, &state, &head, &attempts, &next, &by, &until, &lastErr, &upd, &tried, &owed); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "outbox %d %s %s head=%d att=%d next=%d by=%s until=%d err=%q upd=%d tried=%d owed=%d\n", id, lane, state, head, attempts, next, by, until, lastErr, upd, tried, owed)
+	}
+	rows.Close()
+	rows, err = st.db.QueryContext(ctx, `SELECT id, conversation, openid, direction, agent, text, state, outbox_id, created_at FROM messages ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id, conv, ob, created int64
+		var o, dir, agent, text, state string
+		if err := rows.Scan(&id, &conv, &o, &dir, &agent, &text, &state, &ob, &created); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "message %d conv=%d %s %s %s %q %s outbox=%d at=%d\n", id, conv, o, dir, agent, text, state, ob, created)
+	}
+	rows.Close()
+	rows, err = st.db.QueryContext(ctx, `SELECT openid, history_settled FROM customers ORDER BY openid`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var o string
+		var s int64
+		rows.Scan(&o, &s)
+		fmt.Fprintf(&b, "customer %s settled=%d\n", o, s)
+	}
+	rows.Close()
+	return b.String()
+}
+
+func caseItem(sc finishCase) OutboxItem {
+	return OutboxItem{ID: int64(sc.x + 1), Lane: sc.rows[sc.x].lane, owesHistory: sc.owes, claimedBy: sc.by, claimedUntil: sc.until,
+		triedNow: 4242}
+}
+
+// TestDeliveredPGAsFinish: deliveredPG leaves the database as finish
+// (claim.go) does with itemDone, and reports the same, in each case.
+func TestDeliveredPGAsFinish(t *testing.T) {
+	o := "c1"
+	im, wx := "im:"+o, "wx:"+o
+	d := func(s string) string { return caseDelivery(o, s) }
+	scs := []finishCase{
+		{name: "plain wx lane with items after", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 11},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 12},
+		}, x: 0, by: "w", until: 100},
+		{name: "not held", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 1, "v", 200, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 11},
+		}, x: 0, by: "w", until: 100},
+		{name: "already done", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "done", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "pending", 1, "", 0, 0, `{"kind":"wx_send"}`, 11},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 12},
+		}, x: 0, by: "w", until: 100},
+		{name: "next already head", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "pending", 1, "", 0, 0, `{"kind":"wx_send"}`, 11},
+		}, x: 0, by: "w", until: 100},
+		{name: "non-pending items between", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "done", 0, "", 0, 0, `{"kind":"wx_send"}`, 11},
+			{wx, "failed", 0, "", 0, 0, `{"kind":"wx_send"}`, 12},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 13},
+		}, x: 0, by: "w", until: 100},
+		{name: "earlier pending not head", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 9},
+			{wx, "pending", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{wx, "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 11},
+		}, x: 1, by: "w", until: 100},
+		{name: "other lanes untouched", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{wx, "pending", 1, "w", 100, 0, `{"kind":"wx_send"}`, 10},
+			{im, "pending", 0, "", 0, 0, d("x"), 11},
+			{"wx:c2", "pending", 0, "", 0, 0, `{"kind":"wx_send"}`, 11},
+		}, x: 0, by: "w", until: 100},
+		{name: "owes, with owed after", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "pending", 1, "w", 100, 1, d("m1"), 10},
+			{im, "pending", 0, "", 0, 1, d("m2"), 11},
+		}, x: 0, by: "w", until: 100, owes: true},
+		{name: "owes, not held", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "pending", 1, "v", 100, 1, d("m1"), 10},
+			{im, "pending", 0, "", 0, 1, d("m2"), 11},
+		}, x: 0, by: "w", until: 100, owes: true},
+		{name: "owes, earlier owed", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "pending", 0, "", 0, 1, d("m0"), 9},
+			{im, "pending", 1, "w", 100, 1, d("m1"), 10},
+			{im, "pending", 0, "", 0, 1, d("m2"), 11},
+		}, x: 1, by: "w", until: 100, owes: true},
+		{name: "owes, unreadable before", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "pending", 0, "", 0, 1, `{not json`, 9},
+			{im, "pending", 1, "w", 100, 1, d("m1"), 10},
+		}, x: 1, by: "w", until: 100, owes: true},
+		{name: "owes, unreadable itself", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "pending", 1, "w", 100, 1, `{not json`, 10},
+			{im, "pending", 0, "", 0, 1, d("m2"), 11},
+		}, x: 0, by: "w", until: 100, owes: true},
+		{name: "owes, settled already", customers: map[string]int64{o: 5}, rows: []pgRow{
+			{im, "pending", 1, "w", 100, 1, d("m1"), 10},
+			{im, "pending", 0, "", 0, 1, d("m2"), 11},
+		}, x: 0, by: "w", until: 100, owes: true},
+		{name: "owes, unknown customer", customers: map[string]int64{}, rows: []pgRow{
+			{im, "pending", 1, "w", 100, 1, d("m1"), 10},
+		}, x: 0, by: "w", until: 100, owes: true},
+		{name: "owes, done already", customers: map[string]int64{o: 0}, rows: []pgRow{
+			{im, "done", 1, "w", 100, 1, d("m1"), 10},
+			{im, "pending", 1, "", 0, 1, d("m2"), 11},
+		}, x: 0, by: "w", until: 100, owes: true},
+	}
+	for _, sc := range scs {
+		t.Run(sc.name, func(t *testing.T) {
+			ctx := context.Background()
+			now := time.UnixMilli(5000)
+			old := openTestStore(t, "postgres")
+			setUpCase(t, old, sc)
+			var oldEnded bool
+			oldErr := old.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+				var err error
+				oldEnded, err = old.finish(ctx, tx, caseItem(sc), itemDone, "", now)
+				return err
+			})
+			nw := openTestStore(t, "postgres")
+			setUpCase(t, nw, sc)
+			newHeld, newErr := nw.deliveredPG(ctx, caseItem(sc), now)
+			if oldEnded != newHeld || errors.Is(oldErr, errUnknownCustomer) != errors.Is(newErr, errUnknownCustomer) || (oldErr == nil) != (newErr == nil) {
+				t.Errorf("old: %v, %v; new: %v, %v", oldEnded, oldErr, newHeld, newErr)
+			}
+			if a, b := dumpOutbox(t, old), dumpOutbox(t, nw); a != b {
+				t.Errorf("the database differs:\nold finish:\n%s\ndeliveredPG:\n%s", a, b)
+			}
+		})
+	}
+}
+
+// TestDeliveredPGFailsWhole: a statement of the pipeline that fails, or a
+// COMMIT that fails, leaves nothing written and the one connection of the
+// pool usable, outside any transaction, its locks let go.
+func TestDeliveredPGFailsWhole(t *testing.T) {
+	for _, fail := range []string{"insert", "commit", "unknown"} {
+		t.Run(fail, func(t *testing.T) {
+			url := testPostgres(t)
+			ctx := context.Background()
+			st, err := openStore(ctx, url, storeOptions{PGConns: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			sc := finishCase{customers: map[string]int64{"c1": 0}, rows: []pgRow{
+				{"im:c1", "pending", 1, "w", 100, 1, caseDelivery("c1", "m1"), 10},
+				{"im:c1", "pending", 0, "", 0, 1, caseDelivery("c1", "m2"), 11},
+			}, x: 0, by: "w", until: 100, owes: true}
+			if fail == "unknown" {
+				sc.customers = nil
+			}
+			setUpCase(t, st, sc)
+			before := dumpOutbox(t, st)
+			switch fail {
+			case "insert":
+				st.db.ExecContext(ctx, `CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'; END $$`)
+				if _, err := st.db.ExecContext(ctx, `CREATE TRIGGER boom BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION boom()`); err != nil {
+					t.Fatal(err)
+				}
+			case "commit":
+				st.db.ExecContext(ctx, `CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom at commit'; END $$`)
+				if _, err := st.db.ExecContext(ctx, `CREATE CONSTRAINT TRIGGER boom AFTER UPDATE ON outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION boom()`); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err = st.Delivered(ctx, []OutboxItem{caseItem(sc)}, time.UnixMilli(5000))
+			if err == nil {
+				t.Fatal("Delivered succeeded")
+			}
+			t.Logf("Delivered: %v", err)
+			var x1, x2 int64
+			e1 := st.db.QueryRowContext(ctx, `SELECT txid_current()`).Scan(&x1)
+			e2 := st.db.QueryRowContext(ctx, `SELECT txid_current()`).Scan(&x2)
+			if e1 != nil || e2 != nil || x1 == x2 {
+				t.Errorf("the pool's connection is in a transaction still (%v, %v, %d, %d)", e1, e2, x1, x2)
+			}
+			st.db.ExecContext(ctx, `DROP TRIGGER IF EXISTS boom ON messages`)
+			st.db.ExecContext(ctx, `DROP TRIGGER IF EXISTS boom ON outbox`)
+			if after := dumpOutbox(t, st); after != before {
+				t.Errorf("a failed Delivered wrote:\nbefore:\n%s\nafter:\n%s", before, after)
+			}
+			other := openStoreAt(t, url)
+			lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			if _, err := other.db.ExecContext(lctx, `SELECT pg_advisory_xact_lock(hashtext('im:c1'))`); err != nil {
+				t.Errorf("the lane is held still: %v", err)
+			}
+		})
+	}
+}
+
+// lockWaiters counts the sessions of the database waiting on a lock of the
+// kind given ("advisory", "transactionid", ...).
+func lockWaiters(st *Store, kind string) int {
+	var n int
+	st.db.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = $1`, kind).Scan(&n)
+	return n
+}
+
+// quiet waits until no other session of the database runs a statement or
+// holds a transaction open: one whose client gave up has ended what it was
+// sent, committed or rolled back.
+func quiet(t *testing.T, st *Store) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int
+		if err := st.db.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+			AND pid <> pg_backend_pid() AND state <> 'idle'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions still busy", n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// whenWaiting runs then once a session waits on a lock of the kind given.
+func whenWaiting(st *Store, kind string, then func()) {
+	go func() {
+		deadline := time.Now().Add(10 * time.Second)
+		for lockWaiters(st, kind) == 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		then()
+	}()
+}
+
+// TestDeliveredGivenUpWritesNothing: Delivered whose context ends
+// while it waits for its lane (held by another transaction, which ends just
+// then) returns an error, and so must have written nothing: the item stays
+// pending, and the lane's next item does not head it.
+func TestDeliveredGivenUpWritesNothing(t *testing.T) {
+	st := openTestStore(t, "postgres")
+	ctx, now := context.Background(), time.Now()
+	queueReplies(t, st, now, "one", "two")
+	items, err := st.Claim(ctx, "w", now, time.Minute, 10)
+	if err != nil || len(items) != 1 {
+		t.Fatal(items, err)
+	}
+	ext, err := st.db.Conn(ctx) // another transaction holds the lane
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ext.Close()
+	if _, err := ext.ExecContext(ctx, `SELECT pg_advisory_lock(hashtext('wx:o1'))`); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	whenWaiting(st, "advisory", func() {
+		cancel() // the worker stopping
+		ext.ExecContext(ctx, `SELECT pg_advisory_unlock(hashtext('wx:o1'))`)
+	})
+	err = st.Delivered(cctx, items, now)
+	if err == nil {
+		t.Skip("Delivered finished before its context ended")
+	}
+	quiet(t, st)
+	var state string
+	var heads int
+	if err := st.db.QueryRow(`SELECT state FROM outbox WHERE id = $1`, items[0].ID).Scan(&state); err != nil {
+		t.Fatal(err)
+	}
+	st.db.QueryRow(`SELECT count(*) FROM outbox WHERE head = 1 AND state = 'pending'`).Scan(&heads)
+	if state != "pending" {
+		t.Errorf("Delivered returned %q, yet afterwards the item is %s (pending heads: %d)", err, state, heads)
+	}
+}
+
+// TestClaimGivenUpTakesNothing: a claim whose context ends while
+// it waits for a head's row (another transaction holds it, and ends just
+// then) returns an error, and so must have taken nothing: the item is not
+// held by it afterwards, and another instance takes it at once.
+func TestClaimGivenUpTakesNothing(t *testing.T) {
+	st := openTestStore(t, "postgres")
+	ctx, now := context.Background(), time.Now()
+	queueReply(t, st, "one", now)
+	ext, err := st.db.BeginTx(ctx, nil) // another instance's transaction holds the head's row
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ext.Rollback()
+	if _, err := ext.ExecContext(ctx, `SELECT id FROM outbox WHERE lane = 'wx:o1' FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	whenWaiting(st, "transactionid", func() {
+		cancel() // the worker stopping
+		ext.Rollback()
+	})
+	items, err := st.Claim(cctx, "w", now, time.Minute, 10)
+	if err == nil {
+		t.Skipf("the claim finished (%d items) before its context ended", len(items))
+	}
+	quiet(t, st)
+	var by string
+	var until int64
+	if err := st.db.QueryRow(`SELECT claimed_by, claimed_until FROM outbox WHERE lane = 'wx:o1'`).Scan(&by, &until); err != nil {
+		t.Fatal(err)
+	}
+	if by == "w" && until > now.UnixMilli() {
+		t.Errorf("the claim returned %q, yet the item is held by w for %s more", err, time.Duration(until-now.UnixMilli())*time.Millisecond)
+	}
+	got, err := st.Claim(ctx, "v", now, time.Minute, 10)
+	if err != nil || len(got) != 1 {
+		t.Errorf("another instance claimed %d items (%v), want the item", len(got), err)
+	}
+}
