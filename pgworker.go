@@ -5,8 +5,8 @@ package main
 // two round trips, a delivered item's outcome in two or three. COMMIT goes
 // alone, once the statements before it have answered, so that a caller
 // who gives up while a statement waits for a lock leaves nothing written.
-// A statement a round trip, the worker's eleven round trips an item could
-// not keep up with IM's 200 a second during a burst (docs/SPEED.md).
+// A statement a round trip, eleven round trips an item, the worker cannot
+// keep IM's 200 a second during a burst (docs/SPEED.md).
 
 import (
 	"cmp"
