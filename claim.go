@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"slices"
 	"strings"
 	"time"
 )
@@ -112,17 +111,17 @@ func (s *Store) Claim(ctx context.Context, owner string, now time.Time, lease ti
 	return items, nil
 }
 
-// Delivered marks items done, on SQLite all in one write, and makes the next pending
-// item of each of their lanes its head. An item another claim has taken
-// since is left to it: then Delivered returns errNotHeld, having recorded
-// the others.
+// Delivered marks items done, on SQLite all in one write, and makes the
+// next pending item of each of their lanes its head. An item another claim
+// has taken since is left to it: then Delivered returns errNotHeld, having
+// recorded the others.
 func (s *Store) Delivered(ctx context.Context, items []OutboxItem, now time.Time) error {
 	if s.postgres {
 		finished := 0
 		// One item a transaction, which then holds one customer's lanes
 		// at most (the lock order, db.go).
 		for _, it := range items {
-			held, err := s.deliveredPG(ctx, it, now) // pgfinish.go
+			held, err := s.deliveredPG(ctx, it, now) // pgworker.go
 			if err != nil {
 				return fmt.Errorf("outbox set done: %w", err)
 			}
@@ -337,23 +336,4 @@ func scanItem(row interface{ Scan(...any) error }) (OutboxItem, error) {
 	}
 	it.NextAt, it.CreatedAt, it.owesHistory = time.UnixMilli(next), time.UnixMilli(created), owes == 1
 	return it, nil
-}
-
-// scanItems reads items as scanItem does, oldest first.
-func scanItems(rows *sql.Rows) ([]OutboxItem, error) {
-	defer rows.Close()
-	var items []OutboxItem
-	for rows.Next() {
-		it, err := scanItem(rows)
-		if err != nil {
-			return nil, err
-		}
-		items = append(items, it)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	// RETURNING gives no order; deliver the oldest first.
-	slices.SortFunc(items, func(a, b OutboxItem) int { return cmp.Compare(a.ID, b.ID) })
-	return items, nil
 }
