@@ -227,17 +227,18 @@ func TestDeliveredPGFailsWhole(t *testing.T) {
 			}
 			setUpCase(t, st, sc)
 			before := dumpOutbox(t, st)
+			boom := func(trigger string) {
+				for _, q := range []string{`CREATE OR REPLACE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'; END $$`, trigger} {
+					if _, err := st.db.ExecContext(ctx, q); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
 			switch fail {
 			case "insert":
-				st.db.ExecContext(ctx, `CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'; END $$`)
-				if _, err := st.db.ExecContext(ctx, `CREATE TRIGGER boom BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION boom()`); err != nil {
-					t.Fatal(err)
-				}
+				boom(`CREATE TRIGGER boom BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION boom()`)
 			case "commit":
-				st.db.ExecContext(ctx, `CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom at commit'; END $$`)
-				if _, err := st.db.ExecContext(ctx, `CREATE CONSTRAINT TRIGGER boom AFTER UPDATE ON outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION boom()`); err != nil {
-					t.Fatal(err)
-				}
+				boom(`CREATE CONSTRAINT TRIGGER boom AFTER UPDATE ON outbox DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION boom()`)
 			}
 			err = st.Delivered(ctx, []OutboxItem{caseItem(sc)}, time.UnixMilli(5000))
 			if err == nil {
