@@ -21,23 +21,23 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// claimPG is Claim on PostgreSQL. The due heads are chosen first
-// (MATERIALIZED: PostgreSQL must not fold them into a join, which plans
-// badly on a table that grew since its statistics were taken). The
-// conditions stand on the UPDATE too: an instance that waited for another's
-// claim to commit re-checks them on the row as the other left it, and skips
-// it. tried_at is recorded before the attempt, and returned as it was. A
-// claim whose instance is dead (heartbeat.go) is free too. The limit is
-// written into the statement, which pgx prepares once for each limit.
+// claimPG is Claim on PostgreSQL. The due heads are chosen and locked
+// first, skipping those another transaction holds: a row another instance
+// changed since the statement began is checked again as that instance left
+// it (FOR UPDATE), and the UPDATE finds what it changes by primary key
+// alone, whatever the table's statistics say. tried_at is recorded before
+// the attempt, and returned as it was. A claim whose instance is dead
+// (heartbeat.go) is free too. The limit is written into the statement,
+// which pgx prepares once for each limit.
 func (s *Store) claimPG(ctx context.Context, owner string, ms, until int64, limit int) ([]OutboxItem, error) {
-	free := `(claimed_until <= ? OR claimed_by IN (` + deadOwners + `))`
 	query := s.q(`
 		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
-			WHERE state = ` + sqlPending + ` AND head = 1 AND next_at <= ? AND ` + free + `
-			ORDER BY next_at, id LIMIT ` + strconv.Itoa(max(limit, 0)) + `)
+			WHERE state = ` + sqlPending + ` AND head = 1 AND next_at <= ?
+			AND (claimed_until <= ? OR claimed_by IN (` + deadOwners + `))
+			ORDER BY next_at, id LIMIT ` + strconv.Itoa(max(limit, 0)) + ` FOR UPDATE SKIP LOCKED)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
 			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
-		WHERE outbox.id = due.id AND state = ` + sqlPending + ` AND head = 1 AND next_at <= ? AND ` + free + `
+		WHERE outbox.id = due.id
 		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at, history_owed`)
 	var items []OutboxItem
 	err := retried(func() error {
@@ -45,7 +45,7 @@ func (s *Store) claimPG(ctx context.Context, owner string, ms, until int64, limi
 		return onPgConn(ctx, s.db, func(c *pgx.Conn) error {
 			var q pgx.Batch
 			q.Queue(`BEGIN`)
-			q.Queue(query, ms, ms, owner, owner, until, ms, ms, ms, owner)
+			q.Queue(query, ms, ms, owner, owner, until, ms)
 			if err := sendBatch(ctx, c, &q, skip, rowsOf(func(r pgx.Rows) error {
 				it, err := scanItem(r)
 				items = append(items, it)

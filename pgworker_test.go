@@ -349,23 +349,24 @@ func TestDeliveredGivenUpWritesNothing(t *testing.T) {
 }
 
 // TestClaimGivenUpTakesNothing: a claim whose context ends while
-// it waits for a head's row (another transaction holds it, and ends just
-// then) returns an error, and so must have taken nothing: the item is not
-// held by it afterwards, and another instance takes it at once.
+// it waits for the outbox (another transaction locks the table, as a
+// schema change does, and ends just then) returns an error, and so must
+// have taken nothing: the item is not held by it afterwards, and another
+// instance takes it at once.
 func TestClaimGivenUpTakesNothing(t *testing.T) {
 	st := openTestStore(t, "postgres")
 	ctx, now := context.Background(), time.Now()
 	queueReply(t, st, "one", now)
-	ext, err := st.db.BeginTx(ctx, nil) // another instance's transaction holds the head's row
+	ext, err := st.db.BeginTx(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ext.Rollback()
-	if _, err := ext.ExecContext(ctx, `SELECT id FROM outbox WHERE lane = 'wx:o1' FOR UPDATE`); err != nil {
+	if _, err := ext.ExecContext(ctx, `LOCK TABLE outbox IN SHARE MODE`); err != nil {
 		t.Fatal(err)
 	}
 	cctx, cancel := context.WithCancel(ctx)
-	whenWaiting(st, "transactionid", func() {
+	whenWaiting(st, "relation", func() {
 		cancel() // the worker stopping
 		ext.Rollback()
 	})
@@ -385,5 +386,42 @@ func TestClaimGivenUpTakesNothing(t *testing.T) {
 	got, err := st.Claim(ctx, "v", now, time.Minute, 10)
 	if err != nil || len(got) != 1 {
 		t.Errorf("another instance claimed %d items (%v), want the item", len(got), err)
+	}
+}
+
+// TestClaimSkipsHeldHeads: a claim passes over a head whose row another
+// transaction holds (another instance's claim, not yet committed) and takes
+// the next lane's, without waiting; the next claim takes the first once it
+// is free.
+func TestClaimSkipsHeldHeads(t *testing.T) {
+	st := openTestStore(t, "postgres")
+	ctx, now := context.Background(), time.Now()
+	queueReply(t, st, "one", now)
+	err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o2", Text: "two"}, now)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext, err := st.db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ext.Rollback()
+	if _, err := ext.ExecContext(ctx, `SELECT id FROM outbox WHERE lane = 'wx:o1' FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	got, err := st.Claim(cctx, "w", now, time.Minute, 10)
+	if err != nil || len(got) != 1 || got[0].Lane != "wx:o2" {
+		t.Fatalf("with o1's head held, the claim took %v (%v); want o2's head alone", got, err)
+	}
+	if err := ext.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	got, err = st.Claim(ctx, "v", now, time.Minute, 10)
+	if err != nil || len(got) != 1 || got[0].Lane != "wx:o1" {
+		t.Errorf("once o1's head is free, the claim took %v (%v); want it alone", got, err)
 	}
 }
