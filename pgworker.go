@@ -24,11 +24,13 @@ import (
 // claimPG is Claim on PostgreSQL. The due heads are chosen and locked
 // first, skipping those another transaction holds: a row another instance
 // changed since the statement began is checked again as that instance left
-// it (FOR UPDATE), and the UPDATE finds what it changes by primary key
-// alone, whatever the table's statistics say. tried_at is recorded before
-// the attempt, and returned as it was. A claim whose instance is dead
-// (heartbeat.go) is free too. The limit is written into the statement,
-// which pgx prepares once for each limit.
+// it (FOR UPDATE). The UPDATE finds them by primary key as an index
+// condition (= ANY): joined on the key alone, a plan cached while the
+// outbox was young (statistics taken when it held a few due heads) hashes
+// them and scans the whole outbox, every claim, as it grows. tried_at is
+// recorded before the attempt, and returned as it was. A claim whose
+// instance is dead (heartbeat.go) is free too. The limit is written into
+// the statement, which pgx prepares once for each limit.
 func (s *Store) claimPG(ctx context.Context, owner string, ms, until int64, limit int) ([]OutboxItem, error) {
 	query := s.q(`
 		WITH due AS MATERIALIZED (SELECT id, tried_at FROM outbox
@@ -37,7 +39,7 @@ func (s *Store) claimPG(ctx context.Context, owner string, ms, until int64, limi
 			ORDER BY next_at, id LIMIT ` + strconv.Itoa(max(limit, 0)) + ` FOR UPDATE SKIP LOCKED)
 		UPDATE outbox SET claimed_by = ?, claimed_until = ?,
 			tried_at = CASE WHEN outbox.tried_at = 0 THEN ? ELSE outbox.tried_at END FROM due
-		WHERE outbox.id = due.id
+		WHERE outbox.id = due.id AND outbox.id = ANY (ARRAY(SELECT id FROM due))
 		RETURNING outbox.id, lane, delivery, attempts, next_at, created_at, due.tried_at, history_owed`)
 	var items []OutboxItem
 	err := retried(func() error {

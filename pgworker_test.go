@@ -9,6 +9,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -348,28 +351,48 @@ func TestDeliveredGivenUpWritesNothing(t *testing.T) {
 	}
 }
 
-// TestClaimGivenUpTakesNothing: a claim whose context ends while
-// it waits for the outbox (another transaction locks the table, as a
-// schema change does, and ends just then) returns an error, and so must
-// have taken nothing: the item is not held by it afterwards, and another
-// instance takes it at once.
+// TestClaimGivenUpTakesNothing: a claim whose context ends while it waits
+// for the outbox (another transaction locks the table, as a schema change
+// does, and ends just then) returns an error, and so must have taken
+// nothing: the item is not held by it afterwards, and another instance
+// takes it at once. The claim's statement is prepared already on the
+// connection it takes, as in a running worker, so that it waits when it
+// runs, not while pgx prepares it; the wait is watched from a pool of its
+// own.
 func TestClaimGivenUpTakesNothing(t *testing.T) {
 	st := openTestStore(t, "postgres")
 	ctx, now := context.Background(), time.Now()
-	queueReply(t, st, "one", now)
+	watch, err := sql.Open("pgx", os.Getenv("TEST_DATABASE_URL"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close()
+	st.db.SetMaxOpenConns(2) // ext's, and the one the claims take
 	ext, err := st.db.BeginTx(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ext.Rollback()
+	if got, err := st.Claim(ctx, "w", now, time.Minute, 10); err != nil || len(got) != 0 { // prepares the claim
+		t.Fatal(got, err)
+	}
+	queueReply(t, st, "one", now)
 	if _, err := ext.ExecContext(ctx, `LOCK TABLE outbox IN SHARE MODE`); err != nil {
 		t.Fatal(err)
 	}
 	cctx, cancel := context.WithCancel(ctx)
-	whenWaiting(st, "relation", func() {
+	go func() {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			var n int
+			watch.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+				AND wait_event_type = 'Lock' AND wait_event = 'relation'`).Scan(&n)
+			if n > 0 {
+				break
+			}
+		}
 		cancel() // the worker stopping
 		ext.Rollback()
-	})
+	}()
 	items, err := st.Claim(cctx, "w", now, time.Minute, 10)
 	if err == nil {
 		t.Skipf("the claim finished (%d items) before its context ended", len(items))
@@ -423,5 +446,163 @@ func TestClaimSkipsHeldHeads(t *testing.T) {
 	got, err = st.Claim(ctx, "v", now, time.Minute, 10)
 	if err != nil || len(got) != 1 || got[0].Lane != "wx:o1" {
 		t.Errorf("once o1's head is free, the claim took %v (%v); want it alone", got, err)
+	}
+}
+
+// TestClaimRechecksHeadsTakenMidStatement: a claim whose statement began
+// while two heads were free, one of which another instance then changes
+// and commits before the claim reaches it, checks that one again as the
+// other left it, and takes it only if it is still a free due head. A
+// statement trigger holds the claim after its snapshot is taken.
+func TestClaimRechecksHeadsTakenMidStatement(t *testing.T) {
+	for _, change := range []string{
+		`claimed_by = 'a', claimed_until = $2`, // another instance's claim
+		`state = 'done', claimed_until = 0`,    // finished by an earlier claim
+		`next_at = $2, claimed_until = 0`,      // retried later by an earlier claim
+		`head = 0`,                             // no longer the head
+	} {
+		t.Run(change, func(t *testing.T) {
+			st := openTestStore(t, "postgres")
+			ctx, now := context.Background(), time.Now()
+			queueReply(t, st, "one", now)
+			err := st.writeTx(ctx, func(ctx context.Context, tx *sql.Tx) error {
+				return st.enqueue(ctx, tx, Delivery{Kind: deliverWeChat, OpenID: "o2", Text: "two"}, now)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var first, second int64
+			if err := st.db.QueryRow(`SELECT (SELECT id FROM outbox WHERE lane = 'wx:o1'), (SELECT id FROM outbox WHERE lane = 'wx:o2')`).Scan(&first, &second); err != nil {
+				t.Fatal(err)
+			}
+			// Every UPDATE of the outbox waits while the test holds lock
+			// 4242, but the other instance's, which says so.
+			for _, q := range []string{
+				`CREATE FUNCTION pause_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+				BEGIN
+					IF current_setting('test.other', true) IS DISTINCT FROM 'on' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF;
+					RETURN NULL;
+				END $$`,
+				`CREATE TRIGGER pause_claim BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION pause_claim()`,
+			} {
+				if _, err := st.db.Exec(q); err != nil {
+					t.Fatal(err)
+				}
+			}
+			hold, err := st.db.Conn(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer hold.Close()
+			if _, err := hold.ExecContext(ctx, `SELECT pg_advisory_lock(4242)`); err != nil {
+				t.Fatal(err)
+			}
+			type result struct {
+				items []OutboxItem
+				err   error
+			}
+			res := make(chan result, 1)
+			go func() {
+				items, err := st.Claim(ctx, "b", now, time.Minute, 10)
+				res <- result{items, err}
+			}()
+			for deadline := time.Now().Add(10 * time.Second); lockWaiters(st, "advisory") == 0; time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("the claim never reached its trigger")
+				}
+			}
+			other, err := st.db.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer other.Rollback()
+			if _, err := other.Exec(`SET LOCAL test.other = 'on'; SET LOCAL lock_timeout = '5s'`); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := other.Exec(`UPDATE outbox SET `+change+` WHERE id = $1 AND $2::bigint > 0`, second, now.Add(time.Hour).UnixMilli()); err != nil {
+				t.Fatal(err)
+			}
+			if err := other.Commit(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := hold.ExecContext(ctx, `SELECT pg_advisory_unlock(4242)`); err != nil {
+				t.Fatal(err)
+			}
+			r := <-res
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			var ids []int64
+			for _, it := range r.items {
+				ids = append(ids, it.ID)
+			}
+			if len(ids) != 1 || ids[0] != first {
+				t.Errorf("after %q on o2's head (%d), the claim took items %v; want o1's head (%d) alone", change, second, ids, first)
+			}
+		})
+	}
+}
+
+// TestClaimPlanFindsRowsByKey: the claim's UPDATE finds the rows it
+// changes by primary key whatever the statistics say. Statistics taken
+// while the outbox was young (all of it due heads) make PostgreSQL cache,
+// on the connection, a generic plan; joined on the key alone, that plan
+// hashed the due heads and scanned the whole outbox for them, and without
+// a new ANALYZE (autovacuum off) it is kept as the outbox grows.
+func TestClaimPlanFindsRowsByKey(t *testing.T) {
+	st := openTestStore(t, "postgres")
+	st.db.SetMaxOpenConns(1) // one connection: the one whose plan is looked at
+	ctx, now := context.Background(), time.Now()
+	ms := now.UnixMilli()
+	if _, err := st.db.ExecContext(ctx, `INSERT INTO outbox (lane, delivery, next_at, head, created_at, updated_at)
+		SELECT 'wx:p' || g, '{"kind":"wechat","openid":"p' || g || '","text":"hi"}', $1, 1, $1, $1
+		FROM generate_series(1, 3000) g`, ms); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.db.ExecContext(ctx, `ANALYZE outbox`); err != nil {
+		t.Fatal(err)
+	}
+	for range 8 { // past the plan cache's five custom plans
+		if got, err := st.Claim(ctx, "w", now, time.Minute, 32); err != nil || len(got) != 32 {
+			t.Fatal(len(got), err)
+		}
+	}
+	// Many delivered items later, with no ANALYZE since.
+	if _, err := st.db.ExecContext(ctx, `INSERT INTO outbox (lane, delivery, state, next_at, created_at, updated_at)
+		SELECT 'wx:p' || (g % 3000), '{"kind":"wechat","text":"delivered"}', 'done', $1, $1, $1
+		FROM generate_series(1, 200000) g`, ms); err != nil {
+		t.Fatal(err)
+	}
+	var name, types string
+	if err := st.db.QueryRowContext(ctx, `SELECT name, parameter_types::text FROM pg_prepared_statements
+		WHERE statement LIKE '%WITH due AS MATERIALIZED%' AND statement LIKE '%LIMIT 32%'`).Scan(&name, &types); err != nil {
+		t.Fatal(err)
+	}
+	var args []string // the claim's arguments: its times, and the owner
+	for _, ty := range strings.Split(strings.Trim(types, "{}"), ",") {
+		if ty == "text" {
+			args = append(args, "'w'")
+		} else {
+			args = append(args, strconv.FormatInt(ms, 10))
+		}
+	}
+	rows, err := st.db.QueryContext(ctx, `EXPLAIN (COSTS OFF) EXECUTE `+name+`(`+strings.Join(args, ", ")+`)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var plan []string
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			t.Fatal(err)
+		}
+		plan = append(plan, line)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	rows.Close()
+	if p := strings.Join(plan, "\n"); regexp.MustCompile(`Seq Scan on outbox(\s|$)`).MatchString(p) {
+		t.Errorf("the claim scans the whole outbox:\n%s", p)
 	}
 }
