@@ -164,6 +164,32 @@ func procUsage(pid int) usage {
 	return usage{}
 }
 
+// postgresCPU adds up the CPU time, user and system, of every process of
+// this machine named postgres (the server's backends and its own
+// processes); known is false if /proc cannot tell or none runs here. A
+// backend that ends between two readings takes its time with it: the
+// difference of two readings counts the connections open throughout.
+func postgresCPU() (cpu time.Duration, known bool) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, false
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
+			continue
+		}
+		if u := procUsage(pid); u.known {
+			cpu, known = cpu+u.cpu, true
+		}
+	}
+	return cpu, known
+}
+
 // String names the running bridges, for the report.
 func (f *fleet) String() string {
 	var each []string

@@ -53,6 +53,10 @@ type outcome struct {
 	failures, resent int64
 	peak             string
 	spent            usage
+	// PostgreSQL's CPU time while the pushes ran, when the bridge runs on
+	// a PostgreSQL of this machine.
+	pgCPU   time.Duration
+	pgKnown bool
 }
 
 // runLoad runs the load generator; args are its flags.
@@ -233,6 +237,7 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	serving := make(chan struct{})
 	close(serving)
 	ps.up.Store(&serving)
+	pgBefore, pgKnown := postgresCPU()
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range t.o.conns {
@@ -271,6 +276,9 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	out.accepted, out.early = len(t.answered), len(t.arrived)
 	t.mu.Unlock()
 	out.peak, out.spent = t.fleet.peakMemory(), t.fleet.usage()
+	if pgAfter, ok := postgresCPU(); ok && pgKnown && t.o.postgres() {
+		out.pgCPU, out.pgKnown = pgAfter-pgBefore, true
+	}
 	return out, nil
 }
 
@@ -450,5 +458,9 @@ func reportUsage(w io.Writer, out outcome) {
 	default:
 		fmt.Fprintf(w, "bridge CPU and disk:   %.1f µs of CPU and %.2f KB written a push answered, until the pushes stopped (/proc)\n",
 			float64(out.spent.cpu.Microseconds())/float64(out.accepted), float64(out.spent.written)/1024/float64(out.accepted))
+		if out.pgKnown {
+			fmt.Fprintf(w, "PostgreSQL's CPU:      %.1f µs a push answered, while the pushes ran (every postgres process here, /proc)\n",
+				float64(out.pgCPU.Microseconds())/float64(out.accepted))
+		}
 	}
 }

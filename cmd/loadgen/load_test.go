@@ -181,6 +181,21 @@ func TestLoadEmptyHandler(t *testing.T) {
 	}
 }
 
+// On a PostgreSQL of this machine, the report tells the server's CPU a
+// push beside the bridge's.
+func TestLoadTellsPostgresCPU(t *testing.T) {
+	args := []string{"-database", testPostgres(t), "-im-rate", "200", "-duration", "300ms", "-connections", "2", "-customers", "3",
+		"-exe", build(t, "wechat-im-bridge")}
+	var out strings.Builder
+	if err := runLoad(t.Context(), args, &out, io.Discard); err != nil {
+		t.Fatalf("load: %v\n%s", err, &out)
+	}
+	want := `PostgreSQL's CPU: +[0-9]+\.[0-9] µs a push answered, while the pushes ran`
+	if !regexp.MustCompile(want).MatchString(out.String()) {
+		t.Errorf("report lacks %q:\n%s", want, &out)
+	}
+}
+
 // Under -chaos the bridge is killed and restarted while the pushes run and
 // IM fails by turns, and still every answered message reaches IM once and
 // in order. On PostgreSQL two bridges share the pushes, and a push that one

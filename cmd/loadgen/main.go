@@ -4,7 +4,8 @@
 // pushes signed text messages from many customers at it over several
 // connections for a fixed time, waits for every accepted message to reach
 // IM, and reports throughput, WeChat's wait, delivery latency, lost
-// forwards and the bridge's peak memory.
+// forwards, the bridge's peak memory and CPU a push, and PostgreSQL's CPU
+// a push when the bridge runs on a PostgreSQL of this machine.
 //
 //	go run ./cmd/loadgen -im-rate 200
 //
@@ -121,7 +122,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return options{}, err
 	}
 	o.itselfRuns = o.other == ""
-	postgres := strings.HasPrefix(o.database, "postgres://") || strings.HasPrefix(o.database, "postgresql://")
+	postgres := o.postgres()
 	switch {
 	case o.duration <= 0 || o.duration > 10*time.Minute || o.conns < 1 || o.conns > 1024 || o.customers < 1 || o.imRate < 0 || o.imDedup <= 0:
 		return options{}, errors.New("load: -duration must be in (0, 10m], -connections in [1, 1024], -customers at least 1, -im-rate at least 0, -im-dedup positive")
@@ -141,4 +142,9 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return options{}, errors.New("load: -chaos delivers while the pushes run, and checks every forward: not with -im-rate or -forwards=false")
 	}
 	return o, nil
+}
+
+// postgres reports whether the bridge runs on PostgreSQL.
+func (o options) postgres() bool {
+	return strings.HasPrefix(o.database, "postgres://") || strings.HasPrefix(o.database, "postgresql://")
 }
