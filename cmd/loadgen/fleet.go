@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"time"
 	"wechat-im-bridge/fakes"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver, to find the bridge's PostgreSQL server
 )
 
 // fleet is the bridge processes of a load run, each on a loopback address
@@ -130,22 +133,10 @@ func (f *fleet) usage() usage {
 }
 
 // procUsage reads what a process has spent from /proc: its CPU time from
-// the utime and stime fields of stat, in the clock ticks of 1/100 s Linux
-// counts them in for user space, and write_bytes from io.
+// the utime and stime fields of stat (procStat), and write_bytes from io.
 func procUsage(pid int) usage {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return usage{}
-	}
-	// The fields after the command, in parentheses, whose name may hold
-	// spaces and parentheses: state is the first, utime the 12th, stime
-	// the 13th.
-	end := bytes.LastIndexByte(stat, ')')
-	if end < 0 {
-		return usage{}
-	}
-	fields := strings.Fields(string(stat[end+1:]))
-	if len(fields) < 13 {
+	fields, ok := procStat(pid)
+	if !ok {
 		return usage{}
 	}
 	utime, err1 := strconv.ParseInt(fields[11], 10, 64)
@@ -164,30 +155,82 @@ func procUsage(pid int) usage {
 	return usage{}
 }
 
-// postgresCPU adds up the CPU time, user and system, of every process of
-// this machine named postgres (the server's backends and its own
-// processes); known is false if /proc cannot tell or none runs here. A
-// backend that ends between two readings takes its time with it: the
-// difference of two readings counts the connections open throughout.
-func postgresCPU() (cpu time.Duration, known bool) {
+// postmasterOf returns the pid of the PostgreSQL server the bridge's
+// database dsn is served by, if that server runs on this machine: the
+// parent of the backend a connection of its own is given.
+func postmasterOf(ctx context.Context, dsn string) (int, bool) {
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return 0, false
+	}
+	defer db.Close()
+	var backend int
+	if err := db.QueryRowContext(ctx, `SELECT pg_backend_pid()`).Scan(&backend); err != nil {
+		return 0, false
+	}
+	f, ok := procStat(backend)
+	if !ok {
+		return 0, false
+	}
+	server, err := strconv.Atoi(f[1])
+	return server, err == nil
+}
+
+// serverCPU adds up the CPU time of PostgreSQL's server process and of its
+// children, the backends among them: those running, from their own
+// counts, and those that ended, from what the server collected of them
+// (cutime and cstime), so that the difference of two readings is what the
+// server spent between them. Only stat is read, which anyone may.
+func serverCPU(server int) (time.Duration, bool) {
+	f, ok := procStat(server)
+	if !ok {
+		return 0, false
+	}
+	ticks := sumFields(f, 11, 12, 13, 14)
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return 0, false
 	}
+	parent := strconv.Itoa(server)
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
-			continue
-		}
-		if u := procUsage(pid); u.known {
-			cpu, known = cpu+u.cpu, true
+		if c, ok := procStat(pid); ok && c[1] == parent {
+			ticks += sumFields(c, 11, 12)
 		}
 	}
-	return cpu, known
+	return time.Duration(ticks) * 10 * time.Millisecond, true
+}
+
+// procStat returns the fields of a process's /proc stat after its command
+// (in parentheses, whose name may hold spaces and parentheses): state is
+// the first, the parent's pid the second, utime the 12th, stime the 13th,
+// cutime and cstime (its children's, once collected) the 14th and 15th,
+// in clock ticks of 1/100 s.
+func procStat(pid int) ([]string, bool) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil, false
+	}
+	end := bytes.LastIndexByte(stat, ')')
+	if end < 0 {
+		return nil, false
+	}
+	fields := strings.Fields(string(stat[end+1:]))
+	return fields, len(fields) >= 15
+}
+
+// sumFields adds up the numeric fields of f at the indexes given; one that
+// does not parse counts 0.
+func sumFields(f []string, at ...int) int64 {
+	var n int64
+	for _, i := range at {
+		v, _ := strconv.ParseInt(f[i], 10, 64)
+		n += v
+	}
+	return n
 }
 
 // String names the running bridges, for the report.

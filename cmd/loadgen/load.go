@@ -53,8 +53,8 @@ type outcome struct {
 	failures, resent int64
 	peak             string
 	spent            usage
-	// PostgreSQL's CPU time while the pushes ran, when the bridge runs on
-	// a PostgreSQL of this machine.
+	// PostgreSQL's CPU time while the pushes ran (its server and every
+	// backend of it), when the bridge runs on a PostgreSQL of this machine.
 	pgCPU   time.Duration
 	pgKnown bool
 }
@@ -237,7 +237,11 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	serving := make(chan struct{})
 	close(serving)
 	ps.up.Store(&serving)
-	pgBefore, pgKnown := postgresCPU()
+	server, pgKnown := 0, false
+	if t.o.itselfRuns && t.o.localPostgres() {
+		server, pgKnown = postmasterOf(ctx, t.o.database)
+	}
+	pgBefore, _ := serverCPU(server)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range t.o.conns {
@@ -276,7 +280,7 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	out.accepted, out.early = len(t.answered), len(t.arrived)
 	t.mu.Unlock()
 	out.peak, out.spent = t.fleet.peakMemory(), t.fleet.usage()
-	if pgAfter, ok := postgresCPU(); ok && pgKnown && t.o.postgres() {
+	if pgAfter, ok := serverCPU(server); ok && pgKnown {
 		out.pgCPU, out.pgKnown = pgAfter-pgBefore, true
 	}
 	return out, nil
@@ -459,7 +463,7 @@ func reportUsage(w io.Writer, out outcome) {
 		fmt.Fprintf(w, "bridge CPU and disk:   %.1f µs of CPU and %.2f KB written a push answered, until the pushes stopped (/proc)\n",
 			float64(out.spent.cpu.Microseconds())/float64(out.accepted), float64(out.spent.written)/1024/float64(out.accepted))
 		if out.pgKnown {
-			fmt.Fprintf(w, "PostgreSQL's CPU:      %.1f µs a push answered, while the pushes ran (every postgres process here, /proc)\n",
+			fmt.Fprintf(w, "PostgreSQL's CPU:      %.1f µs a push answered, while the pushes ran (its server and backends, /proc)\n",
 				float64(out.pgCPU.Microseconds())/float64(out.accepted))
 		}
 	}

@@ -38,6 +38,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -147,4 +149,24 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 // postgres reports whether the bridge runs on PostgreSQL.
 func (o options) postgres() bool {
 	return strings.HasPrefix(o.database, "postgres://") || strings.HasPrefix(o.database, "postgresql://")
+}
+
+// localPostgres reports whether the bridge runs on a PostgreSQL of this
+// machine: on loopback, or on its Unix socket.
+func (o options) localPostgres() bool {
+	u, err := url.Parse(o.database)
+	if !o.postgres() || err != nil {
+		return false
+	}
+	h := u.Hostname()
+	if q := u.Query().Get("host"); q != "" { // libpq's host parameter, which wins
+		h = q
+	}
+	switch {
+	case h == "" || h == "localhost" || strings.HasPrefix(h, "/"):
+		return true
+	default:
+		ip := net.ParseIP(h)
+		return ip != nil && ip.IsLoopback()
+	}
 }
