@@ -26,8 +26,8 @@ import (
 // changed since the statement began is checked again as that instance left
 // it (FOR UPDATE). The UPDATE finds them by primary key as an index
 // condition (= ANY): joined on the key alone, a plan cached while the
-// outbox was young (statistics taken when it held a few due heads) hashes
-// them and scans the whole outbox, every claim, as it grows. tried_at is
+// outbox was young (statistics taken when it held a few due heads) would
+// hash them and scan the whole outbox, every claim, as it grows. tried_at is
 // recorded before the attempt, and returned as it was. A claim whose
 // instance is dead (heartbeat.go) is free too. The limit is written into
 // the statement, which pgx prepares once for each limit.
