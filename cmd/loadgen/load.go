@@ -237,11 +237,15 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	serving := make(chan struct{})
 	close(serving)
 	ps.up.Store(&serving)
-	server, pgKnown := 0, false
-	if t.o.itselfRuns && t.o.localPostgres() {
+	var server int
+	var pgBefore time.Duration
+	pgKnown := t.o.itselfRuns && t.o.localPostgres()
+	if pgKnown {
 		server, pgKnown = postmasterOf(ctx, t.o.database)
 	}
-	pgBefore, _ := serverCPU(server)
+	if pgKnown {
+		pgBefore, pgKnown = serverCPU(server)
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	for c := range t.o.conns {
@@ -280,8 +284,9 @@ func (t *trial) push(ctx context.Context) (outcome, error) {
 	out.accepted, out.early = len(t.answered), len(t.arrived)
 	t.mu.Unlock()
 	out.peak, out.spent = t.fleet.peakMemory(), t.fleet.usage()
-	if pgAfter, ok := serverCPU(server); ok && pgKnown {
-		out.pgCPU, out.pgKnown = pgAfter-pgBefore, true
+	if pgKnown {
+		pgAfter, ok := serverCPU(server)
+		out.pgCPU, out.pgKnown = pgAfter-pgBefore, ok
 	}
 	return out, nil
 }
