@@ -70,7 +70,7 @@ func TestBatchTakesOnlyCustomersItHolds(t *testing.T) {
 		t.Fatal(err)
 	}
 	var lane []string
-	for _, raw := range columnOf(t, st.db, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:oX", st) {
+	for _, raw := range columnOf(t, st.db, st, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:oX") {
 		i := strings.Index(raw, `"text":`)
 		if i >= 0 {
 			lane = append(lane, raw[i:min(len(raw), i+40)])
@@ -177,7 +177,7 @@ func TestBatchLeavesMessagesInPartsAlone(t *testing.T) {
 	}
 	for _, o := range []string{"oN1", "oN2"} { // new: the import first
 		var d Delivery
-		if err := json.Unmarshal([]byte(columnOf(t, st.db, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:"+o, st)[0]), &d); err != nil || d.Kind != deliverIMImport {
+		if err := json.Unmarshal([]byte(columnOf(t, st.db, st, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:"+o)[0]), &d); err != nil || d.Kind != deliverIMImport {
 			t.Errorf("%s's IM lane begins with %s (%v), want the import", o, d.Kind, err)
 		}
 	}

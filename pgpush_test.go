@@ -34,11 +34,11 @@ func TestPushesTakenTogether(t *testing.T) {
 				if err := st.settleCustomer(context.Background(), o); err != nil { // the rows owed, history.go
 					t.Fatal(err)
 				}
-				if got := columnOf(t, db, `SELECT text FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id`, o, st); !slices.Equal(got, sent[o]) {
+				if got := columnOf(t, db, st, `SELECT text FROM messages WHERE openid = ? AND direction = 'in' ORDER BY id`, o); !slices.Equal(got, sent[o]) {
 					t.Errorf("%s's history reads %q, want %q", o, got, sent[o])
 				}
 				var toIM []string
-				for _, raw := range columnOf(t, db, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:"+o, st) {
+				for _, raw := range columnOf(t, db, st, `SELECT delivery FROM outbox WHERE lane = ? ORDER BY id`, "im:"+o) {
 					var d Delivery
 					if err := json.Unmarshal([]byte(raw), &d); err != nil {
 						t.Fatal(err)
@@ -121,10 +121,10 @@ func writeAtOnce(t *testing.T, st *Store, customers, each int) map[string][]stri
 	return sent
 }
 
-// columnOf returns the one text column query reads for arg.
-func columnOf(t *testing.T, db *sql.DB, query, arg string, st *Store) []string {
+// columnOf returns the one text column query reads for args.
+func columnOf(t *testing.T, db *sql.DB, st *Store, query string, args ...any) []string {
 	t.Helper()
-	rows, err := db.Query(st.q(query), arg)
+	rows, err := db.Query(st.q(query), args...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -566,7 +566,7 @@ func TestClaimRechecksHeadsTakenMidStatement(t *testing.T) {
 // changes by primary key whatever the statistics say. Statistics taken
 // while the outbox was young (all of it due heads) make PostgreSQL cache,
 // on the connection, a generic plan; joined on the key alone, that plan
-// hashed the due heads and scanned the whole outbox for them, and without
+// would hash the due heads and scan the whole outbox for them, and without
 // a new ANALYZE (autovacuum off) it is kept as the outbox grows.
 func TestClaimPlanFindsRowsByKey(t *testing.T) {
 	st := openTestStore(t, "postgres")
@@ -610,22 +610,7 @@ func TestClaimPlanFindsRowsByKey(t *testing.T) {
 			args = append(args, strconv.FormatInt(ms, 10))
 		}
 	}
-	rows, err := st.db.QueryContext(ctx, `EXPLAIN (COSTS OFF) EXECUTE `+name+`(`+strings.Join(args, ", ")+`)`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var plan []string
-	for rows.Next() {
-		var line string
-		if err := rows.Scan(&line); err != nil {
-			t.Fatal(err)
-		}
-		plan = append(plan, line)
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
-	rows.Close()
+	plan := columnOf(t, st.db, st, `EXPLAIN (COSTS OFF) EXECUTE `+name+`(`+strings.Join(args, ", ")+`)`)
 	if p := strings.Join(plan, "\n"); regexp.MustCompile(`Seq Scan on outbox(\s|$)`).MatchString(p) {
 		t.Errorf("the claim scans the whole outbox:\n%s", p)
 	}
